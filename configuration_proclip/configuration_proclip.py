@@ -1,0 +1,205 @@
+"""ProCLIP configuration.
+
+This file is also shipped, as is, inside every exported checkpoint folder (Hub remote code), so it may import
+only the standard library, torch and transformers.
+"""
+
+import json
+import math
+
+from transformers import AutoConfig, CLIPVisionConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+from transformers.utils import cached_file
+
+POOLING_MODES = ("mean", "last_token", "cls")
+
+# The files of a checkpoint folder that make it loadable with `trust_remote_code=True`.
+AUTO_MAP = {
+    "AutoConfig": "configuration_proclip.ProCLIPConfig",
+    "AutoModel": "modeling_proclip.ProCLIPModel",
+    "AutoModelForZeroShotImageClassification": "modeling_proclip.ProCLIPModel",
+}
+
+LLAMA3_USER_TEMPLATE = "<|start_header_id|>user<|end_header_id|>\n\n{text}<|eot_id|>"
+
+# Known embedders: how each wants to be pooled and prompted. Keys are matched against the text tower's
+# name (a Hub id or the last part of a local path, case-insensitive prefix match). Explicit arguments win.
+TEXT_TOWER_PRESETS = {
+    "microsoft/llm2clip-llama-3-8b-instruct-cc-finetuned": {
+        "pooling": "mean",
+        "bidirectional": True,
+        "prompt_template": LLAMA3_USER_TEMPLATE,
+        "padding_side": "left",
+    },
+    "llm2clip-llama-3-8b-instruct-cc-finetuned": {
+        "pooling": "mean",
+        "bidirectional": True,
+        "prompt_template": LLAMA3_USER_TEMPLATE,
+        "padding_side": "left",
+    },
+    "qwen/qwen3-embedding-": {
+        "pooling": "last_token",
+        "bidirectional": False,
+        "prompt_template": "{text}<|endoftext|>",
+        "padding_side": "left",
+    },
+    "qwen3-embedding-": {
+        "pooling": "last_token",
+        "bidirectional": False,
+        "prompt_template": "{text}<|endoftext|>",
+        "padding_side": "left",
+    },
+}
+
+# Sentence-transformers pooling flags (1_Pooling/config.json) and the ProCLIP pooling mode each means.
+_SENTENCE_TRANSFORMERS_POOLING = {
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_lasttoken": "last_token",
+}
+
+
+class ProCLIPConfig(PreTrainedConfig):
+    r"""
+    Configuration of a [`ProCLIPModel`]: a CLIP image tower with its visual projection, and an LLM-based text
+    embedder whose pooled output an adapter maps into CLIP's joint space.
+
+    Args:
+        vision_config (`dict` or `CLIPVisionConfig`):
+            The CLIP image tower. Its `projection_dim` is the joint embedding size D.
+        text_config (`dict` or `PreTrainedConfig`):
+            Any text model known to `AutoConfig` (a decoder LLM or an encoder); round-trips with its own `model_type`.
+        pooling (`str`, defaults to `"mean"`):
+            How token states become one vector: `"mean"` over the text's tokens (LLM2Vec), `"last_token"` (the
+            hidden state of the last real token; Qwen3-Embedding, E5-Mistral), or `"cls"` (the first token).
+        bidirectional (`bool`, defaults to `False`):
+            Run a decoder LLM without its causal mask. Only for embedders trained that way (LLM2Vec, LLM2CLIP-CC).
+        prompt_template (`str`, *optional*):
+            Wrapping of each caption, with `{text}` where the caption goes, e.g. Llama-3's user turn. It is
+            installed in the saved tokenizer, so every caller that tokenizes gets the same ids.
+        instruction (`str`, *optional*):
+            Text placed before each caption, inside the template; its tokens are left out of mean pooling.
+        instruction_length (`int`, defaults to 0):
+            Number of leading tokens (special tokens, template prefix and instruction) excluded from mean pooling.
+            Filled in from the tokenizer when an instruction is set; 0 means every real token is pooled.
+        text_suffix_length (`int`, defaults to 0):
+            Number of tokens the tokenizer appends after each caption (template suffix, EOS, `[SEP]`); truncation
+            keeps them. Filled in from the tokenizer.
+        max_text_length (`int`, defaults to 512):
+            Longest tokenized caption the text tower reads; longer ones are truncated (with one warning).
+        adapter_blocks (`int`, defaults to 1):
+            Number of residual MLP blocks in the adapter (ProCLIP 1, LLM2CLIP 4).
+        adapter_expansion (`int`, defaults to 8):
+            Hidden width of each block as a multiple of the LLM's hidden size (ProCLIP 8, LLM2CLIP 2).
+        adapter_normalize_input (`bool`, defaults to `True`):
+            L2-normalise the pooled LLM embedding before the adapter (upstream's cached-embedding path).
+        projection_dim (`int`, *optional*):
+            Joint embedding size D; must equal `vision_config.projection_dim` (taken from it when unset).
+        logit_scale_init (`float`, defaults to ln(1/0.07)):
+            Initial value of the learnable log temperature; `from_towers` takes the CLIP checkpoint's value.
+        vision_name_or_path / text_name_or_path (`str`, *optional*):
+            Where the two towers came from (recorded for model cards and for finding the stage-1 teacher).
+    """
+
+    model_type = "proclip"
+    sub_configs_defaults = {
+        "vision_config": CLIPVisionConfig,
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+    }
+
+    vision_config: dict | CLIPVisionConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    pooling: str = "mean"
+    bidirectional: bool = False
+    prompt_template: str | None = None
+    instruction: str | None = None
+    instruction_length: int = 0
+    text_suffix_length: int = 0
+    max_text_length: int = 512
+    adapter_blocks: int = 1
+    adapter_expansion: int = 8
+    adapter_normalize_input: bool = True
+    projection_dim: int | None = None
+    logit_scale_init: float = math.log(1 / 0.07)
+    vision_name_or_path: str | None = None
+    text_name_or_path: str | None = None
+    auto_map: dict | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.projection_dim is None:
+            self.projection_dim = self.vision_config.projection_dim
+        if self.auto_map is None:
+            self.auto_map = dict(AUTO_MAP)
+        self.validate_proclip()
+
+    def validate_proclip(self):
+        """Refuse values that cannot build a working model, naming each one."""
+        problems = []
+        if self.pooling not in POOLING_MODES:
+            problems.append(f"pooling={self.pooling!r} is not one of {POOLING_MODES}")
+        if self.projection_dim != self.vision_config.projection_dim:
+            problems.append(
+                f"projection_dim={self.projection_dim} differs from the CLIP tower's "
+                f"vision_config.projection_dim={self.vision_config.projection_dim}; the adapter must land in the "
+                "image tower's joint space"
+            )
+        for name in ("adapter_blocks", "adapter_expansion", "max_text_length"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                problems.append(f"{name}={value!r} must be a positive integer")
+        for name in ("instruction_length", "text_suffix_length"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                problems.append(f"{name}={value!r} must be a non-negative integer")
+        if self.prompt_template is not None and self.prompt_template.count("{text}") != 1:
+            problems.append(f"prompt_template={self.prompt_template!r} must contain '{{text}}' exactly once")
+        if not 0.0 <= self.logit_scale_init <= math.log(100.0):
+            problems.append(f"logit_scale_init={self.logit_scale_init} must lie in [0, ln 100]")
+        if getattr(self.text_config, "hidden_size", None) is None:
+            problems.append(f"text_config ({self.text_config.model_type}) has no hidden_size")
+        if problems:
+            raise ValueError("Invalid ProCLIPConfig: " + "; ".join(problems))
+
+    @property
+    def text_hidden_size(self) -> int:
+        """H, the size of the LLM embedder's pooled output (the adapter's input)."""
+        return self.text_config.hidden_size
+
+
+def text_tower_preset(text_name_or_path: str) -> dict:
+    """The known-embedder settings for a text tower's name, or `{}` for an unknown one.
+
+    For a sentence-transformers folder or repo, its own pooling config (`1_Pooling/config.json`) decides.
+    """
+    name = str(text_name_or_path).rstrip("/").lower()
+    short = name.rsplit("/", 1)[-1]
+    for key, preset in TEXT_TOWER_PRESETS.items():
+        if name.startswith(key) or short.startswith(key):
+            return dict(preset)
+    return _sentence_transformers_pooling(text_name_or_path)
+
+
+def _sentence_transformers_pooling(text_name_or_path: str) -> dict:
+    modules_file = cached_file(text_name_or_path, "modules.json", _raise_exceptions_for_missing_entries=False)
+    if modules_file is None:
+        return {}
+    with open(modules_file) as f:
+        modules = json.load(f)
+    pooling_dirs = [m["path"] for m in modules if m.get("type", "").endswith("Pooling")]
+    if not pooling_dirs:
+        return {}
+    pooling_file = cached_file(
+        text_name_or_path, f"{pooling_dirs[0]}/config.json", _raise_exceptions_for_missing_entries=False
+    )
+    if pooling_file is None:
+        return {}
+    with open(pooling_file) as f:
+        flags = json.load(f)
+    for flag, mode in _SENTENCE_TRANSFORMERS_POOLING.items():
+        if flags.get(flag):
+            return {"pooling": mode, "bidirectional": False}
+    return {}
+
+
+__all__ = ["ProCLIPConfig", "text_tower_preset", "POOLING_MODES", "TEXT_TOWER_PRESETS"]
