@@ -87,6 +87,9 @@ class ProCLIPConfig(PreTrainedConfig):
             keeps them. Filled in from the tokenizer.
         max_text_length (`int`, defaults to 512):
             Longest tokenized caption the text tower reads; longer ones are truncated (with one warning).
+        padding_side (`str`, *optional*):
+            Written into the saved tokenizer (`"left"` for LLM2Vec-style embedders); `None` keeps the tokenizer's.
+            Pooling and position ids follow the attention mask, so embeddings do not depend on it.
         adapter_blocks (`int`, defaults to 1):
             Number of residual MLP blocks in the adapter (ProCLIP 1, LLM2CLIP 4).
         adapter_expansion (`int`, defaults to 8):
@@ -116,6 +119,7 @@ class ProCLIPConfig(PreTrainedConfig):
     instruction_length: int = 0
     text_suffix_length: int = 0
     max_text_length: int = 512
+    padding_side: str | None = None
     adapter_blocks: int = 1
     adapter_expansion: int = 8
     adapter_normalize_input: bool = True
@@ -152,6 +156,8 @@ class ProCLIPConfig(PreTrainedConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 problems.append(f"{name}={value!r} must be a non-negative integer")
+        if self.padding_side not in (None, "left", "right"):
+            problems.append(f"padding_side={self.padding_side!r} must be 'left', 'right' or None")
         if self.prompt_template is not None and self.prompt_template.count("{text}") != 1:
             problems.append(f"prompt_template={self.prompt_template!r} must contain '{{text}}' exactly once")
         if not 0.0 <= self.logit_scale_init <= math.log(100.0):

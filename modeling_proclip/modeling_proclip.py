@@ -1,0 +1,423 @@
+"""ProCLIP: a CLIP image tower and an LLM-based text embedder joined by an adapter (arXiv 2510.18795).
+
+Shipped as is inside every exported checkpoint folder (Hub remote code), next to `configuration_proclip.py` and
+`processing_proclip.py`: it imports only those two, the standard library, torch and transformers.
+
+Data flow, text:  input_ids -> text_model (LLM, frozen) -> pooling -> text_adapter -> text embedding (D)
+Data flow, image: pixel_values -> vision_model (CLIP ViT) -> visual_projection -> image embedding (D)
+"""
+
+import inspect
+import os
+import shutil
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPVisionModel, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.utils import ModelOutput, logging
+
+try:  # a flat Hub folder
+    from .configuration_proclip import ProCLIPConfig, text_tower_preset
+except ImportError:  # the installed package
+    from configuration_proclip.configuration_proclip import ProCLIPConfig, text_tower_preset
+from .processing_proclip import configure_text_tokenizer
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class ProCLIPOutput(ModelOutput):
+    """Same fields as transformers' `CLIPOutput`.
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*): symmetric InfoNCE over the batch (`return_loss=True`).
+        logits_per_image (`torch.FloatTensor` of shape `(image_batch_size, text_batch_size)`): scaled cosines.
+        logits_per_text (`torch.FloatTensor` of shape `(text_batch_size, image_batch_size)`): the transpose.
+        text_embeds (`torch.FloatTensor` of shape `(text_batch_size, projection_dim)`): L2-normalised.
+        image_embeds (`torch.FloatTensor` of shape `(image_batch_size, projection_dim)`): L2-normalised.
+        text_model_output (`BaseModelOutputWithPooling`): output of `get_text_features`.
+        vision_model_output (`BaseModelOutputWithPooling`): output of `get_image_features`.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits_per_image: torch.FloatTensor | None = None
+    logits_per_text: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    text_model_output: BaseModelOutputWithPooling | None = None
+    vision_model_output: BaseModelOutputWithPooling | None = None
+
+    def to_tuple(self):
+        return tuple(
+            v.to_tuple() if k.endswith("_model_output") and v is not None else v for k, v in self.items()
+        )
+
+
+def contrastive_loss(logits_per_text: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE of a (B, B) logit matrix whose diagonal holds the matching pairs (single process)."""
+    labels = torch.arange(logits_per_text.shape[0], device=logits_per_text.device)
+    return (F.cross_entropy(logits_per_text, labels) + F.cross_entropy(logits_per_text.t(), labels)) / 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Text side: truncation, attention mask, pooling. Everything follows the attention mask, so the padding side of the
+# tokenizer never changes an embedding.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def truncate_text_inputs(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, max_length: int, suffix_length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut each row to `max_length` real tokens, keeping its last `suffix_length` tokens (template end, EOS).
+
+    This is what the tokenizer's own truncation does with the installed template, so a caption truncated here or
+    by the tokenizer gives the same ids. Any padding side in; right padding out.
+
+    Args:
+        input_ids, attention_mask (`torch.Tensor` of shape `(batch_size, seq_len)`).
+    Returns:
+        `(input_ids, attention_mask)`, each of shape `(batch_size, max_length)`.
+    """
+    mask = attention_mask.bool()
+    rank = mask.cumsum(-1) - 1  # index of each real token among its row's real tokens
+    length = mask.sum(-1, keepdim=True)
+    keep = mask & ((rank < max_length - suffix_length) | (rank >= length - suffix_length))
+    # Stable sort puts kept tokens first, in order; everything else after them.
+    order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[:, :max_length]
+    return input_ids.gather(-1, order), keep.gather(-1, order).to(attention_mask.dtype)
+
+
+def bidirectional_attention_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A 4D additive mask that lets every token see every real token: a decoder LLM run as an encoder (LLM2Vec).
+
+    transformers passes a 4D mask through unchanged to eager and SDPA attention, so no model class is patched.
+
+    Args:
+        attention_mask (`torch.Tensor` of shape `(batch_size, seq_len)`): 1 for real tokens, 0 for padding.
+    Returns:
+        `torch.Tensor` of shape `(batch_size, 1, seq_len, seq_len)`: 0 where attention is allowed, dtype min elsewhere.
+    """
+    blocked = ~attention_mask.bool()[:, None, None, :]
+    mask = torch.zeros(blocked.shape, dtype=dtype, device=attention_mask.device)
+    mask = mask.masked_fill(blocked, torch.finfo(dtype).min)
+    return mask.expand(-1, -1, attention_mask.shape[-1], -1)
+
+
+def pool_hidden_states(
+    hidden_states: torch.Tensor, attention_mask: torch.Tensor, pooling: str, skip_leading: int = 0
+) -> torch.Tensor:
+    """One vector per sequence from token states.
+
+    Args:
+        hidden_states (`torch.Tensor` of shape `(batch_size, seq_len, hidden_size)`).
+        attention_mask (`torch.Tensor` of shape `(batch_size, seq_len)`): 1 for real tokens, either padding side.
+        pooling: `"mean"` over real tokens after the first `skip_leading` (instruction) ones; `"last_token"`, the
+            last real token; `"cls"`, the first real token.
+    Returns:
+        `torch.Tensor` of shape `(batch_size, hidden_size)`.
+    """
+    mask = attention_mask.bool()
+    rows = torch.arange(hidden_states.shape[0], device=hidden_states.device)
+    if pooling == "mean":
+        rank = mask.cumsum(-1) - 1
+        weights = (mask & (rank >= skip_leading)).to(hidden_states.dtype).unsqueeze(-1)
+        return (hidden_states * weights).sum(1) / weights.sum(1).clamp(min=1)
+    if pooling == "last_token":
+        last = mask.shape[-1] - 1 - mask.flip(-1).int().argmax(-1)
+        return hidden_states[rows, last]
+    if pooling == "cls":
+        return hidden_states[rows, mask.int().argmax(-1)]
+    raise ValueError(f"Unknown pooling {pooling!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The adapter (upstream `TextProj`)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class ProCLIPAdapterBlock(nn.Module):
+    """`x + fc2(GELU(fc1(LayerNorm(x))))`, widening H to `expansion * H` in between."""
+
+    def __init__(self, hidden_size: int, expansion: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden_size)
+        self.fc1 = nn.Linear(hidden_size, expansion * hidden_size)
+        self.fc2 = nn.Linear(expansion * hidden_size, hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states + self.fc2(F.gelu(self.fc1(self.norm(hidden_states))))
+
+
+class ProCLIPAdapter(nn.Module):
+    """Maps a pooled LLM embedding (H) into CLIP's joint space (D): residual MLP blocks, LayerNorm, Linear."""
+
+    def __init__(self, config: ProCLIPConfig):
+        super().__init__()
+        hidden_size = config.text_hidden_size
+        self.normalize_input = config.adapter_normalize_input
+        self.blocks = nn.ModuleList(
+            [ProCLIPAdapterBlock(hidden_size, config.adapter_expansion) for _ in range(config.adapter_blocks)]
+        )
+        self.final_norm = nn.LayerNorm(hidden_size)
+        self.proj = nn.Linear(hidden_size, config.projection_dim)
+
+    def forward(self, text_embeds: torch.Tensor) -> torch.Tensor:
+        """(batch_size, H) pooled LLM embeddings -> (batch_size, D) unnormalised ProCLIP text embeddings."""
+        hidden_states = text_embeds.to(self.proj.weight.dtype)
+        if self.normalize_input:
+            hidden_states = F.normalize(hidden_states, dim=-1)
+        for block in self.blocks:
+            hidden_states = block(hidden_states)
+        return self.proj(self.final_norm(hidden_states))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class ProCLIPPreTrainedModel(PreTrainedModel):
+    config: ProCLIPConfig
+    config_class = ProCLIPConfig
+    base_model_prefix = "proclip"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _no_split_modules = ["CLIPEncoderLayer", "ProCLIPAdapterBlock"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        if isinstance(module, ProCLIPAdapter):
+            for linear in [m for m in module.modules() if isinstance(m, nn.Linear)]:
+                init.normal_(linear.weight, std=linear.in_features**-0.5)
+                init.zeros_(linear.bias)
+            for norm in [m for m in module.modules() if isinstance(m, nn.LayerNorm)]:
+                init.ones_(norm.weight)
+                init.zeros_(norm.bias)
+        elif isinstance(module, ProCLIPModel):
+            init.constant_(module.logit_scale, self.config.logit_scale_init)
+            init.normal_(module.visual_projection.weight, std=module.visual_projection.in_features**-0.5)
+
+
+class ProCLIPModel(ProCLIPPreTrainedModel):
+    r"""
+    ProCLIP for image-text embedding, retrieval and zero-shot image classification.
+
+    Build one from two pretrained towers with [`ProCLIPModel.from_towers`], or load a saved one with `from_pretrained`
+    (`AutoModel.from_pretrained(repo, trust_remote_code=True)` where this package is not installed).
+    """
+
+    def __init__(self, config: ProCLIPConfig, vision_model: nn.Module | None = None, text_model: nn.Module | None = None):
+        super().__init__(config)
+        self.vision_model = vision_model or CLIPVisionModel._from_config(config.vision_config)
+        self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=False)
+        self.text_model = text_model or AutoModel.from_config(config.text_config)
+        self.text_adapter = ProCLIPAdapter(config)
+        self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init))
+        self._text_model_takes_position_ids = "position_ids" in inspect.signature(self.text_model.forward).parameters
+        self.post_init()
+
+    # -- towers ----------------------------------------------------------------------------------------------------
+
+    def get_llm_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Pooled states of the text tower (the frozen LLM), before the adapter: what embedding caches store.
+
+        Args:
+            input_ids, attention_mask (`torch.Tensor` of shape `(batch_size, seq_len)`), either padding side.
+        Returns:
+            `torch.Tensor` of shape `(batch_size, text_hidden_size)`.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if input_ids.shape[-1] > self.config.max_text_length:
+            logger.warning_once(
+                f"Captions longer than max_text_length={self.config.max_text_length} tokens are truncated."
+            )
+            input_ids, attention_mask = truncate_text_inputs(
+                input_ids, attention_mask, self.config.max_text_length, self.config.text_suffix_length
+            )
+        kwargs = {}
+        if self._text_model_takes_position_ids:  # positions count real tokens only: padding side does not matter
+            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        mask = attention_mask
+        if self.config.bidirectional:
+            mask = bidirectional_attention_mask(attention_mask, self.text_model.dtype)
+        hidden_states = self.text_model(input_ids=input_ids, attention_mask=mask, **kwargs).last_hidden_state
+        return pool_hidden_states(hidden_states, attention_mask, self.config.pooling, self.config.instruction_length)
+
+    def get_text_features(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        text_embeds: torch.Tensor | None = None,
+    ) -> BaseModelOutputWithPooling:
+        """Text embeddings in the joint space.
+
+        Args:
+            input_ids, attention_mask (`torch.Tensor` of shape `(batch_size, seq_len)`): tokenised captions, or
+            text_embeds (`torch.Tensor` of shape `(batch_size, text_hidden_size)`): cached `get_llm_embeddings`.
+        Returns:
+            `BaseModelOutputWithPooling` whose `pooler_output` (batch_size, projection_dim) is the unnormalised
+            embedding; `last_hidden_state` holds the pooled LLM embedding (batch_size, text_hidden_size).
+        """
+        if text_embeds is None:
+            if input_ids is None:
+                raise ValueError("get_text_features needs `input_ids` or cached `text_embeds`.")
+            text_embeds = self.get_llm_embeddings(input_ids, attention_mask)
+        elif text_embeds.shape[-1] != self.config.text_hidden_size:
+            raise ValueError(
+                f"text_embeds have size {text_embeds.shape[-1]} but this model's text tower gives "
+                f"{self.config.text_hidden_size}; they were computed with another LLM."
+            )
+        return BaseModelOutputWithPooling(last_hidden_state=text_embeds, pooler_output=self.text_adapter(text_embeds))
+
+    def get_image_features(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> BaseModelOutputWithPooling:
+        """Image embeddings in the joint space, exactly as `CLIPModel.get_image_features` computes them.
+
+        Args:
+            pixel_values (`torch.Tensor` of shape `(batch_size, 3, image_size, image_size)`).
+        Returns:
+            `BaseModelOutputWithPooling` whose `pooler_output` (batch_size, projection_dim) is unnormalised.
+        """
+        outputs = self.vision_model(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        outputs.pooler_output = self.visual_projection(outputs.pooler_output)
+        return outputs
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        text_embeds: torch.Tensor | None = None,
+        return_loss: bool | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        **kwargs,
+    ) -> ProCLIPOutput:
+        """Scaled cosine similarities between every image and every caption.
+
+        Args:
+            input_ids, attention_mask (`(text_batch_size, seq_len)`) or text_embeds (`(text_batch_size, H)`).
+            pixel_values (`(image_batch_size, 3, image_size, image_size)`).
+            return_loss: add the symmetric InfoNCE of matching pairs (needs equal batch sizes).
+            token_type_ids: accepted because BERT-style tokenizers return it; single-segment input ignores it.
+        """
+        text_outputs = self.get_text_features(input_ids, attention_mask, text_embeds)
+        vision_outputs = self.get_image_features(pixel_values, interpolate_pos_encoding)
+        text = F.normalize(text_outputs.pooler_output, dim=-1)
+        image = F.normalize(vision_outputs.pooler_output, dim=-1)
+        logits_per_text = self.logit_scale.exp() * text @ image.to(text.dtype).t()
+        return ProCLIPOutput(
+            loss=contrastive_loss(logits_per_text) if return_loss else None,
+            logits_per_image=logits_per_text.t(),
+            logits_per_text=logits_per_text,
+            text_embeds=text,
+            image_embeds=image,
+            text_model_output=text_outputs,
+            vision_model_output=vision_outputs,
+        )
+
+    # -- building and saving ---------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_towers(
+        cls,
+        vision: str,
+        text: str,
+        pooling: str | None = None,
+        bidirectional: bool | None = None,
+        prompt_template: str | None = None,
+        instruction: str | None = None,
+        padding_side: str | None = None,
+        dtype: torch.dtype | None = None,
+        **config_kwargs,
+    ) -> "ProCLIPModel":
+        """Build ProCLIP from a pretrained CLIP checkpoint and a pretrained text embedder; the adapter starts untrained.
+
+        Args:
+            vision: Hub id or folder of a `CLIPModel` (or `CLIPVisionModelWithProjection`) checkpoint. Its image
+                tower, visual projection and `logit_scale` are taken as they are.
+            text: Hub id or folder of the text embedder (any `AutoModel`). Known embedders (see
+                `TEXT_TOWER_PRESETS`, and sentence-transformers folders) set pooling, bidirectionality, prompt and
+                padding side; the arguments here override them.
+            config_kwargs: other `ProCLIPConfig` fields (`adapter_blocks`, `adapter_expansion`, `max_text_length`, ...).
+        """
+        from transformers import CLIPModel, CLIPVisionModelWithProjection
+
+        settings = {"pooling": "mean", "bidirectional": False, "prompt_template": None, "padding_side": None}
+        settings.update(text_tower_preset(text))
+        explicit = {
+            "pooling": pooling, "bidirectional": bidirectional, "prompt_template": prompt_template,
+            "padding_side": padding_side,
+        }
+        settings.update({k: v for k, v in explicit.items() if v is not None})
+
+        clip_config = AutoConfig.from_pretrained(vision)
+        if clip_config.model_type == "clip":
+            clip = CLIPModel.from_pretrained(vision, dtype=dtype)
+            vision_model, visual_projection, logit_scale = clip.vision_model, clip.visual_projection, clip.logit_scale
+            vision_config = clip.config.vision_config
+            vision_config.projection_dim = clip.config.projection_dim
+        elif clip_config.model_type == "clip_vision_model":
+            clip = CLIPVisionModelWithProjection.from_pretrained(vision, dtype=dtype)
+            vision_model, visual_projection, logit_scale = clip.vision_model, clip.visual_projection, None
+            vision_config = clip.config
+        else:
+            raise ValueError(f"`vision` must be a CLIP checkpoint; {vision} has model_type {clip_config.model_type!r}.")
+
+        text_model = AutoModel.from_pretrained(text, dtype=dtype)
+        if logit_scale is not None:
+            config_kwargs.setdefault("logit_scale_init", float(logit_scale.detach().float().clamp(0, 4.6052)))
+        config = ProCLIPConfig(
+            vision_config=vision_config.to_dict(),
+            text_config=text_model.config.to_dict(),
+            instruction=instruction,
+            vision_name_or_path=str(vision),
+            text_name_or_path=str(text),
+            **settings,
+            **config_kwargs,
+        )
+        config.instruction_length, config.text_suffix_length = configure_text_tokenizer(
+            AutoTokenizer.from_pretrained(text), config
+        )
+        model = cls(config, vision_model=vision_model, text_model=text_model)
+        model.visual_projection.load_state_dict(visual_projection.state_dict())
+        if dtype is not None:
+            model.to(dtype)
+        return model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save weights and config, plus the remote-code files that make the folder load without this package."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        copy_remote_code(save_directory)
+
+
+REMOTE_CODE_FILES = ("configuration_proclip.py", "modeling_proclip.py", "processing_proclip.py", "handler.py")
+
+
+def copy_remote_code(save_directory) -> None:
+    """Copy the flat Hub files (config, model, processor, Inference Endpoints handler) into a checkpoint folder."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    candidates = [here, os.path.join(os.path.dirname(here), "configuration_proclip")]
+    for name in REMOTE_CODE_FILES:
+        source = next((os.path.join(d, name) for d in candidates if os.path.isfile(os.path.join(d, name))), None)
+        if source is None:
+            raise FileNotFoundError(f"Cannot find {name} to copy next to the checkpoint.")
+        target = os.path.join(save_directory, name)
+        if os.path.abspath(source) != os.path.abspath(target):
+            shutil.copyfile(source, target)
+
+
+__all__ = [
+    "ProCLIPModel",
+    "ProCLIPPreTrainedModel",
+    "ProCLIPAdapter",
+    "ProCLIPOutput",
+    "pool_hidden_states",
+    "truncate_text_inputs",
+    "bidirectional_attention_mask",
+]

@@ -1,0 +1,140 @@
+"""ProCLIP processor: the CLIP image processor and the LLM embedder's tokenizer, behind one call.
+
+Shipped as is inside every exported checkpoint folder (Hub remote code): it imports only the standard library,
+torch, tokenizers (a transformers dependency) and transformers.
+
+The text side of ProCLIP must give one embedding per caption whoever tokenizes it — the zero-shot pipeline (which
+calls the tokenizer directly), this processor, training, or the embedding cache. So everything that shapes the token
+ids (prompt wrapping, instruction, EOS, padding side, the length limit) is written into the saved tokenizer by
+`configure_text_tokenizer`, never left to caller code.
+"""
+
+from tokenizers import processors
+from transformers import AutoImageProcessor, AutoTokenizer
+from transformers.processing_utils import ProcessorMixin
+from transformers.tokenization_utils_base import BatchEncoding
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+_PREFIX_PIECE = "<proclip:prefix>"
+_SUFFIX_PIECE = "<proclip:suffix>"
+
+
+def _special_ids_around_text(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids a tokenizer adds before and after a caption on its own (e.g. `[CLS]`/`[SEP]`, `<bos>`)."""
+    probe = "proclip probe"
+    with_special = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    bare = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    for start in range(len(with_special) - len(bare) + 1):
+        if with_special[start : start + len(bare)] == bare:
+            return with_special[:start], with_special[start + len(bare) :]
+    raise ValueError(f"Cannot locate the caption inside the tokenizer's own special tokens: {with_special} vs {bare}")
+
+
+def _template_piece(name: str, ids: list[int], tokenizer) -> dict:
+    return {"id": name, "ids": ids, "tokens": tokenizer.convert_ids_to_tokens(ids)}
+
+
+def configure_text_tokenizer(tokenizer, config) -> tuple[int, int]:
+    """Write the text settings of a `ProCLIPConfig` into `tokenizer` (in place) and measure them.
+
+    Installs `config.prompt_template` and `config.instruction` as the tokenizer's post-processor (so `tokenizer(text)`
+    yields `[specials] prefix instruction text suffix [specials]` for every caller), sets a pad token if missing
+    (the EOS token: padding is masked out, so its identity does not matter), the padding side, and
+    `model_max_length = config.max_text_length`.
+
+    Returns:
+        `(instruction_length, text_suffix_length)`: how many leading tokens are excluded from mean pooling (0 without
+        an instruction) and how many trailing tokens truncation must keep.
+    """
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(
+                f"The text tokenizer ({type(tokenizer).__name__}) has neither a pad token nor an EOS token to pad "
+                "with; set `tokenizer.pad_token` before building ProCLIP."
+            )
+        logger.info("The text tokenizer has no pad token; padding with its EOS token %r.", tokenizer.eos_token)
+        tokenizer.pad_token = tokenizer.eos_token
+    if config.padding_side is not None:
+        tokenizer.padding_side = config.padding_side
+    tokenizer.model_max_length = config.max_text_length
+
+    lead, trail = _special_ids_around_text(tokenizer)
+    if config.prompt_template is None and config.instruction is None:
+        return 0, len(trail)
+
+    if getattr(tokenizer, "backend_tokenizer", None) is None:
+        raise ValueError(
+            f"prompt_template/instruction need a fast (tokenizers-backed) tokenizer; {type(tokenizer).__name__} is not."
+        )
+    template = config.prompt_template or "{text}"
+    before, after = template.split("{text}")
+    before += config.instruction or ""
+    prefix = lead + (tokenizer(before, add_special_tokens=False)["input_ids"] if before else [])
+    suffix = (tokenizer(after, add_special_tokens=False)["input_ids"] if after else []) + trail
+
+    single, pieces = [], []
+    if prefix:
+        single.append(f"{_PREFIX_PIECE}:0")
+        pieces.append(_template_piece(_PREFIX_PIECE, prefix, tokenizer))
+    single.append("$A:0")
+    if suffix:
+        single.append(f"{_SUFFIX_PIECE}:0")
+        pieces.append(_template_piece(_SUFFIX_PIECE, suffix, tokenizer))
+    pair = single + ["$B:1"]
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=single, pair=pair, special_tokens=pieces
+    )
+    # Keep a reload from rebuilding the post-processor out of `add_bos_token` / `add_eos_token`.
+    for key in ("add_bos_token", "add_eos_token"):
+        tokenizer.init_kwargs.pop(key, None)
+    instruction_length = len(prefix) if config.instruction else 0
+    return instruction_length, len(suffix)
+
+
+class ProCLIPProcessor(ProcessorMixin):
+    r"""
+    Pairs a CLIP image processor with the LLM embedder's tokenizer.
+
+    Args:
+        image_processor (`CLIPImageProcessor`): resizes, crops and normalises images (RGB conversion included).
+        tokenizer (`PreTrainedTokenizerBase`): the text tower's tokenizer, configured by `configure_text_tokenizer`.
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, **kwargs):
+        super().__init__(image_processor, tokenizer)
+
+    @classmethod
+    def from_towers(cls, vision: str, text: str, config, **kwargs) -> "ProCLIPProcessor":
+        """Build from the CLIP checkpoint's image processor and the text tower's tokenizer, set up for `config`."""
+        image_processor = AutoImageProcessor.from_pretrained(vision, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(text, **kwargs)
+        configure_text_tokenizer(tokenizer, config)
+        return cls(image_processor=image_processor, tokenizer=tokenizer)
+
+    def __call__(self, images=None, text=None, return_tensors="pt", **kwargs) -> BatchEncoding:
+        """Prepare images and/or captions for [`ProCLIPModel`].
+
+        Args:
+            images: a PIL image, array or tensor, or a list of them (grayscale and RGBA are converted to RGB).
+            text (`str` or `list[str]`): captions; padded to the longest and truncated to `max_text_length`.
+
+        Returns:
+            `BatchEncoding` with `pixel_values` (B, 3, H, W) and/or `input_ids`, `attention_mask` (B, L).
+        """
+        if images is None and text is None:
+            raise ValueError("ProCLIPProcessor needs `images`, `text`, or both.")
+        encoding = BatchEncoding()
+        if text is not None:
+            if isinstance(text, (list, tuple)) and len(text) == 0:
+                raise ValueError("`text` is an empty list; pass at least one caption.")
+            encoding.update(self.tokenizer(text, padding=True, truncation=True, return_tensors=return_tensors, **kwargs))
+        if images is not None:
+            if isinstance(images, (list, tuple)) and len(images) == 0:
+                raise ValueError("`images` is an empty list; pass at least one image.")
+            encoding.update(self.image_processor(images, return_tensors=return_tensors))
+        return encoding
+
+
+__all__ = ["ProCLIPProcessor", "configure_text_tokenizer"]
