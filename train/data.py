@@ -1,0 +1,708 @@
+"""Training data: load image-text datasets, transform images like CLIP, and collate batches for both stages.
+
+Three parts, in the order data flows:
+
+1. `load_training_dataset(spec, ...)` reads anything `datasets.load_dataset` reads: a local folder (an imagefolder
+   with `metadata.jsonl` / `metadata.csv`, or a folder of csv / jsonl / parquet files), a file or glob
+   (`.csv`, `.jsonl`, `.json`, `.parquet`, `.arrow`, `.txt` captions only, `.tar` webdataset shards), or a Hub
+   dataset (`name` or `name:config`), in memory-mapped or streaming mode. Images stay undecoded in the dataset
+   (`datasets.Image(decode=False)`), so a corrupt file never breaks loading or iteration.
+2. `CLIPImageTransform` turns a PIL image into `pixel_values` with PIL and torch only: the eval transform mirrors
+   `CLIPImageProcessor` (resize the shortest side, center crop, rescale, normalise), the train transform replaces
+   resize + crop by RandomResizedCrop(scale 0.9-1.0, bicubic). Size, mean and std come from the model's processor.
+3. `InheritanceCollator` (stage 1, captions only) and `ContrastiveCollator` (stage 2, image-caption pairs) decode,
+   check and tokenise a list of raw rows. Bad samples (an image that does not decode, a missing or blank caption)
+   are dropped from the batch and their number per reason travels with the batch under `"skipped"`;
+   the training loop adds those to a `SkipCounter` and reports the totals at the end.
+
+The collators read raw dataset columns, so a `Trainer` using them must be given `remove_unused_columns=False`.
+
+Why skip counts ride in the batch: with `DataLoader(num_workers>0)` the collator runs in worker processes, each
+holding its own copy of the collator, so a counter kept inside the collator would count in the copies and the main
+process would read zeros. Shared memory (`multiprocessing.Value`) would fix that for one start method but also count
+batches that were prefetched and never trained on, and still needs a reduction across ranks. A count carried by the
+batch it belongs to is exact for any number of workers, any start method, persistent workers or not, and counts only
+what was trained on; across data-parallel ranks one `SkipCounter.all_reduce()` sums the totals.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import math
+import os
+import posixpath
+import threading
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import datasets
+import numpy as np
+import PIL.Image
+import torch
+
+logger = logging.getLogger(__name__)
+
+# Why a sample was dropped. Keys of `batch["skipped"]` and of `SkipCounter`.
+CORRUPT_IMAGE = "corrupt_image"  # missing file, undecodable bytes, or a failed conversion to RGB
+EMPTY_CAPTION = "empty_caption"  # no caption column value, or only an empty / whitespace-only string
+SKIP_REASONS = (CORRUPT_IMAGE, EMPTY_CAPTION)
+SKIPPED_KEY = "skipped"
+
+# File suffix -> `datasets` builder. Compression suffixes (.gz, .zst, ...) are looked through.
+_BUILDER_BY_SUFFIX = {
+    ".csv": "csv",
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+    ".arrow": "arrow",
+    ".txt": "text",
+    ".tar": "webdataset",
+}
+_COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4")
+_GLOB_CHARS = ("*", "?", "[")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _builder_for(path: str) -> str | None:
+    name = path.lower()
+    for suffix in _COMPRESSION_SUFFIXES:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return _BUILDER_BY_SUFFIX.get(os.path.splitext(name)[1])
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where training data lives, parsed from the one string a user gives (`proclip train DATA`).
+
+    Attributes:
+        kind: `"folder"` (a local directory), `"files"` (a local or remote file or glob) or `"hub"` (a Hub dataset).
+        source: the string as given.
+        builder: the `datasets` builder for `"files"` (`"csv"`, `"json"`, `"parquet"`, `"arrow"`, `"text"`,
+            `"webdataset"`); `None` otherwise.
+        files: the matched files for `"files"`, sorted; `()` otherwise.
+        name, config: the Hub dataset and its configuration for `"hub"`.
+    """
+
+    kind: str
+    source: str
+    builder: str | None = None
+    files: tuple[str, ...] = ()
+    name: str | None = None
+    config: str | None = None
+
+    @classmethod
+    def parse(cls, spec: str | os.PathLike) -> DataSpec:
+        """An existing directory is a folder; a path with a known data suffix (or glob) is files; else a Hub name.
+
+        Raises `FileNotFoundError` for a file path or glob that matches nothing, and `ValueError` for a suffix that
+        is not a data format.
+        """
+        spec = os.fspath(spec)
+        if os.path.isdir(spec):
+            return cls(kind="folder", source=spec)
+        is_remote = "://" in spec
+        is_glob = any(char in spec for char in _GLOB_CHARS)
+        if is_remote or is_glob or os.path.isfile(spec) or _builder_for(spec) is not None:
+            files = (spec,) if is_remote else tuple(sorted(glob.glob(spec, recursive=True)))
+            files = tuple(f for f in files if is_remote or os.path.isfile(f))
+            if not files:
+                raise FileNotFoundError(f"No data file matches {spec!r}.")
+            builders = {_builder_for(f) for f in files}
+            if None in builders or len(builders) != 1:
+                known = ", ".join(sorted(_BUILDER_BY_SUFFIX))
+                raise ValueError(
+                    f"Cannot tell the data format of {spec!r} (matched: {', '.join(files[:5])}): use one kind of "
+                    f"file among {known}, a folder, or a Hub dataset name."
+                )
+            return cls(kind="files", source=spec, builder=builders.pop(), files=files)
+        name, _, config = spec.partition(":")
+        return cls(kind="hub", source=spec, name=name, config=config or None)
+
+    @property
+    def root(self) -> str | None:
+        """The local directory holding the data (where relative image paths and caches live); `None` for the Hub."""
+        if self.kind == "folder":
+            return os.path.abspath(self.source)
+        if self.kind == "files" and "://" not in self.source:
+            return os.path.abspath(os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in self.files]))
+        return None
+
+
+def _resolve_paths(paths: list, base: str) -> list:
+    """Relative local image paths -> paths under `base`; absolute paths, URLs and non-strings are kept."""
+    join = posixpath.join if "://" in base else os.path.join
+    return [
+        join(base, p) if isinstance(p, str) and p and "://" not in p and not os.path.isabs(p) else p for p in paths
+    ]
+
+
+def _with_features(dataset):
+    """A streaming dataset's features are often unknown until read; infer them from the first rows, so that columns
+    can be checked and image columns cast. (`_resolve_features` is private, but it is how `datasets` does this.)"""
+    if dataset.features is None and hasattr(dataset, "_resolve_features"):
+        dataset = dataset._resolve_features()
+    return dataset
+
+
+def _column_names(dataset) -> list[str]:
+    names = dataset.column_names
+    if names is None:  # a streaming dataset whose features are unknown until read: look at the first row
+        names = list(next(iter(dataset.take(1)), {}).keys())
+    return list(names)
+
+
+def _load_files(spec: DataSpec, split, streaming, image_column, cache_dir, load_kwargs):
+    """Load data files grouped by folder, so that relative image paths resolve against their own file's folder."""
+    groups: dict[str, list[str]] = {}
+    for path in spec.files:
+        base = path.rsplit("/", 1)[0] if "://" in path else os.path.dirname(os.path.abspath(path))
+        groups.setdefault(base, []).append(path)
+    parts = []
+    for base, files in groups.items():
+        part = datasets.load_dataset(
+            spec.builder, data_files=files, split=split, streaming=streaming, cache_dir=cache_dir, **load_kwargs
+        )
+        part = _with_features(part)
+        if image_column is not None and image_column in _column_names(part):
+            features = part.features
+            feature = None if features is None else features.get(image_column)
+            if feature is None or (isinstance(feature, datasets.Value) and "string" in feature.dtype):
+                # Path strings -> `{"bytes": None, "path": resolved}` rows of an `Image(decode=False)` column. Done in
+                # the map itself: a streaming dataset does not re-encode rows when cast after a map.
+                if features is not None:
+                    features = features.copy()
+                    features[image_column] = datasets.Image(decode=False)
+                part = part.map(
+                    lambda paths, base=base: {
+                        image_column: [{"bytes": None, "path": p} for p in _resolve_paths(paths, base)]
+                    },
+                    batched=True,
+                    input_columns=[image_column],
+                    features=features,
+                    **({} if streaming else {"desc": "Resolving image paths"}),
+                )
+        parts.append(part)
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def load_training_dataset(
+    spec: str | os.PathLike | DataSpec,
+    split: str = "train",
+    streaming: bool = False,
+    image_column: str | None = None,
+    caption_columns: str | Sequence[str] = ("caption",),
+    noise_caption_column: str | None = None,
+    cache_dir: str | None = None,
+    **load_kwargs,
+) -> datasets.Dataset | datasets.IterableDataset:
+    """Load a training split with its images left undecoded.
+
+    Args:
+        spec: a local folder (imagefolder with `metadata.jsonl` / `metadata.csv`, or csv / json / parquet files),
+            a file or glob (`.csv`, `.json`, `.jsonl`, `.parquet`, `.arrow`, `.txt`, `.tar` webdataset shards;
+            relative image paths are resolved against the folder of the file that lists them), or a Hub dataset
+            `name` / `name:config`. See `DataSpec.parse`.
+        split: the split to read (for files, everything is `"train"`; slicing like `"train[:1000]"` works).
+        streaming: return an `IterableDataset` that reads as it goes (data larger than the disk).
+        image_column: the column with images (an `Image` feature, a path, bytes or `{"bytes", "path"}`); `None`
+            for captions-only data (stage 1). For webdataset shards it is the file suffix, e.g. `"jpg"`.
+        caption_columns: the caption column(s); each holds a string or a list of strings.
+        noise_caption_column: stage 1's optional second caption view, checked like the others.
+        cache_dir: `datasets` cache directory.
+        **load_kwargs: passed to `datasets.load_dataset` (e.g. `revision`, `token`, `num_proc`, `delimiter`).
+
+    Returns:
+        A `datasets.Dataset` (or `IterableDataset` when streaming) with every column kept and every `Image` column
+        cast to `Image(decode=False)`: rows hold `{"bytes", "path"}` and the collators decode them, counting the
+        ones that fail. Keep the raw columns through the `Trainer` with `remove_unused_columns=False`.
+
+    Raises:
+        ValueError: a requested column is missing (the message lists the available ones).
+    """
+    if not isinstance(spec, DataSpec):
+        spec = DataSpec.parse(spec)
+    caption_columns = (caption_columns,) if isinstance(caption_columns, str) else tuple(caption_columns)
+    if not caption_columns:
+        raise ValueError("At least one caption column is needed.")
+
+    if spec.kind == "hub":
+        dataset = datasets.load_dataset(
+            spec.name, spec.config, split=split, streaming=streaming, cache_dir=cache_dir, **load_kwargs
+        )
+    elif spec.kind == "folder":
+        builder = datasets.load_dataset_builder(spec.source, cache_dir=cache_dir, **load_kwargs)
+        if isinstance(builder, datasets.packaged_modules.folder_based_builder.folder_based_builder.FolderBasedBuilder):
+            dataset = datasets.load_dataset(
+                spec.source, split=split, streaming=streaming, cache_dir=cache_dir, **load_kwargs
+            )
+        else:  # a folder of data files: load them as files, so image paths resolve against each file's folder
+            data_files = {str(name): files for name, files in builder.config.data_files.items()}
+            split_name = split.split("[")[0]
+            if split_name not in data_files:
+                raise ValueError(f"No split {split_name!r} in {spec.source!r}; found: {', '.join(data_files)}.")
+            files = tuple(data_files[split_name])
+            files_spec = DataSpec(kind="files", source=spec.source, builder=builder.name, files=files)
+            split = "train" + split[len(split_name) :]
+            dataset = _load_files(files_spec, split, streaming, image_column, cache_dir, load_kwargs)
+    else:
+        dataset = _load_files(spec, split, streaming, image_column, cache_dir, load_kwargs)
+
+    dataset = _with_features(dataset)
+    available = _column_names(dataset)
+    requested = [(image_column, "image column")] if image_column is not None else []
+    requested += [(name, "caption column") for name in caption_columns]
+    if noise_caption_column is not None:
+        requested.append((noise_caption_column, "noise caption column"))
+    missing = [f"{role} {name!r}" for name, role in requested if name not in available]
+    if missing:
+        raise ValueError(
+            f"{' and '.join(missing)} not found in {spec.source!r}. Available columns: {', '.join(available)}."
+        )
+
+    # Never decode while loading or iterating: a corrupt file must reach the collator, which counts and drops it.
+    features = dataset.features or {}
+    to_cast = [name for name, feature in features.items() if isinstance(feature, datasets.Image) and feature.decode]
+    if image_column is not None and not isinstance(features.get(image_column), datasets.Image):
+        to_cast.append(image_column)
+    for name in to_cast:
+        dataset = dataset.cast_column(name, datasets.Image(decode=False))
+    return dataset
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def decode_image(value: Any) -> PIL.Image.Image:
+    """A dataset image value (`{"bytes", "path"}`, a path, bytes or a PIL image) -> a loaded RGB PIL image.
+
+    Raises whatever decoding raises (`OSError`, `ValueError`, `PIL.UnidentifiedImageError`, ...); EXIF orientation is
+    applied as `datasets` does.
+    """
+    if isinstance(value, (bytes, bytearray)):
+        value = {"bytes": bytes(value), "path": None}
+    elif isinstance(value, str):
+        value = {"bytes": None, "path": value}
+    if value is None:
+        raise ValueError("no image")
+    image = datasets.Image().decode_example(value) if isinstance(value, (dict, str)) else value
+    if not isinstance(image, PIL.Image.Image):
+        raise TypeError(f"expected an image, got {type(image).__name__}")
+    return to_rgb(image)
+
+
+def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """Grayscale, palette, CMYK, ... -> RGB; transparency is composited on white, as `CLIPImageProcessor` does."""
+    if image.mode == "RGB":
+        return image
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        image = image.convert("RGBA")
+        background = PIL.Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return PIL.Image.alpha_composite(background, image).convert("RGB")
+    return image.convert("RGB")
+
+
+def _size_field(size, key):
+    return size.get(key) if isinstance(size, Mapping) else getattr(size, key, None)
+
+
+class CLIPImageTransform:
+    """PIL image -> `pixel_values` (3, H, W) float32, configured from a `CLIPImageProcessor`.
+
+    Eval (`train=False`): convert to RGB, resize so the shortest side is `size["shortest_edge"]` (bicubic, long side
+    `int(size * long / short)`), center crop to `crop_size`, rescale and normalise with the processor's mean / std:
+    the same numbers the processor gives. Train: convert to RGB, RandomResizedCrop to `crop_size` (area `scale`,
+    aspect `ratio`, bicubic; torchvision's sampling, drawn from the given `torch.Generator`), rescale, normalise.
+
+    Args:
+        image_processor: the model's image processor (`ProCLIPProcessor.image_processor`), or any object with
+            `size`, `crop_size`, `image_mean`, `image_std`, `rescale_factor`, `resample`.
+        train: random crop (train) or resize + center crop (eval).
+        scale, ratio: RandomResizedCrop's area fraction and aspect-ratio ranges.
+    """
+
+    def __init__(
+        self,
+        image_processor,
+        train: bool = True,
+        scale: tuple[float, float] = (0.9, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    ):
+        self.train = train
+        self.scale = tuple(scale)
+        self.ratio = tuple(ratio)
+        p = image_processor
+        size, crop = getattr(p, "size", None), getattr(p, "crop_size", None)
+        self.shortest_edge = _size_field(size, "shortest_edge") if size is not None else None
+        self.resize_hw = (_size_field(size, "height"), _size_field(size, "width")) if size is not None else None
+        self.do_resize = getattr(p, "do_resize", True)
+        self.do_center_crop = getattr(p, "do_center_crop", True) and crop is not None
+        if self.do_center_crop:
+            self.output_hw = (_size_field(crop, "height"), _size_field(crop, "width"))
+        elif self.resize_hw is not None and None not in self.resize_hw:
+            self.output_hw = self.resize_hw
+        else:
+            self.output_hw = (self.shortest_edge, self.shortest_edge)
+        self.resample = PIL.Image.Resampling(int(getattr(p, "resample", PIL.Image.Resampling.BICUBIC)))
+        self.rescale_factor = float(getattr(p, "rescale_factor", 1 / 255)) if getattr(p, "do_rescale", True) else 1.0
+        do_normalize = getattr(p, "do_normalize", True)
+        mean = getattr(p, "image_mean", None) if do_normalize else None
+        std = getattr(p, "image_std", None) if do_normalize else None
+        self.mean = torch.tensor(mean if mean is not None else [0.0] * 3, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std if std is not None else [1.0] * 3, dtype=torch.float32).view(-1, 1, 1)
+
+    def __call__(self, image: PIL.Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+        image = to_rgb(image)
+        height, width = self.output_hw
+        if self.train:
+            top, left, h, w = self.random_resized_crop_box(image.width, image.height, generator)
+            image = image.crop((left, top, left + w, top + h)).resize((width, height), self.resample)
+        else:
+            if self.do_resize:
+                image = image.resize(self._resized_size(image.width, image.height), self.resample)
+            if self.do_center_crop:
+                top, left = (image.height - height) // 2, (image.width - width) // 2
+                image = image.crop((left, top, left + width, top + height))
+        pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float()
+        return (pixels * self.rescale_factor - self.mean) / self.std
+
+    def _resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) after resizing, as `transformers.image_transforms.get_resize_output_image_size`."""
+        if self.shortest_edge:
+            short, long = (width, height) if width <= height else (height, width)
+            new_short, new_long = self.shortest_edge, int(self.shortest_edge * long / short)
+            return (new_short, new_long) if width <= height else (new_long, new_short)
+        return self.resize_hw[1], self.resize_hw[0]
+
+    def random_resized_crop_box(
+        self, width: int, height: int, generator: torch.Generator | None = None
+    ) -> tuple[int, int, int, int]:
+        """(top, left, height, width) of a random crop, sampled as `torchvision.transforms.RandomResizedCrop`."""
+        area = height * width
+        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        for _ in range(10):
+            target_area = area * torch.empty(1).uniform_(*self.scale, generator=generator).item()
+            aspect = math.exp(torch.empty(1).uniform_(*log_ratio, generator=generator).item())
+            w = int(round(math.sqrt(target_area * aspect)))
+            h = int(round(math.sqrt(target_area / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
+                left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
+                return top, left, h, w
+        in_ratio = width / height  # fallback: the largest center crop within the aspect-ratio range
+        if in_ratio < min(self.ratio):
+            w, h = width, int(round(width / min(self.ratio)))
+        elif in_ratio > max(self.ratio):
+            w, h = int(round(height * max(self.ratio))), height
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Skip counting
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class SkipCounter:
+    """Totals of dropped samples per reason, fed from the `"skipped"` entry of each batch the collators make.
+
+    The training loop owns one counter and calls `counter.update_from_batch(batch)` on every batch it trains on (in
+    the main process, after the DataLoader); at the end, `counter.all_reduce()` sums the ranks and `summary()` says
+    it in words. Updates take a lock, so threads may share a counter.
+    """
+
+    def __init__(self, counts: Mapping[str, int] | None = None):
+        self._lock = threading.Lock()
+        self._counts: Counter = Counter({reason: 0 for reason in SKIP_REASONS})
+        if counts:
+            self.update(counts)
+
+    def add(self, reason: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[reason] += int(n)
+
+    def update(self, counts: Mapping[str, int]) -> None:
+        with self._lock:
+            for reason, n in counts.items():
+                self._counts[reason] += int(n)
+
+    def update_from_batch(self, batch: dict) -> dict:
+        """Pop `batch["skipped"]` (if present) into the totals; return the batch, ready for the model."""
+        counts = batch.pop(SKIPPED_KEY, None)
+        if counts:
+            self.update(counts)
+        return batch
+
+    def __getitem__(self, reason: str) -> int:
+        return self._counts[reason]
+
+    @property
+    def total(self) -> int:
+        return sum(self._counts.values())
+
+    def as_dict(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+    def all_reduce(self) -> dict[str, int]:
+        """Totals summed over all `torch.distributed` ranks (this process's totals when not distributed)."""
+        counts = self.as_dict()
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return counts
+        gathered = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, counts)  # objects, not tensors: ranks may know other reasons
+        total = Counter()
+        for rank_counts in gathered:
+            total.update(rank_counts)
+        return dict(sorted(total.items()))
+
+    def summary(self, counts: Mapping[str, int] | None = None) -> str:
+        """E.g. `"skipped 2 samples: 1 corrupt_image, 1 empty_caption"`."""
+        counts = self.as_dict() if counts is None else dict(counts)
+        total = sum(counts.values())
+        if not total:
+            return "skipped no samples"
+        parts = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()) if n)
+        return f"skipped {total} sample{'s' if total != 1 else ''}: {parts}"
+
+    def __repr__(self) -> str:
+        return f"SkipCounter({self.as_dict()})"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Collators
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _caption_candidates(row: Mapping, columns: Sequence[str]) -> list[str]:
+    """The usable captions of a row: non-blank strings from the given columns (list-valued columns expanded)."""
+    candidates = []
+    for column in columns:
+        value = row.get(column)
+        for caption in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(caption, str) and caption.strip():
+                candidates.append(caption)
+    return candidates
+
+
+class _Collator:
+    """Shared parts: the per-process random generator, tokenisation, and counting what was dropped.
+
+    Randomness: one `torch.Generator` per process. In the main process (`num_workers=0`) it is seeded with `seed` and
+    continues across epochs. In a DataLoader worker it is seeded from `seed` and the worker's seed, which the
+    DataLoader draws anew for each epoch's workers from the main process's RNG: workers differ from each other,
+    epochs differ, and a run seeded with `transformers.set_seed` repeats.
+    """
+
+    max_logged_skips = 5  # per process; the totals are in the batch counts
+
+    def __init__(self, tokenizer, max_length: int | None, seed: int):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.seed = int(seed)
+        self._generator: torch.Generator | None = None
+        self._generator_owner: tuple | None = None
+        self._logged_skips = 0
+
+    def __getstate__(self):  # generators are per process: never ship one to a worker
+        state = dict(self.__dict__)
+        state["_generator"], state["_generator_owner"] = None, None
+        return state
+
+    @property
+    def generator(self) -> torch.Generator:
+        info = torch.utils.data.get_worker_info()
+        owner = (os.getpid(),) if info is None else (os.getpid(), info.id, info.seed)
+        if self._generator is None or owner != self._generator_owner:
+            seed = self.seed if info is None else (self.seed * 1_000_003 + info.seed) % (2**63)
+            self._generator = torch.Generator().manual_seed(seed)
+            self._generator_owner = owner
+        return self._generator
+
+    def _choose(self, candidates: list[str], u: float) -> str:
+        return candidates[min(int(u * len(candidates)), len(candidates) - 1)]
+
+    def _tokenize(self, tokenizer, captions: list[str], max_length: int | None, prefix: str) -> dict:
+        if not captions:
+            empty = torch.zeros((0, 0), dtype=torch.long)
+            return {f"{prefix}input_ids": empty, f"{prefix}attention_mask": empty.clone()}
+        encoded = tokenizer(captions, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        return {f"{prefix}input_ids": encoded["input_ids"], f"{prefix}attention_mask": encoded["attention_mask"]}
+
+    def _skip(self, skipped: Counter, reason: str, row: Mapping, detail: str) -> None:
+        skipped[reason] += 1
+        if self._logged_skips < self.max_logged_skips:
+            self._logged_skips += 1
+            key = row.get("__key__") or row.get("__url__")
+            logger.warning(
+                "Skipping a sample (%s%s): %s%s",
+                reason,
+                f", {key}" if key else "",
+                detail,
+                "" if self._logged_skips < self.max_logged_skips else " (further skips are only counted)",
+            )
+
+
+class InheritanceCollator(_Collator):
+    """Stage 1 (representation inheritance) collator: rows -> tokenised captions; images are never read.
+
+    Each row gives one caption, drawn at random among its non-blank captions in `caption_columns` (a list-valued
+    column counts each of its strings). Rows without one are dropped and counted as `"empty_caption"`; with a
+    `noise_caption_column`, a row without a non-blank noise caption is dropped too.
+
+    Args:
+        tokenizer: the LLM tokenizer (`ProCLIPProcessor.tokenizer`, which wraps prompts itself), or `None` to return
+            captions only (when the trainer reads pooled embeddings from a cache).
+        caption_columns: the caption column(s).
+        noise_caption_column: optional second caption view per row (e.g. raw alt-text beside a recaption).
+        max_length: truncation length, the model config's `max_text_length`; `None` = the tokenizer's own limit.
+        teacher_tokenizer: optional CLIP tokenizer; adds the teacher's ids (truncated to its 77-token limit).
+        seed: seed of the caption choice (see `_Collator`).
+
+    Returns (a dict, B = rows kept):
+        `captions` list[str] (B) -- the raw chosen captions, for a cache lookup or a teacher;
+        `input_ids`, `attention_mask` LongTensor (B, L) -- if a tokenizer is given;
+        `teacher_input_ids`, `teacher_attention_mask` (B, L_t) -- if a teacher tokenizer is given;
+        `noise_captions`, `noise_input_ids`, `noise_attention_mask` (and `noise_teacher_*`) -- with a noise column;
+        `skipped` dict[str, int] -- rows dropped from this batch per reason (pop it with `SkipCounter`).
+        B may be 0 when every row was dropped; tensors then have shape (0, 0).
+    """
+
+    def __init__(
+        self,
+        tokenizer=None,
+        caption_columns: str | Sequence[str] = ("caption",),
+        noise_caption_column: str | None = None,
+        max_length: int | None = None,
+        teacher_tokenizer=None,
+        seed: int = 0,
+    ):
+        super().__init__(tokenizer, max_length, seed)
+        self.caption_columns = (caption_columns,) if isinstance(caption_columns, str) else tuple(caption_columns)
+        self.noise_caption_column = noise_caption_column
+        self.teacher_tokenizer = teacher_tokenizer
+
+    def __call__(self, rows: list[Mapping]) -> dict[str, Any]:
+        draws = torch.rand(len(rows), 2, generator=self.generator).tolist()  # fixed draws per row: reproducible
+        skipped: Counter = Counter({reason: 0 for reason in SKIP_REASONS})
+        captions, noise_captions = [], []
+        for row, (u, u_noise) in zip(rows, draws):
+            candidates = _caption_candidates(row, self.caption_columns)
+            if not candidates:
+                self._skip(skipped, EMPTY_CAPTION, row, f"no caption in {', '.join(self.caption_columns)}")
+                continue
+            if self.noise_caption_column is not None:
+                noise = _caption_candidates(row, (self.noise_caption_column,))
+                if not noise:
+                    self._skip(skipped, EMPTY_CAPTION, row, f"no caption in {self.noise_caption_column}")
+                    continue
+                noise_captions.append(self._choose(noise, u_noise))
+            captions.append(self._choose(candidates, u))
+
+        batch: dict[str, Any] = {"captions": captions}
+        views = [("", captions)] + ([("noise_", noise_captions)] if self.noise_caption_column is not None else [])
+        for prefix, texts in views:
+            if prefix:
+                batch[f"{prefix}captions"] = texts
+            if self.tokenizer is not None:
+                batch.update(self._tokenize(self.tokenizer, texts, self.max_length, prefix))
+            if self.teacher_tokenizer is not None:
+                batch.update(self._tokenize(self.teacher_tokenizer, texts, None, f"{prefix}teacher_"))
+        batch[SKIPPED_KEY] = dict(skipped)
+        return batch
+
+
+class ContrastiveCollator(_Collator):
+    """Stage 2 (contrastive tuning) collator: rows -> `pixel_values` and one tokenised caption per image.
+
+    Each image is paired with one caption drawn at random among the row's non-blank captions in `caption_columns`
+    (e.g. a short and a long recaption; a list-valued column counts each of its strings), anew every time the row is
+    seen. Rows are dropped and counted when no caption is usable (`"empty_caption"`, checked first, so the image is
+    not decoded) or the image fails to load, decode or convert (`"corrupt_image"`).
+
+    Args:
+        tokenizer: the LLM tokenizer, or `None` to return captions only (cached embeddings).
+        transform: a `CLIPImageTransform` (train or eval), or any callable `(PIL image, generator) -> (3, H, W)`.
+        image_column: the image column (`{"bytes", "path"}`, a path, bytes or a PIL image).
+        caption_columns: the caption column(s).
+        max_length: truncation length, the model config's `max_text_length`.
+        seed: seed of the caption choice and of the random crops (see `_Collator`).
+
+    Returns (a dict, B = rows kept):
+        `pixel_values` FloatTensor (B, 3, H, W);
+        `captions` list[str] (B) -- the raw chosen captions;
+        `input_ids`, `attention_mask` LongTensor (B, L) -- if a tokenizer is given;
+        `skipped` dict[str, int] -- rows dropped from this batch per reason (pop it with `SkipCounter`).
+        B may be 0 when every row was dropped.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        transform: Callable[..., torch.Tensor],
+        image_column: str = "image",
+        caption_columns: str | Sequence[str] = ("caption",),
+        max_length: int | None = None,
+        seed: int = 0,
+    ):
+        super().__init__(tokenizer, max_length, seed)
+        self.transform = transform
+        self.image_column = image_column
+        self.caption_columns = (caption_columns,) if isinstance(caption_columns, str) else tuple(caption_columns)
+
+    def __call__(self, rows: list[Mapping]) -> dict[str, Any]:
+        generator = self.generator
+        draws = torch.rand(len(rows), generator=generator).tolist()
+        skipped: Counter = Counter({reason: 0 for reason in SKIP_REASONS})
+        pixels, captions = [], []
+        for row, u in zip(rows, draws):
+            candidates = _caption_candidates(row, self.caption_columns)
+            if not candidates:
+                self._skip(skipped, EMPTY_CAPTION, row, f"no caption in {', '.join(self.caption_columns)}")
+                continue
+            value = row.get(self.image_column)
+            try:
+                image = decode_image(value)
+            except Exception as error:  # any decoder failure means this one file is unusable; never the whole run
+                where = value.get("path") if isinstance(value, Mapping) else value if isinstance(value, str) else None
+                self._skip(skipped, CORRUPT_IMAGE, row, f"{where or 'image'}: {type(error).__name__}: {error}")
+                continue
+            pixels.append(self.transform(image, generator=generator))
+            captions.append(self._choose(candidates, u))
+
+        if pixels:
+            pixel_values = torch.stack(pixels)
+        else:
+            height, width = getattr(self.transform, "output_hw", (0, 0))
+            pixel_values = torch.zeros((0, 3, height, width))
+        batch: dict[str, Any] = {"pixel_values": pixel_values, "captions": captions}
+        if self.tokenizer is not None:
+            batch.update(self._tokenize(self.tokenizer, captions, self.max_length, ""))
+        batch[SKIPPED_KEY] = dict(skipped)
+        return batch
+
+
+__all__ = [
+    "CORRUPT_IMAGE",
+    "EMPTY_CAPTION",
+    "SKIP_REASONS",
+    "SKIPPED_KEY",
+    "CLIPImageTransform",
+    "ContrastiveCollator",
+    "DataSpec",
+    "InheritanceCollator",
+    "SkipCounter",
+    "decode_image",
+    "load_training_dataset",
+    "to_rgb",
+]
