@@ -11,6 +11,7 @@ from collections import Counter
 
 import datasets
 import numpy as np
+import pandas as pd
 import PIL.Image
 import pytest
 import torch
@@ -74,8 +75,6 @@ def data_root(tmp_path_factory):
     meta = root / "meta"
     meta.mkdir()
     table = [{"image_path": f"../imagefolder/{r['file_name']}", **{c: r[c] for c in CAPTIONS}} for r in rows]
-    import pandas as pd
-
     pd.DataFrame(table).to_csv(meta / "pairs.csv", index=False)
     pd.DataFrame(table).to_parquet(meta / "pairs.parquet")
     with open(meta / "pairs.jsonl", "w") as f:
@@ -168,7 +167,7 @@ def test_corrupt_image_and_empty_caption_are_skipped_and_counted_to_the_end(
     collator = ContrastiveCollator(tokenizer, CLIPImageTransform(image_processor), image_column, caption_columns)
     loader = torch.utils.data.DataLoader(dataset, batch_size=2, collate_fn=collator, num_workers=num_workers)
     counter, seen = SkipCounter(), 0
-    for epoch in range(2):
+    for _epoch in range(2):
         for batch in loader:
             counter.update_from_batch(batch)
             assert "skipped" not in batch
@@ -190,7 +189,9 @@ def test_a_batch_of_only_bad_rows_is_empty_not_an_error(data_root, tmp_path, tok
 
 def test_stage1_reads_captions_only_with_noise_view_and_teacher(data_root, tmp_path, tokenizer):
     dataset = load_training_dataset(
-        str(data_root / "meta/pairs.csv"), caption_columns="caption", noise_caption_column="long_caption",
+        str(data_root / "meta/pairs.csv"),
+        caption_columns="caption",
+        noise_caption_column="long_caption",
         cache_dir=str(tmp_path / "hf_cache"),
     )
     collator = InheritanceCollator(
@@ -297,13 +298,16 @@ def test_train_transform_is_a_seeded_random_resized_crop(image_processor):
 
 def test_missing_columns_are_named_with_the_available_ones(data_root, tmp_path):
     cache = str(tmp_path / "hf_cache")
-    with pytest.raises(ValueError, match=r"caption column 'captoin' not found.*Available columns: image_path, "
-                                         r"caption, long_caption"):
-        load_training_dataset(str(data_root / "meta/pairs.csv"), image_column="image_path",
-                              caption_columns=("captoin",), cache_dir=cache)
-    with pytest.raises(ValueError, match=r"image column 'jpg' not found.*Available columns: png, txt, long\.txt"):
-        load_training_dataset(str(data_root / "shards/*.tar"), image_column="jpg", caption_columns="txt",
-                              streaming=True, cache_dir=cache)
+    expected = r"caption column 'captoin' not found.*Available columns: image_path, caption, long_caption"
+    with pytest.raises(ValueError, match=expected):
+        load_training_dataset(
+            str(data_root / "meta/pairs.csv"), image_column="image_path", caption_columns="captoin", cache_dir=cache
+        )
+    expected = r"image column 'jpg' not found.*Available columns: png, txt, long\.txt"
+    with pytest.raises(ValueError, match=expected):
+        load_training_dataset(
+            str(data_root / "shards/*.tar"), image_column="jpg", caption_columns="txt", streaming=True, cache_dir=cache
+        )
 
 
 def test_dataspec_parse(data_root):
@@ -318,3 +322,37 @@ def test_dataspec_parse(data_root):
         DataSpec.parse(str(data_root / "nothing.csv"))
     with pytest.raises(ValueError, match="Cannot tell the data format"):
         DataSpec.parse(str(data_root / "meta/pairs.*"))
+
+
+def test_a_folder_of_tables_resolves_paths_against_each_table(data_root, tmp_path, tokenizer, image_processor):
+    folder = tmp_path / "tables"
+    (folder / "part").mkdir(parents=True)
+    (folder / "part" / "pairs.csv").write_text(
+        "image_path,caption\n" + "".join(f"{data_root}/imagefolder/{s[0]},{s[3]}\n" for s in SAMPLES[:2])
+    )
+    (folder / "more.csv").write_text("image_path,caption\n../imagefolder/rgb.png,a relative path\n")
+    os.symlink(data_root / "imagefolder", tmp_path / "imagefolder")  # more.csv's "../imagefolder" is this one
+    dataset = load_training_dataset(str(folder), image_column="image_path", cache_dir=str(tmp_path / "hf_cache"))
+    paths = sorted(row["image_path"]["path"] for row in dataset)
+    relative = str(tmp_path / "tables" / "../imagefolder/rgb.png")
+    assert paths == sorted([relative] + [f"{data_root}/imagefolder/{s[0]}" for s in SAMPLES[:2]])
+    collator = ContrastiveCollator(tokenizer, CLIPImageTransform(image_processor, train=False), "image_path")
+    batch = collator(list(dataset))
+    assert batch["pixel_values"].shape == (3, 3, 32, 32) and sum(batch["skipped"].values()) == 0
+    # A column the rows lack (a typo, or a Trainer that removed unused columns) is an error, not 3 skipped rows.
+    expected = r"reads column\(s\) 'image', but the rows have only 'image_path', 'caption'.*remove_unused_columns"
+    with pytest.raises(ValueError, match=expected):
+        ContrastiveCollator(tokenizer, CLIPImageTransform(image_processor))(list(dataset))
+
+
+def test_hub_names_go_to_load_dataset_with_their_config(monkeypatch):
+    calls = []
+
+    def fake_load_dataset(path, name=None, **kwargs):
+        calls.append((path, name, kwargs["split"], kwargs["streaming"]))
+        return datasets.Dataset.from_dict({"jpg": [b"not an image"], "txt": ["a caption"]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    dataset = load_training_dataset("someone/pairs:long", split="validation", image_column="jpg", caption_columns="txt")
+    assert calls == [("someone/pairs", "long", "validation", False)]
+    assert dataset.features["jpg"] == datasets.Image(decode=False)

@@ -23,6 +23,11 @@ process would read zeros. Shared memory (`multiprocessing.Value`) would fix that
 batches that were prefetched and never trained on, and still needs a reduction across ranks. A count carried by the
 batch it belongs to is exact for any number of workers, any start method, persistent workers or not, and counts only
 what was trained on; across data-parallel ranks one `SkipCounter.all_reduce()` sums the totals.
+
+Batches hold non-tensor entries (`captions`, `skipped`), which `accelerate`'s `dispatch_batches=True` (its default for
+an `IterableDataset`: rank 0 reads and broadcasts) cannot concatenate. Train streaming data with
+`accelerator_config={"dispatch_batches": False}`, each rank reading its own part (`datasets.distributed.
+split_dataset_by_node`). After drops, batch sizes differ between steps and ranks, and a batch can even be empty.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import datasets
 import numpy as np
 import PIL.Image
 import torch
+from datasets.packaged_modules.folder_based_builder.folder_based_builder import FolderBasedBuilder
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +140,7 @@ class DataSpec:
         if self.kind == "files" and "://" not in self.source:
             return os.path.abspath(os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in self.files]))
         return None
+        return None
 
 
 def _resolve_paths(paths: list, base: str) -> list:
@@ -210,7 +217,8 @@ def load_training_dataset(
             a file or glob (`.csv`, `.json`, `.jsonl`, `.parquet`, `.arrow`, `.txt`, `.tar` webdataset shards;
             relative image paths are resolved against the folder of the file that lists them), or a Hub dataset
             `name` / `name:config`. See `DataSpec.parse`.
-        split: the split to read (for files, everything is `"train"`; slicing like `"train[:1000]"` works).
+        split: the split to read (for files, everything is `"train"`). Slicing like `"train[:1000]"` works; for
+            files in several folders it applies to each folder's files.
         streaming: return an `IterableDataset` that reads as it goes (data larger than the disk).
         image_column: the column with images (an `Image` feature, a path, bytes or `{"bytes", "path"}`); `None`
             for captions-only data (stage 1). For webdataset shards it is the file suffix, e.g. `"jpg"`.
@@ -238,8 +246,9 @@ def load_training_dataset(
             spec.name, spec.config, split=split, streaming=streaming, cache_dir=cache_dir, **load_kwargs
         )
     elif spec.kind == "folder":
-        builder = datasets.load_dataset_builder(spec.source, cache_dir=cache_dir, **load_kwargs)
-        if isinstance(builder, datasets.packaged_modules.folder_based_builder.folder_based_builder.FolderBasedBuilder):
+        builder_kwargs = {k: v for k, v in load_kwargs.items() if k in ("token", "revision", "storage_options")}
+        builder = datasets.load_dataset_builder(spec.source, cache_dir=cache_dir, **builder_kwargs)
+        if isinstance(builder, FolderBasedBuilder):
             dataset = datasets.load_dataset(
                 spec.source, split=split, streaming=streaming, cache_dir=cache_dir, **load_kwargs
             )
@@ -529,6 +538,18 @@ class _Collator:
             self._generator_owner = owner
         return self._generator
 
+    def _check_columns(self, rows: list[Mapping], columns: Sequence[str]) -> None:
+        """A column absent from the rows is a setup error, not bad data: say so instead of dropping every row."""
+        if not rows:
+            return
+        missing = [column for column in columns if column not in rows[0]]
+        if missing:
+            raise ValueError(
+                f"{type(self).__name__} reads column(s) {', '.join(map(repr, missing))}, but the rows have only "
+                f"{', '.join(map(repr, rows[0]))}. Check the column names, and keep raw columns through a Trainer "
+                "with `remove_unused_columns=False`."
+            )
+
     def _choose(self, candidates: list[str], u: float) -> str:
         return candidates[min(int(u * len(candidates)), len(candidates) - 1)]
 
@@ -593,6 +614,8 @@ class InheritanceCollator(_Collator):
         self.teacher_tokenizer = teacher_tokenizer
 
     def __call__(self, rows: list[Mapping]) -> dict[str, Any]:
+        noise_columns = () if self.noise_caption_column is None else (self.noise_caption_column,)
+        self._check_columns(rows, self.caption_columns + noise_columns)
         draws = torch.rand(len(rows), 2, generator=self.generator).tolist()  # fixed draws per row: reproducible
         skipped: Counter = Counter({reason: 0 for reason in SKIP_REASONS})
         captions, noise_captions = [], []
@@ -661,6 +684,7 @@ class ContrastiveCollator(_Collator):
         self.caption_columns = (caption_columns,) if isinstance(caption_columns, str) else tuple(caption_columns)
 
     def __call__(self, rows: list[Mapping]) -> dict[str, Any]:
+        self._check_columns(rows, (self.image_column,) + self.caption_columns)
         generator = self.generator
         draws = torch.rand(len(rows), generator=generator).tolist()
         skipped: Counter = Counter({reason: 0 for reason in SKIP_REASONS})
