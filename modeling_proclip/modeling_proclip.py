@@ -8,6 +8,7 @@ Data flow, image: pixel_values -> vision_model (CLIP ViT) -> visual_projection -
 """
 
 import inspect
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -254,12 +255,15 @@ class ProCLIPModel(ProCLIPPreTrainedModel):
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         text_embeds: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
     ) -> BaseModelOutputWithPooling:
         """Text embeddings in the joint space.
 
         Args:
             input_ids, attention_mask (`torch.Tensor` of shape `(batch_size, seq_len)`): tokenised captions, or
             text_embeds (`torch.Tensor` of shape `(batch_size, text_hidden_size)`): cached `get_llm_embeddings`.
+            token_type_ids: accepted because BERT-style tokenizers return it; single-segment captions ignore it, so
+                the tokenizer path and the cached path give the same embedding.
         Returns:
             `BaseModelOutputWithPooling` whose `pooler_output` (batch_size, projection_dim) is the unnormalised
             embedding; `last_hidden_state` holds the pooled LLM embedding (batch_size, text_hidden_size).
@@ -304,7 +308,7 @@ class ProCLIPModel(ProCLIPPreTrainedModel):
             input_ids, attention_mask (`(text_batch_size, seq_len)`) or text_embeds (`(text_batch_size, H)`).
             pixel_values (`(image_batch_size, 3, image_size, image_size)`).
             return_loss: add the symmetric InfoNCE of matching pairs (needs equal batch sizes).
-            token_type_ids: accepted because BERT-style tokenizers return it; single-segment input ignores it.
+            token_type_ids: ignored, as in `get_text_features`.
         """
         text_outputs = self.get_text_features(input_ids, attention_mask, text_embeds)
         vision_outputs = self.get_image_features(pixel_values, interpolate_pos_encoding)
@@ -393,19 +397,55 @@ class ProCLIPModel(ProCLIPPreTrainedModel):
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save weights and config, plus the remote-code files that make the folder load without this package."""
         super().save_pretrained(save_directory, *args, **kwargs)
-        copy_remote_code(save_directory)
+        copy_remote_code(save_directory, extra_sources=[self.config.name_or_path])
+        write_sentence_transformers_config(save_directory)
 
 
-REMOTE_CODE_FILES = ("configuration_proclip.py", "modeling_proclip.py", "processing_proclip.py", "handler.py")
+# sentence-transformers (>= 5) reads a folder through its generic `Transformer` module: text goes through
+# `get_text_features`, images through `get_image_features`; `SentenceTransformer(folder, trust_remote_code=True)`.
+SENTENCE_TRANSFORMERS_FILES = {
+    "modules.json": [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.base.modules.transformer.Transformer"}
+    ],
+    "sentence_bert_config.json": {
+        "transformer_task": "feature-extraction",
+        "modality_config": {
+            "text": {"method": "get_text_features", "method_output_name": "pooler_output"},
+            "image": {"method": "get_image_features", "method_output_name": "pooler_output"},
+        },
+        "module_output_name": "sentence_embedding",
+    },
+    "config_sentence_transformers.json": {"model_type": "SentenceTransformer", "similarity_fn_name": "cosine"},
+}
 
 
-def copy_remote_code(save_directory) -> None:
-    """Copy the flat Hub files (config, model, processor, Inference Endpoints handler) into a checkpoint folder."""
+def write_sentence_transformers_config(save_directory) -> None:
+    """Write the small JSON files that let sentence-transformers load a checkpoint folder."""
+    for name, content in SENTENCE_TRANSFORMERS_FILES.items():
+        with open(os.path.join(save_directory, name), "w") as f:
+            json.dump(content, f, indent=2)
+
+
+REMOTE_CODE_FILES = ("configuration_proclip.py", "modeling_proclip.py", "processing_proclip.py")
+ENDPOINT_HANDLER_FILE = "handler.py"
+
+
+def copy_remote_code(save_directory, extra_sources=()) -> None:
+    """Copy the flat Hub files (config, model, processor, Inference Endpoints handler) into a checkpoint folder.
+
+    They are found next to this file (a Hub folder, or the installed package with `configuration_proclip/` beside
+    it), or in `extra_sources` (the folder a remote-code model was loaded from: transformers' module cache holds
+    only the imported files, not `handler.py`).
+    """
     here = os.path.dirname(os.path.abspath(__file__))
-    candidates = [here, os.path.join(os.path.dirname(here), "configuration_proclip")]
-    for name in REMOTE_CODE_FILES:
-        source = next((os.path.join(d, name) for d in candidates if os.path.isfile(os.path.join(d, name))), None)
+    folders = [here, os.path.join(os.path.dirname(here), "configuration_proclip")]
+    folders += [str(d) for d in extra_sources if d and os.path.isdir(d)]
+    for name in REMOTE_CODE_FILES + (ENDPOINT_HANDLER_FILE,):
+        source = next((os.path.join(d, name) for d in folders if os.path.isfile(os.path.join(d, name))), None)
         if source is None:
+            if name == ENDPOINT_HANDLER_FILE:
+                logger.warning(f"{name} not found; the saved folder will not serve on Inference Endpoints.")
+                continue
             raise FileNotFoundError(f"Cannot find {name} to copy next to the checkpoint.")
         target = os.path.join(save_directory, name)
         if os.path.abspath(source) != os.path.abspath(target):

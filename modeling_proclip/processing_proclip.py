@@ -17,8 +17,8 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-_PREFIX_PIECE = "<proclip:prefix>"
-_SUFFIX_PIECE = "<proclip:suffix>"
+_PREFIX_PIECE = "proclip_prefix"
+_SUFFIX_PIECE = "proclip_suffix"
 
 
 def _special_ids_around_text(tokenizer) -> tuple[list[int], list[int]]:

@@ -1,0 +1,407 @@
+"""The Hub-native model: config, towers, pooling, adapter, processor, remote code, pipeline, handler."""
+
+import base64
+import io
+import json
+import logging
+
+import pytest
+import torch
+from conftest import build_tiny_clip, build_tiny_llm, minilm_folder
+from isolation import run_without_project
+from PIL import Image
+from transformers import AutoModel, AutoTokenizer, CLIPModel, LlamaConfig, LlamaModel
+
+from configuration_proclip import ProCLIPConfig, text_tower_preset
+from modeling_proclip import (
+    ProCLIPAdapter,
+    ProCLIPModel,
+    ProCLIPProcessor,
+    pool_hidden_states,
+    truncate_text_inputs,
+)
+
+CAPTIONS = ["a red circle", "two blue squares on the left of a small green triangle", "a dog"]
+
+
+def red_image(mode="RGB", size=(40, 36)):
+    return Image.new(mode, size, {"RGB": (200, 30, 30), "RGBA": (200, 30, 30, 128), "L": 90}[mode])
+
+
+@pytest.fixture(scope="module")
+def model(tiny_proclip_dir):
+    return ProCLIPModel.from_pretrained(tiny_proclip_dir).eval()
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_proclip_dir):
+    return ProCLIPProcessor.from_pretrained(tiny_proclip_dir)
+
+
+# -- config ---------------------------------------------------------------------------------------------------------
+
+
+def test_config_refuses_bad_values_by_name():
+    with pytest.raises(ValueError) as error:
+        ProCLIPConfig(pooling="max", adapter_blocks=0, prompt_template="no placeholder", padding_side="up")
+    for name in ("pooling='max'", "adapter_blocks=0", "prompt_template=", "padding_side='up'"):
+        assert name in str(error.value)
+    with pytest.raises(ValueError, match="projection_dim=32 differs"):
+        ProCLIPConfig(vision_config={"projection_dim": 16}, projection_dim=32)
+
+
+def test_config_round_trips_text_config_with_its_own_model_type(tmp_path):
+    config = ProCLIPConfig(text_config={"model_type": "bert", "hidden_size": 48}, vision_config={"projection_dim": 24})
+    config.save_pretrained(tmp_path)
+    loaded = ProCLIPConfig.from_pretrained(tmp_path)
+    assert type(loaded.text_config).__name__ == "BertConfig"
+    assert loaded.text_hidden_size == 48 and loaded.projection_dim == 24
+    assert loaded.auto_map["AutoModel"] == "modeling_proclip.ProCLIPModel"
+
+
+# -- adapter and pooling --------------------------------------------------------------------------------------------
+
+
+def test_adapter_parameter_count_matches_the_paper_figure():
+    config = ProCLIPConfig(
+        text_config={"model_type": "llama", "hidden_size": 4096}, vision_config={"projection_dim": 768},
+        adapter_blocks=1, adapter_expansion=8,
+    )
+    with torch.device("meta"):
+        adapter = ProCLIPAdapter(config)
+    h, d, r = 4096, 768, 8
+    expected = 2 * h + (h * r * h + r * h) + (r * h * h + h) + 2 * h + (h * d + d)
+    assert sum(p.numel() for p in adapter.parameters()) == expected == 271_635_200
+
+
+def test_adapter_computes_the_method_formula():
+    config = ProCLIPConfig(text_config={"model_type": "llama", "hidden_size": 8, "num_attention_heads": 2}, vision_config={"projection_dim": 4},
+                           adapter_blocks=2, adapter_expansion=3)
+    torch.manual_seed(0)
+    adapter = ProCLIPAdapter(config)
+    for p in adapter.parameters():
+        torch.nn.init.normal_(p)
+    e = torch.randn(5, 8)
+    rows = []
+    for row in e / e.norm(dim=-1, keepdim=True):
+        for block in adapter.blocks:
+            ln = (row - row.mean()) / torch.sqrt(row.var(unbiased=False) + 1e-5) * block.norm.weight + block.norm.bias
+            hidden = torch.nn.functional.gelu(block.fc1.weight @ ln + block.fc1.bias)
+            row = row + block.fc2.weight @ hidden + block.fc2.bias
+        ln = (row - row.mean()) / torch.sqrt(row.var(unbiased=False) + 1e-5)
+        rows.append(adapter.proj.weight @ (ln * adapter.final_norm.weight + adapter.final_norm.bias) + adapter.proj.bias)
+    torch.testing.assert_close(adapter(e), torch.stack(rows), atol=1e-4, rtol=1e-4)
+
+
+def test_pooling_by_hand_on_known_hidden_states():
+    hidden = torch.arange(2 * 4 * 3, dtype=torch.float).reshape(2, 4, 3)
+    left = torch.tensor([[0, 1, 1, 1], [0, 0, 1, 1]])
+    right = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    assert torch.equal(pool_hidden_states(hidden, left, "mean"), torch.stack([hidden[0, 1:].mean(0), hidden[1, 2:].mean(0)]))
+    assert torch.equal(pool_hidden_states(hidden, right, "mean"), torch.stack([hidden[0, :3].mean(0), hidden[1, :2].mean(0)]))
+    assert torch.equal(pool_hidden_states(hidden, left, "mean", skip_leading=1), torch.stack([hidden[0, 2:].mean(0), hidden[1, 3]]))
+    assert torch.equal(pool_hidden_states(hidden, left, "last_token"), hidden[:, 3])
+    assert torch.equal(pool_hidden_states(hidden, right, "last_token"), torch.stack([hidden[0, 2], hidden[1, 1]]))
+    assert torch.equal(pool_hidden_states(hidden, left, "cls"), torch.stack([hidden[0, 1], hidden[1, 2]]))
+    assert torch.equal(pool_hidden_states(hidden, right, "cls"), hidden[:, 0])
+
+
+def test_truncation_keeps_the_suffix_for_either_padding_side():
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8, 9], [1, 2, 3, 4, 5, 6, 0]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 0]])
+    out_ids, out_mask = truncate_text_inputs(ids, mask, max_length=4, suffix_length=1)
+    assert out_ids.tolist() == [[5, 6, 7, 9], [1, 2, 3, 6]] and out_mask.tolist() == [[1] * 4] * 2
+
+
+# -- text tower: attention, one text path ---------------------------------------------------------------------------
+
+
+def test_bidirectional_changes_a_decoder_and_causal_equals_the_plain_llm(tiny_clip_dir, tiny_llm_dir):
+    causal = ProCLIPModel.from_towers(vision=tiny_clip_dir, text=tiny_llm_dir, pooling="mean", adapter_expansion=1)
+    bidirectional = ProCLIPModel.from_towers(
+        vision=tiny_clip_dir, text=tiny_llm_dir, pooling="mean", bidirectional=True, adapter_expansion=1
+    )
+    plain = AutoModel.from_pretrained(tiny_llm_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llm_dir)
+    batch = tokenizer(CAPTIONS, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        hidden = plain(**batch).last_hidden_state
+        expected = pool_hidden_states(hidden, batch["attention_mask"], "mean")
+        got_causal = causal.eval().get_llm_embeddings(batch["input_ids"], batch["attention_mask"])
+        got_bidirectional = bidirectional.eval().get_llm_embeddings(batch["input_ids"], batch["attention_mask"])
+    torch.testing.assert_close(got_causal, expected, atol=1e-5, rtol=1e-5)
+    assert (got_bidirectional - expected).abs().max() > 1e-2
+
+
+def test_one_text_path_pipeline_tokenizer_processor_and_cached_embeddings_agree(model, processor):
+    tokenizer = processor.tokenizer
+    with torch.inference_mode():
+        by_processor = model.get_text_features(**processor(text=CAPTIONS)).pooler_output
+        pipeline_style = tokenizer(CAPTIONS, return_tensors="pt", padding=True)  # what the pipeline calls
+        by_pipeline = model.get_text_features(pipeline_style["input_ids"], pipeline_style["attention_mask"]).pooler_output
+        pooled = model.get_llm_embeddings(pipeline_style["input_ids"], pipeline_style["attention_mask"])
+        by_cache = model.get_text_features(text_embeds=pooled.clone()).pooler_output
+        other_side = "left" if tokenizer.padding_side == "right" else "right"
+        tokenizer.padding_side = other_side
+        try:
+            switched = model.get_text_features(**processor(text=CAPTIONS)).pooler_output
+        finally:
+            tokenizer.padding_side = "left" if other_side == "right" else "right"
+    torch.testing.assert_close(by_pipeline, by_processor, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(by_cache, by_processor, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(switched, by_processor, atol=1e-5, rtol=1e-5)
+
+
+def test_long_text_is_truncated_alike_by_processor_and_model_with_one_warning(model, processor, caplog):
+    long_caption = " ".join(["a very long caption about many red circles"] * 200)
+    tokenizer = processor.tokenizer
+    untruncated = tokenizer([long_caption], return_tensors="pt")
+    assert untruncated["input_ids"].shape[-1] > model.config.max_text_length
+    truncated = processor(text=[long_caption])
+    assert truncated["input_ids"].shape[-1] == model.config.max_text_length
+    logging.getLogger("transformers").propagate = True
+    with caplog.at_level(logging.WARNING), torch.inference_mode():
+        from_model = model.get_text_features(untruncated["input_ids"], untruncated["attention_mask"]).pooler_output
+        model.get_text_features(untruncated["input_ids"], untruncated["attention_mask"])
+        from_processor = model.get_text_features(**truncated).pooler_output
+    torch.testing.assert_close(from_model, from_processor, atol=1e-5, rtol=1e-5)
+    assert sum("truncated" in r.getMessage() for r in caplog.records) <= 1
+
+
+def test_prompt_template_and_instruction_live_in_the_saved_tokenizer(tmp_path, tiny_clip_dir, tiny_llm_dir):
+    model = ProCLIPModel.from_towers(
+        vision=tiny_clip_dir, text=tiny_llm_dir, prompt_template="<|im_start|>user\n{text}<|im_end|>",
+        instruction="Retrieve the image: ", adapter_expansion=1,
+    )
+    processor = ProCLIPProcessor.from_towers(tiny_clip_dir, tiny_llm_dir, model.config)
+    processor.save_pretrained(tmp_path)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    ids = reloaded("a red circle")["input_ids"]
+    text = reloaded.decode(ids)
+    assert text.startswith("<|im_start|>user\nRetrieve the image: ") and text.endswith("a red circle<|im_end|>")
+    prefix = len(reloaded("<|im_start|>user\nRetrieve the image: ", add_special_tokens=False)["input_ids"])
+    assert model.config.instruction_length == prefix
+    assert model.config.text_suffix_length == len(reloaded("<|im_end|>", add_special_tokens=False)["input_ids"])
+
+
+# -- vision parity, round trip --------------------------------------------------------------------------------------
+
+
+def test_image_embeddings_equal_clip_on_the_same_weights(model, processor, tiny_clip_dir):
+    clip = CLIPModel.from_pretrained(tiny_clip_dir).eval()
+    pixels = processor(images=[red_image(), red_image(size=(64, 48))])["pixel_values"]
+    with torch.inference_mode():
+        ours = model.get_image_features(pixels).pooler_output
+        theirs = clip.get_image_features(pixel_values=pixels).pooler_output
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    assert model.logit_scale.item() == pytest.approx(clip.logit_scale.item())
+
+
+def test_save_and_load_round_trip_gives_identical_outputs(model, processor, tmp_path):
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    reloaded = ProCLIPModel.from_pretrained(tmp_path).eval()
+    batch = ProCLIPProcessor.from_pretrained(tmp_path)(images=[red_image()], text=CAPTIONS)
+    with torch.inference_mode():
+        a, b = model(**batch), reloaded(**batch)
+    assert torch.equal(a.logits_per_image, b.logits_per_image)
+    assert torch.equal(a.text_embeds, b.text_embeds) and torch.equal(a.image_embeds, b.image_embeds)
+
+
+def test_bf16_forward_stays_close_to_fp32(tiny_proclip_dir, processor):
+    fp32 = ProCLIPModel.from_pretrained(tiny_proclip_dir).eval()
+    bf16 = ProCLIPModel.from_pretrained(tiny_proclip_dir, dtype=torch.bfloat16).eval()
+    batch = processor(images=[red_image()], text=CAPTIONS)
+    with torch.inference_mode():
+        a = fp32(**batch).text_embeds
+        b = bf16(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 pixel_values=batch["pixel_values"].to(torch.bfloat16)).text_embeds
+    assert b.dtype == torch.bfloat16
+    assert torch.nn.functional.cosine_similarity(a, b.float()).min() > 0.99
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_proclip_dir, processor):
+    batch = processor(images=[red_image(), red_image(size=(50, 50))], text=CAPTIONS[:2])
+    grads = []
+    for checkpointing in (False, True):
+        model = ProCLIPModel.from_pretrained(tiny_proclip_dir).train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        model(**batch, return_loss=True).loss.backward()
+        grads.append(model.text_adapter.proj.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+# -- remote code, pipeline, sentence-transformers, handler ----------------------------------------------------------
+
+
+def test_remote_code_pipeline_scores_equal_softmax_of_the_models_own_logits(tiny_proclip_dir):
+    image_path = tiny_proclip_dir.parent / "red.png"
+    red_image().save(image_path)
+    result = run_without_project(
+        f"""
+        import json, torch
+        from PIL import Image
+        from transformers import AutoModel, AutoModelForZeroShotImageClassification, AutoProcessor, pipeline
+        folder, image = {str(tiny_proclip_dir)!r}, Image.open({str(image_path)!r})
+        model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+        AutoModelForZeroShotImageClassification.from_pretrained(folder, trust_remote_code=True)
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+        labels = ["red circle", "blue square", "green triangle"]
+        classifier = pipeline("zero-shot-image-classification", model=folder, trust_remote_code=True)
+        scores = {{r["label"]: r["score"] for r in classifier(image, candidate_labels=labels)}}
+        batch = processor(images=image, text=[f"This is a photo of {{l}}." for l in labels])
+        with torch.inference_mode():
+            probs = model(**batch).logits_per_image.softmax(-1)[0].tolist()
+        print(json.dumps({{"module": type(model).__module__, "pipeline": [scores[l] for l in labels], "model": probs}}))
+        """
+    )
+    assert result["module"].startswith("transformers_modules.")
+    assert result["pipeline"] == pytest.approx(result["model"], abs=1e-5)
+
+
+def test_sentence_transformers_encodes_captions_and_images(tiny_proclip_dir, model, processor):
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(tiny_proclip_dir), trust_remote_code=True, device="cpu")
+    with torch.inference_mode():
+        expected_text = model.get_text_features(**processor(text=CAPTIONS)).pooler_output
+        expected_image = model.get_image_features(processor(images=[red_image()])["pixel_values"]).pooler_output
+    torch.testing.assert_close(torch.as_tensor(st.encode(CAPTIONS)), expected_text, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.as_tensor(st.encode([red_image()])), expected_image, atol=1e-5, rtol=1e-4)
+
+
+def test_endpoint_handler_scores_a_base64_png(tiny_proclip_dir, model, processor):
+    buffer = io.BytesIO()
+    red_image().save(buffer, format="PNG")
+    payload = base64.b64encode(buffer.getvalue()).decode()
+    result = run_without_project(
+        f"""
+        import json, sys
+        sys.path.insert(0, {str(tiny_proclip_dir)!r})
+        from handler import EndpointHandler
+        out = EndpointHandler({str(tiny_proclip_dir)!r})({{"inputs": {payload!r},
+            "parameters": {{"candidate_labels": ["red", "blue", "green"]}}}})
+        print(json.dumps(out))
+        """
+    )
+    labels = ["red", "blue", "green"]
+    with torch.inference_mode():
+        batch = processor(images=red_image(), text=[f"This is a photo of {label}." for label in labels])
+        probs = model(**batch).logits_per_image.softmax(-1)[0].tolist()
+    assert [r["label"] for r in result] == [l for _, l in sorted(zip(probs, labels), reverse=True)]
+    assert [r["score"] for r in result] == pytest.approx(sorted(probs, reverse=True), abs=1e-5)
+
+
+# -- presets --------------------------------------------------------------------------------------------------------
+
+
+def test_sentence_transformers_folder_gets_its_own_pooling():
+    folder = minilm_folder()
+    assert text_tower_preset(folder)["pooling"] == "mean"
+    cls_folder_config = json.loads((folder / "1_Pooling" / "config.json").read_text())
+    assert cls_folder_config["pooling_mode_mean_tokens"] is True
+
+
+@pytest.mark.parametrize(
+    "name, pooling, bidirectional, template_piece",
+    [
+        ("LLM2CLIP-Llama-3-8B-Instruct-CC-Finetuned", "mean", True, "<|start_header_id|>user"),
+        ("Qwen3-Embedding-0.6B", "last_token", False, "<|endoftext|>"),
+    ],
+)
+def test_known_embedder_presets_apply_without_flags(tmp_path, tiny_clip_dir, name, pooling, bidirectional, template_piece):
+    stand_in = build_tiny_llm(tmp_path / name)
+    model = ProCLIPModel.from_towers(vision=tiny_clip_dir, text=stand_in, adapter_expansion=1)
+    assert (model.config.pooling, model.config.bidirectional) == (pooling, bidirectional)
+    assert template_piece in model.config.prompt_template and model.config.padding_side == "left"
+    overridden = ProCLIPModel.from_towers(vision=tiny_clip_dir, text=stand_in, pooling="cls", adapter_expansion=1)
+    assert overridden.config.pooling == "cls"
+    processor = ProCLIPProcessor.from_towers(tiny_clip_dir, stand_in, model.config)
+    assert template_piece in processor.tokenizer.decode(processor.tokenizer("a cat")["input_ids"])
+
+
+# -- bad input ------------------------------------------------------------------------------------------------------
+
+
+def test_adapter_and_llm_size_mismatch_is_refused(tmp_path, model, tiny_clip_dir):
+    with pytest.raises(ValueError, match="text_embeds have size 7 .* gives 32"):
+        model.get_text_features(text_embeds=torch.zeros(2, 7))
+    wider = build_tiny_llm(tmp_path / "wider", hidden_size=48)
+    other = ProCLIPModel.from_towers(vision=tiny_clip_dir, text=wider, adapter_expansion=1)
+    state = {k: v for k, v in other.state_dict().items() if k.startswith("text_adapter.")}
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        model.load_state_dict(state, strict=False)
+
+
+def test_tokenizer_without_pad_token_pads_with_eos_and_without_either_is_refused(tiny_clip_dir, tiny_llm_dir, model):
+    from modeling_proclip import configure_text_tokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llm_dir)
+    tokenizer.pad_token = None
+    configure_text_tokenizer(tokenizer, model.config)
+    assert tokenizer.pad_token == tokenizer.eos_token
+    tokenizer.pad_token = None
+    tokenizer.eos_token = None
+    with pytest.raises(ValueError, match="neither a pad token nor an EOS token"):
+        configure_text_tokenizer(tokenizer, model.config)
+
+
+def test_grayscale_and_rgba_images_are_converted(processor, model):
+    rgb = processor(images=[red_image("RGB")])["pixel_values"]
+    for mode in ("L", "RGBA"):
+        pixels = processor(images=[red_image(mode)])["pixel_values"]
+        assert pixels.shape == rgb.shape
+        with torch.inference_mode():
+            assert torch.isfinite(model.get_image_features(pixels).pooler_output).all()
+
+
+def test_empty_caption_list_is_refused(processor):
+    with pytest.raises(ValueError, match="empty list"):
+        processor(text=[])
+    with pytest.raises(ValueError, match="needs `images`, `text`"):
+        processor()
+
+
+def test_vision_must_be_a_clip_checkpoint(tiny_llm_dir):
+    with pytest.raises(ValueError, match="must be a CLIP checkpoint"):
+        ProCLIPModel.from_towers(vision=tiny_llm_dir, text=tiny_llm_dir)
+
+
+# -- real weights ---------------------------------------------------------------------------------------------------
+
+
+def _export_and_compare_through_remote_code(out_dir, clip_dir, text_dir):
+    model = ProCLIPModel.from_towers(vision=clip_dir, text=text_dir, adapter_expansion=1).eval()
+    processor = ProCLIPProcessor.from_towers(clip_dir, text_dir, model.config)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    with torch.inference_mode():
+        expected = model.get_text_features(**processor(text=CAPTIONS)).pooler_output
+    remote = run_without_project(
+        f"""
+        import json, torch
+        from transformers import AutoModel, AutoProcessor
+        model = AutoModel.from_pretrained({str(out_dir)!r}, trust_remote_code=True).eval()
+        processor = AutoProcessor.from_pretrained({str(out_dir)!r}, trust_remote_code=True)
+        with torch.inference_mode():
+            print(json.dumps(model.get_text_features(**processor(text={CAPTIONS!r})).pooler_output.tolist()))
+        """
+    )
+    torch.testing.assert_close(torch.tensor(remote), expected, atol=1e-5, rtol=1e-4)
+    return model
+
+
+@pytest.mark.real_weights
+def test_real_minilm_text_tower_exports_and_reloads(tmp_path, tiny_clip_dir):
+    model = _export_and_compare_through_remote_code(tmp_path / "out", tiny_clip_dir, minilm_folder())
+    assert model.config.pooling == "mean" and model.config.text_suffix_length == 1  # [SEP]
+
+
+@pytest.mark.real_weights
+def test_real_smollm2_text_tower_exports_and_reloads(tmp_path):
+    from proclip_train.assets import smollm2_dir
+
+    clip_dir = build_tiny_clip(tmp_path / "clip")
+    model = _export_and_compare_through_remote_code(tmp_path / "out", clip_dir, smollm2_dir())
+    assert model.config.text_hidden_size == 576
