@@ -510,7 +510,8 @@ class _Collator:
     Randomness: one `torch.Generator` per process. In the main process (`num_workers=0`) it is seeded with `seed` and
     continues across epochs. In a DataLoader worker it is seeded from `seed` and the worker's seed, which the
     DataLoader draws anew for each epoch's workers from the main process's RNG: workers differ from each other,
-    epochs differ, and a run seeded with `transformers.set_seed` repeats.
+    epochs differ, and a run seeded with `transformers.set_seed` repeats. The data-parallel rank is mixed in too, so
+    ranks seeded alike still draw differently. The generator's state is not checkpointed.
     """
 
     max_logged_skips = 5  # per process; the totals are in the batch counts
@@ -533,7 +534,9 @@ class _Collator:
         info = torch.utils.data.get_worker_info()
         owner = (os.getpid(),) if info is None else (os.getpid(), info.id, info.seed)
         if self._generator is None or owner != self._generator_owner:
-            seed = self.seed if info is None else (self.seed * 1_000_003 + info.seed) % (2**63)
+            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+            seed = self.seed + 7_919 * rank if info is None else self.seed * 1_000_003 + info.seed + 7_919 * rank
+            seed %= 2**63
             self._generator = torch.Generator().manual_seed(seed)
             self._generator_owner = owner
         return self._generator
