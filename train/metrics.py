@@ -113,7 +113,7 @@ def recall_at_k(ranks: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[int
     """
     if ranks.numel() == 0:
         raise ValueError("no query to score")
-    return {k: (ranks < k).float().mean().item() for k in ks}
+    return {k: (ranks < k).sum().item() / ranks.numel() for k in ks}
 
 
 def caption_indices_per_image(caption_image_ids: torch.Tensor, num_images: int) -> list[list[int]]:
@@ -203,12 +203,12 @@ def per_class_accuracy(ranks: torch.Tensor, labels: torch.Tensor, num_classes: i
         labels: (N,) long true classes in [0, num_classes).
 
     Returns:
-        (C,) float; NaN for classes without examples.
+        (C,) float64; NaN for classes without examples.
     """
     labels = torch.as_tensor(labels, dtype=torch.long, device=ranks.device)
-    hits = (ranks < k).float()
-    examples = torch.bincount(labels, minlength=num_classes).float()
-    correct = torch.bincount(labels, weights=hits, minlength=num_classes).float()
+    hits = (ranks < k).double()
+    examples = torch.bincount(labels, minlength=num_classes).double()
+    correct = torch.bincount(labels, weights=hits, minlength=num_classes)
     return torch.where(examples > 0, correct / examples.clamp(min=1), float("nan"))
 
 

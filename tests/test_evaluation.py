@@ -1,0 +1,196 @@
+"""`proclip eval` on a tiny exported model and tiny image folders, against an independent computation here.
+
+The independent side calls only the model, its processor and plain Python: no `proclip_train.metrics`.
+"""
+
+import json
+import shlex
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from modeling_proclip import ProCLIPModel, ProCLIPProcessor
+from proclip_train import cli
+from proclip_train.evaluation import _open_image, load_eval_dataset
+from proclip_train.templates import OPENAI_IMAGENET_TEMPLATES
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
+
+
+def _save_image(path, colour, seed):
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randint(-40, 40, (32, 32, 3), generator=generator)
+    pixels = (torch.tensor(colour).view(1, 1, 3) + noise).clamp(0, 255).to(torch.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels.numpy()).save(path)
+
+
+def _run_cli(monkeypatch, args):
+    monkeypatch.setattr(sys, "argv", ["proclip", *args])
+    cli.main(args)
+
+
+@torch.inference_mode()
+def _reference_embeddings(model_dir, images, texts):
+    """Unit-norm embeddings: images one at a time, texts in one batch in their given order (the runner batches
+    both its own way, texts sorted by length)."""
+    model = ProCLIPModel.from_pretrained(model_dir).eval()
+    processor = ProCLIPProcessor.from_pretrained(model_dir)
+
+    def unit(vector):
+        return vector / vector.norm()
+
+    image_embeds = [unit(model.get_image_features(**processor(images=[image])).pooler_output[0]) for image in images]
+    encoded = processor(text=texts)
+    text_embeds = model.get_text_features(encoded["input_ids"], encoded["attention_mask"]).pooler_output
+    return image_embeds, [unit(vector) for vector in text_embeds]
+
+
+def _reference_rank(scores, correct):
+    """How many wrong items score at least as high as the best correct one (ties count against the query)."""
+    best = max(scores[item] for item in correct)
+    return sum(1 for item, score in enumerate(scores) if item not in correct and score >= best)
+
+
+def _dot(a, b):
+    return float((a * b).sum())
+
+
+# -- retrieval ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def retrieval_folder(tmp_path):
+    """Five images with a list column (several captions) and a string column (1:1), plus three bad rows."""
+    folder = tmp_path / "retrieval"
+    rows = [
+        ("red.png", "red", ["a red square", "a crimson tile"], "a large red square with rough, noisy edges"),
+        ("green.png", "green", ["a green field", "", "grass"], "a green patch that fills the whole picture"),
+        ("blue.png", "blue", ["a blue sky"], "a blue square, darker near the bottom"),
+        ("yellow.png", "yellow", ["a yellow lemon", "sunlight", "a banana"], "yellow light on a plain wall"),
+        ("red2.png", "red", ["a red apple", "a tomato"], "a red fruit seen from above"),
+        ("blank.png", "blue", ["a blue box"], "   "),  # empty long caption: the row is skipped
+        ("nothing.png", "green", ["", ""], "a caption without usable short captions"),  # skipped
+    ]
+    metadata = []
+    for seed, (name, colour, captions, long_caption) in enumerate(rows):
+        _save_image(folder / name, COLOURS[colour], seed)
+        metadata.append({"file_name": name, "caption": captions, "long": long_caption})
+    (folder / "broken.png").write_bytes(b"not a png at all")  # unreadable: skipped
+    metadata.append({"file_name": "broken.png", "caption": ["a broken file"], "long": "a broken file"})
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(row) for row in metadata) + "\n")
+    return folder, rows[:5]
+
+
+def test_eval_retrieval_matches_an_independent_computation(monkeypatch, tmp_path, tiny_proclip_dir, retrieval_folder):
+    folder, kept = retrieval_folder
+    out = tmp_path / "results.json"
+    args = ["eval", "--model", str(tiny_proclip_dir), "--task", "retrieval", "--data", str(folder),
+            "--caption-column", "caption", "--caption-column", "long", "--out", str(out),
+            "--batch-size", "3", "--chunk-size", "2"]  # fmt: skip
+    _run_cli(monkeypatch, args)
+    results = json.loads(out.read_text())
+
+    assert results["task"] == "retrieval"
+    assert results["model"] == str(tiny_proclip_dir.resolve())
+    assert results["data"]["spec"] == str(folder.resolve())
+    assert results["data"]["split"] == "train"
+    assert results["data"]["num_rows"] == 8
+    assert results["data"]["skipped_rows"] == {"empty_caption": 2, "unreadable_image": 1}
+    assert results["data"]["dropped_empty_captions"] == 1
+    assert results["command"] == shlex.join(["proclip", *args])
+    assert results["protocol"]["caption_columns"]["long"] == "1:1"
+    assert results["protocol"]["caption_columns"]["caption"].startswith("several captions per image")
+    assert results["timestamp"]
+
+    images = [Image.open(folder / name).convert("RGB") for name, *_ in kept]
+    short_captions = [(image, caption) for image, (_, _, captions, _) in enumerate(kept) for caption in captions if caption]
+    long_captions = [(image, row[3]) for image, row in enumerate(kept)]
+    for column, pairs in (("caption", short_captions), ("long", long_captions)):
+        image_embeds, text_embeds = _reference_embeddings(tiny_proclip_dir, images, [text for _, text in pairs])
+        owners = [owner for owner, _ in pairs]
+        similarity = [[_dot(image, text) for text in text_embeds] for image in image_embeds]
+        image_ranks = [
+            _reference_rank(similarity[image], {t for t, owner in enumerate(owners) if owner == image})
+            for image in range(len(images))
+        ]
+        text_ranks = [_reference_rank([row[t] for row in similarity], {owners[t]}) for t in range(len(pairs))]
+        expected = {"num_images": 5, "num_captions": len(pairs)}
+        for k in (1, 5, 10):
+            expected[f"image_to_text_R@{k}"] = sum(rank < k for rank in image_ranks) / len(image_ranks)
+            expected[f"text_to_image_R@{k}"] = sum(rank < k for rank in text_ranks) / len(text_ranks)
+        assert results["metrics"][column] == pytest.approx(expected), column
+
+
+# -- zero-shot ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def class_folder(tmp_path):
+    """Three classes, two images each, one of them with an underscore in its name, plus an unreadable file."""
+    folder = tmp_path / "classes"
+    for class_index, (name, colour) in enumerate((("red_square", "red"), ("green", "green"), ("blue_sky", "blue"))):
+        for image in range(2):
+            _save_image(folder / name / f"{image}.png", COLOURS[colour], 10 * class_index + image)
+    (folder / "green" / "broken.png").write_bytes(b"\x89PNG truncated")
+    return folder
+
+
+@pytest.mark.parametrize("custom_templates", [False, True], ids=["openai-80", "templates-file"])
+def test_eval_zeroshot_matches_an_independent_computation(
+    monkeypatch, tmp_path, tiny_proclip_dir, class_folder, custom_templates
+):
+    out = tmp_path / "zeroshot.json"
+    args = ["eval", "--model", str(tiny_proclip_dir), "--task", "zeroshot", "--data", str(class_folder),
+            "--out", str(out), "--batch-size", "4", "--chunk-size", "1"]  # fmt: skip
+    templates = list(OPENAI_IMAGENET_TEMPLATES)
+    if custom_templates:
+        templates = ["a photo of a {}.", "{}, seen from far away"]
+        template_file = tmp_path / "templates.txt"
+        template_file.write_text("# mine\n" + "\n".join(templates) + "\n\n")
+        args += ["--templates", str(template_file)]
+    _run_cli(monkeypatch, args)
+    results = json.loads(out.read_text())
+
+    names = ["blue sky", "green", "red square"]  # imagefolder sorts the folders; underscores become spaces
+    assert results["protocol"]["class_names"] == names
+    assert results["protocol"]["num_templates"] == len(templates)
+    assert results["protocol"]["templates"] == (str(template_file) if custom_templates else "openai_imagenet_80")
+    assert results["data"]["skipped_rows"] == {"missing_label": 0, "unreadable_image": 1}
+    assert results["command"] == shlex.join(["proclip", *args])
+
+    folders = ["blue_sky", "green", "red_square"]
+    labelled = [(label, class_folder / folder / f"{image}.png") for label, folder in enumerate(folders) for image in range(2)]
+    prompts = [template.format(name) for name in names for template in templates]
+    image_embeds, prompt_embeds = _reference_embeddings(tiny_proclip_dir, [Image.open(p).convert("RGB") for _, p in labelled], prompts)
+    class_vectors = []
+    for c in range(len(names)):
+        mean = torch.stack(prompt_embeds[c * len(templates) : (c + 1) * len(templates)]).mean(dim=0)
+        class_vectors.append(mean / mean.norm())
+    ranks = [_reference_rank([_dot(image, vector) for vector in class_vectors], {label})
+             for image, (label, _) in zip(image_embeds, labelled)]  # fmt: skip
+    per_class = {name: sum(ranks[2 * c + i] < 1 for i in range(2)) / 2 for c, name in enumerate(names)}
+
+    metrics = results["metrics"]
+    assert metrics["num_images"] == 6 and metrics["num_classes"] == 3
+    assert metrics["top1_accuracy"] == pytest.approx(sum(rank < 1 for rank in ranks) / 6)
+    assert metrics["top5_accuracy"] == 1.0  # three classes
+    assert metrics["per_class_top1_accuracy"] == pytest.approx(per_class)
+    assert metrics["mean_per_class_top1_accuracy"] == pytest.approx(sum(per_class.values()) / 3)
+
+
+# -- data specs --------------------------------------------------------------------------------------------------
+
+
+def test_csv_spec_resolves_image_paths_relative_to_the_file(tmp_path):
+    _save_image(tmp_path / "images" / "a.png", COLOURS["red"], 0)
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "pairs.csv").write_text("path,text\n../images/a.png,a red square\n")
+    dataset, split, base_dir = load_eval_dataset(str(data_dir / "pairs.csv"))
+    assert (split, base_dir, dataset["text"]) == ("train", data_dir, ["a red square"])
+    assert _open_image(dataset["path"][0], base_dir).size == (32, 32)
+    with pytest.raises(ValueError, match="no split 'test'"):
+        load_eval_dataset(str(data_dir / "pairs.csv"), split="test")
