@@ -534,7 +534,8 @@ class _Collator:
         info = torch.utils.data.get_worker_info()
         owner = (os.getpid(),) if info is None else (os.getpid(), info.id, info.seed)
         if self._generator is None or owner != self._generator_owner:
-            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+            rank = torch.distributed.get_rank() if distributed else 0
             seed = self.seed + 7_919 * rank if info is None else self.seed * 1_000_003 + info.seed + 7_919 * rank
             seed %= 2**63
             self._generator = torch.Generator().manual_seed(seed)
