@@ -28,7 +28,6 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -48,7 +47,8 @@ def gather_features(features: Tensor, rank: int, world_size: int) -> Tensor:
 
     The gather is differentiable (open_clip's `gather_with_grad=True`): backward sends each rank the sum,
     over all ranks, of the gradients that reached its shard, so a rank whose rows serve as negatives in
-    another rank's loss gets that gradient too. All ranks must pass the same B_local.
+    another rank's loss gets that gradient too. All ranks must pass the same B_local. Every rank must call
+    backward through the gathered tensor (the backward is itself a collective).
 
     Returns `features` itself when `world_size == 1`. Otherwise torch.distributed must be initialised with
     this `rank` and `world_size` (the default process group).
@@ -62,7 +62,27 @@ def gather_features(features: Tensor, rank: int, world_size: int) -> Tensor:
             f"gather_features got rank {rank} of {world_size}, but this process is rank "
             f"{dist.get_rank()} of {dist.get_world_size()} in the default process group"
         )
-    return torch.cat(dist_nn.all_gather(features), dim=0)
+    return _GatherWithGrad.apply(features, rank, world_size)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward all-reduces (sums) the gathered gradient and keeps this rank's rows.
+
+    Public collectives only (torch.distributed.nn.functional.all_gather is deprecated), any backend.
+    """
+
+    @staticmethod
+    def forward(ctx, features: Tensor, rank: int, world_size: int) -> Tensor:
+        ctx.rank, ctx.world_size = rank, world_size
+        shards = [torch.empty_like(features) for _ in range(world_size)]
+        dist.all_gather(shards, features.contiguous())
+        return torch.cat(shards, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad)
+        return grad.chunk(ctx.world_size, dim=0)[ctx.rank], None, None
 
 
 def pairwise_distances(x: Tensor, squared: bool = False) -> Tensor:
