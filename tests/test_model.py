@@ -405,3 +405,15 @@ def test_real_smollm2_text_tower_exports_and_reloads(tmp_path):
     clip_dir = build_tiny_clip(tmp_path / "clip")
     model = _export_and_compare_through_remote_code(tmp_path / "out", clip_dir, smollm2_dir())
     assert model.config.text_hidden_size == 576
+
+
+def test_proclip_init_writes_a_loadable_folder(tmp_path, tiny_clip_dir, tiny_llm_dir):
+    from proclip_train.cli import main
+
+    main(["init", "--vision", str(tiny_clip_dir), "--text", str(tiny_llm_dir), "--out", str(tmp_path),
+          "--pooling", "last_token", "--adapter-blocks", "2", "--adapter-expansion", "1"])
+    model = ProCLIPModel.from_pretrained(tmp_path)
+    assert (model.config.pooling, model.config.adapter_blocks, len(model.text_adapter.blocks)) == ("last_token", 2, 2)
+    for name in ("configuration_proclip.py", "modeling_proclip.py", "processing_proclip.py", "handler.py",
+                 "model.safetensors", "processor_config.json", "tokenizer.json", "modules.json"):
+        assert (tmp_path / name).is_file(), name

@@ -3,13 +3,21 @@ next to its implementation; this file only wires them."""
 
 import argparse
 
+from .build import add_init_parser
+from .card import add_card_parser
+from .convert import add_convert_parser
 from .evaluation import add_eval_parser
+from .push import add_push_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="proclip", description="Train, evaluate and publish ProCLIP models.")
     subparsers = parser.add_subparsers(dest="command", required=True)
+    add_init_parser(subparsers)
     add_eval_parser(subparsers)
+    add_card_parser(subparsers)
+    add_push_parser(subparsers)
+    add_convert_parser(subparsers)
     return parser
 
 
