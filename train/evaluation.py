@@ -188,7 +188,7 @@ def evaluate_retrieval(
     columns are scored on the same images.
 
     Returns:
-        `{"protocol": ..., "metrics": {column: {...}}, "skipped_rows": ..., "dropped_empty_captions": ...}`.
+        `{"data": {columns, skipped rows, dropped empty captions}, "protocol": ..., "metrics": {column: {...}}}`.
     """
     captions = {column: [_usable_captions(cell) for cell in dataset[column]] for column in caption_columns}
     with_captions = [row for row in range(len(dataset)) if all(captions[column][row][0] for column in caption_columns)]
@@ -210,15 +210,16 @@ def evaluate_retrieval(
             "num_captions": len(texts),
             **image_text_retrieval_recall(image_embeds, text_embeds, text_image_ids, RETRIEVAL_KS, chunk_size),
         }
-    return {
-        "protocol": protocol,
-        "metrics": metrics,
+    data = {
+        "image_column": image_column,
+        "caption_columns": caption_columns,
         "skipped_rows": {
             "empty_caption": len(dataset) - len(with_captions),
             "unreadable_image": len(with_captions) - len(rows),
         },
         "dropped_empty_captions": sum(captions[column][row][1] for column in caption_columns for row in rows),
     }
+    return {"data": data, "protocol": protocol, "metrics": metrics}
 
 
 def class_names_and_labels(dataset: datasets.Dataset, label_column: str) -> tuple[list[str], list[int | None]]:
@@ -259,7 +260,7 @@ def evaluate_zeroshot(
     class name; each image is scored against every class by cosine.
 
     Returns:
-        `{"protocol": ..., "metrics": {...}, "skipped_rows": ...}`.
+        `{"data": {columns, skipped rows}, "protocol": ..., "metrics": {...}}`.
     """
     names, labels = class_names_and_labels(dataset, label_column)
     labelled = [row for row, label in enumerate(labels) if label is not None]
@@ -282,7 +283,11 @@ def evaluate_zeroshot(
             "class_names": names,
         },
         "metrics": {"num_images": len(rows), "num_classes": len(names), **result},
-        "skipped_rows": {"missing_label": len(dataset) - len(labelled), "unreadable_image": len(labelled) - len(rows)},
+        "data": {
+            "image_column": image_column,
+            "label_column": label_column,
+            "skipped_rows": {"missing_label": len(dataset) - len(labelled), "unreadable_image": len(labelled) - len(rows)},
+        },
     }
 
 
@@ -325,11 +330,7 @@ def run_eval(args: argparse.Namespace) -> dict:
             "split": split,
             "num_rows": num_rows,
             "num_rows_evaluated": len(dataset),
-            "image_column": args.image_column,
-            **({"caption_columns": args.caption_column or ["caption"]} if args.task == "retrieval" else {}),
-            **({"label_column": args.label_column} if args.task == "zeroshot" else {}),
-            "skipped_rows": outcome.pop("skipped_rows"),
-            **({"dropped_empty_captions": outcome.pop("dropped_empty_captions")} if args.task == "retrieval" else {}),
+            **outcome["data"],
         },
         "protocol": outcome["protocol"],
         "metrics": outcome["metrics"],
