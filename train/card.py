@@ -1,0 +1,716 @@
+"""`proclip card`: write a saved ProCLIP folder's README.md, a Hub model card with its results.
+
+What goes in, in the order the card is built:
+  results files (`proclip eval --out r.json`)  -> `Evaluation`s -> `model-index` (EvalResult) + tables + a PNG
+  the folder's config.json and weights header  -> towers, adapter, parameter counts, `base_model`
+  the training run (trainer_state.json, training_args.json, training_report.json, whichever exist) -> recipe
+  a Jinja template (`model_cards/proclip.md`)    -> README.md, rendered as `ModelCard.from_template` renders
+
+The metadata block is huggingface_hub's `ModelCardData` (`model-index` from `EvalResult`s), so it parses back
+with `ModelCard.load`.
+"""
+
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "proclip.md"
+PLOT_FILE = "eval_results.png"
+DEFAULT_TAGS = ("proclip", "clip", "vision", "multimodal", "image-text-retrieval", "custom_code")
+DEFAULT_LICENSE = "apache-2.0"
+# The image and labels of the widget and of the usage snippets (the widget of openai/clip-vit-* cards).
+EXAMPLE_IMAGE_URL = "https://huggingface.co/datasets/mishig/sample_images/resolve/main/cat-dog-music.png"
+EXAMPLE_LABELS = ("playing music", "playing sports")
+
+# `proclip eval --task` -> (model-index task type, task name)
+TASKS = {
+    "zeroshot": ("zero-shot-image-classification", "Zero-shot image classification"),
+    "retrieval": ("image-text-retrieval", "Image-text retrieval"),
+}
+# Numbers in a results file that describe the data, not the model: kept for tables, left out of model-index.
+COUNT_PREFIXES = ("num_", "n_")
+
+_HUB_MODEL_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_DATASET_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+# -- results -----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Evaluation:
+    """One scored setting of a results file: a task on one dataset, split and (retrieval) caption column.
+
+    Scores are fractions in [0, 1], as `proclip eval` writes them.
+    """
+
+    task: str
+    data: str
+    split: str | None = None
+    subset: str | None = None  # the caption column, when a retrieval file scores several
+    scores: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    per_class: dict[str, float | None] = field(default_factory=dict)
+    protocol: dict = field(default_factory=dict)
+    command: str | None = None
+    source: str | None = None
+
+    @property
+    def dataset_id(self) -> str:
+        """The dataset's Hub id (without `:config`), or the local file or folder's name."""
+        spec = self.data
+        if is_local_path(spec):
+            return Path(spec).stem if Path(spec).suffix else Path(spec).name
+        return spec.partition(":")[0]
+
+    @property
+    def dataset_config(self) -> str | None:
+        """`name:config` -> config; a retrieval subset (caption column) is appended, since model-index groups
+        metrics by dataset and config and the columns' scores must not merge."""
+        config = None if is_local_path(self.data) else (self.data.partition(":")[2] or None)
+        if self.subset is None:
+            return config
+        return f"{config}/{self.subset}" if config else self.subset
+
+    @property
+    def is_hub_dataset(self) -> bool:
+        return not is_local_path(self.data) and bool(_HUB_DATASET_ID.match(self.dataset_id))
+
+    @property
+    def label(self) -> str:
+        """A short human name: dataset, config/column, split."""
+        parts = [self.dataset_id] + [p for p in (self.dataset_config, self.split) if p]
+        return " / ".join(parts)
+
+
+def is_local_path(value: str) -> bool:
+    """Whether a recorded tower or data spec names a local path rather than a Hub id."""
+    value = str(value)
+    return (
+        os.path.isabs(value)
+        or value.startswith((".", "~"))
+        or os.path.exists(value)
+        or value.count("/") > 1
+        or "\\" in value
+    )
+
+
+def hub_model_id(value) -> str | None:
+    """`value` if it looks like a Hub model id (`org/name`, not an existing path), else None."""
+    if not value or is_local_path(str(value)):
+        return None
+    return str(value) if _HUB_MODEL_ID.match(str(value)) else None
+
+
+def _is_score(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _infer_task(task, protocol, metrics: dict) -> str:
+    if isinstance(task, str) and task:
+        return task
+    for value in (protocol.get("task") if isinstance(protocol, dict) else protocol,):
+        if isinstance(value, str) and value:
+            return value
+    keys = " ".join(metrics) + " ".join(k for v in metrics.values() if isinstance(v, dict) for k in v)
+    if "R@" in keys:
+        return "retrieval"
+    if "accuracy" in keys:
+        return "zeroshot"
+    return "unknown"
+
+
+def _group(metrics: dict, protocol: dict) -> tuple[dict, dict, dict]:
+    """Split one metrics object into (scores, counts, per_class)."""
+    scores, counts, per_class = {}, {}, {}
+    for key, value in metrics.items():
+        if key.startswith("per_class"):
+            if isinstance(value, dict):
+                per_class = dict(value)
+            elif isinstance(value, list):
+                names = protocol.get("class_names") if isinstance(protocol, dict) else None
+                if not isinstance(names, list) or len(names) != len(value):
+                    names = [f"class {index}" for index in range(len(value))]
+                per_class = dict(zip(names, value))
+        elif _is_score(value):
+            if key.startswith(COUNT_PREFIXES):
+                counts[key] = value
+            elif math.isfinite(value):
+                scores[key] = value
+            else:
+                logger.warning("Leaving out %s=%s: not a finite number", key, value)
+    return scores, counts, per_class
+
+
+def evaluations_from_record(record: dict, source: str | None = None) -> list["Evaluation"]:
+    """The `Evaluation`s of one results object (what `proclip eval --out` writes).
+
+    Read: `task`, `data` (`spec` or `name`/`path`, `split`; or a plain string), `protocol`, `command`, and
+    `metrics`: either scores at the top level (zero-shot), or one object of scores per caption column
+    (retrieval). `per_class_*` entries (a {class: score} object, or a list named by `protocol.class_names`)
+    feed the plot; `num_*` entries are counts. Anything else in the record is ignored.
+    """
+    metrics = record.get("metrics")
+    if not isinstance(metrics, dict):
+        raise ValueError(f"{source or 'results'}: no `metrics` object; is it a `proclip eval --out` file?")
+    protocol = record.get("protocol") if isinstance(record.get("protocol"), dict) else {}
+    data = record.get("data")
+    if isinstance(data, dict):
+        spec = data.get("spec") or data.get("name") or data.get("path") or data.get("dataset") or "unknown"
+        split = data.get("split")
+    else:
+        spec, split = (str(data) if data else "unknown"), None
+    common = dict(
+        task=_infer_task(record.get("task"), record.get("protocol"), metrics),
+        data=str(spec),
+        split=split,
+        protocol=protocol,
+        command=record.get("command"),
+        source=source,
+    )
+    scores, counts, per_class = _group(metrics, protocol)
+    subsets = {k: v for k, v in metrics.items() if isinstance(v, dict) and not k.startswith("per_class")}
+    if subsets and not scores:
+        evaluations = []
+        for name, sub_metrics in subsets.items():
+            sub_scores, sub_counts, sub_per_class = _group(sub_metrics, protocol)
+            evaluations.append(
+                Evaluation(**common, subset=name if len(subsets) > 1 else None, scores=sub_scores,
+                           counts={**counts, **sub_counts}, per_class=sub_per_class)
+            )
+        return evaluations
+    return [Evaluation(**common, scores=scores, counts=counts, per_class=per_class)]
+
+
+def read_results(path: str | os.PathLike) -> list[Evaluation]:
+    """Read a results JSON: one `proclip eval` record, a list of them, or `{"results": [...]}`."""
+    raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    if isinstance(raw, dict) and isinstance(raw.get("results"), list):
+        raw = raw["results"]
+    records = raw if isinstance(raw, list) else [raw]
+    evaluations = []
+    for record in records:
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: expected JSON objects, found {type(record).__name__}")
+        evaluations.extend(evaluations_from_record(record, source=str(path)))
+    return evaluations
+
+
+def metric_display_name(key: str) -> str:
+    """`image_to_text_R@1` -> `Image→text R@1`, `top5_accuracy` -> `Top-5 accuracy`."""
+    if match := re.fullmatch(r"image_to_text_R@(\d+)", key):
+        return f"Image→text R@{match[1]}"
+    if match := re.fullmatch(r"text_to_image_R@(\d+)", key):
+        return f"Text→image R@{match[1]}"
+    if match := re.fullmatch(r"top(\d+)_accuracy", key):
+        return f"Top-{match[1]} accuracy"
+    if key == "mean_per_class_top1_accuracy":
+        return "Mean per-class top-1 accuracy"
+    return key.replace("_", " ")
+
+
+def hub_metric_id(key: str) -> str:
+    """The Hub metric (hf.co/metrics) a results key is an instance of: `top1_accuracy` -> `accuracy`, R@K -> `recall`."""
+    if "accuracy" in key:
+        return "accuracy"
+    if "_R@" in key:
+        return "recall"
+    return key
+
+
+def eval_results(evaluations: list[Evaluation]) -> list[EvalResult]:
+    """One `EvalResult` per score: metric type = the results file's key, value = its number, unchanged."""
+    results = []
+    for evaluation in evaluations:
+        task_type, task_name = TASKS.get(evaluation.task, (re.sub(r"[^\w-]+", "-", evaluation.task), evaluation.task))
+        for key, value in evaluation.scores.items():
+            results.append(
+                EvalResult(
+                    task_type=task_type,
+                    task_name=task_name,
+                    dataset_type=evaluation.dataset_id,
+                    dataset_name=evaluation.dataset_id,
+                    dataset_config=evaluation.dataset_config,
+                    dataset_split=evaluation.split,
+                    metric_type=key,
+                    metric_name=metric_display_name(key),
+                    metric_value=value,
+                )
+            )
+    return results
+
+
+# -- the plot ----------------------------------------------------------------------------------------------------
+
+
+def plot_results(evaluations: list[Evaluation], path: str | os.PathLike, max_classifications: int = 4) -> Path | None:
+    """Draw recall@K curves (retrieval) and per-class accuracy (zero-shot) into one PNG; None if nothing to draw.
+
+    Uses matplotlib's Agg canvas directly, so the caller's pyplot backend is left alone.
+    """
+    retrieval = [e for e in evaluations if _recall_curves(e)]
+    classification = [e for e in evaluations if e.per_class][:max_classifications]
+    if not retrieval and not classification:
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    heights = ([3.6] if retrieval else []) + [
+        max(2.6, 0.24 * len(e.per_class) + 1.2) if len(e.per_class) <= 40 else 3.2 for e in classification
+    ]
+    figure = Figure(figsize=(8, sum(heights)), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(len(heights), 1, height_ratios=heights, squeeze=False)[:, 0]
+    if retrieval:
+        _draw_recall_curves(axes[0], retrieval)
+    for ax, evaluation in zip(axes[1:] if retrieval else axes, classification):
+        _draw_per_class(ax, evaluation)
+    path = Path(path)
+    figure.savefig(path, dpi=110)
+    return path
+
+
+def _recall_curves(evaluation: Evaluation) -> dict[str, list[tuple[int, float]]]:
+    curves = {}
+    for direction, label in (("image_to_text", "image→text"), ("text_to_image", "text→image")):
+        points = sorted(
+            (int(match[1]), value)
+            for key, value in evaluation.scores.items()
+            if (match := re.fullmatch(rf"{direction}_R@(\d+)", key))
+        )
+        if points:
+            curves[label] = points
+    return curves
+
+
+def _draw_recall_curves(ax, evaluations: list[Evaluation]) -> None:
+    colors = [f"C{index % 10}" for index in range(len(evaluations))]
+    ks = set()
+    for evaluation, color in zip(evaluations, colors):
+        for (direction, points), style in zip(_recall_curves(evaluation).items(), ("-", "--")):
+            k, values = zip(*points)
+            ks.update(k)
+            ax.plot(k, [100 * v for v in values], style, marker="o", color=color, label=f"{evaluation.label}, {direction}")
+    ax.set_xscale("log")
+    ax.set_xticks(sorted(ks), [str(k) for k in sorted(ks)])
+    ax.minorticks_off()
+    ax.set_ylim(0, 102)
+    ax.set_xlabel("K")
+    ax.set_ylabel("recall@K (%)")
+    ax.set_title("Image-text retrieval: recall@K")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="lower right")
+
+
+def _draw_per_class(ax, evaluation: Evaluation) -> None:
+    scored = sorted(((v, k) for k, v in evaluation.per_class.items() if v is not None), reverse=True)
+    values = [100 * v for v, _ in scored]
+    mean = sum(values) / len(values) if values else float("nan")
+    title = f"Zero-shot top-1 accuracy per class: {evaluation.label}"
+    if len(scored) <= 40:
+        names = [name for _, name in scored]
+        ax.barh(range(len(values)), values, color="C0")
+        ax.set_yticks(range(len(values)), names, fontsize="small")
+        ax.invert_yaxis()
+        ax.axvline(mean, color="C3", linestyle="--", label=f"mean over classes {mean:.1f}%")
+        ax.set_xlim(0, 100)
+        ax.set_xlabel("top-1 accuracy (%)")
+    else:  # too many names to print: the sorted curve, the hardest classes named
+        ax.plot(range(1, len(values) + 1), values, color="C0")
+        ax.axhline(mean, color="C3", linestyle="--", label=f"mean over classes {mean:.1f}%")
+        hardest = ", ".join(name for _, name in scored[-5:][::-1])
+        ax.text(0.01, 0.04, f"hardest: {hardest}", transform=ax.transAxes, fontsize="small")
+        ax.set_ylim(0, 100)
+        ax.set_xlabel(f"class, sorted by accuracy ({len(values)} classes)")
+        ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, axis="x" if len(scored) <= 40 else "y")
+    ax.legend(fontsize="small", loc="lower right")
+
+
+# -- the model and its training run --------------------------------------------------------------------------------
+
+
+def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    """Tensor shapes from a safetensors header (8-byte length, then JSON), without reading the weights."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    return {name: info["shape"] for name, info in header.items() if name != "__metadata__"}
+
+
+def parameter_counts(folder: Path) -> dict[str, int]:
+    """Parameters per part (image tower, text tower, adapter, total), from the weight files' headers."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (folder / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        return {}
+    parts = {"image tower": 0, "text tower (LLM)": 0, "adapter": 0, "other": 0}
+    total = 0
+    for name in files:
+        for key, shape in _safetensors_shapes(folder / name).items():
+            count = math.prod(shape)
+            total += count
+            if key.startswith(("vision_model.", "visual_projection.")):
+                parts["image tower"] += count
+            elif key.startswith("text_model."):
+                parts["text tower (LLM)"] += count
+            elif key.startswith("text_adapter."):
+                parts["adapter"] += count
+            elif key != "logit_scale":
+                parts["other"] += count
+    return {**{k: v for k, v in parts.items() if v}, "total": total}
+
+
+def _human_count(count: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= size:
+            return f"{count / size:.1f}{unit}"
+    return str(count)
+
+
+def describe_model(folder: Path) -> dict:
+    """What the card says about the architecture, read from config.json and the weights' headers."""
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    vision, text = config.get("vision_config") or {}, config.get("text_config") or {}
+    towers = {"vision": config.get("vision_name_or_path"), "text": config.get("text_name_or_path")}
+    rows = [
+        ("Image tower", f"`{towers['vision'] or 'unknown'}` (CLIP ViT, {vision.get('num_hidden_layers', '?')} layers, "
+         f"width {vision.get('hidden_size', '?')}, {vision.get('image_size', '?')} px, patch {vision.get('patch_size', '?')})"),
+        ("Text tower", f"`{towers['text'] or 'unknown'}` ({text.get('model_type', '?')}, "
+         f"{text.get('num_hidden_layers', '?')} layers, hidden size {text.get('hidden_size', '?')}), frozen"),
+        ("Pooling", f"{config.get('pooling')}" + (", bidirectional attention" if config.get("bidirectional") else ", causal attention")),
+        ("Prompt template", f"`{config['prompt_template']!r}`" if config.get("prompt_template") else "none"),
+        ("Instruction", f"`{config['instruction']!r}`" if config.get("instruction") else "none"),
+        ("Adapter", f"{config.get('adapter_blocks')} residual MLP block(s), expansion {config.get('adapter_expansion')}, "
+         f"input L2-normalised: {config.get('adapter_normalize_input')}"),
+        ("Joint embedding size", str(config.get("projection_dim"))),
+        ("Longest caption read", f"{config.get('max_text_length')} tokens (longer ones are truncated)"),
+    ]
+    counts = parameter_counts(folder)
+    if counts:
+        rows.append(("Parameters", ", ".join(f"{part} {_human_count(n)}" for part, n in counts.items())))
+    return {"rows": rows, "towers": towers, "config": config}
+
+
+# Training arguments worth a line in the card, in this order.
+RECIPE_ARGS = (
+    "stage", "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
+    "max_steps", "lr_scheduler_type", "warmup_ratio", "warmup_steps", "weight_decay", "optim", "adam_beta1",
+    "adam_beta2", "adam_epsilon", "max_grad_norm", "bf16", "fp16", "gradient_checkpointing", "seed",
+)
+TRAINING_FILES = ("training_report.json", "training_args.json", "trainer_state.json")
+# `training_report.json`'s "stage" (ProCLIPTrainer's stage names) -> section title.
+STAGE_TITLES = {
+    "inheritance": "Stage 1: representation inheritance",
+    "contrastive": "Stage 2: contrastive tuning with self-distillation",
+    "1": "Stage 1: representation inheritance",
+    "2": "Stage 2: contrastive tuning with self-distillation",
+}
+
+
+def _flatten(value, prefix: str = "", max_items: int = 8) -> list[tuple[str, str]]:
+    """Scalar leaves of nested JSON as (dotted key, text) rows; long lists are summarised."""
+    if isinstance(value, dict):
+        rows = []
+        for key, item in value.items():
+            rows.extend(_flatten(item, f"{prefix}.{key}" if prefix else str(key), max_items))
+        return rows
+    if isinstance(value, list):
+        if all(not isinstance(item, (dict, list)) for item in value) and len(value) <= max_items:
+            return [(prefix, ", ".join(str(item) for item in value))]
+        return [(prefix, f"({len(value)} items)")]
+    return [(prefix, str(value))]
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        logger.warning("Cannot read %s: %s", path, error)
+        return None
+
+
+def _checkpoint_step(folder: Path) -> int:
+    suffix = folder.name.rpartition("-")[2]
+    return int(suffix) if suffix.isdigit() else -1
+
+
+def read_training_run(folder: Path, max_rows: int = 40) -> dict | None:
+    """The recipe recorded in a run folder, from whichever of `TRAINING_FILES` exist; None if none does.
+
+    Returns:
+        `{"title": ..., "folder": ..., "sources": [file names], "rows": [(name, value), ...], "datasets": [...]}`.
+    """
+    folder = Path(folder)
+    report = _read_json(folder / "training_report.json") if (folder / "training_report.json").is_file() else None
+    args = _read_json(folder / "training_args.json") if (folder / "training_args.json").is_file() else None
+    state_file = folder / "trainer_state.json"
+    if not state_file.is_file():  # `Trainer.save_state` not called: the newest checkpoint has one
+        checkpoints = sorted(folder.glob("checkpoint-*/trainer_state.json"), key=lambda p: _checkpoint_step(p.parent))
+        state_file = checkpoints[-1] if checkpoints else state_file
+    state = _read_json(state_file) if state_file.is_file() else None
+    sources = [name for name, content in zip(TRAINING_FILES, (report, args, state)) if isinstance(content, dict)]
+    if not sources:
+        return None
+    rows: list[tuple[str, str]] = []
+    if isinstance(args, dict):
+        rows += [(key, str(args[key])) for key in RECIPE_ARGS if args.get(key) not in (None, "", [])]
+    if isinstance(state, dict):
+        for key, name in (("global_step", "optimizer steps"), ("epoch", "epochs run"), ("train_batch_size", "train batch size")):
+            if _is_score(state.get(key)):
+                value = state[key]
+                rows.append((name, f"{value:.2f}" if isinstance(value, float) else str(value)))
+        losses = [entry["loss"] for entry in state.get("log_history") or [] if _is_score(entry.get("loss"))]
+        if losses:
+            rows.append(("last logged training loss", f"{losses[-1]:.4g}"))
+        runtime = next((e["train_runtime"] for e in state.get("log_history") or [] if _is_score(e.get("train_runtime"))), None)
+        if runtime is not None:
+            rows.append(("training time", f"{runtime / 3600:.2f} h" if runtime >= 3600 else f"{runtime:.0f} s"))
+    if isinstance(report, dict):
+        seen = {name for name, _ in rows}
+        rows += [(key, value) for key, value in _flatten(report) if key not in seen]
+    if len(rows) > max_rows:
+        rows = rows[:max_rows] + [("…", f"{len(rows) - max_rows} more in {', '.join(sources)}")]
+    datasets = []
+    if isinstance(report, dict):
+        found = report.get("datasets") or report.get("dataset")
+        datasets = [found] if isinstance(found, str) else [d for d in found or [] if isinstance(d, str)]
+    stage = next((d["stage"] for d in (report, args) if isinstance(d, dict) and d.get("stage") is not None), None)
+    return {
+        "title": STAGE_TITLES.get(str(stage), f"Stage {stage}") if stage is not None else folder.name,
+        "folder": folder.name,
+        "sources": sources,
+        "rows": rows,
+        "datasets": datasets,
+    }
+
+
+# -- the card ----------------------------------------------------------------------------------------------------
+
+
+def _score_table(evaluations: list[Evaluation], task: str) -> dict | None:
+    """A Markdown-ready table for one task: columns are the scores any of its evaluations has."""
+    chosen = [e for e in evaluations if e.task == task]
+    if not chosen:
+        return None
+    columns = list(dict.fromkeys(key for e in chosen for key in e.scores))
+    count_columns = list(dict.fromkeys(key for e in chosen for key in e.counts))
+    header = ["Data", "Split"] + [k.removeprefix("num_").replace("_", " ") for k in count_columns]
+    header += [metric_display_name(k) for k in columns]
+    rows = []
+    for e in chosen:
+        data = e.dataset_id + (f" ({e.dataset_config})" if e.dataset_config else "")
+        data = f"[{data}](https://huggingface.co/datasets/{e.dataset_id})" if e.is_hub_dataset else f"{data} (local)"
+        row = [data, e.split or "—"] + [str(e.counts.get(k, "—")) for k in count_columns]
+        row += [f"{100 * e.scores[k]:.1f}" if k in e.scores else "—" for k in columns]
+        rows.append([_cell(cell) for cell in row])
+    name = TASKS.get(task, (task, task))[1]
+    return {"title": name, "header": header, "rows": rows}
+
+
+def build_model_card(
+    model_dir: str | os.PathLike,
+    results: list[str | os.PathLike] = (),
+    repo_id: str | None = None,
+    model_name: str | None = None,
+    license: str = DEFAULT_LICENSE,
+    datasets: list[str] = (),
+    languages: list[str] = (),
+    tags: list[str] = (),
+    runs: list[str | os.PathLike] | None = None,
+    template: str | os.PathLike | None = None,
+    example_image: str = EXAMPLE_IMAGE_URL,
+    example_labels: list[str] = EXAMPLE_LABELS,
+    plot: bool = True,
+) -> tuple[ModelCard, Path | None]:
+    """Build the model card of a saved ProCLIP folder (and draw its plot into the folder).
+
+    Args:
+        model_dir: the folder (`model.save_pretrained` + `processor.save_pretrained`).
+        results: `proclip eval --out` files; each score becomes a `model-index` entry.
+        repo_id: the Hub repo the card will live in; the usage snippets load it (default `your-org/<folder>`).
+        runs: folders holding the training records (default: `model_dir`), e.g. stage 1's then stage 2's.
+        datasets: training datasets; only Hub ids go in the metadata, local ones are named in the text.
+
+    Returns:
+        `(card, plot_path or None)`.
+    """
+    folder = Path(model_dir)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} has no config.json; point --model at a saved ProCLIP folder.")
+    template = Path(template) if template else DEFAULT_TEMPLATE
+    if not template.is_file():
+        raise FileNotFoundError(f"card template {template} not found; pass one with --template")
+    repo_id = repo_id or f"your-org/{folder.resolve().name}"
+    model_name = model_name or repo_id.rsplit("/", 1)[-1]
+
+    evaluations = [e for path in results for e in read_results(path)]
+    model = describe_model(folder)
+    training = [run for run in (read_training_run(Path(r)) for r in (runs or [folder])) if run]
+    train_datasets = list(dict.fromkeys([*datasets, *(d for run in training for d in run["datasets"])]))
+    hub_datasets = [d for d in train_datasets if not is_local_path(d) and _HUB_DATASET_ID.match(d)]
+    base_models = [m for m in map(hub_model_id, model["towers"].values()) if m]
+    local_towers = [v for v in model["towers"].values() if v and not hub_model_id(v)]
+
+    card_data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="zero-shot-image-classification",
+        license=license,
+        language=list(languages) or None,
+        tags=list(dict.fromkeys([*DEFAULT_TAGS, *tags])),
+        base_model=base_models or None,
+        datasets=hub_datasets or None,
+        metrics=sorted({hub_metric_id(key) for e in evaluations for key in e.scores}) or None,
+        model_name=model_name if evaluations else None,
+        eval_results=eval_results(evaluations) or None,
+        widget=[{"src": example_image, "candidate_labels": ", ".join(example_labels), "example_title": "Example"}],
+    )
+    plot_path = plot_results(evaluations, folder / PLOT_FILE) if plot else None
+    if plot_path is None and (folder / PLOT_FILE).exists():
+        (folder / PLOT_FILE).unlink()  # a stale picture of older results must not stay in the card's folder
+
+    card = render_card(
+        card_data,
+        template,
+        repo_id=repo_id,
+        title=model_name,
+        towers=model["towers"],
+        base_models=base_models,
+        local_towers=local_towers,
+        model_rows=[(name, _cell(value)) for name, value in model["rows"]],
+        example_image=example_image,
+        labels_repr=repr(list(example_labels)),
+        plot_file=plot_path.name if plot_path else None,
+        score_tables=[t for t in (_score_table(evaluations, task) for task in dict.fromkeys(e.task for e in evaluations)) if t],
+        evaluations=evaluations,
+        commands=list(dict.fromkeys(_readable_command(e.command) for e in evaluations if e.command)),
+        protocols=_protocol_notes(evaluations),
+        training_runs=[{**run, "rows": [(_cell(k), _cell(v)) for k, v in run["rows"]]} for run in training],
+        train_datasets=train_datasets,
+        local_datasets=[d for d in train_datasets if d not in hub_datasets],
+    )
+    return card, plot_path
+
+
+def _cell(value) -> str:
+    """Text safe inside a Markdown table cell."""
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def render_card(card_data: ModelCardData, template: Path, **variables) -> ModelCard:
+    """Render a model-card template as `ModelCard.from_template` does (`{{ card_data }}` is the YAML block, the
+    metadata fields are variables too), with block tags that take no lines of their own."""
+    import jinja2
+
+    environment = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    content = environment.from_string(template.read_text(encoding="utf-8")).render(
+        card_data=card_data.to_yaml(), **{**card_data.to_dict(), **variables}
+    )
+    return ModelCard(content)
+
+
+def _readable_command(command: str) -> str:
+    """`/long/path/bin/proclip eval ...` -> `proclip eval ...`."""
+    program, _, rest = command.partition(" ")
+    return f"proclip {rest}" if Path(program).name == "proclip" else command
+
+
+def _protocol_notes(evaluations: list[Evaluation]) -> list[str]:
+    notes = []
+    for e in evaluations:
+        p = e.protocol
+        if e.task == "zeroshot" and p:
+            notes.append(
+                f"{e.label}: {p.get('num_templates', '?')} prompt templates ({p.get('templates', 'unknown')}), "
+                f"class vector = {p.get('class_vectors', 'mean of template embeddings')}, {p.get('similarity', 'cosine')} similarity."
+            )
+        elif e.task == "retrieval" and p:
+            columns = p.get("caption_columns") or {}
+            layout = columns.get(e.subset) if e.subset else next(iter(columns.values()), None)
+            column = f"caption column `{e.subset}`" if e.subset else "captions"
+            notes.append(f"{e.label}: {p.get('similarity', 'cosine')} similarity" + (f"; {column}: {layout}" if layout else "") + ".")
+        if p.get("ties"):
+            notes.append(f"Ties: {p['ties']}.")
+    return list(dict.fromkeys(notes))
+
+
+def write_model_card(model_dir: str | os.PathLike, out: str | os.PathLike | None = None, **kwargs) -> tuple[Path, Path | None]:
+    """[`build_model_card`] and save it as `out` (default `<model_dir>/README.md`). Returns the paths written."""
+    card, plot_path = build_model_card(model_dir, **kwargs)
+    out = Path(out) if out else Path(model_dir) / "README.md"
+    card.save(out)
+    return out, plot_path
+
+
+# -- command line ------------------------------------------------------------------------------------------------
+
+
+def run_card(args: argparse.Namespace) -> Path:
+    try:
+        readme, plot_path = write_model_card(
+            args.model,
+            out=args.out,
+            results=args.results or [],
+            repo_id=args.repo_id,
+            model_name=args.model_name,
+            license=args.license,
+            datasets=args.dataset or [],
+            languages=args.language or [],
+            tags=args.tag or [],
+            runs=args.run,
+            template=args.template,
+            example_image=args.example_image,
+            example_labels=[label.strip() for label in args.example_labels.split(",") if label.strip()],
+            plot=not args.no_plot,
+        )
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"proclip card: {error}") from error
+    print(f"model card written to {readme}" + (f" (with {plot_path.name})" if plot_path else ""))
+    return readme
+
+
+def add_card_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `proclip card` on an argparse subparsers object."""
+    parser = subparsers.add_parser(
+        "card",
+        help="write a saved ProCLIP folder's README.md: a Hub model card with its evaluation results",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", required=True, help="the saved ProCLIP folder")
+    parser.add_argument("--results", action="append", metavar="JSON",
+                        help="a `proclip eval --out` file; repeat for several (they fill model-index and the plot)")
+    parser.add_argument("--repo-id", help="the Hub repo the card is for; the usage snippets load it "
+                        "(default: your-org/<folder name>)")
+    parser.add_argument("--model-name", help="the model's name in model-index (default: the repo name)")
+    parser.add_argument("--license", default=DEFAULT_LICENSE,
+                        help="the weights' license; they derive from both towers, so use the stricter of their "
+                        f"licenses (default: {DEFAULT_LICENSE}, the code's)")
+    parser.add_argument("--dataset", action="append", help="a training dataset (Hub id, or a local name that is only "
+                        "mentioned in the text); repeat for several")
+    parser.add_argument("--language", action="append", help="an ISO 639 code of the text the model was trained on")
+    parser.add_argument("--tag", action="append", help=f"an extra Hub tag (always: {', '.join(DEFAULT_TAGS)})")
+    parser.add_argument("--run", action="append", metavar="DIR",
+                        help="a training output folder to read the recipe from (trainer_state.json, training_args.json, "
+                        "training_report.json); repeat for stage 1 and stage 2 (default: --model)")
+    parser.add_argument("--template", type=Path, help=f"a Jinja model-card template (default: {DEFAULT_TEMPLATE.name})")
+    parser.add_argument("--example-image", default=EXAMPLE_IMAGE_URL, help="image URL of the widget and usage snippets")
+    parser.add_argument("--example-labels", default=", ".join(EXAMPLE_LABELS), help="comma-separated candidate labels")
+    parser.add_argument("--no-plot", action="store_true", help=f"do not draw {PLOT_FILE}")
+    parser.add_argument("--out", type=Path, help="where to write the card (default: <model>/README.md)")
+    parser.set_defaults(func=run_card)
+    return parser

@@ -1,0 +1,294 @@
+"""`proclip push`: upload a saved ProCLIP folder and its model card to the Hugging Face Hub.
+
+Nothing is uploaded (and `--dry-run` fails) unless the folder passes three checks, in this order:
+  1. files: config, weights, the remote-code files, processor and tokenizer files, README.md;
+  2. card: README.md has a metadata block and is not the Trainer's auto-generated card;
+  3. remote code: in a fresh Python where this project cannot be imported, `AutoModel` and `AutoProcessor` load
+     the folder with `trust_remote_code=True` and run one forward pass on a dummy image and caption.
+The upload is `HfApi.create_repo` + `HfApi.upload_folder` of the folder as it is: README.md goes up unchanged
+(`Trainer.push_to_hub` would write its own card over it).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+from huggingface_hub import HfApi, ModelCard
+from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, HFValidationError, filter_repo_objects, validate_repo_id
+
+REMOTE_CODE_FILES = ("configuration_proclip.py", "modeling_proclip.py", "processing_proclip.py", "handler.py")
+REQUIRED_FILES = ("config.json", *REMOTE_CODE_FILES, "processor_config.json", "tokenizer_config.json", "README.md")
+# A tokenizer needs its vocabulary in one of these forms besides tokenizer_config.json.
+TOKENIZER_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+# Training leftovers that do not belong in a model repo: Trainer checkpoints (with optimizer states), TensorBoard
+# logs, pickled training arguments (the recipe is in the card and its JSON files), caches and hidden files.
+IGNORE_PATTERNS = (
+    "checkpoint-*", "runs/*", "*__pycache__*", "*.pyc", ".*", "*/.*", "training_args.bin",
+    "optimizer.pt", "scheduler.pt", "rng_state*.pth",
+)
+PROJECT_MODULES = ("modeling_proclip", "configuration_proclip", "proclip_train")
+
+# Prepended to code that must run as a Hub user would: with this project not importable, whatever is installed.
+BLOCK_PROJECT = textwrap.dedent(
+    f"""
+    import importlib.abc
+    import sys
+
+    class _BlockProject(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.partition(".")[0] in {PROJECT_MODULES!r}:
+                raise ModuleNotFoundError(f"No module named {{name!r}} (blocked: a Python without ProCLIP)", name=name)
+            return None
+
+    sys.meta_path.insert(0, _BlockProject())
+    """
+)
+
+LOAD_CHECK = textwrap.dedent(
+    """
+    import sys
+
+    import torch
+    from PIL import Image
+    from transformers import AutoModel, AutoProcessor
+
+    folder = sys.argv[1]
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True, dtype="auto").eval()
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    for name, loaded in (("model", model), ("processor", processor)):
+        if not type(loaded).__module__.startswith("transformers_modules."):
+            raise SystemExit(f"the {name} loaded as {type(loaded).__module__}.{type(loaded).__name__}, not from the folder's code")
+    batch = processor(images=Image.new("RGB", (64, 48), (120, 60, 200)), text=["a photo of a dog"], return_tensors="pt")
+    with torch.inference_mode():
+        logits = model(**batch).logits_per_image
+    if tuple(logits.shape) != (1, 1) or not torch.isfinite(logits).all():
+        raise SystemExit(f"one image and one caption gave logits_per_image {logits}")
+    print(f"loaded {type(model).__name__} and {type(processor).__name__} through remote code; forward pass ok")
+    """
+)
+
+
+class FolderNotReady(Exception):
+    """The folder must not be pushed: files missing, no proper card, or its remote code does not load."""
+
+
+class RemoteCodeError(FolderNotReady):
+    """The folder does not load through remote code in a Python where this project is not importable."""
+
+
+def run_python_without_project(
+    code: str, args: list[str] = (), timeout: float = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """Run `code` in a new Python where `modeling_proclip`, `configuration_proclip` and `proclip_train` cannot be
+    imported: the world of a Hub user loading with `trust_remote_code=True`.
+
+    Offline (`HF_HUB_OFFLINE=1`), from an empty working directory, with a fresh `HF_MODULES_CACHE`, so remote
+    code is copied from the folder for this run and never picked up from an earlier one.
+
+    Returns:
+        The `subprocess.CompletedProcess` (text stdout and stderr); it does not raise on a non-zero exit.
+    """
+    with tempfile.TemporaryDirectory(prefix="proclip-isolated-") as scratch:
+        environment = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "HF_MODULES_CACHE": os.path.join(scratch, "modules"),
+            **(env or {}),
+        }
+        return subprocess.run(
+            [sys.executable, "-c", BLOCK_PROJECT + code, *map(str, args)],
+            capture_output=True, text=True, timeout=timeout, env=environment, cwd=scratch,
+        )
+
+
+def output_tail(text: str, lines: int = 30) -> str:
+    """The last `lines` non-empty lines of a process's output, progress-bar redraws (`\\r`) collapsed."""
+    kept = [line.rsplit("\r", 1)[-1] for line in text.split("\n")]
+    return "\n".join([line for line in kept if line.strip()][-lines:])
+
+
+def check_remote_code_loads(folder: str | os.PathLike, timeout: float = 600) -> None:
+    """Load `folder` with `AutoModel` / `AutoProcessor(trust_remote_code=True)` where this project cannot be
+    imported, and run one forward pass on a dummy image and caption.
+
+    Raises:
+        RemoteCodeError: with the tail of the subprocess's stderr, if anything fails or it runs past `timeout` s.
+    """
+    folder = Path(folder).resolve()
+    try:
+        result = run_python_without_project(LOAD_CHECK, [folder], timeout=timeout)
+    except subprocess.TimeoutExpired as error:
+        raise RemoteCodeError(f"{folder}: loading through remote code took more than {timeout:.0f} s") from error
+    if result.returncode != 0:
+        raise RemoteCodeError(
+            f"{folder} does not load through remote code where this project is not installed "
+            f"(AutoModel/AutoProcessor with trust_remote_code=True, then one forward pass):\n"
+            + textwrap.indent(output_tail(result.stderr), "    ")
+        )
+
+
+def required_files(folder: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """The files a pushable folder needs, as `(present, missing)` (paths relative to the folder).
+
+    Weights are `model.safetensors`, or `model.safetensors.index.json` and every shard it names; the tokenizer
+    is `tokenizer_config.json` and a vocabulary file (`TOKENIZER_VOCAB_FILES`).
+    """
+    folder = Path(folder)
+    names = list(REQUIRED_FILES)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        names += [index.name, *shards]
+    else:
+        names.append("model.safetensors")
+    vocab = next((name for name in TOKENIZER_VOCAB_FILES if (folder / name).is_file()), None)
+    names.append(vocab or f"a tokenizer vocabulary ({' or '.join(TOKENIZER_VOCAB_FILES)})")
+    present = [name for name in names if (folder / name).is_file()]
+    missing = [name for name in names if name not in present]
+    if "model.safetensors" in missing and any(folder.glob("pytorch_model*.bin")):
+        missing[missing.index("model.safetensors")] += " (only pickled pytorch_model*.bin found: save with safetensors)"
+    return present, missing
+
+
+def card_problems(folder: str | os.PathLike) -> list[str]:
+    """Why README.md is not a model card that may be pushed; empty when it is."""
+    readme = Path(folder) / "README.md"
+    if not readme.is_file():
+        return []  # reported as a missing required file
+    try:
+        card = ModelCard.load(readme)
+    except Exception as error:  # any parse failure: the Hub would reject the metadata too
+        return [f"README.md does not parse as a model card: {error}"]
+    metadata = card.data.to_dict()
+    if not metadata:
+        return ["README.md has no metadata block (--- yaml ---); write the card with `proclip card`"]
+    tags = metadata.get("tags") or []
+    if "generated_from_trainer" in tags and "proclip" not in tags:
+        return ["README.md is the Trainer's auto-generated card (it overwrites ours when the Trainer pushes or "
+                "saves a card); write ours again with `proclip card`"]
+    return []
+
+
+def check_folder(folder: str | os.PathLike, timeout: float = 600) -> list[str]:
+    """All the checks `proclip push` makes; returns the required files present.
+
+    Raises:
+        FolderNotReady: missing files or card problems, all listed (the remote-code check is not run then).
+        RemoteCodeError: the folder does not load through remote code.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FolderNotReady(f"{folder} is not a folder")
+    present, missing = required_files(folder)
+    problems = [f"missing {name}" for name in missing] + card_problems(folder)
+    if "README.md" in missing:
+        problems.append("write the model card first: proclip card --model DIR --results results.json")
+    if problems:
+        raise FolderNotReady(f"{folder} is not ready to push:\n" + "\n".join(f"  - {p}" for p in problems))
+    check_remote_code_loads(folder, timeout=timeout)
+    return present
+
+
+def files_to_upload(folder: str | os.PathLike) -> list[tuple[str, int]]:
+    """`(path in repo, size in bytes)` of every file `upload_folder` sends, with the same patterns it applies."""
+    folder = Path(folder).resolve()
+    paths = [p.relative_to(folder).as_posix() for p in sorted(folder.glob("**/*")) if p.is_file()]
+    kept = filter_repo_objects(paths, ignore_patterns=[*IGNORE_PATTERNS, *DEFAULT_IGNORE_PATTERNS])
+    return [(path, (folder / path).stat().st_size) for path in kept]
+
+
+def human_size(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+
+
+def push_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    private: bool = False,
+    revision: str | None = None,
+    dry_run: bool = False,
+    api: HfApi | None = None,
+    commit_message: str = "Upload ProCLIP model",
+    timeout: float = 600,
+):
+    """Check `folder` ([`check_folder`]), then upload it to the model repo `repo_id`.
+
+    The repo is created if needed (`private` applies only then); a `revision` branch is created from main if
+    missing. With `dry_run`, nothing is contacted.
+
+    Returns:
+        `files_to_upload(folder)` with `dry_run`, else the `CommitInfo` of the upload.
+    """
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(f"--repo-id {repo_id!r} is not a Hub repo id (ORG/NAME): {error}") from error
+    check_folder(folder, timeout=timeout)
+    files = files_to_upload(folder)
+    if dry_run:
+        return files
+    api = api or HfApi()
+    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    if revision and revision != "main":
+        api.create_branch(repo_id, repo_type="model", branch=revision, exist_ok=True)
+    return api.upload_folder(
+        repo_id=repo_id,
+        repo_type="model",
+        folder_path=str(folder),
+        revision=revision,
+        ignore_patterns=list(IGNORE_PATTERNS),
+        commit_message=commit_message,
+    )
+
+
+# -- command line ------------------------------------------------------------------------------------------------
+
+
+def run_push(args: argparse.Namespace):
+    folder = Path(args.model)
+    try:
+        result = push_folder(folder, args.repo_id, args.private, args.revision, args.dry_run, timeout=args.timeout)
+    except (FolderNotReady, ValueError) as error:
+        raise SystemExit(f"proclip push: refused: {error}") from error
+    readme = (folder / "README.md").read_text(encoding="utf-8")
+    if args.repo_id not in readme:
+        print(f"warning: README.md never names {args.repo_id}; its usage snippets load another repo. "
+              f"Rewrite it with `proclip card --repo-id {args.repo_id}`.", file=sys.stderr)
+    if not args.dry_run:
+        print(f"uploaded {folder} to {getattr(result, 'commit_url', args.repo_id)}")
+        return result
+    required = set(required_files(folder)[0])
+    total = sum(size for _, size in result)
+    print(f"dry run: would upload {len(result)} files ({human_size(total)}) from {folder} to {args.repo_id} "
+          f"(revision {args.revision or 'main'}, {'private' if args.private else 'public'} if created)")
+    for path, size in result:
+        print(f"  {human_size(size):>10}  {path}{'  [required]' if path in required else ''}")
+    print("checks passed: required files, model card, remote-code load and forward pass without this project")
+    return result
+
+
+def add_push_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `proclip push` on an argparse subparsers object."""
+    parser = subparsers.add_parser(
+        "push",
+        help="check a saved ProCLIP folder and upload it, model card included, to the Hugging Face Hub",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", required=True, help="the saved ProCLIP folder (with README.md from `proclip card`)")
+    parser.add_argument("--repo-id", required=True, metavar="ORG/NAME", help="the model repo to upload to")
+    parser.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps its visibility)")
+    parser.add_argument("--revision", help="branch to upload to (created from main if missing; default: main)")
+    parser.add_argument("--dry-run", action="store_true", help="run the checks and list the files and sizes; upload nothing")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds allowed for the remote-code load check")
+    parser.set_defaults(func=run_push)
+    return parser
