@@ -1,0 +1,579 @@
+"""Embedding cache: the frozen LLM's pooled caption embeddings (and the stage-1 teacher's), computed once.
+
+The LLM never trains (METHOD.md §2), so `model.get_llm_embeddings(caption)` is a fixed function of the caption:
+`proclip embed` computes it once per distinct caption, and training reads it back instead of running the LLM.
+The stage-1 teacher (CLIP's text encoder) is frozen too, so its embeddings can be stored beside.
+
+Layout: a folder (by default `proclip_embedding_cache/` next to the data) of safetensors shards, each holding
+
+    keys     uint8 (N, 32)   sha256 of the exact caption string (UTF-8): the row's caption, without storing it
+    llm      (N, H)          `model.get_llm_embeddings` of the caption
+    teacher  (N, D)          the teacher's `text_embeds` of the caption (optional)
+
+and, in the safetensors metadata, the identity of the models that made them (`llm_identity`, `teacher_identity`,
+JSON) and its sha256 (`llm_fingerprint`, `teacher_fingerprint`). The identity of the text tower is everything that
+changes its output for a given caption: the text config, the tokenizer (vocabulary, normaliser, the installed
+prompt template and instruction, length limit), pooling, bidirectional attention, instruction and suffix lengths,
+`max_text_length`, and a sha256 of the LLM's weights. A cache whose identity differs from the model it is used with
+is refused with the list of what differs: it would silently train on another model's embeddings.
+
+Shards are written as valid safetensors files, but streamed row block by row block (the embeddings of 30M captions
+do not fit in memory), and read back through a memory map, so a lookup touches only the rows it needs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+CACHE_FORMAT = "proclip-embedding-cache"
+CACHE_VERSION = "1"
+DEFAULT_CACHE_FOLDER = "proclip_embedding_cache"
+KEY_SIZE = 32  # sha256 digest
+
+LLM_TABLE = "llm"
+TEACHER_TABLE = "teacher"
+
+_SAFETENSORS_DTYPES = {
+    torch.float32: ("F32", np.float32),
+    torch.float16: ("F16", np.float16),
+    torch.bfloat16: ("BF16", np.uint16),  # numpy has no bfloat16: rows are read as uint16 and viewed as bfloat16
+    torch.uint8: ("U8", np.uint8),
+}
+_TORCH_DTYPE_BY_NAME = {name: dtype for dtype, (name, _) in _SAFETENSORS_DTYPES.items()}
+
+# Config fields that do not change what a text tower computes (bookkeeping, generation, special-token ids that the
+# Trainer may realign with the tokenizer): left out of the identity so they cannot make a valid cache look stale.
+_VOLATILE_CONFIG_KEYS = {
+    "_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype", "use_cache", "return_dict",
+    "output_hidden_states", "output_attentions", "pad_token_id", "bos_token_id", "eos_token_id", "id2label",
+    "label2id", "problem_type", "chunk_size_feed_forward", "is_encoder_decoder", "tie_word_embeddings",
+    "_attn_implementation", "_attn_implementation_autoset", "attn_implementation", "auto_map",
+}
+
+
+class StaleCacheError(ValueError):
+    """An embedding cache made with another text tower (or teacher) than the one it is used with."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Identity
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def caption_key(caption: str) -> bytes:
+    """The cache key of a caption: sha256 of its exact UTF-8 bytes (whitespace and case included)."""
+    return hashlib.sha256(caption.encode("utf-8")).digest()
+
+
+def weights_sha256(module: torch.nn.Module) -> str:
+    """sha256 over every tensor of `module.state_dict()`: name, dtype, shape and raw bytes, in name order.
+
+    Reads all the weights once (about 1-2 GB/s; ~10 s for an 8B model in bf16).
+    """
+    digest = hashlib.sha256()
+    state = module.state_dict()
+    for name in sorted(state):
+        tensor = state[name].detach()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        data = tensor.to("cpu").contiguous().reshape(-1)
+        if data.numel():
+            digest.update(data.view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
+def _config_identity(config) -> dict:
+    values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return {key: values[key] for key in sorted(values) if key not in _VOLATILE_CONFIG_KEYS}
+
+
+def tokenizer_identity(tokenizer) -> dict:
+    """What makes a tokenizer turn a caption into ids: its class, length limit and full definition (hashed).
+
+    For a fast tokenizer the definition is the `tokenizers` JSON (vocabulary, merges, normaliser, pre-tokeniser and
+    the post-processor, where ProCLIP installs prompt templates), minus the padding/truncation state that every call
+    resets. Padding side is left out: ProCLIP's pooling follows the attention mask, so it does not change embeddings.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        definition = json.loads(backend.to_str())
+        definition.pop("padding", None)
+        definition.pop("truncation", None)
+    else:
+        definition = {"vocab": sorted(tokenizer.get_vocab().items()), "special": tokenizer.special_tokens_map}
+    blob = json.dumps(definition, sort_keys=True, ensure_ascii=False).encode("utf-8")
+    return {
+        "class": type(tokenizer).__name__,
+        "model_max_length": int(min(tokenizer.model_max_length, 2**31 - 1)),
+        "definition_sha256": hashlib.sha256(blob).hexdigest(),
+    }
+
+
+def text_tower_identity(model, tokenizer) -> dict:
+    """Identity of a ProCLIP model's frozen text tower as the cache sees it (see the module docstring)."""
+    config = model.config
+    return {
+        "kind": "proclip-llm",
+        "text_config": _config_identity(config.text_config),
+        "pooling": config.pooling,
+        "bidirectional": config.bidirectional,
+        "prompt_template": config.prompt_template,
+        "instruction": config.instruction,
+        "instruction_length": config.instruction_length,
+        "text_suffix_length": config.text_suffix_length,
+        "max_text_length": config.max_text_length,
+        "tokenizer": tokenizer_identity(tokenizer),
+        "weights_sha256": weights_sha256(model.text_model),
+    }
+
+
+def teacher_identity(teacher, tokenizer) -> dict:
+    """Identity of a stage-1 teacher (`CLIPTextModelWithProjection`) and its tokenizer."""
+    return {
+        "kind": type(teacher).__name__,
+        "config": _config_identity(teacher.config),
+        "tokenizer": tokenizer_identity(tokenizer),
+        "weights_sha256": weights_sha256(teacher),
+    }
+
+
+def fingerprint(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def identity_differences(cached: dict, current: dict, prefix: str = "") -> list[str]:
+    """Human-readable list of the fields where two identities differ, e.g. `pooling: 'mean' (cache) vs 'cls' (now)`."""
+    differences = []
+    for key in sorted(set(cached) | set(current)):
+        a, b = cached.get(key, "<missing>"), current.get(key, "<missing>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            differences += identity_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            differences.append(f"{prefix}{key}: {_short(a)} (cache) vs {_short(b)} (now)")
+    return differences
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Shards: streamed safetensors writer, memory-mapped reader
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class _ShardWriter:
+    """Writes one safetensors file whose tensors are filled in row blocks, in any order, after the header.
+
+    The file is written under a temporary name and renamed by `close()`, so an interrupted run leaves no shard.
+    """
+
+    def __init__(self, path: Path, tensors: dict[str, tuple[tuple[int, ...], torch.dtype]], metadata: dict[str, str]):
+        self.path = Path(path)
+        self.tmp_path = self.path.with_name(self.path.name + ".tmp")
+        header: dict = {"__metadata__": metadata}
+        self.offsets, self.row_bytes, self.dtypes = {}, {}, {}
+        start = 0
+        for name, (shape, dtype) in tensors.items():
+            code, np_dtype = _SAFETENSORS_DTYPES[dtype]
+            size = int(np.prod(shape)) * np.dtype(np_dtype).itemsize
+            header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [start, start + size]}
+            self.offsets[name] = start
+            self.row_bytes[name] = size // shape[0] if shape[0] else 0
+            self.dtypes[name] = dtype
+            start += size
+        blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
+        self.data_start = 8 + len(blob)
+        self.file = open(self.tmp_path, "wb")
+        self.file.write(struct.pack("<Q", len(blob)))
+        self.file.write(blob)
+        self.file.truncate(self.data_start + start)
+
+    def write_rows(self, name: str, first_row: int, rows: torch.Tensor) -> None:
+        rows = rows.detach().to("cpu", self.dtypes[name]).contiguous()
+        self.file.seek(self.data_start + self.offsets[name] + first_row * self.row_bytes[name])
+        self.file.write(rows.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+    def close(self) -> None:
+        self.file.close()
+        os.replace(self.tmp_path, self.path)
+
+    def abort(self) -> None:
+        self.file.close()
+        self.tmp_path.unlink(missing_ok=True)
+
+
+def read_shard_header(path: str | os.PathLike) -> tuple[dict, int]:
+    """(safetensors header, byte offset of the data section) of a shard."""
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(size)), 8 + size
+
+
+class _Shard:
+    def __init__(self, path: Path):
+        self.path = path
+        self.header, self.data_start = read_shard_header(path)
+        self.metadata = self.header.get("__metadata__", {})
+        if self.metadata.get("format") != CACHE_FORMAT:
+            raise ValueError(f"{path} is not a ProCLIP embedding cache shard (no `format: {CACHE_FORMAT}` metadata).")
+        if self.metadata.get("version") != CACHE_VERSION:
+            raise StaleCacheError(
+                f"{path} has cache format version {self.metadata.get('version')}, this code reads {CACHE_VERSION}; "
+                "re-run `proclip embed`."
+            )
+        self.num_rows = self.header["keys"]["shape"][0]
+        self._map = None
+
+    def array(self, name: str) -> np.ndarray:
+        """The memory-mapped tensor `name` as a numpy array (bfloat16 as uint16)."""
+        if self._map is None:
+            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+        info = self.header[name]
+        np_dtype = _SAFETENSORS_DTYPES[_TORCH_DTYPE_BY_NAME[info["dtype"]]][1]
+        start, end = info["data_offsets"]
+        return self._map[self.data_start + start : self.data_start + end].view(np_dtype).reshape(info["shape"])
+
+    def rows(self, name: str, index: np.ndarray) -> torch.Tensor:
+        values = torch.from_numpy(np.ascontiguousarray(self.array(name)[index]))
+        if self.header[name]["dtype"] == "BF16":
+            values = values.view(torch.bfloat16)
+        return values
+
+    def __getstate__(self):  # DataLoader workers re-open the memory map themselves
+        state = dict(self.__dict__)
+        state["_map"] = None
+        return state
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def shard_paths(folder: str | os.PathLike) -> list[Path]:
+    folder = Path(folder)
+    return sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+
+
+class EmbeddingCache:
+    """The shards of one cache folder, indexed by caption key.
+
+    Open it with `EmbeddingCache(folder)`, then `validate(...)` it against the model (and teacher) it will be used
+    with: `ProCLIPTrainer` does both. `lookup(captions)` returns the cached rows and which captions were found.
+
+    Args:
+        folder: a folder of shards written by `build_embedding_cache` / `proclip embed`.
+
+    Raises:
+        FileNotFoundError: the folder holds no shard.
+        StaleCacheError: shards of the folder were made by different models (or teachers).
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        paths = shard_paths(self.folder)
+        if not paths:
+            raise FileNotFoundError(f"No embedding cache shard (*.safetensors) in {self.folder}.")
+        self.shards = [_Shard(path) for path in paths]
+        self.llm_identity = self._common_identity(LLM_TABLE)
+        teacher_shards = [s for s in self.shards if TEACHER_TABLE in s.header]
+        self.teacher_identity = self._common_identity(TEACHER_TABLE) if teacher_shards else None
+        # The teacher table can be used only when every shard has it: a caption found in a shard without teacher
+        # rows would need the teacher anyway.
+        self.has_teacher = len(teacher_shards) == len(self.shards)
+        self._build_index()
+
+    def _common_identity(self, table: str) -> dict:
+        identities = {}
+        for shard in self.shards:
+            if table in shard.header:
+                identities.setdefault(shard.metadata[f"{table}_fingerprint"], (shard, shard.metadata[f"{table}_identity"]))
+        if len(identities) > 1:
+            (first, a), (second, b) = list(identities.values())[:2]
+            raise StaleCacheError(
+                f"The embedding cache {self.folder} mixes shards of different {table} models "
+                f"({first.path.name} vs {second.path.name}: "
+                + "; ".join(identity_differences(json.loads(a), json.loads(b))[:5])
+                + "). Delete the stale shards or use another --cache-dir."
+            )
+        return json.loads(next(iter(identities.values()))[1])
+
+    def _build_index(self) -> None:
+        """Sort every shard's keys by their first 8 bytes, so a lookup is one `searchsorted`."""
+        prefixes, shard_ids, rows = [], [], []
+        for i, shard in enumerate(self.shards):
+            keys = shard.array("keys")
+            prefixes.append(np.ascontiguousarray(keys[:, :8]).view(">u8").reshape(-1).astype(np.uint64))
+            shard_ids.append(np.full(shard.num_rows, i, dtype=np.int32))
+            rows.append(np.arange(shard.num_rows, dtype=np.int64))
+        prefixes, shard_ids, rows = np.concatenate(prefixes), np.concatenate(shard_ids), np.concatenate(rows)
+        order = np.argsort(prefixes, kind="stable")
+        self._prefixes, self._shard_ids, self._rows = prefixes[order], shard_ids[order], rows[order]
+
+    def __len__(self) -> int:
+        return int(self._prefixes.shape[0])
+
+    def dim(self, table: str = LLM_TABLE) -> int:
+        return self.shards[0].header[table]["shape"][1]
+
+    def validate(self, llm_identity: dict, teacher_identity: dict | None = None) -> None:
+        """Refuse (`StaleCacheError`) a cache made with another text tower, or with another teacher when one is given.
+
+        A cache without teacher rows is fine with any teacher (the teacher then runs on the fly).
+        """
+        problems = []
+        if fingerprint(self.llm_identity) != fingerprint(llm_identity):
+            problems.append(("text tower", identity_differences(self.llm_identity, llm_identity)))
+        if teacher_identity is not None and self.teacher_identity is not None:
+            if fingerprint(self.teacher_identity) != fingerprint(teacher_identity):
+                problems.append(("stage-1 teacher", identity_differences(self.teacher_identity, teacher_identity)))
+        if problems:
+            lines = [f"The embedding cache in {self.folder} was made with another model, so it is refused:"]
+            for what, differences in problems:
+                lines.append(f"  {what} differs in " + ("; ".join(differences[:8]) or "its fingerprint"))
+            lines.append(
+                "Re-run `proclip embed` with this model into a new --cache-dir (or delete the old cache), or train "
+                "without it (--no_embedding_cache)."
+            )
+            raise StaleCacheError("\n".join(lines))
+
+    def locate(self, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(shard index, row) of each caption; -1 for captions not in the cache."""
+        shard_of = np.full(len(captions), -1, dtype=np.int64)
+        row_of = np.full(len(captions), -1, dtype=np.int64)
+        if not captions:
+            return shard_of, row_of
+        keys = [caption_key(c) for c in captions]
+        wanted = np.frombuffer(b"".join(k[:8] for k in keys), dtype=">u8").astype(np.uint64)
+        positions = np.searchsorted(self._prefixes, wanted, side="left")
+        for i, (key, prefix, position) in enumerate(zip(keys, wanted, positions)):
+            # Equal 8-byte prefixes of different captions are possible in principle: compare the whole key.
+            while position < len(self._prefixes) and self._prefixes[position] == prefix:
+                shard, row = int(self._shard_ids[position]), int(self._rows[position])
+                if self.shards[shard].array("keys")[row].tobytes() == key:
+                    shard_of[i], row_of[i] = shard, row
+                    break
+                position += 1
+        return shard_of, row_of
+
+    def lookup(self, captions: Sequence[str], table: str = LLM_TABLE) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached rows of `table` for `captions`.
+
+        Returns:
+            `(embeddings, found)`: `(len(captions), dim)` float32 (zeros where not found) and a bool mask `(len,)`.
+        """
+        shard_of, row_of = self.locate(captions)
+        out = torch.zeros(len(captions), self.dim(table), dtype=torch.float32)
+        for s in np.unique(shard_of[shard_of >= 0]):
+            where = np.nonzero(shard_of == s)[0]
+            out[torch.from_numpy(where)] = self.shards[int(s)].rows(table, row_of[where]).float()
+        return out, torch.from_numpy(shard_of >= 0)
+
+    def __repr__(self) -> str:
+        return f"EmbeddingCache({str(self.folder)!r}, rows={len(self)}, teacher={self.has_teacher})"
+
+
+def default_cache_dir(data: str | os.PathLike) -> Path | None:
+    """`proclip_embedding_cache/` in the folder holding the data; `None` for a Hub dataset."""
+    from .data import DataSpec
+
+    root = DataSpec.parse(data).root
+    return Path(root) / DEFAULT_CACHE_FOLDER if root is not None else None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training-time use: a collator wrapper
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class CachedEmbeddingCollator:
+    """Adds cached embeddings to the batches of a stage collator built without tokenizers.
+
+    For each caption view in the batch (`captions`, and `noise_captions` in stage 1) it adds
+    `text_embeds` (B, H) and `text_embeds_found` (B,) from the LLM table, and with `use_teacher`
+    `teacher_embeds` (B, D) and `teacher_embeds_found` from the teacher table (prefixed `noise_` for the second view).
+    When some caption of the batch is missing, the whole view is also tokenised as the plain collator would
+    (`input_ids`, `attention_mask`, or `teacher_input_ids`, ...), so the trainer can compute the missing rows.
+    Hit and miss counts travel with the batch under `cache_stats`.
+
+    Runs in DataLoader workers: the cache's memory maps are re-opened in each worker.
+    """
+
+    def __init__(
+        self,
+        collator,
+        cache: EmbeddingCache,
+        tokenizer,
+        max_length: int | None = None,
+        teacher_tokenizer=None,
+        use_teacher: bool = False,
+    ):
+        if use_teacher and not cache.has_teacher:
+            raise ValueError(f"{cache} has no teacher embeddings in every shard.")
+        self.collator = collator
+        self.cache = cache
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.teacher_tokenizer = teacher_tokenizer
+        self.use_teacher = use_teacher
+
+    def __call__(self, rows):
+        batch = self.collator(rows)
+        stats: Counter = Counter()
+        for view in ("", "noise_"):
+            captions = batch.get(f"{view}captions")
+            if captions is None:
+                continue
+            self._add(batch, captions, LLM_TABLE, f"{view}text_embeds", self.tokenizer, self.max_length, view, stats)
+            if self.use_teacher:
+                self._add(
+                    batch, captions, TEACHER_TABLE, f"{view}teacher_embeds", self.teacher_tokenizer, None,
+                    f"{view}teacher_", stats,
+                )
+        batch["cache_stats"] = dict(stats)
+        return batch
+
+    def _add(self, batch, captions, table, key, tokenizer, max_length, token_prefix, stats) -> None:
+        embeds, found = self.cache.lookup(captions, table)
+        batch[key], batch[f"{key}_found"] = embeds, found
+        hits = int(found.sum())
+        stats[f"{table}_hits"] += hits
+        stats[f"{table}_misses"] += len(captions) - hits
+        if hits < len(captions):
+            encoded = tokenizer(captions, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            batch[f"{token_prefix}input_ids"] = encoded["input_ids"]
+            batch[f"{token_prefix}attention_mask"] = encoded["attention_mask"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _autocast(device: torch.device, bf16: bool):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+@torch.no_grad()
+def build_embedding_cache(
+    model,
+    tokenizer,
+    captions: Iterable[str],
+    cache_dir: str | os.PathLike,
+    teacher=None,
+    teacher_tokenizer=None,
+    batch_size: int = 64,
+    dtype: torch.dtype = torch.float32,
+    bf16: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = True,
+) -> Path | None:
+    """Embed every distinct caption not yet in `cache_dir` and write them as one new shard.
+
+    Args:
+        model: a `ProCLIPModel` (only its text tower runs), on the device to embed on.
+        tokenizer: its tokenizer (`ProCLIPProcessor.tokenizer`); captions are cut at `config.max_text_length`.
+        captions: the captions (repeats are embedded once).
+        cache_dir: the cache folder; an existing cache there must have been made by the same model (and teacher).
+        teacher, teacher_tokenizer: the stage-1 teacher (`CLIPTextModelWithProjection`), to store its embeddings too.
+        batch_size: captions per forward pass (captions are sorted by length, longest first, to pad little).
+        dtype: storage dtype (`float32`, `float16`, `bfloat16`).
+        bf16: run the towers under bfloat16 autocast.
+        rank, world_size: this process's share of the captions when several processes embed (one shard each).
+
+    Returns:
+        The new shard's path, or `None` when every caption was already cached.
+    """
+    cache_dir = Path(cache_dir)
+    device = next(model.parameters()).device
+    model.eval()
+    llm_identity = text_tower_identity(model, tokenizer)
+    t_identity = teacher_identity(teacher, teacher_tokenizer) if teacher is not None else None
+    if teacher is not None:
+        teacher.eval()
+
+    unique: dict[bytes, str] = {}
+    for caption in captions:
+        unique.setdefault(caption_key(caption), caption)
+    if shard_paths(cache_dir):
+        existing = EmbeddingCache(cache_dir)
+        existing.validate(llm_identity, t_identity)
+        if teacher is not None and not existing.has_teacher:
+            raise StaleCacheError(
+                f"The cache in {cache_dir} has no teacher embeddings; embed into a new --cache-dir to add them."
+            )
+        cached, _ = existing.locate(list(unique.values()))
+        unique = {key: caption for (key, caption), shard in zip(unique.items(), cached) if shard < 0}
+    # Every process sorts the same list and takes every world_size-th caption: disjoint shares, similar lengths.
+    todo = sorted(unique.items(), key=lambda item: (-len(item[1]), item[0]))[rank::world_size]
+    if not todo:
+        return None
+
+    tensors = {"keys": ((len(todo), KEY_SIZE), torch.uint8), LLM_TABLE: ((len(todo), model.config.text_hidden_size), dtype)}
+    if teacher is not None:
+        tensors[TEACHER_TABLE] = ((len(todo), teacher.config.projection_dim), dtype)
+    metadata = {
+        "format": CACHE_FORMAT,
+        "version": CACHE_VERSION,
+        "llm_fingerprint": fingerprint(llm_identity),
+        "llm_identity": json.dumps(llm_identity, sort_keys=True),
+        "autocast": "bf16" if bf16 else "none",
+    }
+    if teacher is not None:
+        metadata["teacher_fingerprint"] = fingerprint(t_identity)
+        metadata["teacher_identity"] = json.dumps(t_identity, sort_keys=True)
+    content = hashlib.sha256(b"".join(key for key, _ in todo)).hexdigest()[:16]
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    writer = _ShardWriter(cache_dir / f"shard-{content}-{rank:05d}-of-{world_size:05d}.safetensors", tensors, metadata)
+    try:
+        keys = np.frombuffer(b"".join(key for key, _ in todo), dtype=np.uint8).reshape(-1, KEY_SIZE)
+        writer.write_rows("keys", 0, torch.from_numpy(keys.copy()))
+        bar = tqdm(total=len(todo), desc="Embedding captions", unit="caption", disable=not progress)
+        for start in range(0, len(todo), batch_size):
+            texts = [caption for _, caption in todo[start : start + batch_size]]
+            encoded = tokenizer(
+                texts, padding=True, truncation=True, max_length=model.config.max_text_length, return_tensors="pt"
+            ).to(device)
+            with _autocast(device, bf16):
+                llm = model.get_llm_embeddings(encoded["input_ids"], encoded["attention_mask"])
+            writer.write_rows(LLM_TABLE, start, llm.float())
+            if teacher is not None:
+                encoded = teacher_tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(device)
+                with _autocast(device, bf16):
+                    target = teacher(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"])
+                writer.write_rows(TEACHER_TABLE, start, target.text_embeds.float())
+            bar.update(len(texts))
+        bar.close()
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
+    return writer.path
+
+
+__all__ = [
+    "CachedEmbeddingCollator",
+    "EmbeddingCache",
+    "StaleCacheError",
+    "build_embedding_cache",
+    "caption_key",
+    "default_cache_dir",
+    "fingerprint",
+    "teacher_identity",
+    "text_tower_identity",
+    "tokenizer_identity",
+    "weights_sha256",
+]
