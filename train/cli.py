@@ -8,6 +8,7 @@ from .card import add_card_parser
 from .convert import add_convert_parser
 from .evaluation import add_eval_parser
 from .push import add_push_parser
+from .training import add_embed_parser, add_train_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_card_parser(subparsers)
     add_push_parser(subparsers)
     add_convert_parser(subparsers)
+    add_embed_parser(subparsers)
+    add_train_parser(subparsers)
     return parser
 
 
