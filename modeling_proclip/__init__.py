@@ -6,6 +6,7 @@ from .modeling_proclip import (
     ProCLIPOutput,
     ProCLIPPreTrainedModel,
     bidirectional_attention_mask,
+    config_from_towers,
     pool_hidden_states,
     truncate_text_inputs,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "ProCLIPOutput",
     "ProCLIPProcessor",
     "configure_text_tokenizer",
+    "config_from_towers",
     "pool_hidden_states",
     "truncate_text_inputs",
     "bidirectional_attention_mask",

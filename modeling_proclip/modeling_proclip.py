@@ -9,6 +9,7 @@ Data flow, image: pixel_values -> vision_model (CLIP ViT) -> visual_projection -
 
 import inspect
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -352,14 +353,6 @@ class ProCLIPModel(ProCLIPPreTrainedModel):
         """
         from transformers import CLIPModel, CLIPVisionModelWithProjection
 
-        settings = {"pooling": "mean", "bidirectional": False, "prompt_template": None, "padding_side": None}
-        settings.update(text_tower_preset(text))
-        explicit = {
-            "pooling": pooling, "bidirectional": bidirectional, "prompt_template": prompt_template,
-            "padding_side": padding_side,
-        }
-        settings.update({k: v for k, v in explicit.items() if v is not None})
-
         clip_config = AutoConfig.from_pretrained(vision)
         if clip_config.model_type == "clip":
             clip = CLIPModel.from_pretrained(vision, dtype=dtype)
@@ -375,18 +368,11 @@ class ProCLIPModel(ProCLIPPreTrainedModel):
 
         text_model = AutoModel.from_pretrained(text, dtype=dtype)
         if logit_scale is not None:
-            config_kwargs.setdefault("logit_scale_init", float(logit_scale.detach().float().clamp(0, 4.6052)))
-        config = ProCLIPConfig(
-            vision_config=vision_config.to_dict(),
-            text_config=text_model.config.to_dict(),
-            instruction=instruction,
-            vision_name_or_path=str(vision),
-            text_name_or_path=str(text),
-            **settings,
-            **config_kwargs,
-        )
-        config.instruction_length, config.text_suffix_length = configure_text_tokenizer(
-            AutoTokenizer.from_pretrained(text), config
+            config_kwargs.setdefault("logit_scale_init", float(logit_scale.detach().float().clamp(0, math.log(100))))
+        config = config_from_towers(
+            vision_config, text, text_model.config, pooling=pooling, bidirectional=bidirectional,
+            prompt_template=prompt_template, instruction=instruction, padding_side=padding_side,
+            vision_name_or_path=str(vision), **config_kwargs,
         )
         model = cls(config, vision_model=vision_model, text_model=text_model)
         model.visual_projection.load_state_dict(visual_projection.state_dict())
@@ -426,6 +412,44 @@ def write_sentence_transformers_config(save_directory) -> None:
             json.dump(content, f, indent=2)
 
 
+def config_from_towers(
+    vision_config,
+    text: str,
+    text_config,
+    pooling: str | None = None,
+    bidirectional: bool | None = None,
+    prompt_template: str | None = None,
+    instruction: str | None = None,
+    padding_side: str | None = None,
+    **config_kwargs,
+) -> ProCLIPConfig:
+    """A `ProCLIPConfig` for a CLIP vision config and a text tower, its text settings resolved and measured.
+
+    Text settings come from the text tower's preset (`text_tower_preset`), then from the explicit arguments; the
+    tokenizer-dependent counts (`instruction_length`, `text_suffix_length`) are measured on the text tower's
+    tokenizer, configured exactly as `ProCLIPProcessor.from_towers` will configure it.
+    """
+    settings = {"pooling": "mean", "bidirectional": False, "prompt_template": None, "padding_side": None}
+    settings.update(text_tower_preset(text))
+    explicit = {
+        "pooling": pooling, "bidirectional": bidirectional, "prompt_template": prompt_template,
+        "padding_side": padding_side,
+    }
+    settings.update({k: v for k, v in explicit.items() if v is not None})
+    config = ProCLIPConfig(
+        vision_config=vision_config.to_dict(),
+        text_config=text_config.to_dict(),
+        instruction=instruction,
+        text_name_or_path=str(text),
+        **settings,
+        **config_kwargs,
+    )
+    config.instruction_length, config.text_suffix_length = configure_text_tokenizer(
+        AutoTokenizer.from_pretrained(text), config
+    )
+    return config
+
+
 REMOTE_CODE_FILES = ("configuration_proclip.py", "modeling_proclip.py", "processing_proclip.py")
 ENDPOINT_HANDLER_FILE = "handler.py"
 
@@ -455,6 +479,7 @@ def copy_remote_code(save_directory, extra_sources=()) -> None:
 __all__ = [
     "ProCLIPModel",
     "ProCLIPPreTrainedModel",
+    "config_from_towers",
     "ProCLIPAdapter",
     "ProCLIPOutput",
     "pool_hidden_states",

@@ -4,9 +4,13 @@ import importlib.util
 import os
 from pathlib import Path
 
-import pytest
-import torch
-from transformers import (
+# Before transformers is imported: it reads these once.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import (  # noqa: E402
     AutoTokenizer,
     CLIPConfig,
     CLIPImageProcessor,
@@ -14,9 +18,6 @@ from transformers import (
     LlamaConfig,
     LlamaModel,
 )
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 IMAGE_SIZE = 32
 

@@ -20,8 +20,8 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig
 from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from configuration_proclip import POOLING_MODES, ProCLIPConfig, text_tower_preset
-from modeling_proclip import ProCLIPModel, ProCLIPProcessor, configure_text_tokenizer
+from configuration_proclip import POOLING_MODES
+from modeling_proclip import ProCLIPModel, ProCLIPProcessor, config_from_towers, configure_text_tokenizer
 
 # OpenAI's ViTs by (width, layers, patch size, image size): the Hub id of the matching CLIP and its number of heads,
 # which shapes cannot tell (heads = width // 64 for all of them).
@@ -343,29 +343,25 @@ def convert_checkpoint(
             f"hidden_size={text_hidden_size}: it is not the embedder this adapter was trained on."
         )
     text_model = AutoModel.from_pretrained(text, dtype=dtype)
-    settings = {"pooling": "mean", "bidirectional": False, "prompt_template": None, "padding_side": None}
-    settings.update(text_tower_preset(text))
-    explicit = {
-        "pooling": pooling, "bidirectional": bidirectional, "prompt_template": prompt_template,
-        "padding_side": padding_side,
-    }
-    settings.update({key: value for key, value in explicit.items() if value is not None})
     logit_scale = float(converted["logit_scale"])
-    config = ProCLIPConfig(
-        vision_config=layout.vision_config(activation).to_dict(),
-        text_config=text_model.config.to_dict(),
+    config = config_from_towers(
+        layout.vision_config(activation),
+        text,
+        text_model.config,
+        pooling=pooling,
+        bidirectional=bidirectional,
+        prompt_template=prompt_template,
         instruction=instruction,
+        padding_side=padding_side,
         max_text_length=max_text_length,
         adapter_blocks=layout.adapter_blocks,
         adapter_expansion=layout.adapter_expansion,
         adapter_normalize_input=normalize_input,
         logit_scale_init=min(max(logit_scale, 0.0), math.log(100.0)),
         vision_name_or_path=layout.vision_name_or_path,
-        text_name_or_path=str(text),
-        **settings,
     )
     tokenizer = AutoTokenizer.from_pretrained(text)
-    config.instruction_length, config.text_suffix_length = configure_text_tokenizer(tokenizer, config)
+    configure_text_tokenizer(tokenizer, config)
 
     model = ProCLIPModel(config, text_model=text_model)
     result = model.load_state_dict(converted, strict=False)
