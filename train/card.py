@@ -18,6 +18,7 @@ import os
 import re
 import struct
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -220,7 +221,7 @@ def metric_display_name(key: str) -> str:
 
 
 def hub_metric_id(key: str) -> str:
-    """The Hub metric (hf.co/metrics) a results key is an instance of: `top1_accuracy` -> `accuracy`, R@K -> `recall`."""
+    """The Hub metric (hf.co/metrics) a results key measures: `top1_accuracy` -> `accuracy`, `*_R@K` -> `recall`."""
     if "accuracy" in key:
         return "accuracy"
     if "_R@" in key:
@@ -300,7 +301,8 @@ def _draw_recall_curves(ax, evaluations: list[Evaluation]) -> None:
         for (direction, points), style in zip(_recall_curves(evaluation).items(), ("-", "--")):
             k, values = zip(*points)
             ks.update(k)
-            ax.plot(k, [100 * v for v in values], style, marker="o", color=color, label=f"{evaluation.label}, {direction}")
+            label = f"{evaluation.label}, {direction}"
+            ax.plot(k, [100 * v for v in values], style, marker="o", color=color, label=label)
     ax.set_xscale("log")
     ax.set_xticks(sorted(ks), [str(k) for k in sorted(ks)])
     ax.minorticks_off()
@@ -387,23 +389,25 @@ def describe_model(folder: Path) -> dict:
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     vision, text = config.get("vision_config") or {}, config.get("text_config") or {}
     towers = {"vision": config.get("vision_name_or_path"), "text": config.get("text_name_or_path")}
+    v, t, c = (lambda key: vision.get(key, "?")), (lambda key: text.get(key, "?")), config.get
+    attention = "bidirectional" if c("bidirectional") else "causal"
     rows = [
-        ("Image tower", f"`{towers['vision'] or 'unknown'}` (CLIP ViT, {vision.get('num_hidden_layers', '?')} layers, "
-         f"width {vision.get('hidden_size', '?')}, {vision.get('image_size', '?')} px, patch {vision.get('patch_size', '?')})"),
-        ("Text tower", f"`{towers['text'] or 'unknown'}` ({text.get('model_type', '?')}, "
-         f"{text.get('num_hidden_layers', '?')} layers, hidden size {text.get('hidden_size', '?')}), frozen"),
-        ("Pooling", f"{config.get('pooling')}" + (", bidirectional attention" if config.get("bidirectional") else ", causal attention")),
-        ("Prompt template", f"`{config['prompt_template']!r}`" if config.get("prompt_template") else "none"),
-        ("Instruction", f"`{config['instruction']!r}`" if config.get("instruction") else "none"),
-        ("Adapter", f"{config.get('adapter_blocks')} residual MLP block(s), expansion {config.get('adapter_expansion')}, "
-         f"input L2-normalised: {config.get('adapter_normalize_input')}"),
+        ("Image tower", f"`{towers['vision'] or 'unknown'}` (CLIP ViT, {v('num_hidden_layers')} layers, "
+         f"width {v('hidden_size')}, {v('image_size')} px, patch {v('patch_size')})"),
+        ("Text tower", f"`{towers['text'] or 'unknown'}` ({t('model_type')}, {t('num_hidden_layers')} layers, "
+         f"hidden size {t('hidden_size')}), frozen"),
+        ("Pooling", f"{c('pooling')}, {attention} attention"),
+        ("Prompt template", f"`{c('prompt_template')!r}`" if c("prompt_template") else "none"),
+        ("Instruction", f"`{c('instruction')!r}`" if c("instruction") else "none"),
+        ("Adapter", f"{c('adapter_blocks')} residual MLP block(s), expansion {c('adapter_expansion')}, "
+         f"input L2-normalised: {c('adapter_normalize_input')}"),
         ("Joint embedding size", str(config.get("projection_dim"))),
         ("Longest caption read", f"{config.get('max_text_length')} tokens (longer ones are truncated)"),
     ]
     counts = parameter_counts(folder)
     if counts:
         rows.append(("Parameters", ", ".join(f"{part} {_human_count(n)}" for part, n in counts.items())))
-    return {"rows": rows, "towers": towers, "config": config}
+    return {"rows": rows, "towers": towers}
 
 
 # Training arguments worth a line in the card, in this order.
@@ -470,14 +474,16 @@ def read_training_run(folder: Path, max_rows: int = 40) -> dict | None:
     if isinstance(args, dict):
         rows += [(key, str(args[key])) for key in RECIPE_ARGS if args.get(key) not in (None, "", [])]
     if isinstance(state, dict):
-        for key, name in (("global_step", "optimizer steps"), ("epoch", "epochs run"), ("train_batch_size", "train batch size")):
+        for key, name in (("global_step", "optimizer steps"), ("epoch", "epochs run"),
+                          ("train_batch_size", "train batch size")):
             if _is_score(state.get(key)):
                 value = state[key]
                 rows.append((name, f"{value:.2f}" if isinstance(value, float) else str(value)))
-        losses = [entry["loss"] for entry in state.get("log_history") or [] if _is_score(entry.get("loss"))]
+        history = state.get("log_history") or []
+        losses = [entry["loss"] for entry in history if _is_score(entry.get("loss"))]
         if losses:
             rows.append(("last logged training loss", f"{losses[-1]:.4g}"))
-        runtime = next((e["train_runtime"] for e in state.get("log_history") or [] if _is_score(e.get("train_runtime"))), None)
+        runtime = next((e["train_runtime"] for e in history if _is_score(e.get("train_runtime"))), None)
         if runtime is not None:
             rows.append(("training time", f"{runtime / 3600:.2f} h" if runtime >= 3600 else f"{runtime:.0f} s"))
     if isinstance(report, dict):
@@ -559,6 +565,7 @@ def build_model_card(
     model_name = model_name or repo_id.rsplit("/", 1)[-1]
 
     evaluations = [e for path in results for e in read_results(path)]
+    tasks = list(dict.fromkeys(e.task for e in evaluations))
     model = describe_model(folder)
     training = [run for run in (read_training_run(Path(r)) for r in (runs or [folder])) if run]
     train_datasets = list(dict.fromkeys([*datasets, *(d for run in training for d in run["datasets"])]))
@@ -589,13 +596,12 @@ def build_model_card(
         repo_id=repo_id,
         title=model_name,
         towers=model["towers"],
-        base_models=base_models,
         local_towers=local_towers,
         model_rows=[(name, _cell(value)) for name, value in model["rows"]],
         example_image=example_image,
         labels_repr=repr(list(example_labels)),
         plot_file=plot_path.name if plot_path else None,
-        score_tables=[t for t in (_score_table(evaluations, task) for task in dict.fromkeys(e.task for e in evaluations)) if t],
+        score_tables=[t for t in map(partial(_score_table, evaluations), tasks) if t],
         evaluations=evaluations,
         commands=list(dict.fromkeys(_readable_command(e.command) for e in evaluations if e.command)),
         protocols=_protocol_notes(evaluations),
@@ -636,19 +642,23 @@ def _protocol_notes(evaluations: list[Evaluation]) -> list[str]:
         if e.task == "zeroshot" and p:
             notes.append(
                 f"{e.label}: {p.get('num_templates', '?')} prompt templates ({p.get('templates', 'unknown')}), "
-                f"class vector = {p.get('class_vectors', 'mean of template embeddings')}, {p.get('similarity', 'cosine')} similarity."
+                f"class vector = {p.get('class_vectors', 'mean of template embeddings')}, "
+                f"{p.get('similarity', 'cosine')} similarity."
             )
         elif e.task == "retrieval" and p:
             columns = p.get("caption_columns") or {}
             layout = columns.get(e.subset) if e.subset else next(iter(columns.values()), None)
             column = f"caption column `{e.subset}`" if e.subset else "captions"
-            notes.append(f"{e.label}: {p.get('similarity', 'cosine')} similarity" + (f"; {column}: {layout}" if layout else "") + ".")
+            detail = f"; {column}: {layout}" if layout else ""
+            notes.append(f"{e.label}: {p.get('similarity', 'cosine')} similarity{detail}.")
         if p.get("ties"):
             notes.append(f"Ties: {p['ties']}.")
     return list(dict.fromkeys(notes))
 
 
-def write_model_card(model_dir: str | os.PathLike, out: str | os.PathLike | None = None, **kwargs) -> tuple[Path, Path | None]:
+def write_model_card(
+    model_dir: str | os.PathLike, out: str | os.PathLike | None = None, **kwargs
+) -> tuple[Path, Path | None]:
     """[`build_model_card`] and save it as `out` (default `<model_dir>/README.md`). Returns the paths written."""
     card, plot_path = build_model_card(model_dir, **kwargs)
     out = Path(out) if out else Path(model_dir) / "README.md"
@@ -705,8 +715,8 @@ def add_card_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--language", action="append", help="an ISO 639 code of the text the model was trained on")
     parser.add_argument("--tag", action="append", help=f"an extra Hub tag (always: {', '.join(DEFAULT_TAGS)})")
     parser.add_argument("--run", action="append", metavar="DIR",
-                        help="a training output folder to read the recipe from (trainer_state.json, training_args.json, "
-                        "training_report.json); repeat for stage 1 and stage 2 (default: --model)")
+                        help="a training output folder to read the recipe from (trainer_state.json, "
+                        "training_args.json, training_report.json); repeat for stage 1 and stage 2 (default: --model)")
     parser.add_argument("--template", type=Path, help=f"a Jinja model-card template (default: {DEFAULT_TEMPLATE.name})")
     parser.add_argument("--example-image", default=EXAMPLE_IMAGE_URL, help="image URL of the widget and usage snippets")
     parser.add_argument("--example-labels", default=", ".join(EXAMPLE_LABELS), help="comma-separated candidate labels")

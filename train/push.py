@@ -62,7 +62,8 @@ LOAD_CHECK = textwrap.dedent(
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     for name, loaded in (("model", model), ("processor", processor)):
         if not type(loaded).__module__.startswith("transformers_modules."):
-            raise SystemExit(f"the {name} loaded as {type(loaded).__module__}.{type(loaded).__name__}, not from the folder's code")
+            where = f"{type(loaded).__module__}.{type(loaded).__name__}"
+            raise SystemExit(f"the {name} loaded as {where}, not from the folder's code")
     batch = processor(images=Image.new("RGB", (64, 48), (120, 60, 200)), text=["a photo of a dog"], return_tensors="pt")
     with torch.inference_mode():
         logits = model(**batch).logits_per_image
@@ -286,9 +287,11 @@ def add_push_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", required=True, help="the saved ProCLIP folder (with README.md from `proclip card`)")
     parser.add_argument("--repo-id", required=True, metavar="ORG/NAME", help="the model repo to upload to")
-    parser.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps its visibility)")
+    parser.add_argument("--private", action="store_true",
+                        help="create the repo private (an existing repo keeps its visibility)")
     parser.add_argument("--revision", help="branch to upload to (created from main if missing; default: main)")
-    parser.add_argument("--dry-run", action="store_true", help="run the checks and list the files and sizes; upload nothing")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="run the checks and list the files and sizes; upload nothing")
     parser.add_argument("--timeout", type=float, default=600, help="seconds allowed for the remote-code load check")
     parser.set_defaults(func=run_push)
     return parser

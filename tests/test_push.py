@@ -1,0 +1,153 @@
+"""`proclip push`: the checks that guard an upload, `--dry-run`, and the Hub calls an upload makes.
+
+No Hub is reachable here: the upload is checked against a recording stand-in for `HfApi` (a third-party boundary,
+not our logic), and what it would send is recomputed with huggingface_hub's own pattern filter.
+"""
+
+import hashlib
+import shutil
+from types import SimpleNamespace
+
+import pytest
+from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
+
+from proclip_train import cli
+from proclip_train.card import write_model_card
+from proclip_train.push import (
+    FolderNotReady,
+    RemoteCodeError,
+    files_to_upload,
+    push_folder,
+    run_python_without_project,
+)
+
+REPO_ID = "my-org/proclip-tiny"
+# Written out here rather than imported: what a folder needs to work from the Hub.
+REQUIRED = [
+    "config.json", "model.safetensors", "configuration_proclip.py", "modeling_proclip.py", "processing_proclip.py",
+    "handler.py", "processor_config.json", "tokenizer_config.json", "tokenizer.json", "README.md",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pushable(tmp_path_factory, tiny_proclip_dir):
+    """The tiny folder with its card, plus the leftovers a training run writes next to it."""
+    folder = tmp_path_factory.mktemp("push") / "proclip-tiny"
+    shutil.copytree(tiny_proclip_dir, folder)
+    write_model_card(folder, repo_id=REPO_ID)
+    (folder / "checkpoint-10").mkdir()
+    (folder / "checkpoint-10" / "optimizer.pt").write_bytes(b"0" * 100)
+    (folder / "training_args.bin").write_bytes(b"pickle")
+    (folder / "__pycache__").mkdir()
+    (folder / "__pycache__" / "modeling_proclip.cpython-311.pyc").write_bytes(b"pyc")
+    return folder
+
+
+def _copy(folder, tmp_path):
+    copy = tmp_path / folder.name
+    shutil.copytree(folder, copy)
+    return copy
+
+
+def test_isolated_python_cannot_import_the_project():
+    result = run_python_without_project("import transformers\nimport configuration_proclip")
+    assert result.returncode != 0
+    assert "No module named 'configuration_proclip' (blocked" in result.stderr
+    for module in ("modeling_proclip", "proclip_train.card"):
+        assert run_python_without_project(f"import {module}").returncode != 0
+
+
+def test_dry_run_lists_every_required_file(pushable, capsys):
+    cli.main(["push", "--model", str(pushable), "--repo-id", REPO_ID, "--dry-run"])
+    out = capsys.readouterr().out
+    listed = {line.split()[-2] if line.endswith("[required]") else line.split()[-1]: line
+              for line in out.splitlines() if line.startswith("  ")}  # fmt: skip
+    for name in REQUIRED:
+        assert name in listed, name
+        assert listed[name].endswith("[required]")
+    size = (pushable / "model.safetensors").stat().st_size / 2**20
+    assert f"{size:.1f} MB  model.safetensors" in listed["model.safetensors"]
+    assert not any(name.startswith(("checkpoint-10", "__pycache__")) or name == "training_args.bin" for name in listed)
+    assert "checks passed" in out
+
+
+def test_push_refuses_a_folder_whose_remote_code_does_not_load(pushable, tmp_path, capsys):
+    """Code that imports this project works where it is installed, but not on a Hub user's machine."""
+    broken = _copy(pushable, tmp_path)
+    modeling = broken / "modeling_proclip.py"
+    modeling.write_text(modeling.read_text().replace(
+        "from .processing_proclip import configure_text_tokenizer\n",
+        "from .processing_proclip import configure_text_tokenizer\nfrom proclip_train.metrics import recall_at_k\n",
+    ))  # fmt: skip
+    with pytest.raises(SystemExit) as refused:
+        cli.main(["push", "--model", str(broken), "--repo-id", REPO_ID, "--dry-run"])
+    message = str(refused.value.code)
+    assert message.startswith("proclip push: refused:")
+    assert "does not load through remote code" in message
+    assert "No module named 'proclip_train' (blocked" in message  # the subprocess's stderr tail
+    assert "dry run: would upload" not in capsys.readouterr().out
+
+
+def test_push_refuses_missing_files_and_cards_that_are_not_ours(pushable, tmp_path):
+    """These refusals come before the remote-code check: no subprocess, no Hub call."""
+    incomplete = _copy(pushable, tmp_path)
+    (incomplete / "processing_proclip.py").unlink()
+    (incomplete / "README.md").unlink()
+    with pytest.raises(FolderNotReady) as refused:
+        push_folder(incomplete, REPO_ID, dry_run=True)
+    assert "missing processing_proclip.py" in str(refused.value)
+    assert "missing README.md" in str(refused.value) and "proclip card" in str(refused.value)
+    assert not isinstance(refused.value, RemoteCodeError)
+
+    trainer_card = incomplete.parent / "trainer-card"
+    shutil.copytree(pushable, trainer_card)
+    trainer_readme = "---\nlibrary_name: transformers\ntags:\n- generated_from_trainer\n---\n# Model\n"
+    (trainer_card / "README.md").write_text(trainer_readme)
+    with pytest.raises(FolderNotReady, match="Trainer's auto-generated card"):
+        push_folder(trainer_card, REPO_ID, dry_run=True)
+    (trainer_card / "README.md").write_text("# A card without metadata\n")
+    with pytest.raises(FolderNotReady, match="no metadata block"):
+        push_folder(trainer_card, REPO_ID, dry_run=True)
+    with pytest.raises(ValueError, match="not a Hub repo id"):
+        push_folder(pushable, "not a repo id!", dry_run=True)
+
+
+class RecordingHubApi:
+    """Stands in for `huggingface_hub.HfApi`: records the calls, uploads nothing."""
+
+    def __init__(self):
+        self.calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs))
+
+    def create_branch(self, repo_id, **kwargs):
+        self.calls.append(("create_branch", repo_id, kwargs))
+
+    def upload_folder(self, **kwargs):
+        self.calls.append(("upload_folder", kwargs["repo_id"], kwargs))
+        return SimpleNamespace(commit_url=f"https://huggingface.co/{kwargs['repo_id']}/commit/0")
+
+
+def test_upload_creates_the_repo_and_uploads_the_folder_with_its_card(pushable):
+    card_before = hashlib.sha256((pushable / "README.md").read_bytes()).hexdigest()
+    api = RecordingHubApi()
+    commit = push_folder(pushable, REPO_ID, private=True, revision="v1", api=api)
+
+    assert commit.commit_url.startswith(f"https://huggingface.co/{REPO_ID}")
+    assert [(name, repo) for name, repo, _ in api.calls] == [
+        ("create_repo", REPO_ID), ("create_branch", REPO_ID), ("upload_folder", REPO_ID)
+    ]
+    assert api.calls[0][2] == {"repo_type": "model", "private": True, "exist_ok": True}
+    assert api.calls[1][2] == {"repo_type": "model", "branch": "v1", "exist_ok": True}
+    upload = api.calls[2][2]
+    assert upload["folder_path"] == str(pushable) and upload["revision"] == "v1"
+
+    # What upload_folder sends under those patterns is what --dry-run lists: the required files, the card as is.
+    files = sorted(p.relative_to(pushable).as_posix() for p in pushable.glob("**/*") if p.is_file())
+    sent = list(filter_repo_objects(files, ignore_patterns=upload["ignore_patterns"] + DEFAULT_IGNORE_PATTERNS))
+    assert sent == [path for path, _ in files_to_upload(pushable)]
+    assert set(REQUIRED) <= set(sent)
+    assert not any(path.startswith(("checkpoint-", "__pycache__")) or path == "training_args.bin" for path in sent)
+    assert hashlib.sha256((pushable / "README.md").read_bytes()).hexdigest() == card_before
+
