@@ -12,7 +12,17 @@ from .modeling_proclip import (
 )
 from .processing_proclip import ProCLIPProcessor, configure_text_tokenizer
 
+from transformers import AutoConfig, AutoModel, AutoModelForZeroShotImageClassification, AutoProcessor
+
+from configuration_proclip import ProCLIPConfig
+
+# Saved folders name these classes in `auto_map` (remote code); with the package installed, the Auto classes also
+# know them directly, so `AutoModel.from_pretrained(folder)` works without `trust_remote_code`.
 ProCLIPProcessor.register_for_auto_class("AutoProcessor")
+AutoConfig.register(ProCLIPConfig.model_type, ProCLIPConfig, exist_ok=True)
+AutoModel.register(ProCLIPConfig, ProCLIPModel, exist_ok=True)
+AutoModelForZeroShotImageClassification.register(ProCLIPConfig, ProCLIPModel, exist_ok=True)
+AutoProcessor.register(ProCLIPConfig, ProCLIPProcessor, exist_ok=True)
 
 __all__ = [
     "ProCLIPModel",

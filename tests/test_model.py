@@ -417,3 +417,11 @@ def test_proclip_init_writes_a_loadable_folder(tmp_path, tiny_clip_dir, tiny_llm
     for name in ("configuration_proclip.py", "modeling_proclip.py", "processing_proclip.py", "handler.py",
                  "model.safetensors", "processor_config.json", "tokenizer.json", "modules.json"):
         assert (tmp_path / name).is_file(), name
+
+
+def test_installed_package_registers_the_auto_classes(tiny_proclip_dir):
+    from transformers import AutoModelForZeroShotImageClassification, AutoProcessor
+
+    assert isinstance(AutoModel.from_pretrained(tiny_proclip_dir), ProCLIPModel)
+    assert isinstance(AutoModelForZeroShotImageClassification.from_pretrained(tiny_proclip_dir), ProCLIPModel)
+    assert isinstance(AutoProcessor.from_pretrained(tiny_proclip_dir), ProCLIPProcessor)
