@@ -1,0 +1,338 @@
+"""ProCLIPTrainer on tiny towers: each stage learns what it should, trains only what it should, and survives a restart.
+
+What is checked:
+- stage 1 lowers L_ins and L_struct on held-out captions and raises the held-out cosine between ProCLIP's text
+  embeddings and the CLIP teacher's; only the adapter changes (tensor by tensor);
+- stage 2 changes exactly the adapter, the image tower, its projection and the logit scale; the EMA teacher follows
+  ema <- m * ema + (1 - m) * param after every step; the logit scale is clamped to [0, ln 100];
+- a large lambda keeps the image tower near its start, lambda = 0 lets it move (measured distance);
+- gradient accumulation: the update is -lr * the mean of the micro-batch gradients, each micro-batch with its own
+  negatives, and the logged loss is the mean of the micro-batch losses;
+- a run stopped after a checkpoint and resumed ends with the same weights and EMA as an uninterrupted run;
+- a dataset with a corrupt image and an empty caption trains to the end and reports both counts;
+- `proclip train` (with a --config file) writes a loadable, Hub-ready folder.
+"""
+
+import itertools
+import json
+import math
+import random
+
+import datasets
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import TrainerCallback, TrainingArguments
+
+from modeling_proclip import ProCLIPModel, ProCLIPProcessor
+from proclip_train.data import CLIPImageTransform, ContrastiveCollator, load_training_dataset
+from proclip_train.losses import InheritanceLoss
+from proclip_train.trainer import LOGIT_SCALE_MAX, ContrastiveStage, ProCLIPTrainer, stage_name
+
+COLOURS = {
+    "red": (230, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 230), "yellow": (240, 230, 30),
+    "black": (10, 10, 10), "white": (245, 245, 245), "purple": (130, 20, 150), "orange": (250, 140, 20),
+}
+SHAPES = ("circle", "square", "star", "triangle", "cross", "heart")
+ADAPTER = ("text_adapter",)
+STAGE2_TRAINABLE = ("text_adapter", "vision_model", "visual_projection", "logit_scale")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices on shared cores: one intra-op thread is many times faster than two competing ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_proclip_dir):
+    return ProCLIPProcessor.from_pretrained(tiny_proclip_dir)
+
+
+@pytest.fixture
+def load_model(tiny_proclip_dir):
+    return lambda: ProCLIPModel.from_pretrained(tiny_proclip_dir)
+
+
+def captions_split():
+    """Compositional captions, shuffled: 512 to train on, 64 held out."""
+    captions = [
+        f"a {c} {s} above a {c2} {s2}"
+        for c, s, c2, s2 in itertools.product(COLOURS, SHAPES, COLOURS, SHAPES)
+        if (c, s) != (c2, s2)
+    ]
+    random.Random(0).shuffle(captions)
+    return captions[:512], captions[-64:]
+
+
+def image_rows(n: int, seed: int = 0) -> dict:
+    """n noisy single-colour 40x40 images, captioned with their colour."""
+    rng = np.random.default_rng(seed)
+    images, captions = [], []
+    for i in range(n):
+        name, rgb = list(COLOURS.items())[i % len(COLOURS)]
+        pixels = np.clip(np.array(rgb)[None, None] + rng.integers(-30, 30, (40, 40, 3)), 0, 255).astype(np.uint8)
+        images.append(Image.fromarray(pixels))
+        captions.append(f"a {name} picture, number {i}")
+    return {"image": images, "caption": captions}
+
+
+def image_dataset(n: int, seed: int = 0) -> datasets.Dataset:
+    return datasets.Dataset.from_dict(image_rows(n, seed)).cast_column("image", datasets.Image())
+
+
+def training_args(tmp_path, **overrides) -> TrainingArguments:
+    values = dict(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, max_steps=4, learning_rate=1e-3,
+        lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
+        disable_tqdm=True, seed=0,
+    )
+    values.update(overrides)
+    return TrainingArguments(**values)
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+def changed_tensors(before: dict, after: dict) -> set[str]:
+    return {name for name in before if not torch.equal(before[name], after[name])}
+
+
+def tensors_under(model, prefixes) -> set[str]:
+    return {name for name in model.state_dict() if name.split(".")[0] in prefixes}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_stage_names():
+    assert stage_name(1) == stage_name("inheritance") == "inheritance"
+    assert stage_name("2") == "contrastive"
+    with pytest.raises(ValueError, match="Unknown stage"):
+        stage_name(3)
+
+
+def test_stage1_aligns_to_the_teacher_and_trains_only_the_adapter(tmp_path, processor, load_model):
+    train, held_out = captions_split()
+    model = load_model()
+    before = snapshot(model)
+    trainer = ProCLIPTrainer(
+        model, training_args(tmp_path, per_device_train_batch_size=32, max_steps=40, learning_rate=3e-3),
+        stage=1, train_dataset=datasets.Dataset.from_dict({"caption": train}), processing_class=processor,
+    )
+    teacher, teacher_tokenizer = trainer.stage.teacher, trainer.stage.teacher_tokenizer
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+
+    @torch.no_grad()
+    def held_out_metrics():
+        student = model.get_text_features(**processor.tokenizer(held_out, padding=True, return_tensors="pt"))
+        target = teacher(**teacher_tokenizer(held_out, padding=True, return_tensors="pt")).text_embeds
+        losses = InheritanceLoss()(student.pooler_output, target)
+        return F.cosine_similarity(student.pooler_output, target).mean().item(), losses
+
+    cosine_before, losses_before = held_out_metrics()
+    trainer.train()
+    cosine_after, losses_after = held_out_metrics()
+
+    assert cosine_before < 0.3 and cosine_after > 0.8, (cosine_before, cosine_after)
+    assert losses_after["instance"] < 0.3 * losses_before["instance"]
+    assert losses_after["structure"] < 0.5 * losses_before["structure"]
+    # Both components are logged, and the logged total is their sum.
+    logged = [entry for entry in trainer.state.log_history if "loss_instance" in entry]
+    assert len(logged) == 40
+    assert logged[-1]["loss"] == pytest.approx(logged[-1]["loss_instance"] + logged[-1]["loss_structure"], rel=1e-4)
+    assert changed_tensors(before, snapshot(model)) == tensors_under(model, ADAPTER)
+    assert trainer.report["skipped"] == {"corrupt_image": 0, "empty_caption": 0}
+
+
+def test_stage2_trains_the_intended_tensors_and_the_ema_follows_its_formula(tmp_path, processor, load_model):
+    momentum = 0.9
+    model = load_model()
+    before = snapshot(model)
+    history = []
+
+    class Record(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            history.append((
+                {k: v.detach().clone() for k, v in model.vision_model.named_parameters()},
+                {k: v.detach().clone() for k, v in trainer.stage.ema.vision_model.named_parameters()},
+            ))
+
+    trainer = ProCLIPTrainer(
+        model, training_args(tmp_path, max_steps=2, learning_rate=1e-3), stage=2, train_dataset=image_dataset(16),
+        processing_class=processor, ema_momentum=momentum, distill_weight=1.0, callbacks=[Record()],
+    )
+    ema_start = {k: v.detach().clone() for k, v in trainer.stage.ema.vision_model.named_parameters()}
+    assert all(torch.equal(ema_start[k], v) for k, v in model.vision_model.named_parameters())
+    trainer.train()
+
+    assert changed_tensors(before, snapshot(model)) == tensors_under(model, STAGE2_TRAINABLE)
+    previous_ema = ema_start
+    for params, ema in history:
+        for name, value in ema.items():
+            expected = momentum * previous_ema[name] + (1 - momentum) * params[name]
+            torch.testing.assert_close(value, expected, rtol=1e-6, atol=1e-7)
+        previous_ema = ema
+    logged = trainer.state.log_history[0]
+    for key in ("loss_contrastive", "loss_instance", "loss_structure", "loss_distillation", "logit_scale"):
+        assert key in logged
+    # The teacher belongs to the trainer: the saved model has no EMA weights.
+    trainer.save_model(str(tmp_path / "saved"))
+    saved = ProCLIPModel.from_pretrained(tmp_path / "saved")
+    assert set(saved.state_dict()) == set(model.state_dict())
+
+
+def test_logit_scale_is_clamped_after_each_step(load_model):
+    model = load_model()
+    stage = ContrastiveStage(ema_momentum=1.0)
+    stage.setup(model, torch.device("cpu"))
+    for value, expected in ((7.0, LOGIT_SCALE_MAX), (-1.0, 0.0), (2.0, 2.0)):
+        model.logit_scale.data.fill_(value)
+        stage.after_optimizer_step(model)
+        assert model.logit_scale.item() == pytest.approx(expected)
+
+
+def test_large_lambda_keeps_the_image_tower_near_its_start(tmp_path, processor, load_model):
+    data = image_dataset(32)
+
+    def distance_moved(distill_weight):
+        model = load_model()
+        start = {k: v.clone() for k, v in model.vision_model.state_dict().items()}
+        ProCLIPTrainer(
+            model, training_args(tmp_path, max_steps=40, learning_rate=1e-4), stage=2, train_dataset=data,
+            processing_class=processor, distill_weight=distill_weight, ema_momentum=1.0,
+        ).train()
+        return math.sqrt(sum((v - start[k]).pow(2).sum().item() for k, v in model.vision_model.state_dict().items()))
+
+    free, anchored = distance_moved(0.0), distance_moved(1000.0)
+    assert free > 0.1, free
+    assert anchored < 0.25 * free, (anchored, free)
+
+
+def test_gradient_accumulation_averages_micro_batch_gradients(tmp_path, processor, load_model):
+    train, _ = captions_split()
+    model = load_model()
+    start = snapshot(model)
+    trainer = ProCLIPTrainer(
+        model,
+        training_args(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=1,
+                      optim="sgd", learning_rate=0.5, max_grad_norm=0.0, weight_decay=0.0),
+        stage=1, train_dataset=datasets.Dataset.from_dict({"caption": train[:8]}), processing_class=processor,
+    )
+    micro_batches = []
+    collate = trainer.data_collator
+    trainer.data_collator = lambda rows: micro_batches.append(collate(rows)) or micro_batches[-1]
+    trainer.train()
+    assert len(micro_batches) == 2
+
+    reference = load_model()
+    trainer.stage.freeze(reference)
+    grads, losses = [], []
+    for batch in micro_batches:
+        batch = {k: v for k, v in batch.items() if k != "skipped"}
+        reference.zero_grad()
+        loss = trainer.stage.compute(reference, batch)["loss"]
+        loss.backward()
+        losses.append(loss.item())
+        grads.append({n: p.grad.clone() for n, p in reference.named_parameters() if p.requires_grad})
+    for name, parameter in model.named_parameters():
+        if name in grads[0]:
+            expected = start[name] - 0.5 * (grads[0][name] + grads[1][name]) / 2
+            torch.testing.assert_close(parameter.detach(), expected, rtol=1e-5, atol=1e-6)
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(sum(losses) / 2, rel=1e-5)
+
+
+def test_kill_and_resume_ends_like_an_uninterrupted_run(tmp_path, processor, tiny_proclip_dir, load_model):
+    data = image_dataset(16)
+    collator = ContrastiveCollator(  # deterministic: eval transform, one caption per image
+        processor.tokenizer, CLIPImageTransform(processor.image_processor, train=False), max_length=64
+    )
+
+    def run(out, resume_from=None, stop_at=None):
+        class Stop(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step == stop_at:
+                    control.should_training_stop = True  # the process "dies" right after this checkpoint
+
+        trainer = ProCLIPTrainer(
+            load_model(),
+            training_args(tmp_path, output_dir=str(tmp_path / out), per_device_train_batch_size=4, max_steps=4,
+                          learning_rate=1e-3, save_strategy="steps", save_steps=2, lr_scheduler_type="linear"),
+            stage=2, train_dataset=data, processing_class=processor, data_collator=collator, ema_momentum=0.9,
+            callbacks=[Stop()],
+        )
+        trainer.train(resume_from_checkpoint=resume_from)
+        return trainer
+
+    full = run("full")
+    interrupted = run("resumed", stop_at=2)
+    assert interrupted.state.global_step == 2
+    resumed = run("resumed", resume_from=str(tmp_path / "resumed" / "checkpoint-2"))
+    assert resumed.state.global_step == 4
+
+    for name, value in full.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[name], value, rtol=0, atol=1e-6, msg=name)
+    full_ema, resumed_ema = full.stage.ema.state_dict(), resumed.stage.ema.state_dict()
+    for name, value in full_ema.items():
+        torch.testing.assert_close(resumed_ema[name], value, rtol=0, atol=1e-6, msg=f"ema {name}")
+    # The EMA really was restored, not rebuilt from the resumed weights.
+    fresh = load_model().vision_model.state_dict()
+    assert not all(torch.equal(full_ema[f"vision_model.{k}"], v) for k, v in fresh.items())
+
+
+def test_corrupt_image_and_empty_caption_train_to_the_end_and_are_reported(tmp_path, processor, load_model):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    rows = image_rows(7)
+    metadata = []
+    for i, (image, caption) in enumerate(zip(rows["image"], rows["caption"])):
+        image.save(folder / f"{i}.png")
+        metadata.append({"file_name": f"{i}.png", "caption": caption})
+    (folder / "broken.png").write_bytes(b"this is not a PNG")
+    metadata.append({"file_name": "broken.png", "caption": "a broken picture"})
+    rows["image"][0].save(folder / "uncaptioned.png")
+    metadata.append({"file_name": "uncaptioned.png", "caption": "   "})
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(m) for m in metadata))
+
+    dataset = load_training_dataset(folder, image_column="image", caption_columns="caption")
+    assert len(dataset) == 9
+    trainer = ProCLIPTrainer(
+        load_model(), training_args(tmp_path, per_device_train_batch_size=3, max_steps=-1, num_train_epochs=1),
+        stage=2, train_dataset=dataset, processing_class=processor,
+    )
+    trainer.train()
+    assert trainer.state.global_step == 3
+    report = json.loads((tmp_path / "out" / "training_report.json").read_text())
+    assert report["skipped"] == {"corrupt_image": 1, "empty_caption": 1}
+    assert report["global_step"] == 3
+
+
+def test_proclip_train_command_writes_a_hub_ready_folder(tmp_path, tiny_proclip_dir):
+    from proclip_train.cli import main
+
+    train, _ = captions_split()
+    datasets.Dataset.from_dict({"text": train[:32], "alt": train[32:64]}).to_json(tmp_path / "captions.jsonl")
+    config = tmp_path / "stage1.yaml"
+    config.write_text(
+        f"stage: 1\nmodel: {tiny_proclip_dir}\ncaption_column: [text]\nmax_steps: 3\nper_device_train_batch_size: 8\n"
+        "learning_rate: 0.001\nuse_cpu: true\nreduction: mean\n"
+    )
+    out = tmp_path / "stage1"
+    main(["train", "--config", str(config), "--data", str(tmp_path / "captions.jsonl"), "--out", str(out),
+          "--caption-column", "text", "alt", "--max_steps", "2", "--save_strategy", "no", "--disable_tqdm", "true"])
+
+    report = json.loads((out / "training_report.json").read_text())
+    assert report["global_step"] == 2  # the command line wins over the file
+    arguments = json.loads((out / "proclip_arguments.json").read_text())
+    assert arguments["caption_column"] == ["text", "alt"] and arguments["reduction"] == "mean"
+    for name in ("config.json", "model.safetensors", "modeling_proclip.py", "processor_config.json", "tokenizer.json"):
+        assert (out / name).is_file(), name
+    trained, start = ProCLIPModel.from_pretrained(out), ProCLIPModel.from_pretrained(tiny_proclip_dir)
+    assert not torch.equal(trained.text_adapter.proj.weight, start.text_adapter.proj.weight)
+    assert torch.equal(trained.vision_model.post_layernorm.weight, start.vision_model.post_layernorm.weight)
