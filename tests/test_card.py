@@ -53,7 +53,13 @@ def carded_folder(tmp_path_factory, tiny_proclip_dir, results_files):
     """A copy of the tiny folder with the records a training run leaves, and its card written by `proclip card`."""
     folder = tmp_path_factory.mktemp("carded") / "proclip-tiny"
     shutil.copytree(tiny_proclip_dir, folder)
+    (folder / "proclip_arguments.json").write_text(json.dumps({
+        "stage": "2", "model": "runs/stage1", "data": "my-org/captions", "config": None, "caption_column": ["caption"],
+        "distill_weight": 1.0,
+    }))  # fmt: skip
     (folder / "training_args.json").write_text(json.dumps({"learning_rate": 3e-05, "seed": 1234, "bf16": False}))
+    (folder / "checkpoint-5").mkdir()  # older: "checkpoint-5" sorts after "checkpoint-40" as text, not as a step
+    (folder / "checkpoint-5" / "trainer_state.json").write_text(json.dumps({"global_step": 5, "log_history": []}))
     (folder / "checkpoint-40").mkdir()
     (folder / "checkpoint-40" / "trainer_state.json").write_text(json.dumps({
         "global_step": 40, "epoch": 2.0, "train_batch_size": 8,
@@ -63,8 +69,8 @@ def carded_folder(tmp_path_factory, tiny_proclip_dir, results_files):
         "stage": "contrastive", "global_step": 40, "train_loss": 1.9,
         "skipped": {"corrupt_image": 3}, "last_loss_components": {"info_nce": 1.5, "self_distillation": 0.26},
     }))  # fmt: skip
-    cli.main(["card", "--model", str(folder), "--repo-id", REPO_ID, "--dataset", "my-org/captions",
-              "--dataset", "/data/local_pairs.jsonl", "--results", str(results_files[0]),
+    cli.main(["card", "--model", str(folder), "--repo-id", REPO_ID, "--dataset", "/data/local_pairs.jsonl",
+              "--results", str(results_files[0]),
               "--results", str(results_files[1])])  # fmt: skip
     return folder
 
@@ -95,7 +101,7 @@ def test_card_metadata_parses_back(carded_folder):
     assert data.pipeline_tag == "zero-shot-image-classification"
     assert data.license == "apache-2.0"
     assert {"proclip", "clip", "custom_code"} <= set(data.tags)
-    assert data.datasets == ["my-org/captions"]  # the local training file is named in the text only
+    assert data.datasets == ["my-org/captions"]  # from proclip_arguments.json; the local file is in the text only
     assert "`/data/local_pairs.jsonl`" in card.text
     assert data.widget == [{"src": EXAMPLE_IMAGE_URL, "candidate_labels": "playing music, playing sports",
                             "example_title": "Example"}]  # fmt: skip
@@ -145,8 +151,10 @@ def test_card_embeds_the_results_plot(carded_folder):
 def test_card_has_the_training_recipe_of_the_run(carded_folder):
     text = ModelCard.load(carded_folder / "README.md").text
     assert "### Stage 2: contrastive tuning with self-distillation" in text
+    assert "| distill_weight | 1.0 |" in text and "| config |" not in text  # proclip_arguments.json
     assert "| learning_rate | 3e-05 |" in text  # training_args.json
     assert "| optimizer steps | 40 |" in text  # the newest checkpoint's trainer_state.json
+    assert "`proclip_arguments.json`, `training_args.json`, `checkpoint-40/trainer_state.json`" in text
     assert "| last logged training loss | 1.765 |" in text
     assert "| last_loss_components.self_distillation | 0.26 |" in text  # training_report.json
 

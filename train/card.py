@@ -3,7 +3,7 @@
 What goes in, in the order the card is built:
   results files (`proclip eval --out r.json`)  -> `Evaluation`s -> `model-index` (EvalResult) + tables + a PNG
   the folder's config.json and weights header  -> towers, adapter, parameter counts, `base_model`
-  the training run (trainer_state.json, training_args.json, training_report.json, whichever exist) -> recipe
+  the training run's JSON records (TRAINING_FILES) -> the recipe
   a Jinja template (`model_cards/proclip.md`)    -> README.md, rendered as `ModelCard.from_template` renders
 
 The metadata block is huggingface_hub's `ModelCardData` (`model-index` from `EvalResult`s), so it parses back
@@ -410,14 +410,19 @@ def describe_model(folder: Path) -> dict:
     return {"rows": rows, "towers": towers}
 
 
-# Training arguments worth a line in the card, in this order.
+# `TrainingArguments` worth a line in the card, in this order.
 RECIPE_ARGS = (
-    "stage", "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
+    "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
     "max_steps", "lr_scheduler_type", "warmup_ratio", "warmup_steps", "weight_decay", "optim", "adam_beta1",
     "adam_beta2", "adam_epsilon", "max_grad_norm", "bf16", "fp16", "gradient_checkpointing", "seed",
 )
-TRAINING_FILES = ("training_report.json", "training_args.json", "trainer_state.json")
-# `training_report.json`'s "stage" (ProCLIPTrainer's stage names) -> section title.
+# What a run folder may hold: `proclip train`'s options, TrainingArguments as JSON, the Trainer's state (in the
+# folder, else in its newest checkpoint), ProCLIPTrainer's end-of-training report.
+OPTIONS_FILE, ARGS_FILE, STATE_FILE, REPORT_FILE = (
+    "proclip_arguments.json", "training_args.json", "trainer_state.json", "training_report.json"
+)
+TRAINING_FILES = (OPTIONS_FILE, ARGS_FILE, STATE_FILE, REPORT_FILE)
+# The stage names of `proclip train --stage` and ProCLIPTrainer -> section title.
 STAGE_TITLES = {
     "inheritance": "Stage 1: representation inheritance",
     "contrastive": "Stage 2: contrastive tuning with self-distillation",
@@ -427,7 +432,7 @@ STAGE_TITLES = {
 
 
 def _flatten(value, prefix: str = "", max_items: int = 8) -> list[tuple[str, str]]:
-    """Scalar leaves of nested JSON as (dotted key, text) rows; long lists are summarised."""
+    """Scalar leaves of nested JSON as (dotted key, text) rows; nulls are left out, long lists summarised."""
     if isinstance(value, dict):
         rows = []
         for key, item in value.items():
@@ -435,17 +440,20 @@ def _flatten(value, prefix: str = "", max_items: int = 8) -> list[tuple[str, str
         return rows
     if isinstance(value, list):
         if all(not isinstance(item, (dict, list)) for item in value) and len(value) <= max_items:
-            return [(prefix, ", ".join(str(item) for item in value))]
+            return [(prefix, ", ".join(str(item) for item in value))] if value else []
         return [(prefix, f"({len(value)} items)")]
-    return [(prefix, str(value))]
+    return [] if value is None else [(prefix, str(value))]
 
 
-def _read_json(path: Path):
+def _read_json_object(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        content = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         logger.warning("Cannot read %s: %s", path, error)
         return None
+    return content if isinstance(content, dict) else None
 
 
 def _checkpoint_step(folder: Path) -> int:
@@ -453,49 +461,55 @@ def _checkpoint_step(folder: Path) -> int:
     return int(suffix) if suffix.isdigit() else -1
 
 
+def _trainer_state_rows(state: dict) -> list[tuple[str, str]]:
+    rows = []
+    for key, name in (("global_step", "optimizer steps"), ("epoch", "epochs run"), ("max_steps", "planned steps"),
+                      ("train_batch_size", "train batch size")):  # fmt: skip
+        value = state.get(key)
+        if _is_score(value):
+            rows.append((name, f"{value:.2f}" if isinstance(value, float) else str(value)))
+    history = state.get("log_history") or []
+    losses = [entry["loss"] for entry in history if _is_score(entry.get("loss"))]
+    if losses:
+        rows.append(("last logged training loss", f"{losses[-1]:.4g}"))
+    runtime = next((e["train_runtime"] for e in history if _is_score(e.get("train_runtime"))), None)
+    if runtime is not None:
+        rows.append(("training time", f"{runtime / 3600:.2f} h" if runtime >= 3600 else f"{runtime:.0f} s"))
+    return rows
+
+
 def read_training_run(folder: Path, max_rows: int = 40) -> dict | None:
     """The recipe recorded in a run folder, from whichever of `TRAINING_FILES` exist; None if none does.
 
     Returns:
-        `{"title": ..., "folder": ..., "sources": [file names], "rows": [(name, value), ...], "datasets": [...]}`.
+        `{"title": ..., "folder": ..., "sources": [files read], "rows": [(name, value), ...], "datasets": [...]}`;
+        `datasets` are the training data specs the records name (`proclip train --data`, a report's `datasets`).
     """
     folder = Path(folder)
-    report = _read_json(folder / "training_report.json") if (folder / "training_report.json").is_file() else None
-    args = _read_json(folder / "training_args.json") if (folder / "training_args.json").is_file() else None
-    state_file = folder / "trainer_state.json"
-    if not state_file.is_file():  # `Trainer.save_state` not called: the newest checkpoint has one
-        checkpoints = sorted(folder.glob("checkpoint-*/trainer_state.json"), key=lambda p: _checkpoint_step(p.parent))
+    state_file = folder / STATE_FILE
+    if not state_file.is_file():  # `Trainer.save_state` was not called: the newest checkpoint has one
+        checkpoints = sorted(folder.glob(f"checkpoint-*/{STATE_FILE}"), key=lambda p: _checkpoint_step(p.parent))
         state_file = checkpoints[-1] if checkpoints else state_file
-    state = _read_json(state_file) if state_file.is_file() else None
-    sources = [name for name, content in zip(TRAINING_FILES, (report, args, state)) if isinstance(content, dict)]
+    files = {OPTIONS_FILE: folder / OPTIONS_FILE, ARGS_FILE: folder / ARGS_FILE, STATE_FILE: state_file,
+             REPORT_FILE: folder / REPORT_FILE}  # fmt: skip
+    records = {name: _read_json_object(path) for name, path in files.items()}
+    sources = [files[name].relative_to(folder).as_posix() for name, record in records.items() if record is not None]
     if not sources:
         return None
-    rows: list[tuple[str, str]] = []
-    if isinstance(args, dict):
-        rows += [(key, str(args[key])) for key in RECIPE_ARGS if args.get(key) not in (None, "", [])]
-    if isinstance(state, dict):
-        for key, name in (("global_step", "optimizer steps"), ("epoch", "epochs run"),
-                          ("train_batch_size", "train batch size")):
-            if _is_score(state.get(key)):
-                value = state[key]
-                rows.append((name, f"{value:.2f}" if isinstance(value, float) else str(value)))
-        history = state.get("log_history") or []
-        losses = [entry["loss"] for entry in history if _is_score(entry.get("loss"))]
-        if losses:
-            rows.append(("last logged training loss", f"{losses[-1]:.4g}"))
-        runtime = next((e["train_runtime"] for e in history if _is_score(e.get("train_runtime"))), None)
-        if runtime is not None:
-            rows.append(("training time", f"{runtime / 3600:.2f} h" if runtime >= 3600 else f"{runtime:.0f} s"))
-    if isinstance(report, dict):
-        seen = {name for name, _ in rows}
-        rows += [(key, value) for key, value in _flatten(report) if key not in seen]
+    options, args, state, report = (records[name] or {} for name in TRAINING_FILES)
+
+    rows = [(key, value) for key, value in _flatten(options) if key != "config"]
+    rows += [(key, str(args[key])) for key in RECIPE_ARGS if args.get(key) not in (None, "", [])]
+    rows += _trainer_state_rows(state)
+    seen = {name for name, _ in rows}
+    rows += [(key, value) for key, value in _flatten(report) if key not in seen]
     if len(rows) > max_rows:
         rows = rows[:max_rows] + [("…", f"{len(rows) - max_rows} more in {', '.join(sources)}")]
+
     datasets = []
-    if isinstance(report, dict):
-        found = report.get("datasets") or report.get("dataset")
-        datasets = [found] if isinstance(found, str) else [d for d in found or [] if isinstance(d, str)]
-    stage = next((d["stage"] for d in (report, args) if isinstance(d, dict) and d.get("stage") is not None), None)
+    for found in (options.get("data"), report.get("datasets") or report.get("dataset")):
+        datasets += [found] if isinstance(found, str) else [d for d in found or [] if isinstance(d, str)]
+    stage = next((r["stage"] for r in (report, options, args) if r.get("stage") is not None), None)
     return {
         "title": STAGE_TITLES.get(str(stage), f"Stage {stage}") if stage is not None else folder.name,
         "folder": folder.name,
@@ -715,8 +729,8 @@ def add_card_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--language", action="append", help="an ISO 639 code of the text the model was trained on")
     parser.add_argument("--tag", action="append", help=f"an extra Hub tag (always: {', '.join(DEFAULT_TAGS)})")
     parser.add_argument("--run", action="append", metavar="DIR",
-                        help="a training output folder to read the recipe from (trainer_state.json, "
-                        "training_args.json, training_report.json); repeat for stage 1 and stage 2 (default: --model)")
+                        help=f"a training output folder to read the recipe from ({', '.join(TRAINING_FILES)}, "
+                        "whichever exist); repeat for stage 1 and stage 2 (default: --model)")
     parser.add_argument("--template", type=Path, help=f"a Jinja model-card template (default: {DEFAULT_TEMPLATE.name})")
     parser.add_argument("--example-image", default=EXAMPLE_IMAGE_URL, help="image URL of the widget and usage snippets")
     parser.add_argument("--example-labels", default=", ".join(EXAMPLE_LABELS), help="comma-separated candidate labels")
