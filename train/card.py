@@ -118,12 +118,12 @@ def _is_score(value) -> bool:
 
 
 def _infer_task(task, protocol, metrics: dict) -> str:
-    if isinstance(task, str) and task:
-        return task
-    for value in (protocol.get("task") if isinstance(protocol, dict) else protocol,):
+    """The record's `task`, else a string protocol or its `task`, else guessed from the metric names."""
+    named = protocol.get("task") if isinstance(protocol, dict) else protocol
+    for value in (task, named):
         if isinstance(value, str) and value:
             return value
-    keys = " ".join(metrics) + " ".join(k for v in metrics.values() if isinstance(v, dict) for k in v)
+    keys = " ".join([*metrics, *(k for v in metrics.values() if isinstance(v, dict) for k in v)])
     if "R@" in keys:
         return "retrieval"
     if "accuracy" in keys:
