@@ -336,3 +336,48 @@ def test_proclip_train_command_writes_a_hub_ready_folder(tmp_path, tiny_proclip_
     trained, start = ProCLIPModel.from_pretrained(out), ProCLIPModel.from_pretrained(tiny_proclip_dir)
     assert not torch.equal(trained.text_adapter.proj.weight, start.text_adapter.proj.weight)
     assert torch.equal(trained.vision_model.post_layernorm.weight, start.vision_model.post_layernorm.weight)
+
+
+def test_torchrun_two_processes_take_the_same_step_as_one_process_on_the_whole_batch(tmp_path, tiny_proclip_dir):
+    """Stage 2 through the Trainer under DDP (gloo): 2 ranks x 4 pairs with negatives gathered across ranks make the
+    same SGD step as 1 process x 8 pairs. Flat-colour images make the random crops irrelevant."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from proclip_train.cli import main
+
+    data = tmp_path / "flat"
+    data.mkdir()
+    metadata = []
+    for i, rgb in enumerate(COLOURS.values()):
+        Image.fromarray(np.full((40, 40, 3), rgb, np.uint8)).save(data / f"{i}.png")
+        metadata.append({"file_name": f"{i}.png", "caption": f"colour number {i} " * (i % 3 + 1)})
+    (data / "metadata.jsonl").write_text("\n".join(json.dumps(m) for m in metadata))
+    common = [
+        "train", "--stage", "2", "--model", str(tiny_proclip_dir), "--data", str(data), "--max_steps", "1",
+        "--optim", "sgd", "--learning_rate", "0.5", "--max_grad_norm", "0", "--weight_decay", "0", "--warmup_steps", "0",
+        "--distill_weight", "0", "--lr_scheduler_type", "constant", "--save_strategy", "no", "--use_cpu",
+        "--disable_tqdm", "true", "--logging_steps", "1",
+    ]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+         "-m", "proclip_train.cli", *common, "--out", str(tmp_path / "two"), "--per_device_train_batch_size", "4"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    main([*common, "--out", str(tmp_path / "one"), "--per_device_train_batch_size", "8"])
+
+    one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    start = load_file(tiny_proclip_dir / "model.safetensors")
+    assert max((one[k] - start[k]).abs().max().item() for k in one) > 0.1  # the step is not a no-op
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-5, msg=name)
+    losses = [json.loads((tmp_path / run / "training_report.json").read_text())["last_loss_components"] for run in ("one", "two")]
+    assert losses[1]["contrastive"] == pytest.approx(losses[0]["contrastive"], rel=1e-5)

@@ -497,6 +497,10 @@ class ProCLIPTrainer(Trainer):
         if args.remove_unused_columns:
             logger.info("ProCLIPTrainer sets remove_unused_columns=False: its collators read the raw dataset columns.")
             args.remove_unused_columns = False
+        if args.ddp_find_unused_parameters is None:
+            # Every trainable parameter takes part in every stage's loss (an emptied batch uses `zero_loss`), so DDP
+            # can skip its per-step search for unused parameters.
+            args.ddp_find_unused_parameters = False
 
         self.stage.freeze(model)
         self.stage.setup(model, args.device)
