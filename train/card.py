@@ -11,6 +11,7 @@ with `ModelCard.load`.
 """
 
 import argparse
+import importlib.resources
 import json
 import logging
 import math
@@ -25,7 +26,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "proclip.md"
+DEFAULT_TEMPLATE = Path(str(importlib.resources.files("proclip_train.model_cards") / "proclip.md"))
 PLOT_FILE = "eval_results.png"
 DEFAULT_TAGS = ("proclip", "clip", "vision", "multimodal", "image-text-retrieval", "custom_code")
 DEFAULT_LICENSE = "apache-2.0"
