@@ -51,6 +51,11 @@ TEXT_TOWER_PRESETS = {
     },
 }
 
+# A text tower's own record of how it is pooled and prompted (`proclip train --stage 0` writes it next to the
+# weights); of its keys, these are read.
+TEXT_TOWER_SETTINGS_FILE = "proclip_text_tower.json"
+TEXT_TOWER_SETTING_KEYS = ("pooling", "bidirectional", "prompt_template", "padding_side")
+
 # Sentence-transformers pooling flags (1_Pooling/config.json) and the ProCLIP pooling mode each means.
 _SENTENCE_TRANSFORMERS_POOLING = {
     "pooling_mode_mean_tokens": "mean",
@@ -176,14 +181,30 @@ class ProCLIPConfig(PreTrainedConfig):
 def text_tower_preset(text_name_or_path: str) -> dict:
     """The known-embedder settings for a text tower's name, or `{}` for an unknown one.
 
-    For a sentence-transformers folder or repo, its own pooling config (`1_Pooling/config.json`) decides.
+    A folder or repo holding `proclip_text_tower.json` (a stage-0 output) decides first, then a known name, then a
+    sentence-transformers folder or repo's own pooling config (`1_Pooling/config.json`).
     """
+    own = _own_text_tower_settings(text_name_or_path)
+    if own:
+        return own
     name = str(text_name_or_path).rstrip("/").lower()
     short = name.rsplit("/", 1)[-1]
     for key, preset in TEXT_TOWER_PRESETS.items():
         if name.startswith(key) or short.startswith(key):
             return dict(preset)
     return _sentence_transformers_pooling(text_name_or_path)
+
+
+def _own_text_tower_settings(text_name_or_path: str) -> dict:
+    settings_file = cached_file(
+        text_name_or_path, TEXT_TOWER_SETTINGS_FILE,
+        _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False,
+    )
+    if settings_file is None:
+        return {}
+    with open(settings_file) as f:
+        settings = json.load(f)
+    return {key: settings[key] for key in TEXT_TOWER_SETTING_KEYS if key in settings}
 
 
 def _sentence_transformers_pooling(text_name_or_path: str) -> dict:
@@ -208,4 +229,7 @@ def _sentence_transformers_pooling(text_name_or_path: str) -> dict:
     return {}
 
 
-__all__ = ["ProCLIPConfig", "text_tower_preset", "POOLING_MODES", "TEXT_TOWER_PRESETS"]
+__all__ = [
+    "ProCLIPConfig", "text_tower_preset", "POOLING_MODES", "TEXT_TOWER_PRESETS", "TEXT_TOWER_SETTINGS_FILE",
+    "TEXT_TOWER_SETTING_KEYS",
+]
