@@ -3,6 +3,8 @@
     proclip embed --model DIR --data SPEC [--caption-column C ...] [--cache-dir DIR] [--bf16]
     proclip train --stage 1|2 --model DIR --data SPEC --out DIR [--teacher ID_OR_DIR] [--config FILE]
                   [any TrainingArguments flag, e.g. --per_device_train_batch_size 256 --bf16 --max_steps 1000]
+    proclip train --stage 0 --text LLM --data SPEC --caption-column A --caption-column B --out DIR [...]
+                  (LLM2CLIP's caption-contrastive fine-tuning of the LLM, before `proclip init`: see stage0.py)
 
 `proclip train` parses a `ProCLIPArguments` dataclass together with transformers' `TrainingArguments`
 (`HfArgumentParser`), so every Trainer flag works; `--config` reads the same flags from a YAML or JSON file, and flags
@@ -22,7 +24,10 @@ from pathlib import Path
 
 import torch
 
-TRAIN_DESCRIPTION = "Train one ProCLIP stage: 1 = representation inheritance (text only), 2 = contrastive tuning."
+TRAIN_DESCRIPTION = (
+    "Train one ProCLIP stage: 1 = representation inheritance (text only), 2 = contrastive tuning. "
+    "Stage 0 (`--stage 0 --text LLM`, options: `proclip train --stage 0 --help`) fine-tunes the LLM on caption pairs."
+)
 EMBED_DESCRIPTION = "Store the frozen LLM's pooled caption embeddings (and the stage-1 teacher's) for training."
 
 # Recipe defaults for `proclip train` where they differ from TrainingArguments' (METHOD.md §5); flags override them.
@@ -99,25 +104,32 @@ def read_config_file(path: str | os.PathLike) -> dict:
     return {_normalise_key(k): v for k, v in values.items()}
 
 
-def build_train_argument_parser():
+def build_train_argument_parser(arguments_class=None, defaults=None):
     from transformers import HfArgumentParser, TrainingArguments
 
-    parser = HfArgumentParser((ProCLIPArguments, TrainingArguments), prog="proclip train", description=TRAIN_DESCRIPTION)
+    parser = HfArgumentParser(
+        (arguments_class or ProCLIPArguments, TrainingArguments), prog="proclip train", description=TRAIN_DESCRIPTION
+    )
     parser.add_argument("--out", dest="output_dir", help="Where the trained model goes (same as --output_dir).")
-    parser.set_defaults(**TRAIN_DEFAULTS)
+    parser.set_defaults(**(TRAIN_DEFAULTS if defaults is None else defaults))
     return parser
 
 
-def parse_train_args(argv: list[str]):
-    """`(ProCLIPArguments, TrainingArguments)` from command-line words, with `--config` file values as defaults."""
-    parser = build_train_argument_parser()
+def parse_train_args(argv: list[str], arguments_class=None, required=("stage", "model", "data"), defaults=None):
+    """`(ProCLIPArguments, TrainingArguments)` from command-line words, with `--config` file values as defaults.
+
+    `arguments_class` / `required` / `defaults` replace `ProCLIPArguments`, its required flags and `TRAIN_DEFAULTS`
+    (stage 0 parses its own options this way).
+    """
+    arguments_class = arguments_class or ProCLIPArguments
+    parser = build_train_argument_parser(arguments_class, defaults)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
     config = read_config_file(known.config) if known.config else {}
     from transformers import TrainingArguments
 
-    valid = {f.name for f in dataclasses.fields(ProCLIPArguments)} | {f.name for f in dataclasses.fields(TrainingArguments)}
+    valid = {f.name for f in dataclasses.fields(arguments_class)} | {f.name for f in dataclasses.fields(TrainingArguments)}
     unknown = sorted(set(config) - valid)
     if unknown:
         parser.error(f"unknown option(s) in {known.config}: {', '.join(unknown)}")
@@ -128,7 +140,7 @@ def parse_train_args(argv: list[str]):
         holder = options if hasattr(options, key) else training_args
         if getattr(holder, key) in (None, []):
             setattr(holder, key, value)
-    for name in ("stage", "model", "data"):
+    for name in required:
         if getattr(options, name) is None:
             parser.error(f"--{name} is required (on the command line or in --config)")
     if options.caption_column is None:
@@ -191,6 +203,11 @@ def run_train(options, training_args):
 
 
 def train_command(argv: list[str]) -> None:
+    from .stage0 import is_stage0_command, stage0_train_command
+
+    if is_stage0_command(argv):
+        stage0_train_command(argv)
+        return
     options, training_args = parse_train_args(argv)
     run_train(options, training_args)
 
