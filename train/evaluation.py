@@ -1,4 +1,5 @@
-"""`proclip eval`: zero-shot classification and image-text retrieval of a saved ProCLIP model.
+"""`proclip eval`: zero-shot classification and image-text retrieval of a saved ProCLIP model, and caption retrieval
+accuracy (CRA, LLM2CLIP's text-only protocol) of any text tower: an LLM, a ProCLIP or a CLIP folder (see stage0.py).
 
 Images are embedded once, each caption column once, through the model's own processor; the metrics are
 [`proclip_train.metrics`] (cosine similarity, pessimistic ties, similarities in chunks). Rows whose image
@@ -304,14 +305,20 @@ def _version(package: str) -> str | None:
 def run_eval(args: argparse.Namespace) -> dict:
     """Run `proclip eval` from parsed arguments; write and return the results."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    processor = ProCLIPProcessor.from_pretrained(args.model)
-    model = ProCLIPModel.from_pretrained(args.model).to(device).eval()
     dataset, split, base_dir = load_eval_dataset(args.data, args.split)
     num_rows = len(dataset)
     if args.max_samples is not None:
         dataset = dataset.select(range(min(args.max_samples, len(dataset))))
 
     common = dict(base_dir=base_dir, batch_size=args.batch_size, chunk_size=args.chunk_size, bf16=args.bf16)
+    if args.task == "caption-retrieval":  # text only, any text tower
+        from .stage0 import evaluate_caption_retrieval, load_text_tower
+
+        tower = load_text_tower(args.model, device=device)
+        outcome = evaluate_caption_retrieval(tower, dataset, args.caption_column or ["caption"], args.batch_size, args.bf16)
+        return _write_results(args, outcome, split, num_rows, dataset, device)
+    processor = ProCLIPProcessor.from_pretrained(args.model)
+    model = ProCLIPModel.from_pretrained(args.model).to(device).eval()
     if args.task == "retrieval":
         outcome = evaluate_retrieval(
             model, processor, dataset, args.image_column, args.caption_column or ["caption"], **common
@@ -320,7 +327,10 @@ def run_eval(args: argparse.Namespace) -> dict:
         templates = load_templates(args.templates) if args.templates else OPENAI_IMAGENET_TEMPLATES
         outcome = evaluate_zeroshot(model, processor, dataset, args.image_column, args.label_column, templates, **common)
         outcome["protocol"]["templates"] = str(args.templates) if args.templates else "openai_imagenet_80"
+    return _write_results(args, outcome, split, num_rows, dataset, device)
 
+
+def _write_results(args: argparse.Namespace, outcome: dict, split: str, num_rows: int, dataset, device) -> dict:
     model_path = Path(args.model)
     results = {
         "task": args.task,
@@ -352,7 +362,7 @@ def run_eval(args: argparse.Namespace) -> dict:
 
 def _print_summary(results: dict) -> None:
     metrics = results["metrics"]
-    groups = metrics.items() if results["task"] == "retrieval" else [("zero-shot", metrics)]
+    groups = metrics.items() if results["task"] == "retrieval" else [(results["task"], metrics)]
     for name, values in groups:
         scores = ", ".join(f"{key} {value:.4f}" for key, value in values.items() if isinstance(value, float))
         print(f"{name}: {scores}")
@@ -366,15 +376,17 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", required=True, help="a saved ProCLIP folder (model and processor)")
-    parser.add_argument("--task", required=True, choices=("zeroshot", "retrieval"))
+    parser.add_argument("--model", required=True, help="a saved ProCLIP folder (model and processor); caption-retrieval: "
+                        "any text tower (an LLM or encoder folder, a stage-0 output, a ProCLIP or a CLIP folder)")
+    parser.add_argument("--task", required=True, choices=("zeroshot", "retrieval", "caption-retrieval"))
     parser.add_argument("--data", required=True, metavar="SPEC", help="folder, .csv/.jsonl/.json/.parquet file, or name[:config]")
     parser.add_argument("--split", help="dataset split (default: the only split, else 'test')")
     parser.add_argument("--image-column", default="image")
     parser.add_argument(
         "--caption-column", action="append",
         help="retrieval: a column of captions (a string or a list of strings per row); repeat to score several "
-        "columns (e.g. short, long, per language) against the same image embeddings (default: caption)",
+        "columns (e.g. short, long, per language) against the same image embeddings (default: caption). "
+        "caption-retrieval: two columns (the first's caption queries among the second's), or one list column",
     )
     parser.add_argument("--label-column", default="label", help="zeroshot: a ClassLabel column or a column of class names")
     parser.add_argument("--templates", type=Path, help="zeroshot: a file with one template per line, '{}' for the class name "
