@@ -175,20 +175,21 @@ def test_embedding_is_incremental_and_stores_half_precision(tmp_path, model, pro
     torch.testing.assert_close(rows, expected.to(torch.bfloat16).float())
 
 
-def test_proclip_embed_then_train_uses_the_cache(tmp_path, tiny_proclip_dir):
+def test_proclip_embed_then_train_uses_the_cache_for_both_caption_views(tmp_path, tiny_proclip_dir):
     from proclip_train.cli import main
 
     data = tmp_path / "data"
     data.mkdir()
     datasets.Dataset.from_dict({"short": CAPTIONS[:16], "long": CAPTIONS[16:]}).to_json(data / "captions.jsonl")
     main(["embed", "--model", str(tiny_proclip_dir), "--data", str(data / "captions.jsonl"),
-          "--caption-column", "short", "long", "--batch-size", "8"])
+          "--caption-column", "short", "--noise-caption-column", "long", "--batch-size", "8"])
     cache = EmbeddingCache(data / DEFAULT_CACHE_FOLDER)
     assert len(cache) == len(CAPTIONS) and cache.has_teacher
 
     out = tmp_path / "out"
     main(["train", "--stage", "1", "--model", str(tiny_proclip_dir), "--data", str(data / "captions.jsonl"),
-          "--caption_column", "short", "long", "--out", str(out), "--max_steps", "2",
+          "--caption_column", "short", "--noise_caption_column", "long", "--out", str(out), "--max_steps", "2",
           "--per_device_train_batch_size", "4", "--use_cpu", "--save_strategy", "no", "--disable_tqdm", "true"])
     report = json.loads((out / "training_report.json").read_text())
-    assert report["embedding_cache"]["llm_hits"] == 8 and report["embedding_cache"]["llm_misses"] == 0
+    assert report["embedding_cache"] == {"llm_hits": 16, "llm_misses": 0, "teacher_hits": 16, "teacher_misses": 0}
+    assert set(report["last_loss_components"]) == {"instance", "structure", "instance_extra"}

@@ -28,6 +28,7 @@ Training-loop semantics:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -127,6 +128,19 @@ def _full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor.detach()
 
 
+def full_parameters(wrapped: nn.Module):
+    """A context in which the parameters of the model inside `wrapped` hold their whole values.
+
+    FSDP1 (`FullyShardedDataParallel`) keeps only each rank's shard between forward passes; FSDP2 parameters are
+    DTensors (see `_full_tensor`), and DDP and DeepSpeed ZeRO-1/2 replicate parameters, so they need nothing.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if isinstance(wrapped, FullyShardedDataParallel):
+        return FullyShardedDataParallel.summon_full_params(wrapped, writeback=False)
+    return contextlib.nullcontext()
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Inputs shared by the stages
 # ---------------------------------------------------------------------------------------------------------------------
@@ -207,8 +221,9 @@ class TrainingStage:
         """The loss of one micro-batch and its components: `{"loss": ..., "<component>": ...}` (scalars)."""
         raise NotImplementedError
 
-    def after_optimizer_step(self, model: nn.Module) -> None:
-        """Called after every optimiser step that was not skipped."""
+    def after_optimizer_step(self, model: nn.Module, full_parameters=contextlib.nullcontext) -> None:
+        """Called after every optimiser step that was not skipped. Inside `full_parameters()` the parameters hold
+        their whole values (FSDP1 shards them between forward passes)."""
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}
@@ -374,10 +389,11 @@ class ContrastiveStage(TrainingStage):
         self.rows_dropped_to_equalise_ranks += batch_size_of(inputs) - size
         return trim_batch(inputs, size)
 
-    def after_optimizer_step(self, model):
+    def after_optimizer_step(self, model, full_parameters=contextlib.nullcontext):
         with torch.no_grad():
-            model.logit_scale.clamp_(0.0, LOGIT_SCALE_MAX)
-        self.ema.update(model)
+            model.logit_scale.clamp_(0.0, LOGIT_SCALE_MAX)  # elementwise: right on a shard too
+        with full_parameters():
+            self.ema.update(model)
 
     def state_dict(self):
         return {f"ema.{k}": v.detach().contiguous() for k, v in self.ema.state_dict().items()}
@@ -438,7 +454,10 @@ class _AfterOptimizerStep(TrainerCallback):
     def on_optimizer_step(self, args, state, control, **kwargs):
         trainer = self.trainer
         if not trainer.accelerator.optimizer_step_was_skipped:
-            trainer.stage.after_optimizer_step(trainer.accelerator.unwrap_model(trainer.model_wrapped))
+            wrapped = trainer.model_wrapped
+            trainer.stage.after_optimizer_step(
+                trainer.accelerator.unwrap_model(wrapped), full_parameters=lambda: full_parameters(wrapped)
+            )
 
 
 class ProCLIPTrainer(Trainer):
@@ -574,15 +593,22 @@ class ProCLIPTrainer(Trainer):
             self._component_sums[key] = self._component_sums.get(key, torch.zeros_like(value)) + value
         self._component_batches += 1
 
+    def _drain_components(self) -> dict[str, float]:
+        """Mean of each loss component since the last call, over micro-batches and ranks (a collective)."""
+        means = {}
+        for key in sorted(self._component_sums):
+            mean = self._component_sums[key] / self._component_batches
+            means[key] = float(self.accelerator.reduce(mean, reduction="mean")) if self.args.world_size > 1 else float(mean)
+        self._component_sums, self._component_batches = {}, 0
+        if means:
+            self.last_components = means
+        return means
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Training logs get the mean of each loss component since the last log (over micro-batches and ranks)."""
-        if "loss" in logs and self._component_batches:
-            for key in sorted(self._component_sums):
-                mean = self._component_sums[key] / self._component_batches
-                value = float(self.accelerator.reduce(mean, reduction="mean")) if self.args.world_size > 1 else float(mean)
+        if "loss" in logs:
+            for key, value in self._drain_components().items():
                 logs[key if key == "logit_scale" else f"loss_{key}"] = value
-                self.last_components[key] = value
-            self._component_sums, self._component_batches = {}, 0
         super().log(logs, start_time)
 
     # -- checkpoints: the stage's state and the counters travel with the optimizer state -----------------------------
@@ -642,6 +668,7 @@ class ProCLIPTrainer(Trainer):
 
     def train(self, *args, **kwargs):
         output = super().train(*args, **kwargs)
+        self._drain_components()  # steps after the last logging step
         counters = self._gathered_counters()
         self.report = {
             "stage": self.stage.name,
@@ -649,7 +676,7 @@ class ProCLIPTrainer(Trainer):
             "train_loss": output.training_loss,
             **counters,
             "skipped_summary": SkipCounter(counters["skipped"]).summary(),
-            "last_loss_components": self.last_components,
+            "last_loss_components": self.last_components,  # mean over the last logging window
         }
         if self.args.should_save:
             os.makedirs(self.args.output_dir, exist_ok=True)
