@@ -6,6 +6,7 @@ import argparse
 from .build import add_init_parser
 from .card import add_card_parser
 from .convert import add_convert_parser
+from .demo import add_demo_parser
 from .evaluation import add_eval_parser
 from .push import add_push_parser
 from .training import add_embed_parser, add_train_parser
@@ -21,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_convert_parser(subparsers)
     add_embed_parser(subparsers)
     add_train_parser(subparsers)
+    add_demo_parser(subparsers)
     return parser
 
 

