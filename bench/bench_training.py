@@ -1,6 +1,7 @@
 """Benchmark training: the embedding cache, the Trainer's overhead, and peak memory per stage.
 
-    python bench/bench_training.py [--threads 2] [--batch-size 32] [--steps 6] [--repeats 3] [--out FILE.json]
+    python bench/bench_training.py [--threads 2] [--batch-size 32] [--steps 6] [--stage2-steps 30] [--out FILE.json]
+                                   [--parts stage1,stage2,memory]
 
 Towers: the real SmolLM2-135M-Instruct (`train/assets.py`, mean pooling) as the LLM; a CLIP with a ViT-B/32-shaped
 text encoder (12 layers, width 512, 77 tokens: the stage-1 teacher) and a small ViT (4 layers, width 256, 224 px,
@@ -9,8 +10,8 @@ patch 32) as the image tower, random weights. Captions are 15-30 words.
 1. Stage-1 steps/s through `ProCLIPTrainer` with the LLM and the teacher run on the fly, with the LLM cached, and with
    both cached (`proclip embed`): the cache's speed-up (aim >= 10x).
 2. Stage-2 step time through `ProCLIPTrainer` vs a plain PyTorch loop of the same math (same model, data loader and
-   collator, AdamW, grad clipping, EMA teacher, self-distillation loss, logit-scale clamp), interleaved, medians
-   (aim <= 1.10x).
+   collator, AdamW, grad clipping, EMA teacher, self-distillation loss, logit-scale clamp), interleaved step by step in
+   one process (a callback runs one plain step between two Trainer steps), medians (aim <= 1.10x).
 3. Peak memory of each stage's `train()`, each in a fresh process: CUDA peak allocated on a GPU; on a CPU the peak
    resident set size (Linux VmHWM, reset before `train()`), and its increase over the resident size at that point.
 """
@@ -205,8 +206,8 @@ def bench_stage1(workdir, folder, processor, cache_dirs, batch_size, steps) -> d
     return results
 
 
-def plain_stage2_steps(folder, processor, dataset, batch_size, steps, collator, distill_weight, momentum) -> list[float]:
-    """The same math as ProCLIPTrainer's stage 2, written as a plain loop."""
+def plain_stage2_loop(folder, dataset, batch_size, collator, distill_weight, momentum):
+    """The same math as ProCLIPTrainer's stage 2, as a plain loop: a generator that runs one step per `next()`."""
     model = ProCLIPModel.from_pretrained(folder)
     model.train()
     model.text_model.eval()
@@ -219,10 +220,8 @@ def plain_stage2_steps(folder, processor, dataset, batch_size, steps, collator, 
     loss_fn = ContrastiveDistillationLoss(distill_weight)
     generator = torch.Generator().manual_seed(0)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=collator,
-                                         generator=generator, drop_last=False)
-    times = []
-    done = 0
-    while done < steps:
+                                         generator=generator)
+    while True:
         for batch in loader:
             pixel_values = batch["pixel_values"]
             image = model.get_image_features(pixel_values).pooler_output
@@ -235,32 +234,51 @@ def plain_stage2_steps(folder, processor, dataset, batch_size, steps, collator, 
             with torch.no_grad():
                 model.logit_scale.clamp_(0.0, LOGIT_SCALE_MAX)
             ema.update(model)
-            times.append(time.perf_counter())
-            done += 1
-            if done == steps:
-                break
-    return list(np.diff(times))
+            yield
 
 
-def bench_stage2(workdir, folder, processor, cache_dir, batch_size, steps, repeats) -> dict:
+class Interleave(TrainerCallback):
+    """Between two Trainer steps, run one plain-loop step: both sides see the same machine load, step by step.
+
+    A Trainer step is timed from the end of the plain step before it (so it includes its data loading) to its own end.
+    """
+
+    def __init__(self, plain_loop):
+        self.plain_loop = plain_loop
+        self.trainer_s, self.plain_s = [], []
+        self.mark = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.mark is None:
+            self.mark = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.perf_counter()
+        self.trainer_s.append(now - self.mark)
+        next(self.plain_loop)
+        self.mark = time.perf_counter()
+        self.plain_s.append(self.mark - now)
+
+
+def bench_stage2(workdir, folder, processor, cache_dir, batch_size, steps) -> dict:
     dataset = stage2_dataset(batch_size * 4)
     cache = EmbeddingCache(cache_dir)
-    # The plain loop uses the collator the trainer builds (captions looked up in the cache, images decoded, cropped).
-    collator = ProCLIPTrainer(
-        ProCLIPModel.from_pretrained(folder), args_for(workdir, batch_size, 1), stage=2, train_dataset=dataset,
-        processing_class=processor, embedding_cache=cache,
-    ).data_collator
-    trainer_steps, plain_steps = [], []
-    for _ in range(repeats):
-        seconds, _ = run_trainer(
-            folder, processor, dataset, args_for(workdir, batch_size, steps, num_train_epochs=100), 2, cache,
-            distill_weight=1.0, ema_momentum=0.999,
+
+    def make_trainer(callbacks):
+        return ProCLIPTrainer(
+            ProCLIPModel.from_pretrained(folder), args_for(workdir, batch_size, steps + 1, num_train_epochs=100),
+            stage=2, train_dataset=dataset, processing_class=processor, embedding_cache=cache, distill_weight=1.0,
+            ema_momentum=0.999, callbacks=callbacks,
         )
-        trainer_steps += seconds
-        plain_steps += plain_stage2_steps(folder, processor, dataset, batch_size, steps, collator, 1.0, 0.999)
-    trainer_s, plain_s = statistics.median(trainer_steps), statistics.median(plain_steps)
-    return {"trainer_step_s": trainer_s, "plain_loop_step_s": plain_s, "ratio": trainer_s / plain_s,
-            "timed_steps_each": len(trainer_steps)}
+
+    # The plain loop uses the collator the trainer builds (captions looked up in the cache, images decoded, cropped).
+    plain_loop = plain_stage2_loop(folder, dataset, batch_size, make_trainer([]).data_collator, 1.0, 0.999)
+    interleave = Interleave(plain_loop)
+    make_trainer([interleave]).train()
+    trainer_s, plain_s = interleave.trainer_s[1:], interleave.plain_s[1:]  # the first step of each warms up
+    return {"trainer_step_s": statistics.median(trainer_s), "plain_loop_step_s": statistics.median(plain_s),
+            "ratio": statistics.median(trainer_s) / statistics.median(plain_s),
+            "ratio_of_means": statistics.mean(trainer_s) / statistics.mean(plain_s), "timed_steps_each": len(trainer_s)}
 
 
 def main():
@@ -268,8 +286,9 @@ def main():
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=6, help="timed steps per stage-1 on-the-fly / stage-2 run")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved Trainer / plain-loop rounds in stage 2")
+    parser.add_argument("--stage2-steps", type=int, default=30, help="timed stage-2 steps on each side")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--parts", default="stage1,stage2,memory", help="comma-separated subset of stage1,stage2,memory")
     parser.add_argument("--memory-run", choices=list(MEMORY_RUNS), help=argparse.SUPPRESS)  # internal: one fresh process
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -289,36 +308,45 @@ def main():
 
         teacher = load_clip_text_teacher(str(workdir / "clip"))
         teacher_tokenizer = AutoTokenizer.from_pretrained(workdir / "clip")
-        texts = captions(args.batch_size * (args.steps * 5 + 1))
+        parts = set(args.parts.split(","))
+        stage1_texts = captions(args.batch_size * (args.steps * 5 + 1)) if parts & {"stage1", "memory"} else []
+        texts = stage1_texts + captions(args.batch_size * 4)  # stage 2 reads the first batch_size * 4 of them
         start = time.perf_counter()
         build_embedding_cache(model, processor.tokenizer, texts, workdir / "cache_llm", batch_size=64, progress=False)
         embed_s = time.perf_counter() - start
-        build_embedding_cache(model, processor.tokenizer, texts, workdir / "cache_all", teacher=teacher,
-                              teacher_tokenizer=teacher_tokenizer, batch_size=64, progress=False)
-        build_embedding_cache(model, processor.tokenizer, captions(args.batch_size * 4), workdir / "cache_llm",
-                              batch_size=64, progress=False)
+        if stage1_texts:
+            build_embedding_cache(model, processor.tokenizer, stage1_texts, workdir / "cache_all", teacher=teacher,
+                                  teacher_tokenizer=teacher_tokenizer, batch_size=64, progress=False)
         del model, teacher
 
         results = {
             "device": "cuda" if torch.cuda.is_available() else "cpu",
             "threads": torch.get_num_threads(),
             "batch_size": args.batch_size,
-            "embed_llm_captions_per_s": len(texts) / embed_s,
-            "stage1": bench_stage1(workdir, folder, processor, {"llm": workdir / "cache_llm", "all": workdir / "cache_all"},
-                                   args.batch_size, args.steps),
-            "stage2": bench_stage2(workdir, folder, processor, workdir / "cache_llm", args.batch_size, args.steps,
-                                   args.repeats),
-            "memory": bench_memory(workdir, args.batch_size, torch.get_num_threads()),
+            "embed_llm_captions_per_s": len(set(texts)) / embed_s,
         }
-    s1, s2 = results["stage1"], results["stage2"]
+        if "stage1" in parts:
+            caches = {"llm": workdir / "cache_llm", "all": workdir / "cache_all"}
+            results["stage1"] = bench_stage1(workdir, folder, processor, caches, args.batch_size, args.steps)
+        if "stage2" in parts:
+            results["stage2"] = bench_stage2(
+                workdir, folder, processor, workdir / "cache_llm", args.batch_size, args.stage2_steps
+            )
+        if "memory" in parts:
+            results["memory"] = bench_memory(workdir, args.batch_size, torch.get_num_threads())
     print(f"device {results['device']}, {results['threads']} threads, batch {args.batch_size}")
     print(f"proclip embed (SmolLM2-135M, fp32): {results['embed_llm_captions_per_s']:.1f} captions/s")
-    for name in ("on_the_fly", "llm_cached", "all_cached"):
-        print(f"stage 1 {name:11s}: {s1[name]['steps_per_s']:8.2f} steps/s")
-    print(f"stage 1 speed-up: LLM cached {s1['speedup_llm_cached']:.1f}x, LLM + teacher cached {s1['speedup_all_cached']:.1f}x")
-    print(f"stage 2: Trainer {s2['trainer_step_s'] * 1000:.0f} ms/step vs plain loop {s2['plain_loop_step_s'] * 1000:.0f} "
-          f"ms/step = {s2['ratio']:.3f}x")
-    for name, memory in results["memory"].items():
+    if "stage1" in results:
+        s1 = results["stage1"]
+        for name in ("on_the_fly", "llm_cached", "all_cached"):
+            print(f"stage 1 {name:11s}: {s1[name]['steps_per_s']:8.2f} steps/s")
+        print(f"stage 1 speed-up: LLM cached {s1['speedup_llm_cached']:.1f}x, LLM + teacher cached "
+              f"{s1['speedup_all_cached']:.1f}x")
+    if "stage2" in results:
+        s2 = results["stage2"]
+        print(f"stage 2: Trainer {s2['trainer_step_s'] * 1000:.0f} ms/step vs plain loop "
+              f"{s2['plain_loop_step_s'] * 1000:.0f} ms/step = {s2['ratio']:.3f}x")
+    for name, memory in results.get("memory", {}).items():
         line = f"memory {name:18s}: peak {memory['peak_mib']:6.0f} MiB ({memory['kind']})"
         if "anon_peak_mib" in memory:
             line += f", anonymous peak {memory['anon_peak_mib']:6.0f} MiB (+{memory['anon_increase_mib']:.0f} in train())"

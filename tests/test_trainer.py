@@ -198,6 +198,23 @@ def test_logit_scale_is_clamped_after_each_step(load_model):
         assert model.logit_scale.item() == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("stage", [1, 2])
+def test_a_micro_batch_emptied_by_the_collator_still_reaches_every_trainable_parameter(tmp_path, processor, load_model, stage):
+    """All rows dropped: the loss is 0 but connected to every trainable parameter (DDP then reduces zero gradients)."""
+    model = load_model()
+    trainer = ProCLIPTrainer(
+        model, training_args(tmp_path), stage=stage, train_dataset=image_dataset(4), processing_class=processor
+    )
+    bad_rows = [{"image": {"bytes": b"not an image", "path": None}, "caption": " "}, {"caption": ""}]
+    batch = trainer.data_collator(bad_rows)
+    assert len(batch["captions"]) == 0
+    batch.pop("skipped")
+    loss = trainer.stage.compute(model, batch)["loss"]
+    loss.backward()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert loss.item() == 0 and trainable and all(p.grad is not None and not p.grad.any() for p in trainable)
+
+
 def test_large_lambda_keeps_the_image_tower_near_its_start(tmp_path, processor, load_model):
     data = image_dataset(32)
 

@@ -37,6 +37,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import datasets
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
@@ -218,7 +219,12 @@ class TrainingStage:
         raise NotImplementedError
 
     def compute(self, model: nn.Module, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """The loss of one micro-batch and its components: `{"loss": ..., "<component>": ...}` (scalars)."""
+        """The loss of one micro-batch and its components: `{"loss": ..., "<component>": ...}` (scalars).
+
+        Runs as the model's forward (see `run_as_forward`). A micro-batch may hold no sample (all dropped by the
+        collator); the loss must then still reach every trainable parameter (`zero_loss`), and any collective must
+        run on every rank.
+        """
         raise NotImplementedError
 
     def after_optimizer_step(self, model: nn.Module, full_parameters=contextlib.nullcontext) -> None:
@@ -304,6 +310,8 @@ class InheritanceStage(TrainingStage):
         return merged
 
     def compute(self, model, inputs):
+        if batch_size_of(inputs) == 0:  # every sample of this micro-batch was dropped
+            return {"loss": zero_loss(model)}
         student = model.get_text_features(text_embeds=llm_embeddings(model, inputs)).pooler_output
         extra = {}
         if "noise_captions" in inputs:
@@ -316,15 +324,14 @@ class ContrastiveStage(TrainingStage):
     """Stage 2, contrastive tuning with self-distillation (METHOD.md §4).
 
     Args:
-        distill_weight: lambda, the weight of the self-distillation term; 0 trains with InfoNCE alone (and skips the
-            teacher's forward pass).
+        distill_weight: lambda, the weight of the self-distillation term; 0 trains with InfoNCE alone (no EMA
+            teacher is built or run).
         ema_momentum: momentum of the EMA teacher (1.0 = a frozen copy of the starting image tower).
         reduction, structure_form: see `losses.ContrastiveDistillationLoss`.
     """
 
     name = "contrastive"
     trainable = ("text_adapter", "vision_model", "visual_projection", "logit_scale")
-    state_file = STAGE_STATE_FILE
 
     def __init__(
         self,
@@ -342,10 +349,12 @@ class ContrastiveStage(TrainingStage):
         else:
             self.loss = ContrastiveDistillationLoss(distill_weight, reduction=reduction, structure_form=structure_form)
         self.ema: EMATeacher | None = None
+        self.state_file = STAGE_STATE_FILE if distill_weight > 0 else None  # no teacher, no state
         self.rows_dropped_to_equalise_ranks = 0
 
     def setup(self, model, device):
-        self.ema = EMATeacher(model, self.ema_momentum).to(device)
+        if self.distill_weight > 0:
+            self.ema = EMATeacher(model, self.ema_momentum).to(device)
 
     def make_collator(self, processor, *, caption_columns, image_column, noise_caption_column, cache, seed):
         if noise_caption_column is not None:
@@ -373,7 +382,7 @@ class ContrastiveStage(TrainingStage):
             out = self.loss(image, text, model.logit_scale)
         else:
             out = self.loss(image, text, model.logit_scale, self.ema(inputs["pixel_values"]))
-        out["logit_scale"] = model.logit_scale.detach().float().exp()
+        out["logit_scale"] = model.logit_scale.detach().float()  # log space, clamped to [0, ln 100]
         return out
 
     def _equalise_ranks(self, inputs):
@@ -392,10 +401,13 @@ class ContrastiveStage(TrainingStage):
     def after_optimizer_step(self, model, full_parameters=contextlib.nullcontext):
         with torch.no_grad():
             model.logit_scale.clamp_(0.0, LOGIT_SCALE_MAX)  # elementwise: right on a shard too
-        with full_parameters():
-            self.ema.update(model)
+        if self.ema is not None:
+            with full_parameters():
+                self.ema.update(model)
 
     def state_dict(self):
+        if self.ema is None:
+            return {}
         return {f"ema.{k}": v.detach().contiguous() for k, v in self.ema.state_dict().items()}
 
     def load_state_dict(self, state):
@@ -516,6 +528,11 @@ class ProCLIPTrainer(Trainer):
         if args.remove_unused_columns:
             logger.info("ProCLIPTrainer sets remove_unused_columns=False: its collators read the raw dataset columns.")
             args.remove_unused_columns = False
+        if isinstance(train_dataset, (torch.utils.data.IterableDataset, datasets.IterableDataset)):
+            if args.accelerator_config.dispatch_batches is None:
+                # Batches hold caption strings, which accelerate cannot split between ranks: each rank reads its
+                # own share of the stream instead of receiving slices of the main process's batches.
+                args.accelerator_config.dispatch_batches = False
         if args.ddp_find_unused_parameters is None:
             # Every trainable parameter takes part in every stage's loss (an emptied batch uses `zero_loss`), so DDP
             # can skip its per-step search for unused parameters.
@@ -562,13 +579,8 @@ class ProCLIPTrainer(Trainer):
         unwrapped = self.accelerator.unwrap_model(model)
         unwrapped.text_model.eval()  # the Trainer calls model.train() every step; the frozen LLM must not drop out
 
-        def forward():
-            if batch_size_of(inputs) == 0:
-                return {"loss": zero_loss(unwrapped)}
-            return self.stage.compute(unwrapped, inputs)
-
         with self.accelerator.autocast():
-            outputs = run_as_forward(model, unwrapped, forward)
+            outputs = run_as_forward(model, unwrapped, lambda: self.stage.compute(unwrapped, inputs))
         if model.training:
             self._accumulate_components(outputs)
         loss = outputs["loss"]
