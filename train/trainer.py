@@ -73,7 +73,13 @@ def load_clip_text_teacher(name_or_path: str, dtype: torch.dtype | None = None) 
     if config.model_type == "clip":
         text_config = config.text_config
         text_config.projection_dim = config.projection_dim
-        teacher = CLIPTextModelWithProjection.from_pretrained(name_or_path, config=text_config, dtype=dtype)
+        # The image tower's weights are expected to go unused: keep transformers' load report about them quiet.
+        verbosity = logging.get_verbosity()
+        logging.set_verbosity_error()
+        try:
+            teacher = CLIPTextModelWithProjection.from_pretrained(name_or_path, config=text_config, dtype=dtype)
+        finally:
+            logging.set_verbosity(verbosity)
     elif config.model_type == "clip_text_model":
         teacher = CLIPTextModelWithProjection.from_pretrained(name_or_path, dtype=dtype)
     else:
@@ -93,7 +99,8 @@ class EMATeacher(nn.Module):
     """An exponential moving average of the image tower (`vision_model` + `visual_projection`), kept in float32.
 
     After each optimiser step, `update(model)` sets `ema = momentum * ema + (1 - momentum) * param` for every
-    parameter; momentum 1.0 keeps the starting weights (a frozen copy). Buffers are copied as they are.
+    parameter; momentum 1.0 keeps the starting weights (a frozen copy). Buffers keep their starting values (a CLIP
+    ViT's are constant position ids).
     """
 
     def __init__(self, model: nn.Module, momentum: float):
