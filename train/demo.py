@@ -106,8 +106,9 @@ class DemoConfig:
         stage1, stage2: steps, batch size, learning rate.
         reduction: of the alignment terms (stage 1 and stage 2's self-distillation): "sum" (upstream) or "mean".
         distill_weight, ema_momentum: stage 2's lambda and EMA momentum (1.0 = a frozen copy of the start).
-        sweep: extra `(lambda, momentum, reduction)` settings of ProCLIP's stage 2, trained on the first seed from
-            its stage 1 and reported on val (where the defaults are chosen) and test.
+        sweep: extra `(lambda, momentum, reduction[, lr[, start]])` settings of stage 2, trained on the first seed
+            from its stage 1 (`start="fresh"`: from a fresh adapter) with the stage-2 learning rate `lr` (default:
+            `stage2.lr`), and reported on val (where settings are chosen) and test.
     """
 
     world: WorldConfig = field(default_factory=WorldConfig)
@@ -125,7 +126,7 @@ class DemoConfig:
     reduction: str = "mean"
     distill_weight: float = 1.0
     ema_momentum: float = 1.0
-    sweep: list[tuple[float, float, str]] = field(default_factory=list)
+    sweep: list[tuple] = field(default_factory=list)
 
     @classmethod
     def full(cls, **overrides) -> "DemoConfig":
@@ -554,9 +555,10 @@ class Demo:
 
         return self._timed(folder, build)
 
-    def step_sweep(self, weight: float, momentum: float, reduction: str):
-        return self.step_stage2(0, sweep_name(weight, momentum, reduction),
-                                setting=("stage1", weight, momentum, reduction))
+    def step_sweep(self, weight: float, momentum: float, reduction: str, lr: float | None = None,
+                   start: str = "stage1"):
+        return self.step_stage2(0, sweep_name(weight, momentum, reduction, lr, start),
+                                setting=(None if start == "fresh" else start, weight, momentum, reduction, lr))
 
     def step_stage2(self, seed: int, name: str, setting: tuple | None = None):
         folder = self.run_dir(seed, name)
@@ -564,23 +566,26 @@ class Demo:
         def build():
             from safetensors.torch import load_file, save_file
 
+            stage = self.config.stage2
             if setting is None:
                 start, weight = STAGE2_RUNS[name]
                 weight = self.config.distill_weight if weight is None else weight
                 momentum, reduction = self.config.ema_momentum, self.config.reduction
             else:
-                start, weight, momentum, reduction = setting
+                start, weight, momentum, reduction, lr = setting
+                if lr is not None:
+                    stage = dataclasses.replace(stage, lr=lr)
             base, processor = self.base()
             state = load_file(str(self.run_dir(seed, start) / "weights.safetensors")) if start else None
             model = fresh_model(base, seed, state)
             started = time.perf_counter()
             trainer = train_stage(model, processor, self.stage2_dataset(), self.cache(), folder / "trainer",
-                                  "contrastive", self.config.stage2, seed, ["caption_short", "caption_long"],
+                                  "contrastive", stage, seed, ["caption_short", "caption_long"],
                                   self.progress, reduction=reduction, distill_weight=weight, ema_momentum=momentum)
             train_seconds = time.perf_counter() - started
             save_file(trainable_state(model), str(folder / "weights.safetensors"))
             return {"run": name, "seed": seed, "starts_from": start, "distill_weight": weight,
-                    "ema_momentum": momentum, "reduction": reduction,
+                    "ema_momentum": momentum, "reduction": reduction, "lr": stage.lr,
                     "train_seconds": round(train_seconds, 1), "last_loss_components": trainer.last_components,
                     **self.scores(model)}
 
@@ -683,8 +688,9 @@ class Demo:
         return results
 
 
-def sweep_name(weight: float, momentum: float, reduction: str) -> str:
-    return f"sweep-lambda{weight:g}-momentum{momentum:g}-{reduction}"
+def sweep_name(weight: float, momentum: float, reduction: str, lr: float | None = None, start: str = "stage1") -> str:
+    name = f"sweep-lambda{weight:g}-momentum{momentum:g}-{reduction}"
+    return name + (f"-lr{lr:g}" if lr is not None else "") + ("-fresh" if start == "fresh" else "")
 
 
 def machine_description() -> str:
@@ -814,13 +820,15 @@ def results_markdown(results: dict) -> str:
     sweep = [r for r in results.get("sweep") or [] if r]
     if sweep:
         main = next(r for r in results["runs"]["proclip"] if r)
-        lines += ["", "Stage-2 settings of ProCLIP on seed 0 (choose on val; test shown for reference):", "",
-                  "| lambda | EMA momentum | reduction | val ZS seen | val ZS held-out | val short T→I | "
-                  "test ZS seen | test ZS held-out | test short T→I |", "|---" * 9 + "|"]
+        lines += ["", "Stage-2 settings on seed 0 (choose on val; test shown for reference):", "",
+                  "| starts from | lr | lambda | EMA momentum | reduction | val ZS seen | val ZS held-out | "
+                  "val short T→I | test ZS seen | test ZS held-out | test short T→I |", "|---" * 11 + "|"]
+        stage2_lr = results["config"]["stage2"]["lr"]
         for r in [main, *sweep]:
             v, t = r["val"], r["test"]
             lines.append(
-                f"| {r['distill_weight']:g} | {r['ema_momentum']:g} | {r['reduction']} | "
+                f"| {r['starts_from'] or 'fresh adapter'} | {r.get('lr', stage2_lr):g} | "
+                f"{r['distill_weight']:g} | {r['ema_momentum']:g} | {r['reduction']} | "
                 f"{100 * v['zeroshot']['top1_seen']:.1f} | {100 * v['zeroshot']['top1_held_out']:.1f} | "
                 f"{100 * v['retrieval']['short']['t2i_R@1']:.1f} | {100 * t['zeroshot']['top1_seen']:.1f} | "
                 f"{100 * t['zeroshot']['top1_held_out']:.1f} | {100 * t['retrieval']['short']['t2i_R@1']:.1f} |")
@@ -850,6 +858,14 @@ def run_demo(args: argparse.Namespace) -> dict:
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     config = DemoConfig.quick(**overrides) if args.quick else DemoConfig.full(**overrides)
+    for text in args.sweep or []:
+        parts = text.split(",")
+        setting = [float(parts[0]), float(parts[1]), parts[2]]
+        if len(parts) > 3:
+            setting.append(float(parts[3]) if parts[3] else None)
+        if len(parts) > 4:
+            setting.append(parts[4])
+        config.sweep.append(tuple(setting))
     for stage, steps in (("stage1", args.stage1_steps), ("stage2", args.stage2_steps)):
         if steps is not None:
             getattr(config, stage).steps = steps
@@ -871,6 +887,8 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
                         help="stage 2's self-distillation weight lambda (default 1.0)")
     parser.add_argument("--ema-momentum", type=float, help="EMA momentum of the image teacher (default 1.0 = frozen)")
     parser.add_argument("--reduction", choices=["sum", "mean"], help="of the alignment terms (default: mean)")
+    parser.add_argument("--sweep", action="append", metavar="LAMBDA,MOMENTUM,REDUCTION[,LR[,stage1|fresh]]",
+                        help="an extra stage-2 setting trained on seed 0 and reported on val and test; repeat")
     parser.add_argument("--stage1-steps", type=int, help="override the stage-1 steps")
     parser.add_argument("--stage2-steps", type=int, help="override the stage-2 steps")
     parser.add_argument("--threads", type=int, default=1,
