@@ -176,9 +176,14 @@ def test_relations_and_lists_are_grammatical():
     above = dict(pair, relation="above", objects=[("blue", "square", None), ("yellow", "diamond", None)])
     assert realise_short_caption(above, "de") == "Ein blaues Quadrat über einer gelben Raute."
     assert realise_short_caption(above, "fr") == "Un carré bleu au-dessus d'un losange jaune."
-    photo = {"kind": "single", "object": ("red", "triangle", "small"), "photo": True}
+    photo = {"kind": "single", "object": ("red", "triangle", "small"), "frame": "photo"}
     assert realise_short_caption(photo, "de") == "Ein Foto von einem kleinen roten Dreieck."
     assert realise_short_caption(photo, "fr") == "Une photo d'un petit triangle rouge."
+    image = dict(photo, frame="image", object=("orange", "star", None))
+    assert realise_short_caption(image, "en") == "An image of an orange star."
+    assert realise_short_caption(image, "de") == "Eine Abbildung von einem orangefarbenen Stern."
+    assert realise_short_caption(image, "es") == "Una imagen de una estrella naranja."
+    assert realise_short_caption(dict(image, frame="drawing"), "fr") == "Un dessin d'une étoile orange."
     many = {"kind": "many", "count": 5, "objects": [("red", "circle", None), ("purple", "star", None)]}
     assert realise_short_caption(many, "en") == "Five shapes, among them a red circle and a purple star."
     assert realise_short_caption(many, "es") == "Cinco figuras, entre ellas un círculo rojo y una estrella morada."

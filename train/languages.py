@@ -68,6 +68,14 @@ RELATIONS = {  # relation -> phrase that precedes the second noun phrase
     "es": {"left": "a la izquierda de", "right": "a la derecha de", "above": "encima de", "below": "debajo de"},
 }
 
+# "a photo of ...": the frames a single-object caption may have, each with its article.
+FRAMES = {
+    "en": {"photo": "a photo", "picture": "a picture", "image": "an image", "drawing": "a drawing"},
+    "de": {"photo": "ein Foto", "picture": "ein Bild", "image": "eine Abbildung", "drawing": "eine Zeichnung"},
+    "fr": {"photo": "une photo", "picture": "une illustration", "image": "une image", "drawing": "un dessin"},
+    "es": {"photo": "una foto", "picture": "una ilustración", "image": "una imagen", "drawing": "un dibujo"},
+}
+
 _DE_ARTICLE = {("nom", "m"): "ein", ("nom", "f"): "eine", ("nom", "n"): "ein",
                ("dat", "m"): "einem", ("dat", "f"): "einer", ("dat", "n"): "einem"}
 _DE_ENDING = {("nom", "m"): "er", ("nom", "f"): "e", ("nom", "n"): "es",
@@ -147,19 +155,23 @@ def realise_short_caption(plan: dict, lang: str) -> str:
     """Realise a short-caption plan (built by the synthetic world) in ``lang``.
 
     Plans (objects are ``(colour, shape, size_or_None)`` tuples):
-      ``{"kind": "single", "object": o, "photo": bool}``   -> "A photo of a large red circle."
+      ``{"kind": "single", "object": o, "frame": f}``      -> "A photo of a large red circle." (f: a key of
+                                                              ``FRAMES`` or None for "A large red circle.")
       ``{"kind": "pair", "objects": [a, b], "relation": r}`` -> "A red circle to the left of a small blue square."
       ``{"kind": "list", "objects": [a, b, c]}``             -> "A red circle, a blue square and a green star."
       ``{"kind": "many", "count": n, "objects": [a, b]}``    -> "Five shapes, among them a red circle and a blue star."
     """
     kind = plan["kind"]
     if kind == "single":
-        np_ = noun_phrase(lang, *plan["object"])
-        if plan.get("photo"):
-            text = {"en": f"a photo of {np_}", "de": f"ein Foto von {noun_phrase('de', *plan['object'], case='dat')}",
-                    "fr": f"une photo {_after_de('fr', np_)}", "es": f"una foto {_after_de('es', np_)}"}[lang]
+        frame = plan.get("frame")
+        if frame is None:
+            text = noun_phrase(lang, *plan["object"])
+        elif lang == "de":
+            text = f"{FRAMES['de'][frame]} von {noun_phrase('de', *plan['object'], case='dat')}"
+        elif lang == "en":
+            text = f"{FRAMES['en'][frame]} of {noun_phrase('en', *plan['object'])}"
         else:
-            text = np_
+            text = f"{FRAMES[lang][frame]} {_after_de(lang, noun_phrase(lang, *plan['object']))}"
     elif kind == "pair":
         first, second = plan["objects"]
         text = f"{noun_phrase(lang, *first)} {_relation_phrase(lang, plan['relation'], second)}"

@@ -64,7 +64,7 @@ COLOUR_RGB = {
 }
 
 # radius of each size as a fraction of the image side
-SIZE_RADIUS = {"small": 0.085, "medium": 0.125, "large": 0.175}
+SIZE_RADIUS = {"small": 0.095, "medium": 0.13, "large": 0.175}
 
 PREAMBLES = (
     "This is a synthetic picture made for a simple research demonstration. It shows simple flat figures drawn "
@@ -104,7 +104,7 @@ class WorldConfig:
     shapes: tuple[str, ...] = ("circle", "square", "triangle", "star")
     sizes: tuple[str, ...] = ("small", "medium", "large")
     max_objects: int = 6
-    object_count_weights: tuple[float, ...] = (0.35, 0.2, 0.15, 0.1, 0.1, 0.1)
+    object_count_weights: tuple[float, ...] = (0.4, 0.25, 0.15, 0.1, 0.05, 0.05)
     held_out: tuple[tuple[str, str], ...] = (
         ("red", "triangle"), ("green", "star"), ("blue", "circle"), ("yellow", "square"),
     )
@@ -244,7 +244,8 @@ def _short_plan(objects: list[SceneObject], rng: random.Random) -> dict:
 
     n = len(objects)
     if n == 1:
-        return {"kind": "single", "object": spec(objects[0], rng.random() < 0.7), "photo": rng.random() < 0.5}
+        frame = rng.choice((None, None, "photo", "picture", "image", "drawing"))
+        return {"kind": "single", "object": spec(objects[0], rng.random() < 0.7), "frame": frame}
     if n == 2:
         a, b = rng.sample(objects, 2)
         with_size = rng.random() < 0.5
