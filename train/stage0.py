@@ -143,6 +143,12 @@ class LLMEmbedder(nn.Module):
         hidden_states = self.run(input_ids, attention_mask).last_hidden_state
         return pool_hidden_states(hidden_states, attention_mask, self.pooling)
 
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        """Recompute the model's layers in backward (`--activation_checkpointing`). Non-reentrant by default, so the
+        frozen embeddings need no gradient for the LoRA layers above them to get one."""
+        checkpoint_kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
+        self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs, **kwargs)
+
 
 @dataclass
 class TextTower:
@@ -323,8 +329,8 @@ class CaptionPairCollator(_Collator):
     """Stage 0: rows -> two different captions of the same image, tokenised: the positive pairs.
 
     The two are drawn at random without replacement among the row's distinct non-blank captions in `caption_columns`
-    (a list-valued column counts each of its strings; with two single-caption columns the pair is those two). A row
-    with fewer than two is dropped and counted under `too_few_captions`.
+    (a list-valued column counts each of its strings; with two single-caption columns the pair is those two), and
+    keep their column order. A row with fewer than two is dropped and counted under `too_few_captions`.
 
     Returns (a dict, B = rows kept):
         `captions`, `pair_captions` list[str] (B);
@@ -345,7 +351,9 @@ class CaptionPairCollator(_Collator):
             if len(candidates) < 2:
                 self._skip(skipped, TOO_FEW_CAPTIONS, row, f"fewer than two captions in {', '.join(self.caption_columns)}")
                 continue
-            a, b = torch.randperm(len(candidates), generator=self.generator)[:2].tolist()
+            # Column order kept (the loss is symmetric): with a short and a long column, the short captions pad to
+            # short lengths instead of every view padding to the long ones.
+            a, b = sorted(torch.randperm(len(candidates), generator=self.generator)[:2].tolist())
             first.append(candidates[a])
             second.append(candidates[b])
         batch: dict[str, Any] = {"captions": first, "pair_captions": second}
@@ -412,7 +420,14 @@ def mntp_mask_token_id(tokenizer) -> int:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-class CaptionContrastiveModel(nn.Module):
+class _TrainsAnEmbedder(nn.Module):
+    """What the Trainer asks of the module it trains, passed on to the LLM embedder inside."""
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        self.embedder.activation_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
+
+
+class CaptionContrastiveModel(_TrainsAnEmbedder):
     """Stage 0's contrastive step: both captions of each pair through the LLM embedder, symmetric InfoNCE.
 
     Uses `losses.ContrastiveLoss` (stage 2's loss, negatives from every rank) with the two caption views in the roles
@@ -435,17 +450,17 @@ class CaptionContrastiveModel(nn.Module):
         return self.loss(first, second, self.logit_scale)
 
 
-class MaskedNextTokenModel(nn.Module):
+class MaskedNextTokenModel(_TrainsAnEmbedder):
     """MNTP step: the causal LM's next-token loss on masked positions, with the embedder's attention (bidirectional)."""
 
-    def __init__(self, lm: LLMEmbedder):
+    def __init__(self, embedder: LLMEmbedder):
         super().__init__()
-        self.lm = lm
+        self.embedder = embedder
 
     def forward(self, input_ids, attention_mask, labels) -> dict[str, torch.Tensor]:
         if input_ids.shape[0] == 0:
             return {"loss": zero_loss(self)}
-        return {"loss": self.lm.run(input_ids, attention_mask, labels=labels).loss}
+        return {"loss": self.embedder.run(input_ids, attention_mask, labels=labels).loss}
 
 
 class Stage0Trainer(Trainer):
