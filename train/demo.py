@@ -613,7 +613,8 @@ class Demo:
                     if (trainer_dir / file).is_file():
                         shutil.copy(trainer_dir / file, partial / f"{stage_run}_{file}")
             results = self.eval_results(model, processor, partial)
-            write_model_card(partial, results=results, datasets=["synthetic-world"], languages=["en"],
+            write_model_card(partial, results=results, repo_id="your-org/proclip-demo", model_name="proclip-demo",
+                             datasets=["synthetic-world"], languages=["en"],
                              runs=[str(self.run_dir(0, "stage1") / "trainer"),
                                    str(self.run_dir(0, "proclip") / "trainer")])
             if self.final_dir.exists():
