@@ -99,3 +99,20 @@ def tiny_proclip_dir(tmp_path_factory, tiny_clip_dir, tiny_llm_dir) -> Path:
     model.save_pretrained(out_dir)
     ProCLIPProcessor.from_towers(tiny_clip_dir, tiny_llm_dir, model.config).save_pretrained(out_dir)
     return out_dir
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices on shared cores: one intra-op thread is many times faster than two competing ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_proclip_dir):
+    """The processor of the exported tiny ProCLIP folder."""
+    from modeling_proclip import ProCLIPProcessor
+
+    return ProCLIPProcessor.from_pretrained(tiny_proclip_dir)

@@ -10,7 +10,7 @@ from conftest import build_tiny_clip
 from safetensors import safe_open
 from transformers import TrainingArguments
 
-from modeling_proclip import ProCLIPModel, ProCLIPProcessor
+from modeling_proclip import ProCLIPModel
 from proclip_train.cache import (
     DEFAULT_CACHE_FOLDER,
     EmbeddingCache,
@@ -20,20 +20,9 @@ from proclip_train.cache import (
 )
 from proclip_train.trainer import ProCLIPTrainer, load_clip_text_teacher
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CAPTIONS = [f"a {c} {s} on a {b} background" for c in ("red", "blue", "green", "white") for s in ("cat", "dog", "car", "tree") for b in ("grey", "black")]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def processor(tiny_proclip_dir):
-    return ProCLIPProcessor.from_pretrained(tiny_proclip_dir)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch
 from conftest import build_tiny_clip, build_tiny_llm, minilm_folder
 from isolation import run_without_project
 from PIL import Image
-from transformers import AutoModel, AutoTokenizer, CLIPModel, LlamaConfig, LlamaModel
+from transformers import AutoModel, AutoTokenizer, CLIPModel
 
 from configuration_proclip import ProCLIPConfig, text_tower_preset
 from modeling_proclip import (
@@ -31,11 +31,6 @@ def red_image(mode="RGB", size=(40, 36)):
 @pytest.fixture(scope="module")
 def model(tiny_proclip_dir):
     return ProCLIPModel.from_pretrained(tiny_proclip_dir).eval()
-
-
-@pytest.fixture(scope="module")
-def processor(tiny_proclip_dir):
-    return ProCLIPProcessor.from_pretrained(tiny_proclip_dir)
 
 
 # -- config ---------------------------------------------------------------------------------------------------------

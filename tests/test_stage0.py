@@ -38,6 +38,8 @@ from proclip_train.stage0 import (
     run_stage0,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 COLOURS = ("red", "green", "blue", "yellow", "black", "white", "purple", "orange")
 SHAPES = ("circle", "square", "star", "triangle", "cross", "heart")
 # Words that say nothing about the image: a raw model's mean-pooled states are dominated by them.
@@ -46,15 +48,6 @@ TRAINING = dict(
     per_device_train_batch_size=32, learning_rate=2e-3, warmup_steps=0, save_strategy="no", logging_steps=20,
     use_cpu=True, disable_tqdm=True, seed=0,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices on shared cores: one intra-op thread is many times faster than two competing ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def caption_pairs(n: int, seed: int) -> list[tuple[str, str]]:

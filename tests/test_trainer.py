@@ -26,10 +26,12 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import TrainerCallback, TrainingArguments
 
-from modeling_proclip import ProCLIPModel, ProCLIPProcessor
+from modeling_proclip import ProCLIPModel
 from proclip_train.data import CLIPImageTransform, ContrastiveCollator, load_training_dataset
 from proclip_train.losses import InheritanceLoss
 from proclip_train.trainer import LOGIT_SCALE_MAX, ContrastiveStage, ProCLIPTrainer, stage_name
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 COLOURS = {
     "red": (230, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 230), "yellow": (240, 230, 30),
@@ -38,20 +40,6 @@ COLOURS = {
 SHAPES = ("circle", "square", "star", "triangle", "cross", "heart")
 ADAPTER = ("text_adapter",)
 STAGE2_TRAINABLE = ("text_adapter", "vision_model", "visual_projection", "logit_scale")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices on shared cores: one intra-op thread is many times faster than two competing ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def processor(tiny_proclip_dir):
-    return ProCLIPProcessor.from_pretrained(tiny_proclip_dir)
 
 
 @pytest.fixture
