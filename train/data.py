@@ -493,7 +493,7 @@ class SkipCounter:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _caption_candidates(row: Mapping, columns: Sequence[str]) -> list[str]:
+def caption_candidates(row: Mapping, columns: Sequence[str]) -> list[str]:
     """The usable captions of a row: non-blank strings from the given columns (list-valued columns expanded)."""
     candidates = []
     for column in columns:
@@ -504,7 +504,7 @@ def _caption_candidates(row: Mapping, columns: Sequence[str]) -> list[str]:
     return candidates
 
 
-class _Collator:
+class CaptionCollator:
     """Shared parts: the per-process random generator, tokenisation, and counting what was dropped.
 
     Randomness: one `torch.Generator` per process. In the main process (`num_workers=0`) it is seeded with `seed` and
@@ -578,7 +578,7 @@ class _Collator:
             )
 
 
-class InheritanceCollator(_Collator):
+class InheritanceCollator(CaptionCollator):
     """Stage 1 (representation inheritance) collator: rows -> tokenised captions; images are never read.
 
     Each row gives one caption, drawn at random among its non-blank captions in `caption_columns` (a list-valued
@@ -592,7 +592,7 @@ class InheritanceCollator(_Collator):
         noise_caption_column: optional second caption view per row (e.g. raw alt-text beside a recaption).
         max_length: truncation length, the model config's `max_text_length`; `None` = the tokenizer's own limit.
         teacher_tokenizer: optional CLIP tokenizer; adds the teacher's ids (truncated to its 77-token limit).
-        seed: seed of the caption choice (see `_Collator`).
+        seed: seed of the caption choice (see `CaptionCollator`).
 
     Returns (a dict, B = rows kept):
         `captions` list[str] (B) -- the raw chosen captions, for a cache lookup or a teacher;
@@ -624,12 +624,12 @@ class InheritanceCollator(_Collator):
         skipped: Counter = Counter({reason: 0 for reason in SKIP_REASONS})
         captions, noise_captions = [], []
         for row, (u, u_noise) in zip(rows, draws):
-            candidates = _caption_candidates(row, self.caption_columns)
+            candidates = caption_candidates(row, self.caption_columns)
             if not candidates:
                 self._skip(skipped, EMPTY_CAPTION, row, f"no caption in {', '.join(self.caption_columns)}")
                 continue
             if self.noise_caption_column is not None:
-                noise = _caption_candidates(row, (self.noise_caption_column,))
+                noise = caption_candidates(row, (self.noise_caption_column,))
                 if not noise:
                     self._skip(skipped, EMPTY_CAPTION, row, f"no caption in {self.noise_caption_column}")
                     continue
@@ -649,7 +649,7 @@ class InheritanceCollator(_Collator):
         return batch
 
 
-class ContrastiveCollator(_Collator):
+class ContrastiveCollator(CaptionCollator):
     """Stage 2 (contrastive tuning) collator: rows -> `pixel_values` and one tokenised caption per image.
 
     Each image is paired with one caption drawn at random among the row's non-blank captions in `caption_columns`
@@ -663,7 +663,7 @@ class ContrastiveCollator(_Collator):
         image_column: the image column (`{"bytes", "path"}`, a path, bytes or a PIL image).
         caption_columns: the caption column(s).
         max_length: truncation length, the model config's `max_text_length`.
-        seed: seed of the caption choice and of the random crops (see `_Collator`).
+        seed: seed of the caption choice and of the random crops (see `CaptionCollator`).
 
     Returns (a dict, B = rows kept):
         `pixel_values` FloatTensor (B, 3, H, W);
@@ -694,7 +694,7 @@ class ContrastiveCollator(_Collator):
         skipped: Counter = Counter({reason: 0 for reason in SKIP_REASONS})
         pixels, captions = [], []
         for row, u in zip(rows, draws):
-            candidates = _caption_candidates(row, self.caption_columns)
+            candidates = caption_candidates(row, self.caption_columns)
             if not candidates:
                 self._skip(skipped, EMPTY_CAPTION, row, f"no caption in {', '.join(self.caption_columns)}")
                 continue
@@ -725,11 +725,13 @@ __all__ = [
     "EMPTY_CAPTION",
     "SKIP_REASONS",
     "SKIPPED_KEY",
+    "CaptionCollator",
     "CLIPImageTransform",
     "ContrastiveCollator",
     "DataSpec",
     "InheritanceCollator",
     "SkipCounter",
+    "caption_candidates",
     "decode_image",
     "load_training_dataset",
     "to_rgb",

@@ -55,7 +55,14 @@ from configuration_proclip.configuration_proclip import (
 )
 from modeling_proclip import bidirectional_attention_mask, configure_text_tokenizer, pool_hidden_states
 
-from .data import SKIPPED_KEY, InheritanceCollator, SkipCounter, _caption_candidates, _Collator, load_training_dataset
+from .data import (
+    SKIPPED_KEY,
+    CaptionCollator,
+    InheritanceCollator,
+    SkipCounter,
+    caption_candidates,
+    load_training_dataset,
+)
 from .losses import ContrastiveLoss
 from .metrics import caption_retrieval_accuracy
 from .trainer import load_clip_text_teacher, zero_loss
@@ -284,7 +291,7 @@ def caption_pairs(dataset, caption_columns: Sequence[str]) -> tuple[list[str], l
     columns = list(caption_columns)
     for rows in dataset.select_columns(columns).iter(batch_size=1000):
         for i in range(len(rows[columns[0]])):
-            captions = _caption_candidates({c: rows[c][i] for c in columns}, columns)
+            captions = caption_candidates({c: rows[c][i] for c in columns}, columns)
             if len(captions) < 2:
                 skipped += 1
                 continue
@@ -325,7 +332,7 @@ def evaluate_caption_retrieval(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-class CaptionPairCollator(_Collator):
+class CaptionPairCollator(CaptionCollator):
     """Stage 0: rows -> two different captions of the same image, tokenised: the positive pairs.
 
     The two are drawn at random without replacement among the row's distinct non-blank captions in `caption_columns`
@@ -347,7 +354,7 @@ class CaptionPairCollator(_Collator):
         skipped: Counter = Counter({TOO_FEW_CAPTIONS: 0})
         first, second = [], []
         for row in rows:
-            candidates = list(dict.fromkeys(_caption_candidates(row, self.caption_columns)))
+            candidates = list(dict.fromkeys(caption_candidates(row, self.caption_columns)))
             if len(candidates) < 2:
                 self._skip(skipped, TOO_FEW_CAPTIONS, row, f"fewer than two captions in {', '.join(self.caption_columns)}")
                 continue
