@@ -7,7 +7,17 @@ import time
 import pytest
 
 from proclip_train.cli import build_parser
-from proclip_train.demo import STAGE1_RUNS, STAGE2_RUNS, Demo, DemoConfig, results_markdown
+from proclip_train.demo import (
+    STAGE0_TOWER_RUNS,
+    STAGE1_RUNS,
+    STAGE2_RUNS,
+    Demo,
+    DemoConfig,
+    Stage0DemoConfig,
+    results_markdown,
+)
+from proclip_train.stage0 import caption_retrieval_accuracy_of
+from proclip_train.synthetic_world import read_metadata
 
 pytestmark = pytest.mark.real_weights
 
@@ -85,3 +95,50 @@ def test_another_config_in_the_same_folder_is_refused(demo):
     out, _ = demo
     with pytest.raises(FileExistsError):
         Demo(out, DemoConfig.quick(distill_weight=0.5), progress=False).run()
+
+
+# --- `--stage0`: LLM2CLIP's stage 0 on SmolLM2, then ProCLIP on the tuned LLM, added to the finished demo -----------
+
+
+@pytest.fixture(scope="module")
+def demo_with_stage0(demo):
+    out, _ = demo
+    config = DemoConfig.quick(stage0=Stage0DemoConfig.quick())
+    results = Demo(out, config, progress=False, command="proclip demo --quick --stage0").run()
+    return out, results
+
+
+def test_cli_wires_stage0():
+    args = build_parser().parse_args(["demo", "--quick", "--stage0", "--stage0-steps", "7"])
+    assert args.stage0 and args.stage0_steps == 7
+
+
+def test_stage0_rows_join_the_finished_demo(demo, demo_with_stage0):
+    out, results = demo_with_stage0
+    assert results["runs"]["proclip"] == demo[1]["runs"]["proclip"]  # reused, not retrained
+    assert [r["row"] for r in results["table"]] == ["teacher", "stage1", *STAGE2_RUNS, *STAGE0_TOWER_RUNS]
+    row = next(r for r in results["table"] if r["row"] == "stage0-proclip")
+    assert list(row["stage_seconds"]) == ["stage 0", "stage 1", "stage 2"]
+    assert all(stat["n"] == 1 and stat["mean"] > 0 for stat in row["stage_seconds"].values())
+    record = results["runs"]["stage0-proclip"][0]
+    assert record["text_tower"] == "stage0" and record["starts_from"] == "stage0-stage1"
+    # stage 0 records bidirectional attention in its export, and the ProCLIP model built on it uses it
+    assert json.loads((out / "stage0" / "proclip_text_tower.json").read_text())["bidirectional"] is True
+    assert json.loads((out / "init-stage0" / "config.json").read_text())["bidirectional"] is True
+    assert json.loads((out / "init" / "config.json").read_text())["bidirectional"] is False
+    markdown = (out / "results.md").read_text()
+    assert "ProCLIP on the stage-0 LLM" in markdown and "LLM after stage 0" in markdown
+
+
+def test_text_tower_caption_retrieval_matches_the_llm_itself(demo_with_stage0):
+    """The demo's CRA of the raw LLM comes from its embedding cache (bf16 autocast); `caption_retrieval_accuracy_of`
+    runs SmolLM2 itself in float32 on the same test captions: each scene's short caption among the long ones."""
+    out, results = demo_with_stage0
+    towers = results["text_tower_caption_retrieval"]
+    assert set(towers) == {"teacher", "llm", "stage0"}
+    n = towers["llm"]["num_images"]
+    assert n == DemoConfig.quick().n_long_test
+    scenes = [r for r in read_metadata(out / "world", "test") if r["kind"] == "scene"][:n]
+    direct = caption_retrieval_accuracy_of(results["steps"]["init"]["text"], [r["caption_short"] for r in scenes],
+                                           [r["caption_long"] for r in scenes], max_text_length=256)
+    assert towers["llm"]["short_to_long"] == pytest.approx(direct, abs=2.5 / n)  # at most two queries differ
