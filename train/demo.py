@@ -178,7 +178,8 @@ class DemoConfig:
                             val_per_class=20, test_per_class=20, object_count_weights=(0.35, 0.2, 0.15, 0.1, 0.1, 0.1))
         # The teacher follows `teacher.py`'s own recipe (83% zero-shot on this world's test split, BENCHMARKS.md).
         values = dict(world=world, teacher=TeacherConfig(),
-                      sweep=[(1.0, 1.0, "mean"), (0.01, 0.999, "sum"), (100.0, 1.0, "mean"), (10.0, 0.999, "mean")])
+                      sweep=[(1.0, 1.0, "mean"), (0.01, 0.999, "sum"), (100.0, 1.0, "mean"), (10.0, 0.999, "mean"),
+                             (0.0, 1.0, "mean", 1e-3), (10.0, 1.0, "mean", 1e-3)])
         values.update(overrides)
         return cls(**values)
 
