@@ -83,7 +83,7 @@ class TeacherConfig:
     projection_dim: int = 64
     max_text_length: int = 32
     vocab_size: int = 1024
-    steps: int = 2400
+    steps: int = 3000
     batch_size: int = 256
     lr: float = 2e-3
     min_lr_ratio: float = 0.0
