@@ -123,6 +123,14 @@ def test_tokenizer_training_is_deterministic():
     assert first.tokenize(captions[0]) == [w + "</w>" for w in captions[0].lower().rstrip(".").split()] + [".</w>"]
 
 
+def test_teacher_training_repeats_exactly(quick, tmp_path):
+    """Same world and config, a fresh folder: the same weights and tokenizer, so the demo's table reproduces."""
+    world_dir, teacher_dir, _, _ = quick
+    again = train_teacher(world_dir, tmp_path / "teacher", TeacherConfig.quick(), progress=False, num_threads=1)
+    for name in ("model.safetensors", "tokenizer.json"):
+        assert (again / name).read_bytes() == (teacher_dir / name).read_bytes(), name
+
+
 def test_teacher_is_cached_and_refuses_a_foreign_folder(quick, tmp_path):
     world_dir, teacher_dir, _, _ = quick
     weights = teacher_dir / "model.safetensors"
