@@ -504,6 +504,14 @@ def caption_candidates(row: Mapping, columns: Sequence[str]) -> list[str]:
     return candidates
 
 
+def iter_row_captions(dataset, columns: Sequence[str], batch_size: int = 1000):
+    """Each row's `caption_candidates` across `columns`, reading the dataset in batches."""
+    columns = list(columns)
+    for rows in dataset.select_columns(columns).iter(batch_size=batch_size):
+        for i in range(len(rows[columns[0]])):
+            yield caption_candidates({c: rows[c][i] for c in columns}, columns)
+
+
 class CaptionCollator:
     """Shared parts: the per-process random generator, tokenisation, and counting what was dropped.
 
@@ -733,6 +741,7 @@ __all__ = [
     "SkipCounter",
     "caption_candidates",
     "decode_image",
+    "iter_row_captions",
     "load_training_dataset",
     "to_rgb",
 ]

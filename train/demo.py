@@ -66,8 +66,9 @@ STAGE2_RUNS = {
     "proclip-nostruct": ("stage1-nostruct", None),
     "proclip-nodistill": ("stage1", 0.0),
 }
-# Runs on the stage-0 LLM (`--stage0`): run name -> the run it repeats on that text tower.
-STAGE0_TOWER_RUNS = {"stage0-stage1": "stage1", "stage0-proclip": "proclip"}
+# Runs on the stage-0 LLM (`--stage0`): "stage0-" + the name of the run it repeats on that text tower.
+STAGE0_PREFIX = "stage0-"
+STAGE0_TOWER_RUNS = {STAGE0_PREFIX + name: name for name in ("stage1", "proclip")}
 # Text towers: name -> (init folder, embedding cache folder) under the demo folder.
 TOWER_FOLDERS = {"llm": ("init", "embedding_cache"), "stage0": ("init-stage0", "embedding_cache-stage0")}
 STAGE0_CAPTION_COLUMNS = ("caption_short", "caption_long")  # two captions of one scene: stage 0's positive pair
@@ -176,7 +177,7 @@ class DemoConfig:
     def full(cls, **overrides) -> "DemoConfig":
         world = WorldConfig(n_align_train=3000, n_stage1_captions=3000, n_val_scenes=150, n_test_scenes=300,
                             val_per_class=20, test_per_class=20, object_count_weights=(0.35, 0.2, 0.15, 0.1, 0.1, 0.1))
-        # The teacher follows `teacher.py`'s own recipe (83% zero-shot on this world's test split, BENCHMARKS.md).
+        # The teacher follows `teacher.py`'s own recipe (86-89% zero-shot on this world's test split, BENCHMARKS.md).
         values = dict(world=world, teacher=TeacherConfig(),
                       sweep=[(1.0, 1.0, "mean"), (0.01, 0.999, "sum"), (100.0, 1.0, "mean"), (10.0, 0.999, "mean"),
                              (0.0, 1.0, "mean", 1e-3), (10.0, 1.0, "mean", 1e-3)])
@@ -319,16 +320,14 @@ def cached_text_features(model, cache, texts: list[str], table: str = "llm") -> 
     return model.get_text_features(text_embeds=embeds).pooler_output.float()
 
 
-def short_to_long_retrieval(evalset: "EvalSet", embed) -> dict | None:
-    """Caption retrieval accuracy on the scenes that have a long caption: each one's short caption queries among
-    the long captions. `embed(texts) -> (N, D)`. None without long captions."""
+def short_to_long_retrieval(short: torch.Tensor, long: torch.Tensor) -> dict:
+    """Caption retrieval accuracy on the scenes that have a long caption (the first N): each one's short caption
+    queries among the long captions. `short` (>= N, D) and `long` (N, D) embeddings, scene-aligned."""
     from .metrics import caption_retrieval_accuracy
 
-    n = len(evalset.captions["long"])
-    if not n:
-        return None
-    embeds = embed(evalset.captions["short"][:n] + evalset.captions["long"])
-    return {"short_to_long": caption_retrieval_accuracy(embeds, torch.arange(n).repeat(2)), "num_images": n}
+    n = len(long)
+    accuracy = caption_retrieval_accuracy(torch.cat([short[:n], long]), torch.arange(n).repeat(2))
+    return {"short_to_long": accuracy, "num_images": n}
 
 
 def score(model, evalset: EvalSet, cache, table: str = "llm") -> dict:
@@ -347,12 +346,12 @@ def score(model, evalset: EvalSet, cache, table: str = "llm") -> dict:
                            "top1_held_out": correct[on_held].mean().item(), "num_images": len(correct),
                            "chance": 1 / len(evalset.classes)}}
     scenes = image_features(model, evalset.scene_pixels)
-    result["retrieval"] = {}
+    result["retrieval"], features = {}, {}
     for column, texts in evalset.captions.items():
         n = len(texts)
         if n == 0:
             continue
-        text = cached_text_features(model, cache, texts, table)
+        text = features[column] = cached_text_features(model, cache, texts, table)
         target = torch.arange(n)
         i2t = (retrieval_ranks(scenes[:n], text, target) == 0).float()
         t2i = (retrieval_ranks(text, scenes[:n], target) == 0).float()
@@ -363,9 +362,8 @@ def score(model, evalset: EvalSet, cache, table: str = "llm") -> dict:
             entry[f"{name}_R@1_seen"] = hits[~held_scene].mean().item() if (~held_scene).any() else float("nan")
             entry[f"{name}_R@1_held_out"] = hits[held_scene].mean().item() if held_scene.any() else float("nan")
         result["retrieval"][column] = entry
-    cra = short_to_long_retrieval(evalset, lambda texts: cached_text_features(model, cache, texts, table))
-    if cra:
-        result["caption_retrieval"] = cra
+    if "long" in features:
+        result["caption_retrieval"] = short_to_long_retrieval(features["short"], features["long"])
     return result
 
 
@@ -556,6 +554,11 @@ class Demo:
         init, cache = TOWER_FOLDERS[tower]
         return self.out / init, self.out / cache
 
+    @staticmethod
+    def tower_step(step: str, tower: str) -> str:
+        """A per-tower step's name (its folder under `steps/`): `init`, `init-stage0`, `embed`, `embed-stage0`."""
+        return step if tower == "llm" else f"{step}-{tower}"
+
     def step_init(self, tower: str = "llm"):
         init_dir = self.tower_dirs(tower)[0]
 
@@ -571,7 +574,7 @@ class Demo:
                              max_text_length=self.config.max_text_length)
             return {"text": text}
 
-        return self._timed(self.out / "steps" / init_dir.name, build)
+        return self._timed(self.out / "steps" / self.tower_step("init", tower), build)
 
     def base(self, tower: str = "llm"):
         """A tower's `init` model (teacher image tower, frozen LLM, fresh adapter) and its processor, loaded once."""
@@ -591,10 +594,14 @@ class Demo:
         return self._caches[tower]
 
     def stage1_runs(self) -> list[str]:
-        return [*STAGE1_RUNS, *(["stage0-stage1"] if self.config.stage0 else [])]
+        return [*STAGE1_RUNS, *self.stage0_runs_of(STAGE1_RUNS)]
 
     def stage2_runs(self) -> list[str]:
-        return [*STAGE2_RUNS, *(["stage0-proclip"] if self.config.stage0 else [])]
+        return [*STAGE2_RUNS, *self.stage0_runs_of(STAGE2_RUNS)]
+
+    def stage0_runs_of(self, runs) -> list[str]:
+        """The stage-0 LLM's repeats of `runs` (none without `--stage0`)."""
+        return [name for name, repeats in STAGE0_TOWER_RUNS.items() if repeats in runs] if self.config.stage0 else []
 
     def test_set(self) -> EvalSet:
         if self._test is None:
@@ -655,7 +662,7 @@ class Demo:
             self._caches.pop(tower, None)
             return {**counts, **timings, "bf16_autocast": self.config.embed_bf16}
 
-        return self._timed(self.out / "steps" / ("embed" if tower == "llm" else f"embed-{tower}"), build)
+        return self._timed(self.out / "steps" / self.tower_step("embed", tower), build)
 
     @staticmethod
     def tower_of(run: str) -> str:
@@ -701,7 +708,7 @@ class Demo:
             if setting is None:
                 start, weight = STAGE2_RUNS[STAGE0_TOWER_RUNS.get(name, name)]
                 if start and tower == "stage0":
-                    start = next(run for run, repeats in STAGE0_TOWER_RUNS.items() if repeats == start)
+                    start = STAGE0_PREFIX + start
                 weight = self.config.distill_weight if weight is None else weight
                 momentum, reduction = self.config.ema_momentum, self.config.reduction
             else:
@@ -804,18 +811,18 @@ class Demo:
         for seed in range(self.config.seeds):
             for name in (*self.stage1_runs(), *self.stage2_runs()):
                 runs.setdefault(name, []).append(read_done(self.run_dir(seed, name)))
+        towers = ["llm", "stage0"] if self.config.stage0 else ["llm"]
         step_names = ["world", "teacher", "init", "embed", "final"]
-        towers = ["llm"]
         if self.config.stage0:
-            step_names[4:4] = ["stage0", "init-stage0", "embed-stage0"]
-            towers.append("stage0")
+            step_names[4:4] = ["stage0", self.tower_step("init", "stage0"), self.tower_step("embed", "stage0")]
         steps = {name: read_done(self.out / "steps" / name) for name in step_names}
         # CRA of each text tower's own embeddings: the teacher CLIP's text encoder (its projected embedding, 32
         # tokens), the LLM's pooled states as shipped and after stage 0.
         text_towers = {"teacher": teacher["test"]["caption_retrieval"]}
+        captions = self.test_set().captions
         for tower in towers:
-            cache = self.cache(tower)
-            text_towers[tower] = short_to_long_retrieval(self.test_set(), lambda texts: cached_embeddings(cache, texts))
+            short, long = (cached_embeddings(self.cache(tower), captions[column]) for column in ("short", "long"))
+            text_towers[tower] = short_to_long_retrieval(short, long)
         results = {
             "command": self.command,
             "machine": machine_description(),
@@ -930,7 +937,7 @@ def comparison_rows(teacher: dict, runs: dict, teacher_seconds: float | None = N
         seconds = {}
         if name in STAGE0_TOWER_RUNS:
             seconds["stage 0"] = _stats([stage0_seconds] if stage0_seconds else [])
-        if name in STAGE1_RUNS or name == "stage0-stage1":
+        if STAGE0_TOWER_RUNS.get(name, name) in STAGE1_RUNS:
             seconds["stage 1"] = _stats([r["train_seconds"] for r in records])
         else:
             start = records[0]["starts_from"]
@@ -1007,7 +1014,6 @@ def results_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1061,7 +1067,7 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--stage0", action="store_true",
                         help="also run LLM2CLIP's stage 0 on the LLM (caption-contrastive LoRA on the stage-1 captions), "
                         "then ProCLIP on the tuned LLM as an extra row, and compare caption retrieval accuracy; adds "
-                        "about 20 minutes to the full demo on 2 CPU cores")
+                        "about 16 minutes to the full demo on 2 CPU cores")
     parser.add_argument("--stage0-steps", type=int, help="override the stage-0 steps (with --stage0)")
     parser.add_argument("--stage1-steps", type=int, help="override the stage-1 steps")
     parser.add_argument("--stage2-steps", type=int, help="override the stage-2 steps")
@@ -1073,4 +1079,5 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-__all__ = ["Demo", "DemoConfig", "EvalSet", "Stage0DemoConfig", "add_demo_parser", "check_final_folder", "run_demo", "score"]
+__all__ = ["Demo", "DemoConfig", "EvalSet", "Stage0DemoConfig", "add_demo_parser", "check_final_folder", "run_demo",
+           "score"]

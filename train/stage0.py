@@ -61,6 +61,7 @@ from .data import (
     InheritanceCollator,
     SkipCounter,
     caption_candidates,
+    iter_row_captions,
     load_training_dataset,
 )
 from .losses import ContrastiveLoss
@@ -288,15 +289,12 @@ def caption_pairs(dataset, caption_columns: Sequence[str]) -> tuple[list[str], l
     """The first two non-blank captions of each row, read across `caption_columns` in order (a list-valued column
     counts each of its strings): `(first captions, second captions, rows without two)`."""
     first, second, skipped = [], [], 0
-    columns = list(caption_columns)
-    for rows in dataset.select_columns(columns).iter(batch_size=1000):
-        for i in range(len(rows[columns[0]])):
-            captions = caption_candidates({c: rows[c][i] for c in columns}, columns)
-            if len(captions) < 2:
-                skipped += 1
-                continue
-            first.append(captions[0])
-            second.append(captions[1])
+    for captions in iter_row_captions(dataset, caption_columns):
+        if len(captions) < 2:
+            skipped += 1
+            continue
+        first.append(captions[0])
+        second.append(captions[1])
     return first, second, skipped
 
 

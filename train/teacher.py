@@ -132,6 +132,9 @@ def teacher_is_complete(out_dir: str | Path, expected_hash: str | None = None) -
 # ------------------------------------------------------------------------------------------- building
 
 
+EOW = "</w>"  # CLIP's end-of-word suffix
+
+
 def train_tokenizer(captions, vocab_size: int = 1024, max_length: int = 32):
     """A ``CLIPTokenizer`` (byte-level BPE, ``</w>`` word ends, lower-casing, ``<|startoftext|>`` /
     ``<|endoftext|>``) whose merges are learnt from ``captions`` only. Text in other languages still
@@ -164,9 +167,6 @@ def train_tokenizer(captions, vocab_size: int = 1024, max_length: int = 32):
         tokenizer = CLIPTokenizer.from_pretrained(folder)
     tokenizer.model_max_length = max_length
     return tokenizer
-
-
-EOW = "</w>"  # CLIP's end-of-word suffix
 
 
 def learn_bpe_merges(words: Counter, max_merges: int) -> list[tuple[str, str]]:

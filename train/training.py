@@ -229,12 +229,11 @@ def add_train_parser(subparsers) -> None:
 
 def iter_captions(dataset, caption_columns, noise_caption_column=None, batch_size: int = 1000):
     """Every caption a collator could draw: non-blank strings of the caption columns (and the noise column)."""
-    from .data import caption_candidates
+    from .data import iter_row_captions
 
     columns = list(caption_columns) + ([noise_caption_column] if noise_caption_column else [])
-    for rows in dataset.select_columns(columns).iter(batch_size=batch_size):
-        for i in range(len(rows[columns[0]])):
-            yield from caption_candidates({c: rows[c][i] for c in columns}, columns)
+    for captions in iter_row_captions(dataset, columns, batch_size):
+        yield from captions
 
 
 def _distributed_place() -> tuple[int, int, int]:
