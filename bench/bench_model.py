@@ -5,7 +5,7 @@
 1. `ProCLIPModel.get_image_features` vs `CLIPModel.get_image_features` on the same weights (a ViT-B/32-shaped tower,
    random weights, 224 px): time ratio (aim <= 1.02).
 2. Text encoding throughput of ProCLIP (the real all-MiniLM-L6-v2 as text tower, mean pooling, through
-   `proclip_train.evaluation.embed_texts`, the encoder `proclip eval` uses: longest-first batches, adapter included)
+   `proclip_train.evaluation.tasks.embed_texts`, the encoder `proclip eval` uses: longest-first batches, adapter included)
    vs sentence-transformers' `SentenceTransformer.encode` on the same weights and pooling (aim >= 1.0).
 Timings interleave the two sides and report medians, so machine noise hits both alike.
 """
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import minilm_folder  # noqa: E402
 
 from modeling_proclip import ProCLIPModel, ProCLIPProcessor  # noqa: E402
-from proclip_train.evaluation import embed_texts  # noqa: E402
+from proclip_train.evaluation.tasks import embed_texts  # noqa: E402
 
 
 def median_seconds(fn, repeats: int) -> float:

@@ -3,7 +3,7 @@
 import json
 import textwrap
 
-from proclip_train.push import output_tail, run_python_without_project
+from proclip_train.hub.push import output_tail, run_python_without_project
 
 
 def run_without_project(code: str, timeout: int = 300):

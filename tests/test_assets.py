@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from proclip_train import assets
+from proclip_train.demo import assets
 
 
 def installed(package):

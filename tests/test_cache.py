@@ -11,14 +11,14 @@ from safetensors import safe_open
 from transformers import TrainingArguments
 
 from modeling_proclip import ProCLIPModel
-from proclip_train.cache import (
+from proclip_train.training.cache import (
     DEFAULT_CACHE_FOLDER,
     EmbeddingCache,
     StaleCacheError,
     build_embedding_cache,
     caption_key,
 )
-from proclip_train.trainer import ProCLIPTrainer, load_clip_text_teacher
+from proclip_train.training.trainer import ProCLIPTrainer, load_clip_text_teacher
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -16,7 +16,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from modeling_proclip import ProCLIPModel, ProCLIPProcessor
 from proclip_train.cli import main as cli_main
-from proclip_train.convert import (
+from proclip_train.hub.convert import (
     UnsupportedCheckpointError,
     convert_checkpoint,
     infer_layout,

@@ -1,4 +1,4 @@
-"""Tests of the data layer (proclip_train.data): loading every supported layout, CLIP-like transforms, both stages'
+"""Tests of the data layer (proclip_train.training.data): loading every supported layout, CLIP-like transforms, both stages'
 collators, and the counting of corrupt images and empty captions."""
 
 import importlib.util
@@ -17,7 +17,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, CLIPImageProcessor
 
-from proclip_train.data import (
+from proclip_train.training.data import (
     CORRUPT_IMAGE,
     EMPTY_CAPTION,
     CLIPImageTransform,

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from proclip_train.cli import build_parser
-from proclip_train.demo import (
+from proclip_train.demo.run import (
     STAGE0_TOWER_RUNS,
     STAGE1_RUNS,
     STAGE2_RUNS,
@@ -16,8 +16,8 @@ from proclip_train.demo import (
     Stage0DemoConfig,
     results_markdown,
 )
-from proclip_train.stage0 import caption_retrieval_accuracy_of
-from proclip_train.synthetic_world import read_metadata
+from proclip_train.training.stage0 import caption_retrieval_accuracy_of
+from proclip_train.demo.world import read_metadata
 
 pytestmark = pytest.mark.real_weights
 

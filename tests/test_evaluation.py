@@ -1,6 +1,6 @@
 """`proclip eval` on a tiny exported model and tiny image folders, against an independent computation here.
 
-The independent side calls only the model, its processor and plain Python: no `proclip_train.metrics`.
+The independent side calls only the model, its processor and plain Python: no `proclip_train.evaluation.metrics`.
 """
 
 import json
@@ -13,8 +13,8 @@ from PIL import Image
 
 from modeling_proclip import ProCLIPModel, ProCLIPProcessor
 from proclip_train import cli
-from proclip_train.evaluation import _open_image, load_eval_dataset
-from proclip_train.templates import OPENAI_IMAGENET_TEMPLATES
+from proclip_train.evaluation.tasks import _open_image, load_eval_dataset
+from proclip_train.evaluation.templates import OPENAI_IMAGENET_TEMPLATES
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from proclip_train.losses import (
+from proclip_train.training.losses import (
     ContrastiveDistillationLoss,
     ContrastiveLoss,
     InheritanceLoss,

@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from proclip_train.losses import ContrastiveDistillationLoss, ContrastiveLoss, instance_alignment, structure_alignment
+from proclip_train.training.losses import ContrastiveDistillationLoss, ContrastiveLoss, instance_alignment, structure_alignment
 
 WORLD_SIZE = 2
 LOCAL_BATCH = 4

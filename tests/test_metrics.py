@@ -6,7 +6,7 @@ import evaluate
 import pytest
 import torch
 
-from proclip_train.metrics import (
+from proclip_train.evaluation.metrics import (
     best_positive_ranks,
     caption_indices_per_image,
     caption_retrieval_accuracy,

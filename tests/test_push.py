@@ -12,8 +12,8 @@ import pytest
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 
 from proclip_train import cli
-from proclip_train.card import write_model_card
-from proclip_train.push import (
+from proclip_train.hub.card import write_model_card
+from proclip_train.hub.push import (
     FolderNotReady,
     RemoteCodeError,
     files_to_upload,
@@ -53,7 +53,7 @@ def test_isolated_python_cannot_import_the_project():
     result = run_python_without_project("import transformers\nimport configuration_proclip")
     assert result.returncode != 0
     assert "No module named 'configuration_proclip' (blocked" in result.stderr
-    for module in ("modeling_proclip", "proclip_train.card"):
+    for module in ("modeling_proclip", "proclip_train.hub.card"):
         assert run_python_without_project(f"import {module}").returncode != 0
 
 
@@ -77,7 +77,7 @@ def test_push_refuses_a_folder_whose_remote_code_does_not_load(pushable, tmp_pat
     modeling = broken / "modeling_proclip.py"
     modeling.write_text(modeling.read_text().replace(
         "from .processing_proclip import configure_text_tokenizer\n",
-        "from .processing_proclip import configure_text_tokenizer\nfrom proclip_train.metrics import recall_at_k\n",
+        "from .processing_proclip import configure_text_tokenizer\nfrom proclip_train.evaluation.metrics import recall_at_k\n",
     ))  # fmt: skip
     with pytest.raises(SystemExit) as refused:
         cli.main(["push", "--model", str(broken), "--repo-id", REPO_ID, "--dry-run"])

@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer, CLIPModel, LlamaConfig, LlamaForCausalLM
 
-import proclip_train.stage0 as stage0
+import proclip_train.training.stage0 as stage0
 from conftest import smollm2_tokenizer
 from configuration_proclip import text_tower_preset
 from modeling_proclip import ProCLIPModel, ProCLIPProcessor
 from proclip_train.cli import main
-from proclip_train.stage0 import (
+from proclip_train.training.stage0 import (
     CaptionPairCollator,
     LLMEmbedder,
     MaskedNextTokenModel,

@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from proclip_train.languages import COLOURS, NUMBERS, SHAPES, SIZES, noun_phrase, realise_short_caption
-from proclip_train.synthetic_world import (
+from proclip_train.demo.languages import COLOURS, NUMBERS, SHAPES, SIZES, noun_phrase, realise_short_caption
+from proclip_train.demo.world import (
     COMPLETE_MARKER,
     SPLITS,
     WorldConfig,

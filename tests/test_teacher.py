@@ -7,9 +7,9 @@ import time
 import pytest
 import torch
 
-from proclip_train.languages import COLOURS, SHAPES, SIZES
-from proclip_train.synthetic_world import WorldConfig, read_metadata, write_world
-from proclip_train.teacher import (
+from proclip_train.demo.languages import COLOURS, SHAPES, SIZES
+from proclip_train.demo.world import WorldConfig, read_metadata, write_world
+from proclip_train.demo.teacher import (
     COMPLETE_MARKER,
     INFO_FILE,
     OPENAI_CLIP_MEAN,

@@ -27,9 +27,9 @@ from PIL import Image
 from transformers import TrainerCallback, TrainingArguments
 
 from modeling_proclip import ProCLIPModel
-from proclip_train.data import CLIPImageTransform, ContrastiveCollator, load_training_dataset
-from proclip_train.losses import InheritanceLoss
-from proclip_train.trainer import LOGIT_SCALE_MAX, ContrastiveStage, ProCLIPTrainer, stage_name
+from proclip_train.training.data import CLIPImageTransform, ContrastiveCollator, load_training_dataset
+from proclip_train.training.losses import InheritanceLoss
+from proclip_train.training.trainer import LOGIT_SCALE_MAX, ContrastiveStage, ProCLIPTrainer, stage_name
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -65,7 +65,7 @@ from .data import (
     load_training_dataset,
 )
 from .losses import ContrastiveLoss
-from .metrics import caption_retrieval_accuracy
+from ..evaluation.metrics import caption_retrieval_accuracy
 from .trainer import load_clip_text_teacher, zero_loss
 
 STAGE0_NAMES = ("0", "caption-contrastive")
@@ -309,7 +309,7 @@ def evaluate_caption_retrieval(
     Returns:
         `{"data": {...}, "protocol": {...}, "metrics": {"num_images", "caption_retrieval_accuracy"}}`.
     """
-    from .evaluation import TIE_POLICY
+    from ..evaluation.tasks import TIE_POLICY
 
     first, second, skipped = caption_pairs(dataset, caption_columns)
     if not first:
@@ -562,7 +562,7 @@ class Stage0Arguments:
 
 def stage0_training_defaults() -> dict:
     """`TrainingArguments` defaults of stage 0: `proclip train`'s recipe defaults with LLM2Vec's learning rate."""
-    from .training import TRAIN_DEFAULTS
+    from ..cli.train import TRAIN_DEFAULTS
 
     return {**TRAIN_DEFAULTS, "learning_rate": 2e-4}
 
@@ -704,7 +704,7 @@ def run_stage0(
 
 def is_stage0_command(argv: Sequence[str]) -> bool:
     """Whether `proclip train` words ask for stage 0 (`--stage 0`, here or in the `--config` file)."""
-    from .training import read_config_file
+    from ..cli.train import read_config_file
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--stage")
@@ -718,7 +718,7 @@ def is_stage0_command(argv: Sequence[str]) -> bool:
 
 def stage0_train_command(argv: Sequence[str]) -> Path:
     """`proclip train --stage 0 --text LLM --data SPEC --caption-column A --caption-column B --out DIR [...]`."""
-    from .training import parse_train_args
+    from ..cli.train import parse_train_args
 
     options, training_args = parse_train_args(
         list(argv), Stage0Arguments, required=("text", "data"), defaults=stage0_training_defaults()

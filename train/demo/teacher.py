@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .languages import english_article
-from .synthetic_world import COMPLETE_MARKER as WORLD_COMPLETE_MARKER
-from .synthetic_world import load_world_config, read_metadata, world_is_complete
+from .world import COMPLETE_MARKER as WORLD_COMPLETE_MARKER
+from .world import load_world_config, read_metadata, world_is_complete
 
 # Bump when training changes in a way that should invalidate cached teachers.
 TEACHER_FORMAT_VERSION = 2  # 2: deterministic BPE merges (`learn_bpe_merges`)

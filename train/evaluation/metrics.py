@@ -264,7 +264,7 @@ def evaluate_module_path(name: str) -> str:
     Args:
         name: `"retrieval_recall"` or `"zeroshot_accuracy"`.
     """
-    path = resources.files("proclip_train") / "metrics_modules" / name
+    path = resources.files(__package__) / "metrics_modules" / name
     if not (path / f"{name}.py").is_file():
         raise ValueError(f"no evaluate module named {name!r} ships with proclip_train")
     return str(path)

@@ -152,9 +152,9 @@ def run_train(options, training_args):
     """Load the model, data, cache and teacher; train one stage; save the Hub-ready folder. Returns the trainer."""
     from modeling_proclip import ProCLIPModel, ProCLIPProcessor
 
-    from .cache import EmbeddingCache, default_cache_dir, shard_paths
-    from .data import load_training_dataset
-    from .trainer import ProCLIPTrainer, stage_name
+    from ..training.cache import EmbeddingCache, default_cache_dir, shard_paths
+    from ..training.data import load_training_dataset
+    from ..training.trainer import ProCLIPTrainer, stage_name
 
     stage = stage_name(options.stage)
     if stage == "contrastive" and options.noise_caption_column is not None:
@@ -203,7 +203,7 @@ def run_train(options, training_args):
 
 
 def train_command(argv: list[str]) -> None:
-    from .stage0 import is_stage0_command, stage0_train_command
+    from ..training.stage0 import is_stage0_command, stage0_train_command
 
     if is_stage0_command(argv):
         stage0_train_command(argv)
@@ -229,7 +229,7 @@ def add_train_parser(subparsers) -> None:
 
 def iter_captions(dataset, caption_columns, noise_caption_column=None, batch_size: int = 1000):
     """Every caption a collator could draw: non-blank strings of the caption columns (and the noise column)."""
-    from .data import iter_row_captions
+    from ..training.data import iter_row_captions
 
     columns = list(caption_columns) + ([noise_caption_column] if noise_caption_column else [])
     for captions in iter_row_captions(dataset, columns, batch_size):
@@ -244,9 +244,9 @@ def _distributed_place() -> tuple[int, int, int]:
 def embed_command(args) -> None:
     from modeling_proclip import ProCLIPModel, ProCLIPProcessor
 
-    from .cache import build_embedding_cache, default_cache_dir
-    from .data import load_training_dataset
-    from .trainer import load_clip_text_teacher
+    from ..training.cache import build_embedding_cache, default_cache_dir
+    from ..training.data import load_training_dataset
+    from ..training.trainer import load_clip_text_teacher
 
     rank, world_size, local_rank = _distributed_place()
     if args.device:
@@ -300,6 +300,3 @@ def add_embed_parser(subparsers) -> None:
 
 __all__ = ["ProCLIPArguments", "add_embed_parser", "add_train_parser", "parse_train_args", "run_train"]
 
-
-if __name__ == "__main__":  # `python -m proclip_train.training ...` = `proclip train ...`
-    train_command(sys.argv[1:])

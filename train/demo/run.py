@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from .synthetic_world import WorldConfig, load_world_split, read_metadata, split_path, write_world
+from .world import WorldConfig, load_world_split, read_metadata, split_path, write_world
 from .teacher import ZERO_SHOT_TEMPLATES, TeacherConfig, class_prompt, train_teacher
 
 DONE_FILE = "done.json"
@@ -263,7 +263,7 @@ class EvalSet:
     def load(cls, world_dir: Path, split: str, processor, n_long: int) -> "EvalSet":
         from PIL import Image
 
-        from .synthetic_world import load_world_config
+        from .world import load_world_config
 
         world = load_world_config(world_dir)
         rows = read_metadata(world_dir, split)
@@ -323,7 +323,7 @@ def cached_text_features(model, cache, texts: list[str], table: str = "llm") -> 
 def short_to_long_retrieval(short: torch.Tensor, long: torch.Tensor) -> dict:
     """Caption retrieval accuracy on the scenes that have a long caption (the first N): each one's short caption
     queries among the long captions. `short` (>= N, D) and `long` (N, D) embeddings, scene-aligned."""
-    from .metrics import caption_retrieval_accuracy
+    from ..evaluation.metrics import caption_retrieval_accuracy
 
     n = len(long)
     accuracy = caption_retrieval_accuracy(torch.cat([short[:n], long]), torch.arange(n).repeat(2))
@@ -334,7 +334,7 @@ def score(model, evalset: EvalSet, cache, table: str = "llm") -> dict:
     """Zero-shot top-1 (all / seen / held-out classes), 1:1 retrieval R@1 per caption column (all scenes, and
     scenes with / without a held-out object), and caption retrieval accuracy (short caption -> long caption of the
     scenes that have one) in the joint space, as fractions."""
-    from .metrics import class_embeddings, retrieval_ranks
+    from ..evaluation.metrics import class_embeddings, retrieval_ranks
 
     held = torch.tensor([name in evalset.held_out_classes for name in evalset.classes])
     prompts = cached_text_features(model, cache, evalset.prompts, table)
@@ -417,7 +417,7 @@ def _without_structure(loss):
 
 def train_stage(model, processor, dataset, cache, out: Path, stage_name: str, stage, seed: int, caption_columns,
                 progress: bool, **stage_options):
-    from .trainer import ProCLIPTrainer
+    from ..training.trainer import ProCLIPTrainer
 
     with_structure = stage_options.pop("with_structure", True)
     trainer = ProCLIPTrainer(
@@ -527,7 +527,7 @@ class Demo:
                                   "another --out or delete its stage0 folders")
 
         def build():
-            from .stage0 import STAGE0_REPORT_FILE, Stage0Arguments, run_stage0
+            from ..training.stage0 import STAGE0_REPORT_FILE, Stage0Arguments, run_stage0
 
             stage0 = self.config.stage0
             text = resolve_text_tower(self.config.text)
@@ -563,7 +563,7 @@ class Demo:
         init_dir = self.tower_dirs(tower)[0]
 
         def build():
-            from .build import build_checkpoint
+            from ..hub.init import build_checkpoint
 
             # The stage-0 folder records its pooling and bidirectional attention; from_towers reads them.
             text = resolve_text_tower(self.config.text) if tower == "llm" else str(self.stage0_dir)
@@ -588,7 +588,7 @@ class Demo:
 
     def cache(self, tower: str = "llm"):
         if tower not in self._caches:
-            from .cache import EmbeddingCache
+            from ..training.cache import EmbeddingCache
 
             self._caches[tower] = EmbeddingCache(self.tower_dirs(tower)[1])
         return self._caches[tower]
@@ -634,8 +634,8 @@ class Demo:
         cache_dir = self.tower_dirs(tower)[1]
 
         def build():
-            from .cache import build_embedding_cache
-            from .trainer import load_clip_text_teacher
+            from ..training.cache import build_embedding_cache
+            from ..training.trainer import load_clip_text_teacher
 
             model, processor = self.base(tower)
             teacher = load_clip_text_teacher(str(self.teacher_dir))
@@ -738,7 +738,7 @@ class Demo:
         def build():
             from safetensors.torch import load_file
 
-            from .card import write_model_card
+            from ..hub.card import write_model_card
 
             base, processor = self.base()
             model = fresh_model(base, 0, load_file(str(self.run_dir(0, "proclip") / "weights.safetensors")))
@@ -771,7 +771,7 @@ class Demo:
         written as `proclip eval --out` files into `folder`."""
         import datasets
 
-        from .evaluation import evaluate_retrieval, evaluate_zeroshot
+        from ..evaluation.tasks import evaluate_retrieval, evaluate_zeroshot
 
         rows = read_metadata(self.world_dir, "test")
         split_dir = str(self.world_dir / "align" / "test")
@@ -874,7 +874,7 @@ print(json.dumps({"module": type(model).__module__, "top": result[0]["label"], "
 def check_final_folder(folder: Path, evalset: EvalSet | None = None, timeout: float = 600) -> dict:
     """Load the folder where this project is not installed: `AutoModel`/`AutoProcessor` with remote code and a
     forward pass (`push.check_remote_code_loads`), then the zero-shot-image-classification pipeline on one image."""
-    from .push import check_remote_code_loads, run_python_without_project
+    from ..hub.push import check_remote_code_loads, run_python_without_project
 
     check_remote_code_loads(folder, timeout=timeout)
     rows = [r for r in read_metadata(folder.parent / "world", "test") if r["kind"] == "class"]

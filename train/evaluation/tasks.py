@@ -312,7 +312,7 @@ def run_eval(args: argparse.Namespace) -> dict:
 
     common = dict(base_dir=base_dir, batch_size=args.batch_size, chunk_size=args.chunk_size, bf16=args.bf16)
     if args.task == "caption-retrieval":  # text only, any text tower
-        from .stage0 import evaluate_caption_retrieval, load_text_tower
+        from ..training.stage0 import evaluate_caption_retrieval, load_text_tower
 
         tower = load_text_tower(args.model, device=device)
         outcome = evaluate_caption_retrieval(tower, dataset, args.caption_column or ["caption"], args.batch_size, args.bf16)

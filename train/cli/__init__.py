@@ -3,13 +3,13 @@ next to its implementation; this file only wires them."""
 
 import argparse
 
-from .build import add_init_parser
-from .card import add_card_parser
-from .convert import add_convert_parser
-from .demo import add_demo_parser
-from .evaluation import add_eval_parser
-from .push import add_push_parser
-from .training import add_embed_parser, add_train_parser
+from ..hub.init import add_init_parser
+from ..hub.card import add_card_parser
+from ..hub.convert import add_convert_parser
+from ..demo.run import add_demo_parser
+from ..evaluation.tasks import add_eval_parser
+from ..hub.push import add_push_parser
+from .train import add_embed_parser, add_train_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +30,3 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     args.func(args)
 
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,1 @@
+"""Evaluation: retrieval and classification metrics, the evaluation tasks, text towers as embedders, templates."""
