@@ -22,9 +22,9 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import minilm_folder  # noqa: E402
+from proclip_train.evaluation.tasks import embed_texts  # noqa: E402
 
 from modeling_proclip import ProCLIPModel, ProCLIPProcessor  # noqa: E402
-from proclip_train.evaluation.tasks import embed_texts  # noqa: E402
 
 
 def median_seconds(fn, repeats: int) -> float:

@@ -31,13 +31,21 @@ import datasets
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel, TrainerCallback, TrainingArguments
-
-from modeling_proclip import ProCLIPModel, ProCLIPProcessor
 from proclip_train.demo.assets import minilm_dir, smollm2_dir
 from proclip_train.training.cache import EmbeddingCache, build_embedding_cache
 from proclip_train.training.losses import ContrastiveDistillationLoss
-from proclip_train.training.trainer import LOGIT_SCALE_MAX, EMATeacher, ProCLIPTrainer
+from proclip_train.training.stages import LOGIT_SCALE_MAX, EMATeacher
+from proclip_train.training.trainer import ProCLIPTrainer
+from transformers import (
+    AutoTokenizer,
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+from modeling_proclip import ProCLIPModel, ProCLIPProcessor
 
 WORDS = "red blue green small large circle square star above below beside a the of with and near two three".split()
 
@@ -304,7 +312,7 @@ def main():
         folder = build_model_folder(workdir)
         processor = ProCLIPProcessor.from_pretrained(folder)
         model = ProCLIPModel.from_pretrained(folder)
-        from proclip_train.training.trainer import load_clip_text_teacher
+        from proclip_train.training.stages import load_clip_text_teacher
 
         teacher = load_clip_text_teacher(str(workdir / "clip"))
         teacher_tokenizer = AutoTokenizer.from_pretrained(workdir / "clip")

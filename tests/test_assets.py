@@ -6,9 +6,8 @@ import time
 
 import pytest
 import torch
-from transformers import AutoModel, AutoTokenizer
-
 from proclip_train.demo import assets
+from transformers import AutoModel, AutoTokenizer
 
 
 def installed(package):

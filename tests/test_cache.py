@@ -7,10 +7,6 @@ import datasets
 import pytest
 import torch
 from conftest import build_tiny_clip
-from safetensors import safe_open
-from transformers import TrainingArguments
-
-from modeling_proclip import ProCLIPModel
 from proclip_train.training.cache import (
     DEFAULT_CACHE_FOLDER,
     EmbeddingCache,
@@ -18,7 +14,12 @@ from proclip_train.training.cache import (
     build_embedding_cache,
     caption_key,
 )
-from proclip_train.training.trainer import ProCLIPTrainer, load_clip_text_teacher
+from proclip_train.training.stages import load_clip_text_teacher
+from proclip_train.training.trainer import ProCLIPTrainer
+from safetensors import safe_open
+from transformers import TrainingArguments
+
+from modeling_proclip import ProCLIPModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

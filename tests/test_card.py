@@ -11,9 +11,13 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 from PIL import Image
-
 from proclip_train import cli
-from proclip_train.hub.card import EXAMPLE_IMAGE_URL, PLOT_FILE, build_model_card, read_results
+from proclip_train.hub.card import (
+    EXAMPLE_IMAGE_URL,
+    PLOT_FILE,
+    build_model_card,
+    read_results,
+)
 from proclip_train.hub.push import run_python_without_project
 
 REPO_ID = "my-org/proclip-tiny"

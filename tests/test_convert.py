@@ -11,10 +11,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
-from transformers import AutoModel, AutoTokenizer
-
-from modeling_proclip import ProCLIPModel, ProCLIPProcessor
 from proclip_train.cli import main as cli_main
 from proclip_train.hub.convert import (
     UnsupportedCheckpointError,
@@ -22,6 +18,10 @@ from proclip_train.hub.convert import (
     infer_layout,
     load_upstream_state_dict,
 )
+from safetensors.torch import save_file
+from transformers import AutoModel, AutoTokenizer
+
+from modeling_proclip import ProCLIPModel, ProCLIPProcessor
 
 WIDTH, LAYERS, PATCH, IMAGE, MLP = 32, 2, 8, 32, 96  # matches tiny_clip_dir's vision tower (4 heads), MLP aside
 HEADS = 4

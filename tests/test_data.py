@@ -15,19 +15,17 @@ import pandas as pd
 import PIL.Image
 import pytest
 import torch
-from transformers import AutoTokenizer, CLIPImageProcessor
-
+from proclip_train.training.collators import ContrastiveCollator, InheritanceCollator
 from proclip_train.training.data import (
     CORRUPT_IMAGE,
     EMPTY_CAPTION,
     CLIPImageTransform,
-    ContrastiveCollator,
     DataSpec,
-    InheritanceCollator,
     SkipCounter,
     load_training_dataset,
     to_rgb,
 )
+from transformers import AutoTokenizer, CLIPImageProcessor
 
 datasets.disable_progress_bars()
 

@@ -5,19 +5,16 @@ import json
 import time
 
 import pytest
-
 from proclip_train.cli import build_parser
-from proclip_train.demo.run import (
+from proclip_train.demo.report import (
     STAGE0_TOWER_RUNS,
     STAGE1_RUNS,
     STAGE2_RUNS,
-    Demo,
-    DemoConfig,
-    Stage0DemoConfig,
     results_markdown,
 )
-from proclip_train.training.stage0 import caption_retrieval_accuracy_of
+from proclip_train.demo.run import Demo, DemoConfig, Stage0DemoConfig
 from proclip_train.demo.world import read_metadata
+from proclip_train.evaluation.tasks import caption_retrieval_accuracy_of
 
 pytestmark = pytest.mark.real_weights
 

@@ -10,11 +10,11 @@ import sys
 import pytest
 import torch
 from PIL import Image
-
-from modeling_proclip import ProCLIPModel, ProCLIPProcessor
 from proclip_train import cli
 from proclip_train.evaluation.tasks import _open_image, load_eval_dataset
 from proclip_train.evaluation.templates import OPENAI_IMAGENET_TEMPLATES
+
+from modeling_proclip import ProCLIPModel, ProCLIPProcessor
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 

@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from proclip_train.training.losses import (
     ContrastiveDistillationLoss,
     ContrastiveLoss,

@@ -18,10 +18,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from proclip_train.training.losses import (
+    ContrastiveDistillationLoss,
+    ContrastiveLoss,
+    instance_alignment,
+    structure_alignment,
+)
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-
-from proclip_train.training.losses import ContrastiveDistillationLoss, ContrastiveLoss, instance_alignment, structure_alignment
 
 WORLD_SIZE = 2
 LOCAL_BATCH = 4

@@ -5,7 +5,6 @@ import math
 import evaluate
 import pytest
 import torch
-
 from proclip_train.evaluation.metrics import (
     best_positive_ranks,
     caption_indices_per_image,

@@ -10,7 +10,6 @@ from types import SimpleNamespace
 
 import pytest
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
-
 from proclip_train import cli
 from proclip_train.hub.card import write_model_card
 from proclip_train.hub.push import (

@@ -17,26 +17,27 @@ import itertools
 import json
 import random
 
+import proclip_train.training.stage0 as stage0
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModel, AutoTokenizer, CLIPModel, LlamaConfig, LlamaForCausalLM
-
-import proclip_train.training.stage0 as stage0
 from conftest import smollm2_tokenizer
+from proclip_train.cli import main
+from proclip_train.evaluation.tasks import caption_retrieval_accuracy_of
+from proclip_train.evaluation.text_towers import TextTower, load_text_tower
+from proclip_train.training.arguments import Stage0Arguments
+from proclip_train.training.collators import CaptionPairCollator, mask_for_mntp
+from proclip_train.training.stage0 import LLMEmbedder, MaskedNextTokenModel, run_stage0
+from transformers import (
+    AutoModel,
+    AutoTokenizer,
+    CLIPModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
 from configuration_proclip import text_tower_preset
 from modeling_proclip import ProCLIPModel, ProCLIPProcessor
-from proclip_train.cli import main
-from proclip_train.training.stage0 import (
-    CaptionPairCollator,
-    LLMEmbedder,
-    MaskedNextTokenModel,
-    Stage0Arguments,
-    caption_retrieval_accuracy_of,
-    load_text_tower,
-    mask_for_mntp,
-    run_stage0,
-)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -213,7 +214,7 @@ def stage0_run(tmp_path_factory, tiny_llm_dir):
         run_tokenizer = AutoTokenizer.from_pretrained(tiny_llm_dir)
         stage0.configure_text_tokenizer(run_tokenizer, settings)
         unmerged = LLMEmbedder(model.eval(), settings.pooling, settings.bidirectional)
-        tower = stage0.TextTower("llm", "unmerged", run_tokenizer, unmerged, {}, torch.device("cpu"))
+        tower = TextTower("llm", "unmerged", run_tokenizer, unmerged, {}, torch.device("cpu"))
         record["unmerged_held_out"] = tower.embed([a for a, _ in HELD_OUT])
         return real_export(model, tokenizer, settings, out_dir)
 

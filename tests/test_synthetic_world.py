@@ -5,8 +5,14 @@ import json
 import re
 
 import pytest
-
-from proclip_train.demo.languages import COLOURS, NUMBERS, SHAPES, SIZES, noun_phrase, realise_short_caption
+from proclip_train.demo.languages import (
+    COLOURS,
+    NUMBERS,
+    SHAPES,
+    SIZES,
+    noun_phrase,
+    realise_short_caption,
+)
 from proclip_train.demo.world import (
     COMPLETE_MARKER,
     SPLITS,

@@ -6,9 +6,7 @@ import time
 
 import pytest
 import torch
-
 from proclip_train.demo.languages import COLOURS, SHAPES, SIZES
-from proclip_train.demo.world import WorldConfig, read_metadata, write_world
 from proclip_train.demo.teacher import (
     COMPLETE_MARKER,
     INFO_FILE,
@@ -22,6 +20,7 @@ from proclip_train.demo.teacher import (
     train_tokenizer,
     zero_shot_accuracy,
 )
+from proclip_train.demo.world import WorldConfig, read_metadata, write_world
 
 
 @pytest.fixture(scope="module")

@@ -24,12 +24,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from proclip_train.training.collators import ContrastiveCollator
+from proclip_train.training.data import CLIPImageTransform, load_training_dataset
+from proclip_train.training.losses import InheritanceLoss
+from proclip_train.training.stages import LOGIT_SCALE_MAX, ContrastiveStage, stage_name
+from proclip_train.training.trainer import ProCLIPTrainer
 from transformers import TrainerCallback, TrainingArguments
 
 from modeling_proclip import ProCLIPModel
-from proclip_train.training.data import CLIPImageTransform, ContrastiveCollator, load_training_dataset
-from proclip_train.training.losses import InheritanceLoss
-from proclip_train.training.trainer import LOGIT_SCALE_MAX, ContrastiveStage, ProCLIPTrainer, stage_name
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -351,9 +353,8 @@ def test_torchrun_two_processes_take_the_same_step_as_one_process_on_the_whole_b
     import subprocess
     import sys
 
-    from safetensors.torch import load_file
-
     from proclip_train.cli import main
+    from safetensors.torch import load_file
 
     data = tmp_path / "flat"
     data.mkdir()

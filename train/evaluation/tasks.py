@@ -1,24 +1,15 @@
-"""`proclip eval`: zero-shot classification and image-text retrieval of a saved ProCLIP model, and caption retrieval
-accuracy (CRA, LLM2CLIP's text-only protocol) of any text tower: an LLM, a ProCLIP or a CLIP folder (see stage0.py).
+"""Evaluation tasks: zero-shot classification and image-text retrieval of a ProCLIP model, and caption retrieval
+accuracy (CRA, LLM2CLIP's text-only protocol) of any text tower.
 
-Images are embedded once, each caption column once, through the model's own processor; the metrics are
-[`proclip_train.metrics`] (cosine similarity, pessimistic ties, similarities in chunks). Rows whose image
-cannot be read, whose captions are all empty, or whose label is missing are skipped and counted in the
-results JSON, which also records the model, the data, the protocol and the command line.
-
-Data SPEC: a local folder (loaded as `imagefolder`: class subfolders give a `label` column, a
-`metadata.jsonl`/`metadata.csv` gives caption columns), a `.csv`/`.jsonl`/`.json`/`.parquet` file whose
-image column holds paths relative to the file, or a Hub dataset `name[:config]`.
+Images are embedded once, each caption column once, through the model's own processor; the metrics are `metrics.py`
+(cosine similarity, pessimistic ties, similarities in chunks). Rows whose image cannot be read, whose captions are
+all empty, or whose label is missing are skipped and counted in the returned record.
 """
 
-import argparse
-import datetime
 import io
-import json
 import logging
-import shlex
-import sys
-from importlib import metadata
+import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import datasets
@@ -28,8 +19,16 @@ from tqdm.auto import tqdm
 
 from modeling_proclip import ProCLIPModel, ProCLIPProcessor
 
-from .metrics import DEFAULT_CHUNK_SIZE, class_embeddings, image_text_retrieval_recall, zeroshot_accuracy
-from .templates import OPENAI_IMAGENET_TEMPLATES, load_templates
+from ..training.data import TOO_FEW_CAPTIONS, iter_row_captions
+from .metrics import (
+    DEFAULT_CHUNK_SIZE,
+    caption_retrieval_accuracy,
+    class_embeddings,
+    image_text_retrieval_recall,
+    zeroshot_accuracy,
+)
+from .templates import OPENAI_IMAGENET_TEMPLATES
+from .text_towers import TextTower, load_text_tower
 
 logger = logging.getLogger(__name__)
 
@@ -292,111 +291,65 @@ def evaluate_zeroshot(
     }
 
 
-# -- command line ------------------------------------------------------------------------------------------------
+# -- caption retrieval accuracy (LLM2CLIP's text-only protocol) -----------------------------------------------
 
 
-def _version(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
+def caption_retrieval_accuracy_of(
+    text_tower: TextTower | str | os.PathLike,
+    captions_a: Sequence[str],
+    captions_b: Sequence[str],
+    batch_size: int = 64,
+    bf16: bool = False,
+    **tower_options,
+) -> float:
+    """CRA of a text tower: each `captions_a[i]` queries among all of `captions_b`; top-1 accuracy (ties count against
+    the query). The two lists hold two captions of the same N images, in the same order.
+
+    Args:
+        text_tower: a loaded `TextTower`, or anything `load_text_tower` reads (then `tower_options` go to it:
+            `device`, `pooling`, `bidirectional`, ...).
+    """
+    if len(captions_a) != len(captions_b):
+        raise ValueError(f"captions_a has {len(captions_a)} captions but captions_b has {len(captions_b)}")
+    tower = text_tower if isinstance(text_tower, TextTower) else load_text_tower(text_tower, **tower_options)
+    embeds = tower.embed(list(captions_a) + list(captions_b), batch_size, bf16)
+    # Caption k of image i: both lists list the images in order, so each image's first caption is its `captions_a`.
+    return caption_retrieval_accuracy(embeds, torch.arange(len(captions_a)).repeat(2))
 
 
-def run_eval(args: argparse.Namespace) -> dict:
-    """Run `proclip eval` from parsed arguments; write and return the results."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dataset, split, base_dir = load_eval_dataset(args.data, args.split)
-    num_rows = len(dataset)
-    if args.max_samples is not None:
-        dataset = dataset.select(range(min(args.max_samples, len(dataset))))
-
-    common = dict(base_dir=base_dir, batch_size=args.batch_size, chunk_size=args.chunk_size, bf16=args.bf16)
-    if args.task == "caption-retrieval":  # text only, any text tower
-        from ..training.stage0 import evaluate_caption_retrieval, load_text_tower
-
-        tower = load_text_tower(args.model, device=device)
-        outcome = evaluate_caption_retrieval(tower, dataset, args.caption_column or ["caption"], args.batch_size, args.bf16)
-        return _write_results(args, outcome, split, num_rows, dataset, device)
-    processor = ProCLIPProcessor.from_pretrained(args.model)
-    model = ProCLIPModel.from_pretrained(args.model).to(device).eval()
-    if args.task == "retrieval":
-        outcome = evaluate_retrieval(
-            model, processor, dataset, args.image_column, args.caption_column or ["caption"], **common
-        )
-    else:
-        templates = load_templates(args.templates) if args.templates else OPENAI_IMAGENET_TEMPLATES
-        outcome = evaluate_zeroshot(model, processor, dataset, args.image_column, args.label_column, templates, **common)
-        outcome["protocol"]["templates"] = str(args.templates) if args.templates else "openai_imagenet_80"
-    return _write_results(args, outcome, split, num_rows, dataset, device)
+def caption_pairs(dataset, caption_columns: Sequence[str]) -> tuple[list[str], list[str], int]:
+    """The first two non-blank captions of each row, read across `caption_columns` in order (a list-valued column
+    counts each of its strings): `(first captions, second captions, rows without two)`."""
+    first, second, skipped = [], [], 0
+    for captions in iter_row_captions(dataset, caption_columns):
+        if len(captions) < 2:
+            skipped += 1
+            continue
+        first.append(captions[0])
+        second.append(captions[1])
+    return first, second, skipped
 
 
-def _write_results(args: argparse.Namespace, outcome: dict, split: str, num_rows: int, dataset, device) -> dict:
-    model_path = Path(args.model)
-    results = {
-        "task": args.task,
-        "model": str(model_path.resolve()) if model_path.exists() else args.model,
-        "data": {
-            "spec": str(Path(args.data).resolve()) if Path(args.data).exists() else args.data,
-            "split": split,
-            "num_rows": num_rows,
-            "num_rows_evaluated": len(dataset),
-            **outcome["data"],
+def evaluate_caption_retrieval(
+    tower: TextTower, dataset, caption_columns: Sequence[str], batch_size: int = 64, bf16: bool = False
+) -> dict:
+    """`proclip eval --task caption-retrieval`: CRA of one text tower on a dataset's caption pairs.
+
+    With two caption columns, each row's caption in the first queries among all rows' captions in the second; with
+    one list-valued column, the first two captions of each row. Rows without two non-blank captions are skipped.
+
+    Returns:
+        `{"data": {...}, "protocol": {...}, "metrics": {"num_images", "caption_retrieval_accuracy"}}`.
+    """
+    first, second, skipped = caption_pairs(dataset, caption_columns)
+    if not first:
+        raise ValueError(f"no row has two non-blank captions in {list(caption_columns)}")
+    accuracy = caption_retrieval_accuracy_of(tower, first, second, batch_size, bf16)
+    return {
+        "data": {"caption_columns": list(caption_columns), "skipped_rows": {TOO_FEW_CAPTIONS: skipped}},
+        "protocol": {
+            "query": "each image's first caption", "gallery": "every image's second caption", "top_k": 1,
+            "similarity": "cosine", "ties": TIE_POLICY, "text_tower": {"kind": tower.kind, **tower.settings},
         },
-        "protocol": outcome["protocol"],
-        "metrics": outcome["metrics"],
-        "settings": {"device": str(device), "bf16": args.bf16, "batch_size": args.batch_size, "chunk_size": args.chunk_size},
-        "command": shlex.join(sys.argv),
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": {package: _version(package) for package in ("proclip", "torch", "transformers", "datasets")},
+        "metrics": {"num_images": len(first), "caption_retrieval_accuracy": accuracy},
     }
-    text = json.dumps(results, indent=2, ensure_ascii=False)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
-        _print_summary(results)
-        print(f"results written to {args.out}")
-    else:
-        print(text)
-    return results
-
-
-def _print_summary(results: dict) -> None:
-    metrics = results["metrics"]
-    groups = metrics.items() if results["task"] == "retrieval" else [(results["task"], metrics)]
-    for name, values in groups:
-        scores = ", ".join(f"{key} {value:.4f}" for key, value in values.items() if isinstance(value, float))
-        print(f"{name}: {scores}")
-
-
-def add_eval_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `proclip eval` on an argparse subparsers object."""
-    parser = subparsers.add_parser(
-        "eval",
-        help="zero-shot classification or image-text retrieval of a saved ProCLIP model",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--model", required=True, help="a saved ProCLIP folder (model and processor); caption-retrieval: "
-                        "any text tower (an LLM or encoder folder, a stage-0 output, a ProCLIP or a CLIP folder)")
-    parser.add_argument("--task", required=True, choices=("zeroshot", "retrieval", "caption-retrieval"))
-    parser.add_argument("--data", required=True, metavar="SPEC", help="folder, .csv/.jsonl/.json/.parquet file, or name[:config]")
-    parser.add_argument("--split", help="dataset split (default: the only split, else 'test')")
-    parser.add_argument("--image-column", default="image")
-    parser.add_argument(
-        "--caption-column", action="append",
-        help="retrieval: a column of captions (a string or a list of strings per row); repeat to score several "
-        "columns (e.g. short, long, per language) against the same image embeddings (default: caption). "
-        "caption-retrieval: two columns (the first's caption queries among the second's), or one list column",
-    )
-    parser.add_argument("--label-column", default="label", help="zeroshot: a ClassLabel column or a column of class names")
-    parser.add_argument("--templates", type=Path, help="zeroshot: a file with one template per line, '{}' for the class name "
-                        "(default: OpenAI's 80 ImageNet templates)")
-    parser.add_argument("--out", type=Path, help="results JSON (default: print it)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,
-                        help="queries scored at once; similarities held: chunk size x gallery size")
-    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the towers")
-    parser.add_argument("--device", help="default: cuda if available, else cpu")
-    parser.add_argument("--max-samples", type=int, help="evaluate only the first N rows (quick checks)")
-    parser.set_defaults(func=run_eval)
-    return parser

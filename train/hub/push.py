@@ -9,7 +9,6 @@ The upload is `HfApi.create_repo` + `HfApi.upload_folder` of the folder as it is
 (`Trainer.push_to_hub` would write its own card over it).
 """
 
-import argparse
 import json
 import os
 import subprocess
@@ -19,7 +18,12 @@ import textwrap
 from pathlib import Path
 
 from huggingface_hub import HfApi, ModelCard
-from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, HFValidationError, filter_repo_objects, validate_repo_id
+from huggingface_hub.utils import (
+    DEFAULT_IGNORE_PATTERNS,
+    HFValidationError,
+    filter_repo_objects,
+    validate_repo_id,
+)
 
 REMOTE_CODE_FILES = ("configuration_proclip.py", "modeling_proclip.py", "processing_proclip.py", "handler.py")
 REQUIRED_FILES = ("config.json", *REMOTE_CODE_FILES, "processor_config.json", "tokenizer_config.json", "README.md")
@@ -251,47 +255,3 @@ def push_folder(
     )
 
 
-# -- command line ------------------------------------------------------------------------------------------------
-
-
-def run_push(args: argparse.Namespace):
-    folder = Path(args.model)
-    try:
-        result = push_folder(folder, args.repo_id, args.private, args.revision, args.dry_run, timeout=args.timeout)
-    except (FolderNotReady, ValueError) as error:
-        raise SystemExit(f"proclip push: refused: {error}") from error
-    readme = (folder / "README.md").read_text(encoding="utf-8")
-    if args.repo_id not in readme:
-        print(f"warning: README.md never names {args.repo_id}; its usage snippets load another repo. "
-              f"Rewrite it with `proclip card --repo-id {args.repo_id}`.", file=sys.stderr)
-    if not args.dry_run:
-        print(f"uploaded {folder} to {getattr(result, 'commit_url', args.repo_id)}")
-        return result
-    required = set(required_files(folder)[0])
-    total = sum(size for _, size in result)
-    print(f"dry run: would upload {len(result)} files ({human_size(total)}) from {folder} to {args.repo_id} "
-          f"(revision {args.revision or 'main'}, {'private' if args.private else 'public'} if created)")
-    for path, size in result:
-        print(f"  {human_size(size):>10}  {path}{'  [required]' if path in required else ''}")
-    print("checks passed: required files, model card, remote-code load and forward pass without this project")
-    return result
-
-
-def add_push_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `proclip push` on an argparse subparsers object."""
-    parser = subparsers.add_parser(
-        "push",
-        help="check a saved ProCLIP folder and upload it, model card included, to the Hugging Face Hub",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--model", required=True, help="the saved ProCLIP folder (with README.md from `proclip card`)")
-    parser.add_argument("--repo-id", required=True, metavar="ORG/NAME", help="the model repo to upload to")
-    parser.add_argument("--private", action="store_true",
-                        help="create the repo private (an existing repo keeps its visibility)")
-    parser.add_argument("--revision", help="branch to upload to (created from main if missing; default: main)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="run the checks and list the files and sizes; upload nothing")
-    parser.add_argument("--timeout", type=float, default=600, help="seconds allowed for the remote-code load check")
-    parser.set_defaults(func=run_push)
-    return parser

@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import struct
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -394,70 +393,6 @@ def default_cache_dir(data: str | os.PathLike) -> Path | None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Training-time use: a collator wrapper
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-class CachedEmbeddingCollator:
-    """Adds cached embeddings to the batches of a stage collator built without tokenizers.
-
-    For each caption view in the batch (`captions`, and `noise_captions` in stage 1) it adds
-    `text_embeds` (B, H) and `text_embeds_found` (B,) from the LLM table, and with `use_teacher`
-    `teacher_embeds` (B, D) and `teacher_embeds_found` from the teacher table (prefixed `noise_` for the second view).
-    When some caption of the batch is missing, the whole view is also tokenised as the plain collator would
-    (`input_ids`, `attention_mask`, or `teacher_input_ids`, ...), so the trainer can compute the missing rows.
-    Hit and miss counts travel with the batch under `cache_stats`.
-
-    Runs in DataLoader workers: the cache's memory maps are re-opened in each worker.
-    """
-
-    def __init__(
-        self,
-        collator,
-        cache: EmbeddingCache,
-        tokenizer,
-        max_length: int | None = None,
-        teacher_tokenizer=None,
-        use_teacher: bool = False,
-    ):
-        if use_teacher and not cache.has_teacher:
-            raise ValueError(f"{cache} has no teacher embeddings in every shard.")
-        self.collator = collator
-        self.cache = cache
-        self.tokenizer = tokenizer
-        self.max_length = max_length
-        self.teacher_tokenizer = teacher_tokenizer
-        self.use_teacher = use_teacher
-
-    def __call__(self, rows):
-        batch = self.collator(rows)
-        stats: Counter = Counter()
-        for view in ("", "noise_"):
-            captions = batch.get(f"{view}captions")
-            if captions is None:
-                continue
-            self._add(batch, captions, LLM_TABLE, f"{view}text_embeds", self.tokenizer, self.max_length, view, stats)
-            if self.use_teacher:
-                self._add(
-                    batch, captions, TEACHER_TABLE, f"{view}teacher_embeds", self.teacher_tokenizer, None,
-                    f"{view}teacher_", stats,
-                )
-        batch["cache_stats"] = dict(stats)
-        return batch
-
-    def _add(self, batch, captions, table, key, tokenizer, max_length, token_prefix, stats) -> None:
-        embeds, found = self.cache.lookup(captions, table)
-        batch[key], batch[f"{key}_found"] = embeds, found
-        hits = int(found.sum())
-        stats[f"{table}_hits"] += hits
-        stats[f"{table}_misses"] += len(captions) - hits
-        if hits < len(captions):
-            encoded = tokenizer(captions, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-            batch[f"{token_prefix}input_ids"] = encoded["input_ids"]
-            batch[f"{token_prefix}attention_mask"] = encoded["attention_mask"]
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -565,7 +500,6 @@ def build_embedding_cache(
 
 
 __all__ = [
-    "CachedEmbeddingCollator",
     "EmbeddingCache",
     "StaleCacheError",
     "build_embedding_cache",

@@ -1,6 +1,4 @@
-"""Training data: load image-text datasets, transform images like CLIP, and collate batches for both stages.
-
-Three parts, in the order data flows:
+"""Training data: load image-text datasets, decode and transform images like CLIP, count what is skipped.
 
 1. `load_training_dataset(spec, ...)` reads anything `datasets.load_dataset` reads: a local folder (an imagefolder
    with `metadata.jsonl` / `metadata.csv`, or a folder of csv / jsonl / parquet files), a file or glob
@@ -10,24 +8,7 @@ Three parts, in the order data flows:
 2. `CLIPImageTransform` turns a PIL image into `pixel_values` with PIL and torch only: the eval transform mirrors
    `CLIPImageProcessor` (resize the shortest side, center crop, rescale, normalise), the train transform replaces
    resize + crop by RandomResizedCrop(scale 0.9-1.0, bicubic). Size, mean and std come from the model's processor.
-3. `InheritanceCollator` (stage 1, captions only) and `ContrastiveCollator` (stage 2, image-caption pairs) decode,
-   check and tokenise a list of raw rows. Bad samples (an image that does not decode, a missing or blank caption)
-   are dropped from the batch and their number per reason travels with the batch under `"skipped"`;
-   the training loop adds those to a `SkipCounter` and reports the totals at the end.
-
-The collators read raw dataset columns, so a `Trainer` using them must be given `remove_unused_columns=False`.
-
-Why skip counts ride in the batch: with `DataLoader(num_workers>0)` the collator runs in worker processes, each
-holding its own copy of the collator, so a counter kept inside the collator would count in the copies and the main
-process would read zeros. Shared memory (`multiprocessing.Value`) would fix that for one start method but also count
-batches that were prefetched and never trained on, and still needs a reduction across ranks. A count carried by the
-batch it belongs to is exact for any number of workers, any start method, persistent workers or not, and counts only
-what was trained on; across data-parallel ranks one `SkipCounter.all_reduce()` sums the totals.
-
-Batches hold non-tensor entries (`captions`, `skipped`), which `accelerate`'s `dispatch_batches=True` (its default for
-an `IterableDataset`: rank 0 reads and broadcasts) cannot concatenate. Train streaming data with
-`accelerator_config={"dispatch_batches": False}`, each rank reading its own part (`datasets.distributed.
-split_dataset_by_node`). After drops, batch sizes differ between steps and ranks, and a batch can even be empty.
+3. `SkipCounter` sums the per-reason counts of samples the collators (`collators.py`) dropped.
 """
 
 from __future__ import annotations
@@ -41,19 +22,22 @@ import threading
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import datasets
 import numpy as np
 import PIL.Image
 import torch
-from datasets.packaged_modules.folder_based_builder.folder_based_builder import FolderBasedBuilder
+from datasets.packaged_modules.folder_based_builder.folder_based_builder import (
+    FolderBasedBuilder,
+)
 
 logger = logging.getLogger(__name__)
 
 # Why a sample was dropped. Keys of `batch["skipped"]` and of `SkipCounter`.
 CORRUPT_IMAGE = "corrupt_image"  # missing file, undecodable bytes, or a failed conversion to RGB
 EMPTY_CAPTION = "empty_caption"  # no caption column value, or only an empty / whitespace-only string
+TOO_FEW_CAPTIONS = "too_few_captions"  # stage 0: a row without two different captions gives no positive pair
 SKIP_REASONS = (CORRUPT_IMAGE, EMPTY_CAPTION)
 SKIPPED_KEY = "skipped"
 
@@ -512,220 +496,11 @@ def iter_row_captions(dataset, columns: Sequence[str], batch_size: int = 1000):
             yield caption_candidates({c: rows[c][i] for c in columns}, columns)
 
 
-class CaptionCollator:
-    """Shared parts: the per-process random generator, tokenisation, and counting what was dropped.
-
-    Randomness: one `torch.Generator` per process. In the main process (`num_workers=0`) it is seeded with `seed` and
-    continues across epochs. In a DataLoader worker it is seeded from `seed` and the worker's seed, which the
-    DataLoader draws anew for each epoch's workers from the main process's RNG: workers differ from each other,
-    epochs differ, and a run seeded with `transformers.set_seed` repeats. The data-parallel rank is mixed in too, so
-    ranks seeded alike still draw differently. The generator's state is not checkpointed.
-    """
-
-    max_logged_skips = 5  # per process; the totals are in the batch counts
-
-    def __init__(self, tokenizer, max_length: int | None, seed: int):
-        self.tokenizer = tokenizer
-        self.max_length = max_length
-        self.seed = int(seed)
-        self._generator: torch.Generator | None = None
-        self._generator_owner: tuple | None = None
-        self._logged_skips = 0
-
-    def __getstate__(self):  # generators are per process: never ship one to a worker
-        state = dict(self.__dict__)
-        state["_generator"], state["_generator_owner"] = None, None
-        return state
-
-    @property
-    def generator(self) -> torch.Generator:
-        info = torch.utils.data.get_worker_info()
-        owner = (os.getpid(),) if info is None else (os.getpid(), info.id, info.seed)
-        if self._generator is None or owner != self._generator_owner:
-            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-            rank = torch.distributed.get_rank() if distributed else 0
-            seed = self.seed + 7_919 * rank if info is None else self.seed * 1_000_003 + info.seed + 7_919 * rank
-            seed %= 2**63
-            self._generator = torch.Generator().manual_seed(seed)
-            self._generator_owner = owner
-        return self._generator
-
-    def _check_columns(self, rows: list[Mapping], columns: Sequence[str]) -> None:
-        """A column absent from the rows is a setup error, not bad data: say so instead of dropping every row."""
-        if not rows:
-            return
-        missing = [column for column in columns if column not in rows[0]]
-        if missing:
-            raise ValueError(
-                f"{type(self).__name__} reads column(s) {', '.join(map(repr, missing))}, but the rows have only "
-                f"{', '.join(map(repr, rows[0]))}. Check the column names, and keep raw columns through a Trainer "
-                "with `remove_unused_columns=False`."
-            )
-
-    def _choose(self, candidates: list[str], u: float) -> str:
-        return candidates[min(int(u * len(candidates)), len(candidates) - 1)]
-
-    def _tokenize(self, tokenizer, captions: list[str], max_length: int | None, prefix: str) -> dict:
-        if not captions:
-            empty = torch.zeros((0, 0), dtype=torch.long)
-            return {f"{prefix}input_ids": empty, f"{prefix}attention_mask": empty.clone()}
-        encoded = tokenizer(captions, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        return {f"{prefix}input_ids": encoded["input_ids"], f"{prefix}attention_mask": encoded["attention_mask"]}
-
-    def _skip(self, skipped: Counter, reason: str, row: Mapping, detail: str) -> None:
-        skipped[reason] += 1
-        if self._logged_skips < self.max_logged_skips:
-            self._logged_skips += 1
-            key = row.get("__key__") or row.get("__url__")
-            logger.warning(
-                "Skipping a sample (%s%s): %s%s",
-                reason,
-                f", {key}" if key else "",
-                detail,
-                "" if self._logged_skips < self.max_logged_skips else " (further skips are only counted)",
-            )
-
-
-class InheritanceCollator(CaptionCollator):
-    """Stage 1 (representation inheritance) collator: rows -> tokenised captions; images are never read.
-
-    Each row gives one caption, drawn at random among its non-blank captions in `caption_columns` (a list-valued
-    column counts each of its strings). Rows without one are dropped and counted as `"empty_caption"`; with a
-    `noise_caption_column`, a row without a non-blank noise caption is dropped too.
-
-    Args:
-        tokenizer: the LLM tokenizer (`ProCLIPProcessor.tokenizer`, which wraps prompts itself), or `None` to return
-            captions only (when the trainer reads pooled embeddings from a cache).
-        caption_columns: the caption column(s).
-        noise_caption_column: optional second caption view per row (e.g. raw alt-text beside a recaption).
-        max_length: truncation length, the model config's `max_text_length`; `None` = the tokenizer's own limit.
-        teacher_tokenizer: optional CLIP tokenizer; adds the teacher's ids (truncated to its 77-token limit).
-        seed: seed of the caption choice (see `CaptionCollator`).
-
-    Returns (a dict, B = rows kept):
-        `captions` list[str] (B) -- the raw chosen captions, for a cache lookup or a teacher;
-        `input_ids`, `attention_mask` LongTensor (B, L) -- if a tokenizer is given;
-        `teacher_input_ids`, `teacher_attention_mask` (B, L_t) -- if a teacher tokenizer is given;
-        `noise_captions`, `noise_input_ids`, `noise_attention_mask` (and `noise_teacher_*`) -- with a noise column;
-        `skipped` dict[str, int] -- rows dropped from this batch per reason (pop it with `SkipCounter`).
-        B may be 0 when every row was dropped; tensors then have shape (0, 0).
-    """
-
-    def __init__(
-        self,
-        tokenizer=None,
-        caption_columns: str | Sequence[str] = ("caption",),
-        noise_caption_column: str | None = None,
-        max_length: int | None = None,
-        teacher_tokenizer=None,
-        seed: int = 0,
-    ):
-        super().__init__(tokenizer, max_length, seed)
-        self.caption_columns = (caption_columns,) if isinstance(caption_columns, str) else tuple(caption_columns)
-        self.noise_caption_column = noise_caption_column
-        self.teacher_tokenizer = teacher_tokenizer
-
-    def __call__(self, rows: list[Mapping]) -> dict[str, Any]:
-        noise_columns = () if self.noise_caption_column is None else (self.noise_caption_column,)
-        self._check_columns(rows, self.caption_columns + noise_columns)
-        draws = torch.rand(len(rows), 2, generator=self.generator).tolist()  # fixed draws per row: reproducible
-        skipped: Counter = Counter({reason: 0 for reason in SKIP_REASONS})
-        captions, noise_captions = [], []
-        for row, (u, u_noise) in zip(rows, draws):
-            candidates = caption_candidates(row, self.caption_columns)
-            if not candidates:
-                self._skip(skipped, EMPTY_CAPTION, row, f"no caption in {', '.join(self.caption_columns)}")
-                continue
-            if self.noise_caption_column is not None:
-                noise = caption_candidates(row, (self.noise_caption_column,))
-                if not noise:
-                    self._skip(skipped, EMPTY_CAPTION, row, f"no caption in {self.noise_caption_column}")
-                    continue
-                noise_captions.append(self._choose(noise, u_noise))
-            captions.append(self._choose(candidates, u))
-
-        batch: dict[str, Any] = {"captions": captions}
-        views = [("", captions)] + ([("noise_", noise_captions)] if self.noise_caption_column is not None else [])
-        for prefix, texts in views:
-            if prefix:
-                batch[f"{prefix}captions"] = texts
-            if self.tokenizer is not None:
-                batch.update(self._tokenize(self.tokenizer, texts, self.max_length, prefix))
-            if self.teacher_tokenizer is not None:
-                batch.update(self._tokenize(self.teacher_tokenizer, texts, None, f"{prefix}teacher_"))
-        batch[SKIPPED_KEY] = dict(skipped)
-        return batch
-
-
-class ContrastiveCollator(CaptionCollator):
-    """Stage 2 (contrastive tuning) collator: rows -> `pixel_values` and one tokenised caption per image.
-
-    Each image is paired with one caption drawn at random among the row's non-blank captions in `caption_columns`
-    (e.g. a short and a long recaption; a list-valued column counts each of its strings), anew every time the row is
-    seen. Rows are dropped and counted when no caption is usable (`"empty_caption"`, checked first, so the image is
-    not decoded) or the image fails to load, decode or convert (`"corrupt_image"`).
-
-    Args:
-        tokenizer: the LLM tokenizer, or `None` to return captions only (cached embeddings).
-        transform: a `CLIPImageTransform` (train or eval), or any callable `(PIL image, generator) -> (3, H, W)`.
-        image_column: the image column (`{"bytes", "path"}`, a path, bytes or a PIL image).
-        caption_columns: the caption column(s).
-        max_length: truncation length, the model config's `max_text_length`.
-        seed: seed of the caption choice and of the random crops (see `CaptionCollator`).
-
-    Returns (a dict, B = rows kept):
-        `pixel_values` FloatTensor (B, 3, H, W);
-        `captions` list[str] (B) -- the raw chosen captions;
-        `input_ids`, `attention_mask` LongTensor (B, L) -- if a tokenizer is given;
-        `skipped` dict[str, int] -- rows dropped from this batch per reason (pop it with `SkipCounter`).
-        B may be 0 when every row was dropped.
-    """
-
-    def __init__(
-        self,
-        tokenizer,
-        transform: Callable[..., torch.Tensor],
-        image_column: str = "image",
-        caption_columns: str | Sequence[str] = ("caption",),
-        max_length: int | None = None,
-        seed: int = 0,
-    ):
-        super().__init__(tokenizer, max_length, seed)
-        self.transform = transform
-        self.image_column = image_column
-        self.caption_columns = (caption_columns,) if isinstance(caption_columns, str) else tuple(caption_columns)
-
-    def __call__(self, rows: list[Mapping]) -> dict[str, Any]:
-        self._check_columns(rows, (self.image_column,) + self.caption_columns)
-        generator = self.generator
-        draws = torch.rand(len(rows), generator=generator).tolist()
-        skipped: Counter = Counter({reason: 0 for reason in SKIP_REASONS})
-        pixels, captions = [], []
-        for row, u in zip(rows, draws):
-            candidates = caption_candidates(row, self.caption_columns)
-            if not candidates:
-                self._skip(skipped, EMPTY_CAPTION, row, f"no caption in {', '.join(self.caption_columns)}")
-                continue
-            value = row.get(self.image_column)
-            try:
-                image = decode_image(value)
-            except Exception as error:  # any decoder failure means this one file is unusable; never the whole run
-                where = value.get("path") if isinstance(value, Mapping) else value if isinstance(value, str) else None
-                self._skip(skipped, CORRUPT_IMAGE, row, f"{where or 'image'}: {type(error).__name__}: {error}")
-                continue
-            pixels.append(self.transform(image, generator=generator))
-            captions.append(self._choose(candidates, u))
-
-        if pixels:
-            pixel_values = torch.stack(pixels)
-        else:
-            height, width = getattr(self.transform, "output_hw", (0, 0))
-            pixel_values = torch.zeros((0, 3, height, width))
-        batch: dict[str, Any] = {"pixel_values": pixel_values, "captions": captions}
-        if self.tokenizer is not None:
-            batch.update(self._tokenize(self.tokenizer, captions, self.max_length, ""))
-        batch[SKIPPED_KEY] = dict(skipped)
-        return batch
+def iter_captions(dataset, caption_columns, noise_caption_column=None, batch_size: int = 1000):
+    """Every caption a collator could draw: non-blank strings of the caption columns (and the noise column)."""
+    columns = list(caption_columns) + ([noise_caption_column] if noise_caption_column else [])
+    for captions in iter_row_captions(dataset, columns, batch_size):
+        yield from captions
 
 
 __all__ = [
@@ -733,14 +508,13 @@ __all__ = [
     "EMPTY_CAPTION",
     "SKIP_REASONS",
     "SKIPPED_KEY",
-    "CaptionCollator",
+    "TOO_FEW_CAPTIONS",
     "CLIPImageTransform",
-    "ContrastiveCollator",
     "DataSpec",
-    "InheritanceCollator",
     "SkipCounter",
     "caption_candidates",
     "decode_image",
+    "iter_captions",
     "iter_row_captions",
     "load_training_dataset",
     "to_rgb",

@@ -28,23 +28,27 @@ Python entry points (the demo): `run_stage0(...) -> Path` and `caption_retrieval
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import inspect
 import json
 import math
 import os
 import time
-from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig, Trainer, TrainingArguments
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Trainer,
+    TrainingArguments,
+)
 from transformers import set_seed as transformers_set_seed
 
 from configuration_proclip.configuration_proclip import (
@@ -53,27 +57,24 @@ from configuration_proclip.configuration_proclip import (
     TEXT_TOWER_SETTINGS_FILE,
     text_tower_preset,
 )
-from modeling_proclip import bidirectional_attention_mask, configure_text_tokenizer, pool_hidden_states
+from modeling_proclip import (
+    bidirectional_attention_mask,
+    configure_text_tokenizer,
+    pool_hidden_states,
+)
 
+from .arguments import Stage0Arguments, stage0_training_defaults
+from .collators import CaptionPairCollator, MNTPCollator, mntp_mask_token_id
 from .data import (
     SKIPPED_KEY,
-    CaptionCollator,
-    InheritanceCollator,
     SkipCounter,
-    caption_candidates,
-    iter_row_captions,
     load_training_dataset,
 )
 from .losses import ContrastiveLoss
-from ..evaluation.metrics import caption_retrieval_accuracy
-from .trainer import load_clip_text_teacher, zero_loss
+from .stages import zero_loss
 
-STAGE0_NAMES = ("0", "caption-contrastive")
 STAGE0_REPORT_FILE = "stage0_report.json"
-TOO_FEW_CAPTIONS = "too_few_captions"  # skip reason: a row without two different captions gives no positive pair
 
-# What `from_towers` does with a text tower that has no preset; CRA of a raw LLM uses the same.
-RAW_TOWER_DEFAULTS = {"pooling": "mean", "bidirectional": False, "prompt_template": None, "padding_side": None}
 # The LLM2Vec recipe: mean pooling over a bidirectional LLM.
 STAGE0_TOWER_DEFAULTS = {"pooling": "mean", "bidirectional": True, "prompt_template": None, "padding_side": None}
 
@@ -156,268 +157,6 @@ class LLMEmbedder(nn.Module):
         frozen embeddings need no gradient for the LoRA layers above them to get one."""
         checkpoint_kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
         self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs, **kwargs)
-
-
-@dataclass
-class TextTower:
-    """Any text tower behind one call: `embed(texts) -> (N, D)` float32 embeddings, unnormalised.
-
-    Attributes:
-        kind: `"llm"` (pooled hidden states of any text model), `"proclip"` (joint-space text embeddings) or
-            `"clip"` (CLIP's projected text embeddings).
-        name_or_path: where it was loaded from.
-        tokenizer: configured for this tower (prompt, padding side, length limit).
-        encode: `(input_ids, attention_mask) -> (B, D)`.
-        settings: what defines the embedding, for results files.
-        device: where `encode` runs.
-    """
-
-    kind: str
-    name_or_path: str
-    tokenizer: Any
-    encode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    settings: dict
-    device: torch.device
-
-    @torch.inference_mode()
-    def embed(self, texts: Sequence[str], batch_size: int = 64, bf16: bool = False) -> torch.Tensor:
-        """Embed `texts` longest first (little padding per batch); returns (N, D) float32 in the order given."""
-        order = sorted(range(len(texts)), key=lambda index: len(texts[index]), reverse=True)
-        chunks, positions = [], []
-        for start in range(0, len(order), batch_size):
-            indices = order[start : start + batch_size]
-            batch = self.tokenizer(
-                [texts[index] for index in indices], padding=True, truncation=True, return_tensors="pt"
-            ).to(self.device)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
-                chunks.append(self.encode(batch["input_ids"], batch["attention_mask"]).float())
-            positions.extend(indices)
-        if not chunks:
-            raise ValueError("no text to embed")
-        embeds = torch.cat(chunks)
-        return embeds[torch.argsort(torch.tensor(positions, device=embeds.device))]
-
-
-def load_text_tower(
-    name_or_path: str | os.PathLike,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
-    pooling: str | None = None,
-    bidirectional: bool | None = None,
-    prompt_template: str | None = None,
-    padding_side: str | None = None,
-    max_text_length: int = 512,
-) -> TextTower:
-    """Load any text tower for caption embedding: a ProCLIP folder, a CLIP checkpoint, or any other text model.
-
-    Args:
-        name_or_path: Hub id or folder.
-        device: default: cuda if available, else cpu.
-        pooling, bidirectional, prompt_template, padding_side, max_text_length: for a plain text model only,
-            overriding its own record (`proclip_text_tower.json`) or preset; without either, mean pooling with causal
-            attention, as `ProCLIPModel.from_towers` would build it. A ProCLIP folder or a CLIP checkpoint brings its
-            own settings, and giving any of these for one is an error.
-    """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    name = str(name_or_path)
-    model_type = PreTrainedConfig.get_config_dict(name)[0].get("model_type")
-    overrides = {"pooling": pooling, "bidirectional": bidirectional, "prompt_template": prompt_template,
-                 "padding_side": padding_side}
-    if model_type in ("proclip", "clip", "clip_text_model"):
-        given = [key for key, value in overrides.items() if value is not None]
-        if given:
-            raise ValueError(f"{name} is a {model_type} checkpoint with its own text settings; {given} apply to LLMs.")
-
-    if model_type == "proclip":
-        from modeling_proclip import ProCLIPModel, ProCLIPProcessor
-
-        model = ProCLIPModel.from_pretrained(name, dtype=dtype).to(device).eval()
-        tokenizer = ProCLIPProcessor.from_pretrained(name).tokenizer
-
-        def encode(input_ids, attention_mask):
-            return model.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
-
-        settings = {"embedding": "joint space (get_text_features: pooled LLM -> adapter)", "pooling": model.config.pooling,
-                    "bidirectional": model.config.bidirectional, "prompt_template": model.config.prompt_template}
-        return TextTower("proclip", name, tokenizer, encode, settings, device)
-
-    if model_type in ("clip", "clip_text_model"):
-        model = load_clip_text_teacher(name, dtype=dtype).to(device)
-        tokenizer = AutoTokenizer.from_pretrained(name)
-
-        def encode(input_ids, attention_mask):
-            return model(input_ids=input_ids, attention_mask=attention_mask).text_embeds
-
-        settings = {"embedding": "CLIP text encoder + projection (text_embeds)",
-                    "max_text_length": tokenizer.model_max_length}
-        return TextTower("clip", name, tokenizer, encode, settings, device)
-
-    text_settings = TextTowerSettings.resolve(name, RAW_TOWER_DEFAULTS, max_text_length, **overrides)
-    tokenizer = AutoTokenizer.from_pretrained(name)
-    configure_text_tokenizer(tokenizer, text_settings)
-    model = AutoModel.from_pretrained(name, dtype=dtype).to(device).eval()
-    embedder = LLMEmbedder(model, text_settings.pooling, text_settings.bidirectional)
-    settings = {"embedding": "pooled hidden states", **dataclasses.asdict(text_settings)}
-    settings.pop("instruction")
-    return TextTower("llm", name, tokenizer, embedder, settings, device)
-
-
-def caption_retrieval_accuracy_of(
-    text_tower: TextTower | str | os.PathLike,
-    captions_a: Sequence[str],
-    captions_b: Sequence[str],
-    batch_size: int = 64,
-    bf16: bool = False,
-    **tower_options,
-) -> float:
-    """CRA of a text tower: each `captions_a[i]` queries among all of `captions_b`; top-1 accuracy (ties count against
-    the query). The two lists hold two captions of the same N images, in the same order.
-
-    Args:
-        text_tower: a loaded `TextTower`, or anything `load_text_tower` reads (then `tower_options` go to it:
-            `device`, `pooling`, `bidirectional`, ...).
-    """
-    if len(captions_a) != len(captions_b):
-        raise ValueError(f"captions_a has {len(captions_a)} captions but captions_b has {len(captions_b)}")
-    tower = text_tower if isinstance(text_tower, TextTower) else load_text_tower(text_tower, **tower_options)
-    embeds = tower.embed(list(captions_a) + list(captions_b), batch_size, bf16)
-    # Caption k of image i: both lists list the images in order, so each image's first caption is its `captions_a`.
-    return caption_retrieval_accuracy(embeds, torch.arange(len(captions_a)).repeat(2))
-
-
-def caption_pairs(dataset, caption_columns: Sequence[str]) -> tuple[list[str], list[str], int]:
-    """The first two non-blank captions of each row, read across `caption_columns` in order (a list-valued column
-    counts each of its strings): `(first captions, second captions, rows without two)`."""
-    first, second, skipped = [], [], 0
-    for captions in iter_row_captions(dataset, caption_columns):
-        if len(captions) < 2:
-            skipped += 1
-            continue
-        first.append(captions[0])
-        second.append(captions[1])
-    return first, second, skipped
-
-
-def evaluate_caption_retrieval(
-    tower: TextTower, dataset, caption_columns: Sequence[str], batch_size: int = 64, bf16: bool = False
-) -> dict:
-    """`proclip eval --task caption-retrieval`: CRA of one text tower on a dataset's caption pairs.
-
-    With two caption columns, each row's caption in the first queries among all rows' captions in the second; with
-    one list-valued column, the first two captions of each row. Rows without two non-blank captions are skipped.
-
-    Returns:
-        `{"data": {...}, "protocol": {...}, "metrics": {"num_images", "caption_retrieval_accuracy"}}`.
-    """
-    from ..evaluation.tasks import TIE_POLICY
-
-    first, second, skipped = caption_pairs(dataset, caption_columns)
-    if not first:
-        raise ValueError(f"no row has two non-blank captions in {list(caption_columns)}")
-    accuracy = caption_retrieval_accuracy_of(tower, first, second, batch_size, bf16)
-    return {
-        "data": {"caption_columns": list(caption_columns), "skipped_rows": {TOO_FEW_CAPTIONS: skipped}},
-        "protocol": {
-            "query": "each image's first caption", "gallery": "every image's second caption", "top_k": 1,
-            "similarity": "cosine", "ties": TIE_POLICY, "text_tower": {"kind": tower.kind, **tower.settings},
-        },
-        "metrics": {"num_images": len(first), "caption_retrieval_accuracy": accuracy},
-    }
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Batches
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-class CaptionPairCollator(CaptionCollator):
-    """Stage 0: rows -> two different captions of the same image, tokenised: the positive pairs.
-
-    The two are drawn at random without replacement among the row's distinct non-blank captions in `caption_columns`
-    (a list-valued column counts each of its strings; with two single-caption columns the pair is those two), and
-    keep their column order. A row with fewer than two is dropped and counted under `too_few_captions`.
-
-    Returns (a dict, B = rows kept):
-        `captions`, `pair_captions` list[str] (B);
-        `input_ids`, `attention_mask`, `pair_input_ids`, `pair_attention_mask` LongTensor (B, L) / (B, L');
-        `skipped` dict[str, int].
-    """
-
-    def __init__(self, tokenizer, caption_columns: str | Sequence[str], max_length: int | None = None, seed: int = 0):
-        super().__init__(tokenizer, max_length, seed)
-        self.caption_columns = (caption_columns,) if isinstance(caption_columns, str) else tuple(caption_columns)
-
-    def __call__(self, rows: list[Mapping]) -> dict[str, Any]:
-        self._check_columns(rows, self.caption_columns)
-        skipped: Counter = Counter({TOO_FEW_CAPTIONS: 0})
-        first, second = [], []
-        for row in rows:
-            candidates = list(dict.fromkeys(caption_candidates(row, self.caption_columns)))
-            if len(candidates) < 2:
-                self._skip(skipped, TOO_FEW_CAPTIONS, row, f"fewer than two captions in {', '.join(self.caption_columns)}")
-                continue
-            # Column order kept (the loss is symmetric): with a short and a long column, the short captions pad to
-            # short lengths instead of every view padding to the long ones.
-            a, b = sorted(torch.randperm(len(candidates), generator=self.generator)[:2].tolist())
-            first.append(candidates[a])
-            second.append(candidates[b])
-        batch: dict[str, Any] = {"captions": first, "pair_captions": second}
-        batch.update(self._tokenize(self.tokenizer, first, self.max_length, ""))
-        batch.update(self._tokenize(self.tokenizer, second, self.max_length, "pair_"))
-        batch[SKIPPED_KEY] = dict(skipped)
-        return batch
-
-
-def mask_for_mntp(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor, mask_token_id: int, probability: float,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masked next-token prediction inputs: replace a random `probability` of the tokens by `mask_token_id`.
-
-    Each real token but a row's first may be masked (the first has no previous position to be predicted from); every
-    row with two or more tokens gets at least one masked token. All chosen tokens become the mask token (no 80/10/10
-    split).
-
-    Returns:
-        `(masked_input_ids, labels)`, both (B, L): labels hold the original id at masked positions and -100 elsewhere,
-        the layout the causal LM loss expects (position i - 1 predicts label i).
-    """
-    real = attention_mask.bool()
-    maskable = real & (real.cumsum(-1) > 1)
-    draws = torch.rand(input_ids.shape, generator=generator)
-    chosen = maskable & (draws < probability)
-    rows = torch.arange(input_ids.shape[0])
-    first_choice = torch.where(maskable, draws, 2.0).argmin(-1)  # the row's lowest draw: forced in
-    chosen[rows, first_choice] |= maskable.any(-1)
-    labels = torch.where(chosen, input_ids, -100)
-    return torch.where(chosen, mask_token_id, input_ids), labels
-
-
-class MNTPCollator:
-    """MNTP batches: one caption per row (drawn as in stage 1, `InheritanceCollator`), masked by `mask_for_mntp`.
-
-    Returns: `captions`, `input_ids` (masked), `attention_mask`, `labels`, `skipped`.
-    """
-
-    def __init__(self, tokenizer, caption_columns, mask_token_id: int, probability: float = 0.2,
-                 max_length: int | None = None, seed: int = 0):
-        self.captions = InheritanceCollator(tokenizer, caption_columns, max_length=max_length, seed=seed)
-        self.mask_token_id = mask_token_id
-        self.probability = probability
-
-    def __call__(self, rows: list[Mapping]) -> dict[str, Any]:
-        batch = self.captions(rows)
-        batch["input_ids"], batch["labels"] = mask_for_mntp(
-            batch["input_ids"], batch["attention_mask"], self.mask_token_id, self.probability, self.captions.generator
-        )
-        return batch
-
-
-def mntp_mask_token_id(tokenizer) -> int:
-    """The tokenizer's mask token, else "_" (LLM2Vec's choice for decoder LLMs, which have no mask token)."""
-    if tokenizer.mask_token_id is not None:
-        return tokenizer.mask_token_id
-    return tokenizer.convert_tokens_to_ids(tokenizer.tokenize("_"))[-1]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -526,45 +265,6 @@ def add_lora(model: nn.Module, options: Stage0Arguments):
 # ---------------------------------------------------------------------------------------------------------------------
 # The stage
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Stage0Arguments:
-    """The options of `proclip train --stage 0` (the rest are `TrainingArguments`)."""
-
-    stage: str = field(default="0", metadata={"help": "0 (or caption-contrastive).", "choices": list(STAGE0_NAMES)})
-    text: str | None = field(default=None, metadata={"help": "The LLM to fine-tune: a Hub id or folder (any AutoModel text model)."})
-    data: str | None = field(
-        default=None, metadata={"help": "Caption data: a folder, a file or glob (csv/jsonl/parquet/arrow/tar), or a Hub dataset name[:config]."}
-    )
-    config: str | None = field(default=None, metadata={"help": "YAML or JSON file of these flags; command-line flags win."})
-    caption_column: list[str] | None = field(
-        default=None,
-        metadata={"help": "Caption column(s): two captions of a row are a positive pair, drawn among all its captions in these columns (default: caption, a list per row).", "action": "extend"},
-    )
-    split: str = field(default="train", metadata={"help": "Dataset split (slicing such as train[:10000] works)."})
-    streaming: bool = field(default=False, metadata={"help": "Stream the dataset (then set --max_steps)."})
-    pooling: str | None = field(default=None, metadata={"help": "Pooling (default: the LLM's preset, else mean).", "choices": list(POOLING_MODES)})
-    bidirectional: bool | None = field(
-        default=None, metadata={"help": "Bidirectional attention (default: the LLM's preset, else true, as LLM2Vec)."}
-    )
-    prompt_template: str | None = field(default=None, metadata={"help": "Caption wrapping with '{text}', e.g. a chat turn (default: none)."})
-    padding_side: str | None = field(default=None, metadata={"help": "Recorded padding side (embeddings do not depend on it).", "choices": ["left", "right"]})
-    max_text_length: int = field(default=512, metadata={"help": "Longest tokenized caption; longer ones are truncated."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (scaling alpha / r)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
-    lora_target_modules: str = field(default="all-linear", metadata={"help": "Comma-separated module names, or all-linear."})
-    temperature: float = field(default=0.05, metadata={"help": "InfoNCE temperature (logits = cosine / temperature)."})
-    mntp_steps: int = field(default=0, metadata={"help": "Steps of masked next-token prediction before the contrastive phase (0: none)."})
-    mntp_probability: float = field(default=0.2, metadata={"help": "Fraction of tokens masked in MNTP."})
-
-
-def stage0_training_defaults() -> dict:
-    """`TrainingArguments` defaults of stage 0: `proclip train`'s recipe defaults with LLM2Vec's learning rate."""
-    from ..cli.train import TRAIN_DEFAULTS
-
-    return {**TRAIN_DEFAULTS, "learning_rate": 2e-4}
 
 
 def train_stage0(options: Stage0Arguments, training_args: TrainingArguments) -> Path:
@@ -694,35 +394,6 @@ def run_stage0(
         options or Stage0Arguments(), text=str(text_dir), data=str(data_spec), caption_column=list(caption_columns)
     )
     training_args = TrainingArguments(output_dir=str(out_dir), **{**stage0_training_defaults(), **training_kwargs})
-    return train_stage0(options, training_args)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Command line: `proclip train --stage 0 ...` (routed here by training.py)
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def is_stage0_command(argv: Sequence[str]) -> bool:
-    """Whether `proclip train` words ask for stage 0 (`--stage 0`, here or in the `--config` file)."""
-    from ..cli.train import read_config_file
-
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--stage")
-    pre.add_argument("--config")
-    known, _ = pre.parse_known_args(list(argv))
-    stage = known.stage
-    if stage is None and known.config:
-        stage = read_config_file(known.config).get("stage")
-    return str(stage) in STAGE0_NAMES
-
-
-def stage0_train_command(argv: Sequence[str]) -> Path:
-    """`proclip train --stage 0 --text LLM --data SPEC --caption-column A --caption-column B --out DIR [...]`."""
-    from ..cli.train import parse_train_args
-
-    options, training_args = parse_train_args(
-        list(argv), Stage0Arguments, required=("text", "data"), defaults=stage0_training_defaults()
-    )
     return train_stage0(options, training_args)
 
 

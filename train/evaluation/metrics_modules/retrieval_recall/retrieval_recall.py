@@ -13,8 +13,7 @@ add_batch / compute interface.
 import datasets
 import evaluate
 import torch
-from proclip_train.metrics import best_positive_ranks
-from proclip_train.metrics import recall_at_k
+from proclip_train.metrics import best_positive_ranks, recall_at_k
 
 _DESCRIPTION = """
 Recall@K for retrieval: the fraction of queries whose best-scoring correct gallery item is among the

@@ -13,8 +13,10 @@ add_batch / compute interface.
 import datasets
 import evaluate
 import torch
-from proclip_train.metrics import best_positive_ranks
-from proclip_train.metrics import classification_accuracy_from_ranks
+from proclip_train.metrics import (
+    best_positive_ranks,
+    classification_accuracy_from_ranks,
+)
 
 _DESCRIPTION = """
 Top-K accuracy from per-class scores (e.g. 100 x cosine of an image with each class vector), plus

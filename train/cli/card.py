@@ -1,0 +1,82 @@
+"""`proclip card`: write a saved ProCLIP folder's README.md, a Hub model card with its results.
+
+What goes in, in the order the card is built:
+  results files (`proclip eval --out r.json`)  -> `Evaluation`s -> `model-index` (EvalResult) + tables + a PNG
+  the folder's config.json and weights header  -> towers, adapter, parameter counts, `base_model`
+  the training run's JSON records (TRAINING_FILES) -> the recipe
+  a Jinja template (`model_cards/proclip.md`)    -> README.md, rendered as `ModelCard.from_template` renders
+
+The metadata block is huggingface_hub's `ModelCardData` (`model-index` from `EvalResult`s), so it parses back
+with `ModelCard.load`.
+"""
+
+import argparse
+from pathlib import Path
+
+from ..hub.card import (
+    DEFAULT_LICENSE,
+    DEFAULT_TAGS,
+    DEFAULT_TEMPLATE,
+    EXAMPLE_IMAGE_URL,
+    EXAMPLE_LABELS,
+    PLOT_FILE,
+    TRAINING_FILES,
+    write_model_card,
+)
+
+
+def run_card(args: argparse.Namespace) -> Path:
+    try:
+        readme, plot_path = write_model_card(
+            args.model,
+            out=args.out,
+            results=args.results or [],
+            repo_id=args.repo_id,
+            model_name=args.model_name,
+            license=args.license,
+            datasets=args.dataset or [],
+            languages=args.language or [],
+            tags=args.tag or [],
+            runs=args.run,
+            template=args.template,
+            example_image=args.example_image,
+            example_labels=[label.strip() for label in args.example_labels.split(",") if label.strip()],
+            plot=not args.no_plot,
+        )
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"proclip card: {error}") from error
+    print(f"model card written to {readme}" + (f" (with {plot_path.name})" if plot_path else ""))
+    return readme
+
+
+def add_card_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `proclip card` on an argparse subparsers object."""
+    parser = subparsers.add_parser(
+        "card",
+        help="write a saved ProCLIP folder's README.md: a Hub model card with its evaluation results",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", required=True, help="the saved ProCLIP folder")
+    parser.add_argument("--results", action="append", metavar="JSON",
+                        help="a `proclip eval --out` file; repeat for several (they fill model-index and the plot)")
+    parser.add_argument("--repo-id", help="the Hub repo the card is for; the usage snippets load it "
+                        "(default: your-org/<folder name>)")
+    parser.add_argument("--model-name", help="the model's name in model-index (default: the repo name)")
+    parser.add_argument("--license", default=DEFAULT_LICENSE,
+                        help="the weights' license; they derive from both towers, so use the stricter of their "
+                        f"licenses (default: {DEFAULT_LICENSE}, the code's)")
+    parser.add_argument("--dataset", action="append", help="a training dataset (Hub id, or a local name that is only "
+                        "mentioned in the text); repeat for several")
+    parser.add_argument("--language", action="append", help="an ISO 639 code of the text the model was trained on")
+    parser.add_argument("--tag", action="append", help=f"an extra Hub tag (always: {', '.join(DEFAULT_TAGS)})")
+    parser.add_argument("--run", action="append", metavar="DIR",
+                        help=f"a training output folder to read the recipe from ({', '.join(TRAINING_FILES)}, "
+                        "whichever exist); repeat for stage 1 and stage 2 (default: --model)")
+    parser.add_argument("--template", type=Path, help=f"a Jinja model-card template (default: {DEFAULT_TEMPLATE.name})")
+    parser.add_argument("--example-image", default=EXAMPLE_IMAGE_URL, help="image URL of the widget and usage snippets")
+    parser.add_argument("--example-labels", default=", ".join(EXAMPLE_LABELS), help="comma-separated candidate labels")
+    parser.add_argument("--no-plot", action="store_true", help=f"do not draw {PLOT_FILE}")
+    parser.add_argument("--out", type=Path, help="where to write the card (default: <model>/README.md)")
+    parser.set_defaults(func=run_card)
+    return parser

@@ -1,0 +1,76 @@
+"""`proclip embed`: store the frozen LLM's pooled caption embeddings (and the stage-1 teacher's) for training.
+
+    proclip embed --model DIR --data SPEC [--caption-column C ...] [--cache-dir DIR] [--bf16]
+
+Under `torchrun` every rank embeds its share of the captions into a shard of its own.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from modeling_proclip import ProCLIPModel, ProCLIPProcessor
+
+from ..training.cache import build_embedding_cache, default_cache_dir
+from ..training.data import iter_captions, load_training_dataset
+from ..training.stages import load_clip_text_teacher
+
+EMBED_DESCRIPTION = "Store the frozen LLM's pooled caption embeddings (and the stage-1 teacher's) for training."
+
+
+def _distributed_place() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from the torchrun / accelerate environment (1 process without one)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def embed_command(args) -> None:
+    rank, world_size, local_rank = _distributed_place()
+    if args.device:
+        device = torch.device(args.device)
+    else:
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir(args.data)
+    if cache_dir is None:
+        raise SystemExit("The data is a Hub dataset: give --cache-dir for the embedding cache.")
+    processor = ProCLIPProcessor.from_pretrained(args.model)
+    model = ProCLIPModel.from_pretrained(args.model).to(device)
+    teacher = teacher_tokenizer = None
+    if not args.no_teacher:
+        teacher_name = args.teacher or model.config.vision_name_or_path
+        if teacher_name is None:
+            raise SystemExit("The model's config names no CLIP checkpoint: give --teacher, or --no-teacher.")
+        teacher = load_clip_text_teacher(teacher_name).to(device)
+        teacher_tokenizer = AutoTokenizer.from_pretrained(teacher_name)
+    dataset = load_training_dataset(
+        args.data, split=args.split, caption_columns=args.caption_column or ["caption"],
+        noise_caption_column=args.noise_caption_column,
+    )
+    captions = iter_captions(dataset, args.caption_column or ["caption"], args.noise_caption_column)
+    path = build_embedding_cache(
+        model, processor.tokenizer, captions, cache_dir, teacher=teacher, teacher_tokenizer=teacher_tokenizer,
+        batch_size=args.batch_size, dtype=getattr(torch, args.dtype), bf16=args.bf16, rank=rank,
+        world_size=world_size, progress=rank == 0,
+    )
+    print(f"Wrote {path}" if path else f"Every caption is already in {cache_dir}.")
+
+
+def add_embed_parser(subparsers) -> None:
+    """Register `proclip embed`."""
+    parser = subparsers.add_parser("embed", help=EMBED_DESCRIPTION, description=EMBED_DESCRIPTION)
+    parser.add_argument("--model", required=True, help="ProCLIP folder or Hub id (its frozen LLM embeds the captions).")
+    parser.add_argument("--data", required=True, help="The training data, as for `proclip train`.")
+    parser.add_argument("--caption-column", action="extend", nargs="+", help="Caption column(s) (default: caption).")
+    parser.add_argument("--noise-caption-column", help="Stage 1's second caption view, embedded too.")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--cache-dir", help="Cache folder (default: proclip_embedding_cache/ next to the data).")
+    parser.add_argument("--teacher", help="Stage-1 teacher CLIP checkpoint (default: the model's vision_name_or_path).")
+    parser.add_argument("--no-teacher", action="store_true", help="Store the LLM embeddings only (stage 2 needs no more).")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="Storage dtype.")
+    parser.add_argument("--bf16", action="store_true", help="Run the towers under bfloat16 autocast.")
+    parser.add_argument("--device", help="Default: this process's GPU under torchrun, else the CPU.")
+    parser.set_defaults(func=embed_command)

@@ -1,0 +1,146 @@
+"""What every demo model is scored on: a split's images and texts (`EvalSet`), embedded once, and `score`.
+
+Zero-shot classification uses the single-object images (seen and held-out classes apart); retrieval uses the general
+scenes 1:1 with their short, long and translated captions. Text embeddings come from the embedding cache (the LLM's
+pooled states through the model's adapter, or the teacher CLIP's own text embeddings).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ..evaluation.metrics import (
+    caption_retrieval_accuracy,
+    class_embeddings,
+    retrieval_ranks,
+)
+from .teacher import ZERO_SHOT_TEMPLATES, class_prompt
+from .world import load_world_config, read_metadata
+
+LANGUAGES = ("de", "fr", "es")
+
+
+def zero_shot_prompts(classes: list[str], templates=ZERO_SHOT_TEMPLATES) -> list[str]:
+    """Class-major list of C x T prompts ("a photo of a red circle.")."""
+    return [template.format(class_prompt(name)) for name in classes for template in templates]
+
+
+@dataclass
+class EvalSet:
+    """A split's images (as pixel tensors) and texts, loaded once and scored against every variant.
+
+    Zero-shot uses the single-object images (`kind == "class"`); retrieval uses the general scenes 1:1, each with
+    its short, translated and (for the first `n_long` scenes) long caption.
+    """
+
+    classes: list[str]
+    held_out_classes: list[str]
+    class_pixels: torch.Tensor
+    class_labels: torch.Tensor
+    scene_pixels: torch.Tensor
+    scene_held_out: torch.Tensor
+    captions: dict[str, list[str]]  # column -> one caption per scene (long: the first n_long scenes)
+    prompts: list[str]
+
+    @classmethod
+    def load(cls, world_dir: Path, split: str, processor, n_long: int) -> "EvalSet":
+        world = load_world_config(world_dir)
+        rows = read_metadata(world_dir, split)
+        class_rows = [r for r in rows if r["kind"] == "class"]
+        scene_rows = [r for r in rows if r["kind"] == "scene"]
+
+        def pixels(chosen):
+            images = [Image.open(r["image_path"]).convert("RGB") for r in chosen]
+            return processor(images=images, return_tensors="pt")["pixel_values"]
+
+        captions = {"short": [r["caption_short"] for r in scene_rows],
+                    "long": [r["caption_long"] for r in scene_rows[:n_long]]}
+        captions.update({lang: [r[f"caption_{lang}"] for r in scene_rows] for lang in LANGUAGES})
+        return cls(
+            classes=world.classes,
+            held_out_classes=world.held_out_classes,
+            class_pixels=pixels(class_rows),
+            class_labels=torch.tensor([world.classes.index(r["label"]) for r in class_rows]),
+            scene_pixels=pixels(scene_rows),
+            scene_held_out=torch.tensor([bool(r["held_out"]) for r in scene_rows]),
+            captions=captions,
+            prompts=zero_shot_prompts(world.classes),
+        )
+
+    def texts(self) -> list[str]:
+        return self.prompts + [c for column in self.captions.values() for c in column]
+
+
+@torch.no_grad()
+def image_features(model, pixel_values: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model.get_image_features(pixel_values[i:i + batch_size]).pooler_output.float()
+                      for i in range(0, len(pixel_values), batch_size)])
+
+
+@torch.no_grad()
+def cached_embeddings(cache, texts: list[str], table: str = "llm") -> torch.Tensor:
+    """(N, D) rows of a cache table: the LLM's pooled embeddings (`llm`) or the teacher CLIP's (`teacher`)."""
+    embeds, found = cache.lookup(texts, table)
+    if not bool(found.all()):
+        missing = [t for t, f in zip(texts, found.tolist()) if not f][:3]
+        raise KeyError(f"{int((~found).sum())} texts are not in the embedding cache, e.g. {missing}")
+    return embeds.float()
+
+
+@torch.no_grad()
+def cached_text_features(model, cache, texts: list[str], table: str = "llm") -> torch.Tensor:
+    """Joint-space text embeddings from the cache: the LLM table through the model's adapter, or the teacher's
+    own text embeddings (`table="teacher"`, the teacher CLIP's row)."""
+    embeds = cached_embeddings(cache, texts, table)
+    if table == "teacher":
+        return embeds
+    model.eval()
+    return model.get_text_features(text_embeds=embeds).pooler_output.float()
+
+
+def short_to_long_retrieval(short: torch.Tensor, long: torch.Tensor) -> dict:
+    """Caption retrieval accuracy on the scenes that have a long caption (the first N): each one's short caption
+    queries among the long captions. `short` (>= N, D) and `long` (N, D) embeddings, scene-aligned."""
+    n = len(long)
+    accuracy = caption_retrieval_accuracy(torch.cat([short[:n], long]), torch.arange(n).repeat(2))
+    return {"short_to_long": accuracy, "num_images": n}
+
+
+def score(model, evalset: EvalSet, cache, table: str = "llm") -> dict:
+    """Zero-shot top-1 (all / seen / held-out classes), 1:1 retrieval R@1 per caption column (all scenes, and
+    scenes with / without a held-out object), and caption retrieval accuracy (short caption -> long caption of the
+    scenes that have one) in the joint space, as fractions."""
+    held = torch.tensor([name in evalset.held_out_classes for name in evalset.classes])
+    prompts = cached_text_features(model, cache, evalset.prompts, table)
+    classes = class_embeddings(prompts.reshape(len(evalset.classes), len(ZERO_SHOT_TEMPLATES), -1))
+    ranks = retrieval_ranks(image_features(model, evalset.class_pixels), classes, evalset.class_labels)
+    correct = (ranks == 0).float()
+    on_held = held[evalset.class_labels]
+    result = {"zeroshot": {"top1": correct.mean().item(), "top1_seen": correct[~on_held].mean().item(),
+                           "top1_held_out": correct[on_held].mean().item(), "num_images": len(correct),
+                           "chance": 1 / len(evalset.classes)}}
+    scenes = image_features(model, evalset.scene_pixels)
+    result["retrieval"], features = {}, {}
+    for column, texts in evalset.captions.items():
+        n = len(texts)
+        if n == 0:
+            continue
+        text = features[column] = cached_text_features(model, cache, texts, table)
+        target = torch.arange(n)
+        i2t = (retrieval_ranks(scenes[:n], text, target) == 0).float()
+        t2i = (retrieval_ranks(text, scenes[:n], target) == 0).float()
+        held_scene = evalset.scene_held_out[:n]
+        entry = {"num_images": n}
+        for name, hits in (("i2t", i2t), ("t2i", t2i)):
+            entry[f"{name}_R@1"] = hits.mean().item()
+            entry[f"{name}_R@1_seen"] = hits[~held_scene].mean().item() if (~held_scene).any() else float("nan")
+            entry[f"{name}_R@1_held_out"] = hits[held_scene].mean().item() if held_scene.any() else float("nan")
+        result["retrieval"][column] = entry
+    if "long" in features:
+        result["caption_retrieval"] = short_to_long_retrieval(features["short"], features["long"])
+    return result
