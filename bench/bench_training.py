@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 from proclip_train.demo.assets import minilm_dir, smollm2_dir
+from proclip_train.training.arguments import ProCLIPTrainingArguments
 from proclip_train.training.cache import EmbeddingCache, build_embedding_cache
 from proclip_train.training.losses import ContrastiveDistillationLoss
 from proclip_train.training.stages import LOGIT_SCALE_MAX, EMATeacher
@@ -42,7 +43,6 @@ from transformers import (
     CLIPImageProcessor,
     CLIPModel,
     TrainerCallback,
-    TrainingArguments,
 )
 
 from modeling_proclip import ProCLIPModel, ProCLIPProcessor
@@ -142,22 +142,23 @@ def _proc_status(field: str) -> int:
     raise KeyError(field)
 
 
-def args_for(workdir: Path, batch_size: int, steps: int, **overrides) -> TrainingArguments:
+def args_for(workdir: Path, batch_size: int, steps: int, stage: int, **overrides) -> ProCLIPTrainingArguments:
+    """Plain AdamW (torch's defaults, no decay, clipping at 1): the same update as `plain_stage2_loop`."""
     values = dict(
-        output_dir=str(workdir / "run"), per_device_train_batch_size=batch_size, max_steps=steps, learning_rate=1e-4,
-        lr_scheduler_type="constant", optim="adamw_torch", save_strategy="no", report_to="none", disable_tqdm=True,
-        logging_steps=10**6, seed=0, dataloader_num_workers=0,
+        output_dir=str(workdir / "run"), stage=stage, per_device_train_batch_size=batch_size, max_steps=steps,
+        learning_rate=1e-4, lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch", adam_beta2=0.999,
+        adam_epsilon=1e-8, weight_decay=0.0, max_grad_norm=1.0, save_strategy="no", report_to="none",
+        disable_tqdm=True, logging_steps=10**6, seed=0, dataloader_num_workers=0,
     )
     values.update(overrides)
-    return TrainingArguments(**values)
+    return ProCLIPTrainingArguments(**values)
 
 
-def run_trainer(folder, processor, dataset, args, stage, cache=None, **kwargs) -> tuple[list[float], dict]:
+def run_trainer(folder, processor, dataset, args, cache=None) -> tuple[list[float], dict]:
     model = ProCLIPModel.from_pretrained(folder)
     timer = StepTimer()
     trainer = ProCLIPTrainer(
-        model, args, stage=stage, train_dataset=dataset, processing_class=processor, embedding_cache=cache,
-        callbacks=[timer], **kwargs,
+        model, args, train_dataset=dataset, processing_class=processor, embedding_cache=cache, callbacks=[timer]
     )
     with PeakMemory() as memory:
         trainer.train()
@@ -183,7 +184,7 @@ def memory_run(workdir: Path, name: str, batch_size: int) -> dict:
     processor = ProCLIPProcessor.from_pretrained(folder)
     dataset = datasets.Dataset.from_dict({"caption": captions(batch_size * 3)}) if stage == 1 else stage2_dataset(batch_size * 3)
     cache = EmbeddingCache(workdir / cache_name) if cache_name else None
-    _, memory = run_trainer(folder, processor, dataset, args_for(workdir, batch_size, 3), stage, cache)
+    _, memory = run_trainer(folder, processor, dataset, args_for(workdir, batch_size, 3, stage), cache)
     return memory
 
 
@@ -204,9 +205,9 @@ def bench_stage1(workdir, folder, processor, cache_dirs, batch_size, steps) -> d
     results = {}
     for name, cache_dir in (("on_the_fly", None), ("llm_cached", cache_dirs["llm"]), ("all_cached", cache_dirs["all"])):
         n = steps if cache_dir is None else steps * 5
-        args = args_for(workdir, batch_size, n, num_train_epochs=100)
+        args = args_for(workdir, batch_size, n, 1, num_train_epochs=100)
         cache = EmbeddingCache(cache_dir) if cache_dir else None
-        seconds, _ = run_trainer(folder, processor, dataset, args, 1, cache)
+        seconds, _ = run_trainer(folder, processor, dataset, args, cache)
         results[name] = {"steps_per_s": 1 / statistics.median(seconds), "step_s": statistics.median(seconds),
                          "timed_steps": len(seconds)}
     for name in ("llm_cached", "all_cached"):
@@ -233,7 +234,7 @@ def plain_stage2_loop(folder, dataset, batch_size, collator, distill_weight, mom
         for batch in loader:
             pixel_values = batch["pixel_values"]
             image = model.get_image_features(pixel_values).pooler_output
-            text = model.get_text_features(text_embeds=batch["text_embeds"]).pooler_output
+            text = model.get_text_features(llm_embeds=batch["llm_embeds"]).pooler_output
             loss = loss_fn(image, text, model.logit_scale, ema(pixel_values))["loss"]
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -274,9 +275,9 @@ def bench_stage2(workdir, folder, processor, cache_dir, batch_size, steps) -> di
 
     def make_trainer(callbacks):
         return ProCLIPTrainer(
-            ProCLIPModel.from_pretrained(folder), args_for(workdir, batch_size, steps + 1, num_train_epochs=100),
-            stage=2, train_dataset=dataset, processing_class=processor, embedding_cache=cache, distill_weight=1.0,
-            ema_momentum=0.999, callbacks=callbacks,
+            ProCLIPModel.from_pretrained(folder),
+            args_for(workdir, batch_size, steps + 1, 2, num_train_epochs=100, distill_weight=1.0, ema_momentum=0.999),
+            train_dataset=dataset, processing_class=processor, embedding_cache=cache, callbacks=callbacks,
         )
 
     # The plain loop uses the collator the trainer builds (captions looked up in the cache, images decoded, cropped).

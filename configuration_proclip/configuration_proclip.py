@@ -4,8 +4,10 @@ This file is also shipped, as is, inside every exported checkpoint folder (Hub r
 only the standard library, torch and transformers.
 """
 
+import dataclasses
 import json
 import math
+from dataclasses import dataclass
 
 from transformers import AutoConfig, CLIPVisionConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
@@ -55,6 +57,73 @@ TEXT_TOWER_PRESETS = {
 # weights); of its keys, these are read.
 TEXT_TOWER_SETTINGS_FILE = "proclip_text_tower.json"
 TEXT_TOWER_SETTING_KEYS = ("pooling", "bidirectional", "prompt_template", "padding_side")
+
+
+
+@dataclass
+class TextTowerSettings:
+    """How a text model runs as an embedder: the text fields of `ProCLIPConfig`, and their defaults.
+
+    A `ProCLIPConfig` holds these fields itself (`config.text_settings` returns them); stage 0 and caption-retrieval
+    evaluation of a bare LLM use this object directly. `configure_text_tokenizer` writes the prompt and instruction
+    into a tokenizer and measures `instruction_length` / `text_suffix_length`; `embed_token_ids` reads the rest.
+
+    Args:
+        pooling: `"mean"`, `"last_token"` or `"cls"` (see `ProCLIPConfig`).
+        bidirectional: run a decoder LLM without its causal mask.
+        prompt_template: caption wrapping with `{text}` where the caption goes.
+        instruction: text placed before each caption; its tokens are left out of mean pooling.
+        padding_side: written into the tokenizer; embeddings do not depend on it.
+        max_text_length: longest tokenized caption; longer ones are truncated, keeping the template's end.
+        instruction_length: leading tokens excluded from mean pooling (measured on the tokenizer).
+        text_suffix_length: trailing tokens truncation keeps (measured on the tokenizer).
+    """
+
+    pooling: str = "mean"
+    bidirectional: bool = False
+    prompt_template: str | None = None
+    instruction: str | None = None
+    padding_side: str | None = None
+    max_text_length: int = 512
+    instruction_length: int = 0
+    text_suffix_length: int = 0
+
+    def problems(self) -> list[str]:
+        """What is wrong with these values, one message per field (empty when they can build a text tower)."""
+        problems = []
+        if self.pooling not in POOLING_MODES:
+            problems.append(f"pooling={self.pooling!r} is not one of {POOLING_MODES}")
+        if not isinstance(self.max_text_length, int) or self.max_text_length < 1:
+            problems.append(f"max_text_length={self.max_text_length!r} must be a positive integer")
+        for name in ("instruction_length", "text_suffix_length"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                problems.append(f"{name}={value!r} must be a non-negative integer")
+        if self.padding_side not in (None, "left", "right"):
+            problems.append(f"padding_side={self.padding_side!r} must be 'left', 'right' or None")
+        if self.prompt_template is not None and self.prompt_template.count("{text}") != 1:
+            problems.append(f"prompt_template={self.prompt_template!r} must contain '{{text}}' exactly once")
+        return problems
+
+    def __post_init__(self):
+        problems = self.problems()
+        if problems:
+            raise ValueError("Invalid text tower settings: " + "; ".join(problems))
+
+    @classmethod
+    def resolve(cls, text_name_or_path, defaults: dict | None = None, **explicit) -> "TextTowerSettings":
+        """Settings of a text tower: the class defaults, then `defaults`, then the tower's own record or preset
+        (`text_tower_preset`), then the `explicit` values that are not `None`."""
+        values = {**(defaults or {}), **text_tower_preset(str(text_name_or_path))}
+        values.update({key: value for key, value in explicit.items() if value is not None})
+        return cls(**values)
+
+    def record(self) -> dict:
+        """What a text tower's own `proclip_text_tower.json` holds (what `text_tower_preset` reads back)."""
+        return {key: getattr(self, key) for key in TEXT_TOWER_SETTING_KEYS}
+
+
+TEXT_SETTING_FIELDS = tuple(field.name for field in dataclasses.fields(TextTowerSettings))
 
 # Sentence-transformers pooling flags (1_Pooling/config.json) and the ProCLIP pooling mode each means.
 _SENTENCE_TRANSFORMERS_POOLING = {
@@ -117,14 +186,14 @@ class ProCLIPConfig(PreTrainedConfig):
 
     vision_config: dict | CLIPVisionConfig | None = None
     text_config: dict | PreTrainedConfig | None = None
-    pooling: str = "mean"
-    bidirectional: bool = False
-    prompt_template: str | None = None
-    instruction: str | None = None
-    instruction_length: int = 0
-    text_suffix_length: int = 0
-    max_text_length: int = 512
-    padding_side: str | None = None
+    pooling: str = TextTowerSettings.pooling
+    bidirectional: bool = TextTowerSettings.bidirectional
+    prompt_template: str | None = TextTowerSettings.prompt_template
+    instruction: str | None = TextTowerSettings.instruction
+    instruction_length: int = TextTowerSettings.instruction_length
+    text_suffix_length: int = TextTowerSettings.text_suffix_length
+    max_text_length: int = TextTowerSettings.max_text_length
+    padding_side: str | None = TextTowerSettings.padding_side
     adapter_blocks: int = 1
     adapter_expansion: int = 8
     adapter_normalize_input: bool = True
@@ -144,33 +213,28 @@ class ProCLIPConfig(PreTrainedConfig):
 
     def validate_proclip(self):
         """Refuse values that cannot build a working model, naming each one."""
-        problems = []
-        if self.pooling not in POOLING_MODES:
-            problems.append(f"pooling={self.pooling!r} is not one of {POOLING_MODES}")
+        problems = TextTowerSettings.problems(self)
         if self.projection_dim != self.vision_config.projection_dim:
             problems.append(
                 f"projection_dim={self.projection_dim} differs from the CLIP tower's "
                 f"vision_config.projection_dim={self.vision_config.projection_dim}; the adapter must land in the "
                 "image tower's joint space"
             )
-        for name in ("adapter_blocks", "adapter_expansion", "max_text_length"):
+        for name in ("adapter_blocks", "adapter_expansion"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 problems.append(f"{name}={value!r} must be a positive integer")
-        for name in ("instruction_length", "text_suffix_length"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                problems.append(f"{name}={value!r} must be a non-negative integer")
-        if self.padding_side not in (None, "left", "right"):
-            problems.append(f"padding_side={self.padding_side!r} must be 'left', 'right' or None")
-        if self.prompt_template is not None and self.prompt_template.count("{text}") != 1:
-            problems.append(f"prompt_template={self.prompt_template!r} must contain '{{text}}' exactly once")
         if not 0.0 <= self.logit_scale_init <= math.log(100.0):
             problems.append(f"logit_scale_init={self.logit_scale_init} must lie in [0, ln 100]")
         if getattr(self.text_config, "hidden_size", None) is None:
             problems.append(f"text_config ({self.text_config.model_type}) has no hidden_size")
         if problems:
             raise ValueError("Invalid ProCLIPConfig: " + "; ".join(problems))
+
+    @property
+    def text_settings(self) -> TextTowerSettings:
+        """The text tower's settings (pooling, attention, prompt, lengths) as one object."""
+        return TextTowerSettings(**{name: getattr(self, name) for name in TEXT_SETTING_FIELDS})
 
     @property
     def text_hidden_size(self) -> int:
@@ -230,6 +294,6 @@ def _sentence_transformers_pooling(text_name_or_path: str) -> dict:
 
 
 __all__ = [
-    "ProCLIPConfig", "text_tower_preset", "POOLING_MODES", "TEXT_TOWER_PRESETS", "TEXT_TOWER_SETTINGS_FILE",
-    "TEXT_TOWER_SETTING_KEYS",
+    "ProCLIPConfig", "TextTowerSettings", "text_tower_preset", "POOLING_MODES", "TEXT_TOWER_PRESETS",
+    "TEXT_TOWER_SETTINGS_FILE", "TEXT_TOWER_SETTING_KEYS",
 ]

@@ -1,5 +1,14 @@
 """ProCLIP model and processor (the installed face of the Hub files `modeling_proclip.py`, `processing_proclip.py`)."""
 
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForZeroShotImageClassification,
+    AutoProcessor,
+)
+
+from configuration_proclip import ProCLIPConfig
+
 from .modeling_proclip import (
     ProCLIPAdapter,
     ProCLIPModel,
@@ -7,14 +16,13 @@ from .modeling_proclip import (
     ProCLIPPreTrainedModel,
     bidirectional_attention_mask,
     config_from_towers,
+    contrastive_loss,
+    embed_token_ids,
     pool_hidden_states,
+    text_tower_kwargs,
     truncate_text_inputs,
 )
 from .processing_proclip import ProCLIPProcessor, configure_text_tokenizer
-
-from transformers import AutoConfig, AutoModel, AutoModelForZeroShotImageClassification, AutoProcessor
-
-from configuration_proclip import ProCLIPConfig
 
 # Saved folders name these classes in `auto_map` (remote code); with the package installed, the Auto classes also
 # know them directly, so `AutoModel.from_pretrained(folder)` works without `trust_remote_code`.
@@ -32,7 +40,10 @@ __all__ = [
     "ProCLIPProcessor",
     "configure_text_tokenizer",
     "config_from_towers",
+    "contrastive_loss",
+    "embed_token_ids",
     "pool_hidden_states",
+    "text_tower_kwargs",
     "truncate_text_inputs",
     "bidirectional_attention_mask",
 ]

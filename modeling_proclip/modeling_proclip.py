@@ -17,15 +17,26 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPVisionModel, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoTokenizer,
+    CLIPModel,
+    CLIPVisionModel,
+    CLIPVisionModelWithProjection,
+    PreTrainedModel,
+)
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.utils import ModelOutput, logging
+from transformers.utils import ModelOutput, can_return_tuple, logging
 
 try:  # a flat Hub folder
-    from .configuration_proclip import ProCLIPConfig, text_tower_preset
+    from .configuration_proclip import ProCLIPConfig, TextTowerSettings
 except ImportError:  # the installed package
-    from configuration_proclip.configuration_proclip import ProCLIPConfig, text_tower_preset
+    from configuration_proclip.configuration_proclip import (
+        ProCLIPConfig,
+        TextTowerSettings,
+    )
 from .processing_proclip import configure_text_tokenizer
 
 logger = logging.get_logger(__name__)
@@ -59,10 +70,20 @@ class ProCLIPOutput(ModelOutput):
         )
 
 
-def contrastive_loss(logits_per_text: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE of a (B, B) logit matrix whose diagonal holds the matching pairs (single process)."""
-    labels = torch.arange(logits_per_text.shape[0], device=logits_per_text.device)
-    return (F.cross_entropy(logits_per_text, labels) + F.cross_entropy(logits_per_text.t(), labels)) / 2
+def contrastive_loss(
+    logits_per_image: torch.Tensor, logits_per_text: torch.Tensor, labels: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Symmetric InfoNCE: the mean of the cross-entropies of the image rows and of the text rows.
+
+    Args:
+        logits_per_image (`torch.Tensor` of shape `(B, N)`): scaled similarities of B images to N captions.
+        logits_per_text (`torch.Tensor` of shape `(B, N)`): of the B matching captions to N images.
+        labels (`torch.Tensor` of shape `(B,)`, *optional*): the column of each row's match; default `arange(B)`
+            (square logits with the pairs on the diagonal). Data-parallel training passes `arange(B) + rank * B`.
+    """
+    if labels is None:
+        labels = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -109,6 +130,30 @@ def bidirectional_attention_mask(attention_mask: torch.Tensor, dtype: torch.dtyp
     return mask.expand(-1, -1, attention_mask.shape[-1], -1)
 
 
+def text_tower_kwargs(
+    text_model: nn.Module, attention_mask: torch.Tensor, bidirectional: bool
+) -> dict[str, torch.Tensor]:
+    """The attention mask and position ids to call a text tower with, for a 2D padding mask of either side.
+
+    Position ids count real tokens only (so the padding side never shifts them); with `bidirectional`, the mask is
+    the 4D all-real-tokens mask of `bidirectional_attention_mask`.
+
+    Args:
+        text_model: the text tower (a transformers model, possibly wrapped by peft).
+        attention_mask (`torch.Tensor` of shape `(batch_size, seq_len)`).
+    Returns:
+        `{"attention_mask": ..., "position_ids": ...}` (no position ids for models that take none).
+    """
+    base = text_model.get_base_model() if hasattr(text_model, "get_base_model") else text_model  # peft
+    kwargs = {"attention_mask": attention_mask}
+    if "position_ids" in inspect.signature(base.forward).parameters:
+        kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    if bidirectional:
+        dtype = base.get_input_embeddings().weight.dtype
+        kwargs["attention_mask"] = bidirectional_attention_mask(attention_mask, dtype)
+    return kwargs
+
+
 def pool_hidden_states(
     hidden_states: torch.Tensor, attention_mask: torch.Tensor, pooling: str, skip_leading: int = 0
 ) -> torch.Tensor:
@@ -134,6 +179,37 @@ def pool_hidden_states(
     if pooling == "cls":
         return hidden_states[rows, mask.int().argmax(-1)]
     raise ValueError(f"Unknown pooling {pooling!r}")
+
+
+def embed_token_ids(
+    text_model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, settings: TextTowerSettings
+) -> BaseModelOutputWithPooling:
+    """Run a text tower as an embedder: the one text path of ProCLIP (the model, stage 0, the embedding cache and
+    caption-retrieval evaluation all embed through it).
+
+    Rows longer than `settings.max_text_length` are truncated keeping their template end; the tower runs with
+    `text_tower_kwargs` (positions of real tokens, bidirectional mask when asked); its last hidden states are pooled
+    along the attention mask.
+
+    Args:
+        text_model: the text tower (any `AutoModel` text model, possibly peft-wrapped).
+        input_ids, attention_mask (`torch.Tensor` of shape `(batch_size, seq_len)`), either padding side.
+        settings: pooling, attention and lengths (`ProCLIPConfig.text_settings`, or a bare LLM's settings).
+    Returns:
+        `BaseModelOutputWithPooling` with the tower's `last_hidden_state` (batch_size, seq_len', hidden_size) and
+        the pooled `pooler_output` (batch_size, hidden_size).
+    """
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if input_ids.shape[-1] > settings.max_text_length:
+        logger.warning_once(f"Captions longer than max_text_length={settings.max_text_length} tokens are truncated.")
+        input_ids, attention_mask = truncate_text_inputs(
+            input_ids, attention_mask, settings.max_text_length, settings.text_suffix_length
+        )
+    kwargs = text_tower_kwargs(text_model, attention_mask, settings.bidirectional)
+    hidden_states = text_model(input_ids=input_ids, **kwargs).last_hidden_state
+    pooled = pool_hidden_states(hidden_states, attention_mask, settings.pooling, settings.instruction_length)
+    return BaseModelOutputWithPooling(last_hidden_state=hidden_states, pooler_output=pooled)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -167,9 +243,22 @@ class ProCLIPAdapter(nn.Module):
         self.final_norm = nn.LayerNorm(hidden_size)
         self.proj = nn.Linear(hidden_size, config.projection_dim)
 
-    def forward(self, text_embeds: torch.Tensor) -> torch.Tensor:
+    def reset_parameters(self, initializer=nn.init) -> None:
+        """Fresh weights: normal(0, fan_in^-1/2) matrices, zero biases, unit LayerNorms (a seeded start for a new run).
+
+        `initializer` is a module with `normal_`, `zeros_`, `ones_` (torch's `nn.init`; transformers' loading passes
+        its own, which leaves loaded tensors alone).
+        """
+        for linear in [m for m in self.modules() if isinstance(m, nn.Linear)]:
+            initializer.normal_(linear.weight, std=linear.in_features**-0.5)
+            initializer.zeros_(linear.bias)
+        for norm in [m for m in self.modules() if isinstance(m, nn.LayerNorm)]:
+            initializer.ones_(norm.weight)
+            initializer.zeros_(norm.bias)
+
+    def forward(self, llm_embeds: torch.Tensor) -> torch.Tensor:
         """(batch_size, H) pooled LLM embeddings -> (batch_size, D) unnormalised ProCLIP text embeddings."""
-        hidden_states = text_embeds.to(self.proj.weight.dtype)
+        hidden_states = llm_embeds.to(self.proj.weight.dtype)
         if self.normalize_input:
             hidden_states = F.normalize(hidden_states, dim=-1)
         for block in self.blocks:
@@ -194,12 +283,7 @@ class ProCLIPPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module):
         if isinstance(module, ProCLIPAdapter):
-            for linear in [m for m in module.modules() if isinstance(m, nn.Linear)]:
-                init.normal_(linear.weight, std=linear.in_features**-0.5)
-                init.zeros_(linear.bias)
-            for norm in [m for m in module.modules() if isinstance(m, nn.LayerNorm)]:
-                init.ones_(norm.weight)
-                init.zeros_(norm.bias)
+            module.reset_parameters(initializer=init)
         elif isinstance(module, ProCLIPModel):
             init.constant_(module.logit_scale, self.config.logit_scale_init)
             init.normal_(module.visual_projection.weight, std=module.visual_projection.in_features**-0.5)
@@ -220,12 +304,11 @@ class ProCLIPModel(ProCLIPPreTrainedModel):
         self.text_model = text_model or AutoModel.from_config(config.text_config)
         self.text_adapter = ProCLIPAdapter(config)
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init))
-        self._text_model_takes_position_ids = "position_ids" in inspect.signature(self.text_model.forward).parameters
         self.post_init()
 
     # -- towers ----------------------------------------------------------------------------------------------------
 
-    def get_llm_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def get_llm_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Pooled states of the text tower (the frozen LLM), before the adapter: what embedding caches store.
 
         Args:
@@ -233,52 +316,39 @@ class ProCLIPModel(ProCLIPPreTrainedModel):
         Returns:
             `torch.Tensor` of shape `(batch_size, text_hidden_size)`.
         """
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if input_ids.shape[-1] > self.config.max_text_length:
-            logger.warning_once(
-                f"Captions longer than max_text_length={self.config.max_text_length} tokens are truncated."
-            )
-            input_ids, attention_mask = truncate_text_inputs(
-                input_ids, attention_mask, self.config.max_text_length, self.config.text_suffix_length
-            )
-        kwargs = {}
-        if self._text_model_takes_position_ids:  # positions count real tokens only: padding side does not matter
-            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        mask = attention_mask
-        if self.config.bidirectional:
-            mask = bidirectional_attention_mask(attention_mask, self.text_model.dtype)
-        hidden_states = self.text_model(input_ids=input_ids, attention_mask=mask, **kwargs).last_hidden_state
-        return pool_hidden_states(hidden_states, attention_mask, self.config.pooling, self.config.instruction_length)
+        return embed_token_ids(self.text_model, input_ids, attention_mask, self.config.text_settings).pooler_output
 
     def get_text_features(
         self,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        text_embeds: torch.Tensor | None = None,
+        llm_embeds: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
     ) -> BaseModelOutputWithPooling:
         """Text embeddings in the joint space.
 
         Args:
             input_ids, attention_mask (`torch.Tensor` of shape `(batch_size, seq_len)`): tokenised captions, or
-            text_embeds (`torch.Tensor` of shape `(batch_size, text_hidden_size)`): cached `get_llm_embeddings`.
+            llm_embeds (`torch.Tensor` of shape `(batch_size, text_hidden_size)`): cached `get_llm_embeddings`.
             token_type_ids: accepted because BERT-style tokenizers return it; single-segment captions ignore it, so
                 the tokenizer path and the cached path give the same embedding.
         Returns:
             `BaseModelOutputWithPooling` whose `pooler_output` (batch_size, projection_dim) is the unnormalised
-            embedding; `last_hidden_state` holds the pooled LLM embedding (batch_size, text_hidden_size).
+            embedding; `last_hidden_state` holds the LLM's token states (batch_size, seq_len, text_hidden_size),
+            or `None` when the embedding started from cached `llm_embeds`.
         """
-        if text_embeds is None:
+        hidden_states = None
+        if llm_embeds is None:
             if input_ids is None:
-                raise ValueError("get_text_features needs `input_ids` or cached `text_embeds`.")
-            text_embeds = self.get_llm_embeddings(input_ids, attention_mask)
-        elif text_embeds.shape[-1] != self.config.text_hidden_size:
+                raise ValueError("get_text_features needs `input_ids` or cached `llm_embeds`.")
+            text_outputs = embed_token_ids(self.text_model, input_ids, attention_mask, self.config.text_settings)
+            hidden_states, llm_embeds = text_outputs.last_hidden_state, text_outputs.pooler_output
+        elif llm_embeds.shape[-1] != self.config.text_hidden_size:
             raise ValueError(
-                f"text_embeds have size {text_embeds.shape[-1]} but this model's text tower gives "
+                f"llm_embeds have size {llm_embeds.shape[-1]} but this model's text tower gives "
                 f"{self.config.text_hidden_size}; they were computed with another LLM."
             )
-        return BaseModelOutputWithPooling(last_hidden_state=text_embeds, pooler_output=self.text_adapter(text_embeds))
+        return BaseModelOutputWithPooling(last_hidden_state=hidden_states, pooler_output=self.text_adapter(llm_embeds))
 
     def get_image_features(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> BaseModelOutputWithPooling:
         """Image embeddings in the joint space, exactly as `CLIPModel.get_image_features` computes them.
@@ -292,12 +362,13 @@ class ProCLIPModel(ProCLIPPreTrainedModel):
         outputs.pooler_output = self.visual_projection(outputs.pooler_output)
         return outputs
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        text_embeds: torch.Tensor | None = None,
+        llm_embeds: torch.Tensor | None = None,
         return_loss: bool | None = None,
         token_type_ids: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
@@ -306,18 +377,19 @@ class ProCLIPModel(ProCLIPPreTrainedModel):
         """Scaled cosine similarities between every image and every caption.
 
         Args:
-            input_ids, attention_mask (`(text_batch_size, seq_len)`) or text_embeds (`(text_batch_size, H)`).
+            input_ids, attention_mask (`(text_batch_size, seq_len)`) or llm_embeds (`(text_batch_size, H)`).
             pixel_values (`(image_batch_size, 3, image_size, image_size)`).
             return_loss: add the symmetric InfoNCE of matching pairs (needs equal batch sizes).
             token_type_ids: ignored, as in `get_text_features`.
+            return_dict: `False` returns the fields as a tuple, as `CLIPModel` does.
         """
-        text_outputs = self.get_text_features(input_ids, attention_mask, text_embeds)
+        text_outputs = self.get_text_features(input_ids, attention_mask, llm_embeds)
         vision_outputs = self.get_image_features(pixel_values, interpolate_pos_encoding)
         text = F.normalize(text_outputs.pooler_output, dim=-1)
         image = F.normalize(vision_outputs.pooler_output, dim=-1)
         logits_per_text = self.logit_scale.exp() * text @ image.to(text.dtype).t()
         return ProCLIPOutput(
-            loss=contrastive_loss(logits_per_text) if return_loss else None,
+            loss=contrastive_loss(logits_per_text.t(), logits_per_text) if return_loss else None,
             logits_per_image=logits_per_text.t(),
             logits_per_text=logits_per_text,
             text_embeds=text,
@@ -351,8 +423,6 @@ class ProCLIPModel(ProCLIPPreTrainedModel):
                 padding side; the arguments here override them.
             config_kwargs: other `ProCLIPConfig` fields (`adapter_blocks`, `adapter_expansion`, `max_text_length`, ...).
         """
-        from transformers import CLIPModel, CLIPVisionModelWithProjection
-
         clip_config = AutoConfig.from_pretrained(vision)
         if clip_config.model_type == "clip":
             clip = CLIPModel.from_pretrained(vision, dtype=dtype)
@@ -429,13 +499,9 @@ def config_from_towers(
     tokenizer-dependent counts (`instruction_length`, `text_suffix_length`) are measured on the text tower's
     tokenizer, configured exactly as `ProCLIPProcessor.from_towers` will configure it.
     """
-    settings = {"pooling": "mean", "bidirectional": False, "prompt_template": None, "padding_side": None}
-    settings.update(text_tower_preset(text))
-    explicit = {
-        "pooling": pooling, "bidirectional": bidirectional, "prompt_template": prompt_template,
-        "padding_side": padding_side,
-    }
-    settings.update({k: v for k, v in explicit.items() if v is not None})
+    settings = TextTowerSettings.resolve(
+        text, pooling=pooling, bidirectional=bidirectional, prompt_template=prompt_template, padding_side=padding_side
+    ).record()
     config = ProCLIPConfig(
         vision_config=vision_config.to_dict(),
         text_config=text_config.to_dict(),
@@ -482,6 +548,9 @@ __all__ = [
     "config_from_towers",
     "ProCLIPAdapter",
     "ProCLIPOutput",
+    "contrastive_loss",
+    "embed_token_ids",
+    "text_tower_kwargs",
     "pool_hidden_states",
     "truncate_text_inputs",
     "bidirectional_attention_mask",

@@ -7,6 +7,7 @@ import datasets
 import pytest
 import torch
 from conftest import build_tiny_clip
+from proclip_train.training.arguments import ProCLIPTrainingArguments
 from proclip_train.training.cache import (
     DEFAULT_CACHE_FOLDER,
     EmbeddingCache,
@@ -17,7 +18,6 @@ from proclip_train.training.cache import (
 from proclip_train.training.stages import load_clip_text_teacher
 from proclip_train.training.trainer import ProCLIPTrainer
 from safetensors import safe_open
-from transformers import TrainingArguments
 
 from modeling_proclip import ProCLIPModel
 
@@ -50,12 +50,12 @@ def full_cache(tmp_path_factory, model, processor, teacher):
 
 def train_stage1(tmp_path, tiny_proclip_dir, processor, cache=None, break_towers=False):
     model = ProCLIPModel.from_pretrained(tiny_proclip_dir)
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, max_steps=4, learning_rate=1e-3,
+    args = ProCLIPTrainingArguments(
+        output_dir=str(tmp_path / "out"), stage=1, per_device_train_batch_size=8, max_steps=4, learning_rate=1e-3,
         logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0,
     )
     trainer = ProCLIPTrainer(
-        model, args, stage=1, train_dataset=datasets.Dataset.from_dict({"caption": CAPTIONS}),
+        model, args, train_dataset=datasets.Dataset.from_dict({"caption": CAPTIONS}),
         processing_class=processor, embedding_cache=cache,
     )
     if break_towers:  # with a full cache neither the LLM nor the teacher may run
@@ -124,10 +124,10 @@ def test_a_stale_cache_is_refused_naming_what_differs(
     tmp_path, tiny_proclip_dir, processor, full_cache, tiny_llm_dir
 ):
     def trainer_for(model, teacher=None):
-        args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True)
+        args = ProCLIPTrainingArguments(output_dir=str(tmp_path / "out"), stage=1, use_cpu=True, teacher=teacher)
         return ProCLIPTrainer(
-            model, args, stage=1, train_dataset=datasets.Dataset.from_dict({"caption": CAPTIONS}),
-            processing_class=processor, embedding_cache=EmbeddingCache(full_cache), teacher=teacher,
+            model, args, train_dataset=datasets.Dataset.from_dict({"caption": CAPTIONS}),
+            processing_class=processor, embedding_cache=EmbeddingCache(full_cache),
         )
 
     other_pooling = ProCLIPModel.from_pretrained(tiny_proclip_dir)

@@ -135,7 +135,7 @@ def test_one_text_path_pipeline_tokenizer_processor_and_cached_embeddings_agree(
         pipeline_style = tokenizer(CAPTIONS, return_tensors="pt", padding=True)  # what the pipeline calls
         by_pipeline = model.get_text_features(pipeline_style["input_ids"], pipeline_style["attention_mask"]).pooler_output
         pooled = model.get_llm_embeddings(pipeline_style["input_ids"], pipeline_style["attention_mask"])
-        by_cache = model.get_text_features(text_embeds=pooled.clone()).pooler_output
+        by_cache = model.get_text_features(llm_embeds=pooled.clone()).pooler_output
         other_side = "left" if tokenizer.padding_side == "right" else "right"
         tokenizer.padding_side = other_side
         try:
@@ -145,6 +145,27 @@ def test_one_text_path_pipeline_tokenizer_processor_and_cached_embeddings_agree(
     torch.testing.assert_close(by_pipeline, by_processor, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(by_cache, by_processor, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(switched, by_processor, atol=1e-5, rtol=1e-5)
+
+
+def test_text_features_name_their_contents_and_forward_can_return_a_tuple(model, processor):
+    """`last_hidden_state` holds token states, never a pooled vector; `return_dict=False` gives CLIPModel's tuple."""
+    batch = processor(text=CAPTIONS, images=[red_image()] * len(CAPTIONS))
+    with torch.no_grad():
+        features = model.get_text_features(batch["input_ids"], batch["attention_mask"])
+        llm = model.get_llm_embeddings(batch["input_ids"], batch["attention_mask"])
+        from_cache = model.get_text_features(llm_embeds=llm)
+        outputs = model(**batch, return_loss=True)
+        as_tuple = model(**batch, return_loss=True, return_dict=False)
+    seq_len = batch["input_ids"].shape[-1]
+    assert features.last_hidden_state.shape == (len(CAPTIONS), seq_len, model.config.text_hidden_size)
+    assert from_cache.last_hidden_state is None
+    assert isinstance(as_tuple, tuple)
+    loss, logits_per_image, logits_per_text, text_embeds, image_embeds = as_tuple[:5]
+    torch.testing.assert_close(loss, outputs.loss)
+    torch.testing.assert_close(logits_per_image, outputs.logits_per_image)
+    torch.testing.assert_close(text_embeds, outputs.text_embeds)
+    assert logits_per_text.shape == (len(CAPTIONS), len(CAPTIONS))
+    assert image_embeds.shape == (len(CAPTIONS), model.config.projection_dim)
 
 
 def test_long_text_is_truncated_alike_by_processor_and_model_with_one_warning(model, processor, caplog):
@@ -320,8 +341,8 @@ def test_known_embedder_presets_apply_without_flags(tmp_path, tiny_clip_dir, nam
 
 
 def test_adapter_and_llm_size_mismatch_is_refused(tmp_path, model, tiny_clip_dir):
-    with pytest.raises(ValueError, match="text_embeds have size 7 .* gives 32"):
-        model.get_text_features(text_embeds=torch.zeros(2, 7))
+    with pytest.raises(ValueError, match="llm_embeds have size 7 .* gives 32"):
+        model.get_text_features(llm_embeds=torch.zeros(2, 7))
     wider = build_tiny_llm(tmp_path / "wider", hidden_size=48)
     other = ProCLIPModel.from_towers(vision=tiny_clip_dir, text=wider, adapter_expansion=1)
     state = {k: v for k, v in other.state_dict().items() if k.startswith("text_adapter.")}

@@ -25,19 +25,27 @@ from conftest import smollm2_tokenizer
 from proclip_train.cli import main
 from proclip_train.evaluation.tasks import caption_retrieval_accuracy_of
 from proclip_train.evaluation.text_towers import TextTower, load_text_tower
-from proclip_train.training.arguments import Stage0Arguments
+from proclip_train.training.arguments import ProCLIPTrainingArguments
 from proclip_train.training.collators import CaptionPairCollator, mask_for_mntp
-from proclip_train.training.stage0 import LLMEmbedder, MaskedNextTokenModel, run_stage0
+from proclip_train.training.stage0 import run_stage0
+from proclip_train.training.stages import CaptionContrastiveStage, MaskedNextTokenStage
 from transformers import (
     AutoModel,
     AutoTokenizer,
     CLIPModel,
     LlamaConfig,
     LlamaForCausalLM,
+    PreTrainedModel,
 )
 
+import modeling_proclip.modeling_proclip as modeling
 from configuration_proclip import text_tower_preset
-from modeling_proclip import ProCLIPModel, ProCLIPProcessor
+from modeling_proclip import (
+    ProCLIPModel,
+    ProCLIPProcessor,
+    configure_text_tokenizer,
+    embed_token_ids,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -174,14 +182,21 @@ def test_mntp_masking():
 
 
 def test_mntp_loss_predicts_each_masked_token_from_the_previous_position(tmp_path):
-    lm = LlamaForCausalLM.from_pretrained(build_tiny_causal_lm(tmp_path / "causal")).eval()
+    causal = build_tiny_causal_lm(tmp_path / "causal")
+    lm = LlamaForCausalLM.from_pretrained(causal).eval()
+    stage = MaskedNextTokenStage(
+        ProCLIPTrainingArguments(output_dir=str(tmp_path / "out"), stage="masked-next-token", text=str(causal))
+    )
+    stage.setup(lm, torch.device("cpu"), AutoTokenizer.from_pretrained(causal))
+    assert stage.settings.bidirectional  # stage 0's default: LLM2Vec's bidirectional attention
     input_ids = torch.randint(100, 1000, (2, 6), generator=torch.Generator().manual_seed(0))
     labels = torch.full_like(input_ids, -100)
     labels[0, 2], labels[0, 5], labels[1, 1] = input_ids[0, 2], input_ids[0, 5], input_ids[1, 1]
     masked = torch.where(labels != -100, 7, input_ids)
     attention_mask = torch.ones_like(input_ids)
     with torch.no_grad():
-        loss = MaskedNextTokenModel(LLMEmbedder(lm, bidirectional=True))(masked, attention_mask, labels)["loss"]
+        batch = {"captions": ["", ""], "input_ids": masked, "attention_mask": attention_mask, "labels": labels}
+        loss = stage.compute(lm, batch)["loss"]
         logits = lm(input_ids=masked, attention_mask=torch.zeros(2, 1, 6, 6)).logits  # no causal mask
     targets = [(0, 2), (0, 5), (1, 1)]
     by_hand = torch.stack([F.cross_entropy(logits[r, i - 1], input_ids[r, i]) for r, i in targets]).mean()
@@ -201,7 +216,7 @@ def stage0_run(tmp_path_factory, tiny_llm_dir):
     """One stage-0 run on the tiny Llama, with what it did recorded just before the LoRA merge."""
     tmp = tmp_path_factory.mktemp("stage0")
     record = {"bidirectional_masks": 0}
-    real_export, real_mask = stage0.export_text_tower, stage0.bidirectional_attention_mask
+    real_export, real_mask = stage0.export_text_tower, modeling.bidirectional_attention_mask
 
     def counting_mask(attention_mask, dtype):
         record["bidirectional_masks"] += 1
@@ -212,18 +227,22 @@ def stage0_run(tmp_path_factory, tiny_llm_dir):
         record["parameters"] = {n: p.detach().clone() for n, p in model.named_parameters()}
         record["trainable"] = {n for n, p in model.named_parameters() if p.requires_grad}
         run_tokenizer = AutoTokenizer.from_pretrained(tiny_llm_dir)
-        stage0.configure_text_tokenizer(run_tokenizer, settings)
-        unmerged = LLMEmbedder(model.eval(), settings.pooling, settings.bidirectional)
+        configure_text_tokenizer(run_tokenizer, settings)
+        model.eval()
+
+        def unmerged(input_ids, attention_mask):
+            return embed_token_ids(model, input_ids, attention_mask, settings).pooler_output
+
         tower = TextTower("llm", "unmerged", run_tokenizer, unmerged, {}, torch.device("cpu"))
         record["unmerged_held_out"] = tower.embed([a for a, _ in HELD_OUT])
         return real_export(model, tokenizer, settings, out_dir)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(stage0, "export_text_tower", spying_export)
-        patch.setattr(stage0, "bidirectional_attention_mask", counting_mask)
+        patch.setattr(modeling, "bidirectional_attention_mask", counting_mask)
         data = write_pairs(tmp / "pairs.jsonl", caption_pairs(512, seed=0))
-        out = run_stage0(tiny_llm_dir, data, ["caption_a", "caption_b"], tmp / "out", Stage0Arguments(lora_r=8),
-                         max_steps=60, **TRAINING)
+        out = run_stage0(tiny_llm_dir, data, ["caption_a", "caption_b"], tmp / "out", lora_r=8, max_steps=60,
+                         **TRAINING)
     record["out"] = out
     return record
 
@@ -276,18 +295,18 @@ def test_bidirectional_attention_trains_and_is_recorded_for_from_towers(stage0_r
 
 def test_mntp_then_contrastive_trains_only_lora_and_needs_an_lm_head(tmp_path, tiny_llm_dir, monkeypatch):
     trainable = []
-    real_add_lora = stage0.add_lora
+    real_attach_lora = stage0.attach_lora
 
-    def recording_add_lora(model, options):
-        wrapped = real_add_lora(model, options)
+    def recording_attach_lora(model, args):
+        wrapped = real_attach_lora(model, args)
         trainable.append({n for n, p in wrapped.named_parameters() if p.requires_grad})
         return wrapped
 
-    monkeypatch.setattr(stage0, "add_lora", recording_add_lora)
+    monkeypatch.setattr(stage0, "attach_lora", recording_attach_lora)
     data = write_pairs(tmp_path / "pairs.jsonl", caption_pairs(64, seed=0))
     causal = build_tiny_causal_lm(tmp_path / "causal")
     out = run_stage0(causal, data, ["caption_a", "caption_b"], tmp_path / "out",
-                     Stage0Arguments(lora_r=4, mntp_steps=3), max_steps=2, **{**TRAINING, "per_device_train_batch_size": 8})
+                     lora_r=4, mntp_steps=3, max_steps=2, **{**TRAINING, "per_device_train_batch_size": 8})
     assert len(trainable) == 2  # the MNTP LoRA (merged), then the contrastive one
     assert all(names and all(".lora_" in n for n in names) for names in trainable)
     assert not any("lm_head" in n for n in trainable[0])  # all-linear leaves the output layer alone
@@ -296,8 +315,8 @@ def test_mntp_then_contrastive_trains_only_lora_and_needs_an_lm_head(tmp_path, t
     assert AutoModel.from_pretrained(out).config.architectures == ["LlamaModel"]
 
     with pytest.raises(ValueError, match="no trained LM head"):
-        run_stage0(tiny_llm_dir, data, ["caption_a", "caption_b"], tmp_path / "refused", Stage0Arguments(mntp_steps=1),
-                   max_steps=1, **TRAINING)
+        run_stage0(tiny_llm_dir, data, ["caption_a", "caption_b"], tmp_path / "refused", mntp_steps=1, max_steps=1,
+                   **TRAINING)
 
 
 # -- command line ------------------------------------------------------------------------------------------------------
@@ -330,21 +349,56 @@ def test_train_stage0_and_eval_caption_retrieval_commands(tmp_path, tiny_llm_dir
 def test_activation_checkpointing_trains_the_same_weights(tmp_path, tiny_llm_dir, monkeypatch):
     data = write_pairs(tmp_path / "pairs.jsonl", caption_pairs(64, seed=0))
     checkpointed = []
-    real_enable = LLMEmbedder.activation_checkpointing_enable
+    real_enable = PreTrainedModel.activation_checkpointing_enable
 
     def recording_enable(self, *args, **kwargs):
         real_enable(self, *args, **kwargs)
-        checkpointed.append(self.model.get_base_model().is_activation_checkpointing)
+        checkpointed.append((self.is_activation_checkpointing, kwargs.get("activation_checkpointing_kwargs")))
 
-    monkeypatch.setattr(LLMEmbedder, "activation_checkpointing_enable", recording_enable)
+    monkeypatch.setattr(PreTrainedModel, "activation_checkpointing_enable", recording_enable)
     weights = []
     for checkpointing in (False, True):
         out = run_stage0(tiny_llm_dir, data, ["caption_a", "caption_b"], tmp_path / str(checkpointing),
-                         Stage0Arguments(lora_r=4), max_steps=3, activation_checkpointing=checkpointing,
+                         lora_r=4, max_steps=3, activation_checkpointing=checkpointing,
                          **{**TRAINING, "per_device_train_batch_size": 8})
         weights.append(AutoModel.from_pretrained(out).state_dict())
-    assert checkpointed == [True]  # the run with the flag, only
+    assert checkpointed == [(True, {"use_reentrant": False})]  # the run with the flag, only; non-reentrant
     for name, value in weights[0].items():
         torch.testing.assert_close(weights[1][name], value, atol=1e-6, rtol=1e-5)
     assert not torch.equal(weights[0]["layers.0.self_attn.q_proj.weight"],
                            AutoModel.from_pretrained(tiny_llm_dir).state_dict()["layers.0.self_attn.q_proj.weight"])
+
+
+def test_one_text_path_from_stage0_to_eval_to_the_model(stage0_run, tiny_clip_dir, tmp_path):
+    """The same caption gets the same vector from the stage-0 stage's embedder, from the text tower
+    `proclip eval --task caption-retrieval` loads, and from `ProCLIPModel.get_llm_embeddings` (through the processor, and
+    from untruncated ids cut by the model), for a caption longer than max_text_length too."""
+    out, max_length = stage0_run["out"], 16
+    captions = [HELD_OUT[0][0], " ".join(a for a, _ in HELD_OUT[:12])]  # a short one, and one far over 16 tokens
+
+    stage = CaptionContrastiveStage(ProCLIPTrainingArguments(
+        output_dir=str(tmp_path / "unused"), stage=0, text=str(out), max_text_length=max_length,
+        caption_column=["caption_a", "caption_b"],
+    ))
+    stage0_model = AutoModel.from_pretrained(out).eval()
+    stage.setup(stage0_model, torch.device("cpu"), AutoTokenizer.from_pretrained(out))
+    batch = stage.make_collator(stage.tokenizer, None)([{"caption_a": c, "caption_b": "another"} for c in captions])
+    assert batch["attention_mask"].sum(-1).max() == max_length  # the long caption was truncated
+    with torch.no_grad():
+        by_stage0 = embed_token_ids(
+            stage.text_model(stage0_model), batch["input_ids"], batch["attention_mask"], stage.settings
+        ).pooler_output
+
+    by_eval = load_text_tower(out, device="cpu", max_text_length=max_length).embed(captions)
+
+    model = ProCLIPModel.from_towers(vision=tiny_clip_dir, text=out, adapter_expansion=1, max_text_length=max_length)
+    processor = ProCLIPProcessor.from_towers(tiny_clip_dir, out, model.config)
+    full = processor.tokenizer(captions, padding=True, truncation=False, return_tensors="pt")
+    assert full["attention_mask"].sum(-1).max() > max_length
+    with torch.no_grad():
+        by_processor = model.get_llm_embeddings(**processor(text=captions))
+        by_model_truncation = model.get_llm_embeddings(full["input_ids"], full["attention_mask"])
+
+    for other in (by_eval, by_processor, by_model_truncation):
+        torch.testing.assert_close(other, by_stage0, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(by_stage0[0], by_stage0[1])

@@ -24,12 +24,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from proclip_train.training.arguments import ProCLIPTrainingArguments, canonical_stage
 from proclip_train.training.collators import ContrastiveCollator
 from proclip_train.training.data import CLIPImageTransform, load_training_dataset
 from proclip_train.training.losses import InheritanceLoss
-from proclip_train.training.stages import LOGIT_SCALE_MAX, ContrastiveStage, stage_name
+from proclip_train.training.stages import LOGIT_SCALE_MAX, ContrastiveStage
 from proclip_train.training.trainer import ProCLIPTrainer
-from transformers import TrainerCallback, TrainingArguments
+from transformers import TrainerCallback
 
 from modeling_proclip import ProCLIPModel
 
@@ -76,14 +77,14 @@ def image_dataset(n: int, seed: int = 0) -> datasets.Dataset:
     return datasets.Dataset.from_dict(image_rows(n, seed)).cast_column("image", datasets.Image())
 
 
-def training_args(tmp_path, **overrides) -> TrainingArguments:
+def training_args(tmp_path, **overrides) -> ProCLIPTrainingArguments:
     values = dict(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, max_steps=4, learning_rate=1e-3,
         lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
         disable_tqdm=True, seed=0,
     )
     values.update(overrides)
-    return TrainingArguments(**values)
+    return ProCLIPTrainingArguments(**values)
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:
@@ -102,10 +103,12 @@ def tensors_under(model, prefixes) -> set[str]:
 
 
 def test_stage_names():
-    assert stage_name(1) == stage_name("inheritance") == "inheritance"
-    assert stage_name("2") == "contrastive"
+    assert canonical_stage(1) == canonical_stage("inheritance") == "inheritance"
+    assert canonical_stage("2") == "contrastive" and canonical_stage(0) == "caption-contrastive"
     with pytest.raises(ValueError, match="Unknown stage"):
-        stage_name(3)
+        canonical_stage(3)
+    with pytest.raises(ValueError, match="Unknown stage"):
+        ProCLIPTrainingArguments(output_dir="x", stage="3")
 
 
 def test_stage1_aligns_to_the_teacher_and_trains_only_the_adapter(tmp_path, processor, load_model):
@@ -113,8 +116,8 @@ def test_stage1_aligns_to_the_teacher_and_trains_only_the_adapter(tmp_path, proc
     model = load_model()
     before = snapshot(model)
     trainer = ProCLIPTrainer(
-        model, training_args(tmp_path, per_device_train_batch_size=32, max_steps=40, learning_rate=3e-3),
-        stage=1, train_dataset=datasets.Dataset.from_dict({"caption": train}), processing_class=processor,
+        model, training_args(tmp_path, stage=1, per_device_train_batch_size=32, max_steps=40, learning_rate=3e-3),
+        train_dataset=datasets.Dataset.from_dict({"caption": train}), processing_class=processor,
     )
     teacher, teacher_tokenizer = trainer.stage.teacher, trainer.stage.teacher_tokenizer
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
@@ -155,8 +158,9 @@ def test_stage2_trains_the_intended_tensors_and_the_ema_follows_its_formula(tmp_
             ))
 
     trainer = ProCLIPTrainer(
-        model, training_args(tmp_path, max_steps=2, learning_rate=1e-3), stage=2, train_dataset=image_dataset(16),
-        processing_class=processor, ema_momentum=momentum, distill_weight=1.0, callbacks=[Record()],
+        model, training_args(tmp_path, stage=2, max_steps=2, learning_rate=1e-3, ema_momentum=momentum,
+                             distill_weight=1.0),
+        train_dataset=image_dataset(16), processing_class=processor, callbacks=[Record()],
     )
     ema_start = {k: v.detach().clone() for k, v in trainer.stage.ema.vision_model.named_parameters()}
     assert all(torch.equal(ema_start[k], v) for k, v in model.vision_model.named_parameters())
@@ -180,7 +184,7 @@ def test_stage2_trains_the_intended_tensors_and_the_ema_follows_its_formula(tmp_
 
 def test_logit_scale_is_clamped_after_each_step(load_model):
     model = load_model()
-    stage = ContrastiveStage(ema_momentum=1.0)
+    stage = ContrastiveStage(ProCLIPTrainingArguments(output_dir="unused", stage=2, ema_momentum=1.0))
     stage.setup(model, torch.device("cpu"))
     for value, expected in ((7.0, LOGIT_SCALE_MAX), (-1.0, 0.0), (2.0, 2.0)):
         model.logit_scale.data.fill_(value)
@@ -193,7 +197,7 @@ def test_a_micro_batch_emptied_by_the_collator_still_reaches_every_trainable_par
     """All rows dropped: the loss is 0 but connected to every trainable parameter (DDP then reduces zero gradients)."""
     model = load_model()
     trainer = ProCLIPTrainer(
-        model, training_args(tmp_path), stage=stage, train_dataset=image_dataset(4), processing_class=processor
+        model, training_args(tmp_path, stage=stage), train_dataset=image_dataset(4), processing_class=processor
     )
     bad_rows = [{"image": {"bytes": b"not an image", "path": None}, "caption": " "}, {"caption": ""}]
     batch = trainer.data_collator(bad_rows)
@@ -212,8 +216,9 @@ def test_large_lambda_keeps_the_image_tower_near_its_start(tmp_path, processor, 
         model = load_model()
         start = {k: v.clone() for k, v in model.vision_model.state_dict().items()}
         ProCLIPTrainer(
-            model, training_args(tmp_path, max_steps=40, learning_rate=1e-4), stage=2, train_dataset=data,
-            processing_class=processor, distill_weight=distill_weight, ema_momentum=1.0,
+            model, training_args(tmp_path, stage=2, max_steps=40, learning_rate=1e-4, distill_weight=distill_weight,
+                                 ema_momentum=1.0),
+            train_dataset=data, processing_class=processor,
         ).train()
         return math.sqrt(sum((v - start[k]).pow(2).sum().item() for k, v in model.vision_model.state_dict().items()))
 
@@ -228,9 +233,9 @@ def test_gradient_accumulation_averages_micro_batch_gradients(tmp_path, processo
     start = snapshot(model)
     trainer = ProCLIPTrainer(
         model,
-        training_args(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=1,
+        training_args(tmp_path, stage=1, per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=1,
                       optim="sgd", learning_rate=0.5, max_grad_norm=0.0, weight_decay=0.0),
-        stage=1, train_dataset=datasets.Dataset.from_dict({"caption": train[:8]}), processing_class=processor,
+        train_dataset=datasets.Dataset.from_dict({"caption": train[:8]}), processing_class=processor,
     )
     micro_batches = []
     collate = trainer.data_collator
@@ -269,9 +274,10 @@ def test_kill_and_resume_ends_like_an_uninterrupted_run(tmp_path, processor, tin
 
         trainer = ProCLIPTrainer(
             load_model(),
-            training_args(tmp_path, output_dir=str(tmp_path / out), per_device_train_batch_size=4, max_steps=4,
-                          learning_rate=1e-3, save_strategy="steps", save_steps=2, lr_scheduler_type="linear"),
-            stage=2, train_dataset=data, processing_class=processor, data_collator=collator, ema_momentum=0.9,
+            training_args(tmp_path, stage=2, output_dir=str(tmp_path / out), per_device_train_batch_size=4, max_steps=4,
+                          learning_rate=1e-3, save_strategy="steps", save_steps=2, lr_scheduler_type="linear",
+                          ema_momentum=0.9),
+            train_dataset=data, processing_class=processor, data_collator=collator,
             callbacks=[Stop()],
         )
         trainer.train(resume_from_checkpoint=resume_from)
@@ -310,8 +316,8 @@ def test_corrupt_image_and_empty_caption_train_to_the_end_and_are_reported(tmp_p
     dataset = load_training_dataset(folder, image_column="image", caption_columns="caption")
     assert len(dataset) == 9
     trainer = ProCLIPTrainer(
-        load_model(), training_args(tmp_path, per_device_train_batch_size=3, max_steps=-1, num_train_epochs=1),
-        stage=2, train_dataset=dataset, processing_class=processor,
+        load_model(), training_args(tmp_path, stage=2, per_device_train_batch_size=3, max_steps=-1, num_train_epochs=1),
+        train_dataset=dataset, processing_class=processor,
     )
     trainer.train()
     assert trainer.state.global_step == 3
@@ -336,8 +342,9 @@ def test_proclip_train_command_writes_a_hub_ready_folder(tmp_path, tiny_proclip_
 
     report = json.loads((out / "training_report.json").read_text())
     assert report["global_step"] == 2  # the command line wins over the file
-    arguments = json.loads((out / "proclip_arguments.json").read_text())
+    arguments = json.loads((out / "training_args.json").read_text())  # the recipe, as model cards read it
     assert arguments["caption_column"] == ["text", "alt"] and arguments["reduction"] == "mean"
+    assert arguments["stage"] == "inheritance" and arguments["learning_rate"] == 0.001 and arguments["max_steps"] == 2
     for name in ("config.json", "model.safetensors", "modeling_proclip.py", "processor_config.json", "tokenizer.json"):
         assert (out / name).is_file(), name
     trained, start = ProCLIPModel.from_pretrained(out), ProCLIPModel.from_pretrained(tiny_proclip_dir)

@@ -14,7 +14,7 @@ from .teacher import ZERO_SHOT_TEMPLATES
 
 # Variants trained per seed: name -> (stage-1 run it starts from or None for a fresh adapter, distill weight or
 # None for the config's lambda, human label).
-STAGE1_RUNS = {"stage1": True, "stage1-nostruct": False}  # name -> with L_struct
+STAGE1_RUNS = {"stage1": 1.0, "stage1-nostruct": 0.0}  # name -> weight of L_struct (`--structure_weight`)
 STAGE2_RUNS = {
     "direct": (None, 0.0),
     "proclip": ("stage1", None),

@@ -44,7 +44,7 @@ import datasets
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, TrainingArguments
+from transformers import AutoTokenizer
 
 from modeling_proclip import ProCLIPModel, ProCLIPProcessor
 
@@ -52,7 +52,7 @@ from ..evaluation.tasks import evaluate_retrieval, evaluate_zeroshot
 from ..hub.card import write_model_card
 from ..hub.init import build_checkpoint
 from ..hub.push import check_remote_code_loads, run_python_without_project
-from ..training.arguments import Stage0Arguments
+from ..training.arguments import ProCLIPTrainingArguments
 from ..training.cache import EmbeddingCache, build_embedding_cache
 from ..training.stage0 import STAGE0_REPORT_FILE, run_stage0
 from ..training.stages import load_clip_text_teacher
@@ -242,45 +242,28 @@ def fresh_model(base, seed: int, start_state: dict | None = None):
     """A copy of the `init` model that shares its frozen LLM, with a seeded fresh adapter or a run's weights."""
     model = copy.deepcopy(base, memo={id(base.text_model): base.text_model})
     torch.manual_seed(seed)
-    model._init_weights(model.text_adapter)
+    model.text_adapter.reset_parameters()
     if start_state is not None:
         model.load_state_dict(start_state, strict=False)
     return model
 
 
-def training_arguments(out: Path, stage, seed: int, progress: bool):
-    return TrainingArguments(
-        output_dir=str(out), max_steps=stage.steps, per_device_train_batch_size=stage.batch_size,
-        learning_rate=stage.lr, lr_scheduler_type="cosine", warmup_steps=max(1, int(stage.warmup_ratio * stage.steps)),
-        weight_decay=stage.weight_decay, adam_beta2=0.98, adam_epsilon=1e-6, max_grad_norm=5.0, bf16=stage.bf16,
-        use_cpu=True, seed=seed, data_seed=seed, logging_steps=max(1, stage.steps // 10), save_strategy="no",
-        report_to="none", dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=not progress,
+def training_arguments(out: Path, stage_name: str, stage: StageConfig, seed: int, progress: bool,
+                       **options) -> ProCLIPTrainingArguments:
+    """The arguments of one demo run: the stage's steps, batch and learning rate over the recipe's defaults, on the
+    CPU, no checkpoints; `options` are other `ProCLIPTrainingArguments` fields (reduction, lambda, ...)."""
+    return ProCLIPTrainingArguments(
+        output_dir=str(out), stage=stage_name, max_steps=stage.steps, per_device_train_batch_size=stage.batch_size,
+        learning_rate=stage.lr, warmup_steps=max(1, int(stage.warmup_ratio * stage.steps)),
+        weight_decay=stage.weight_decay, bf16=stage.bf16, use_cpu=True, seed=seed, data_seed=seed,
+        logging_steps=max(1, stage.steps // 10), save_strategy="no", dataloader_num_workers=0,
+        disable_tqdm=not progress, **options,
     )
 
 
-def _without_structure(loss):
-    """Stage 1's loss with L_struct left out of the total (still logged): the `w/o L_struct` ablation."""
-    forward = loss.forward
-
-    def instance_only(*args, **kwargs):
-        out = forward(*args, **kwargs)
-        out["loss"] = out["instance"] + out.get("instance_extra", 0.0)
-        out["structure"] = out["structure"].detach()
-        return out
-
-    loss.forward = instance_only
-    return loss
-
-
-def train_stage(model, processor, dataset, cache, out: Path, stage_name: str, stage, seed: int, caption_columns,
-                progress: bool, **stage_options):
-    with_structure = stage_options.pop("with_structure", True)
-    trainer = ProCLIPTrainer(
-        model, training_arguments(out, stage, seed, progress), stage=stage_name, train_dataset=dataset,
-        processing_class=processor, caption_columns=caption_columns, embedding_cache=cache, **stage_options,
-    )
-    if not with_structure:
-        _without_structure(trainer.stage.loss)
+def train_stage(model, processor, dataset, cache, args: ProCLIPTrainingArguments) -> ProCLIPTrainer:
+    """Train `model` in place for one demo run with `ProCLIPTrainer`; returns the trainer."""
+    trainer = ProCLIPTrainer(model, args, train_dataset=dataset, processing_class=processor, embedding_cache=cache)
     trainer.train()
     return trainer
 
@@ -308,10 +291,18 @@ class Demo:
     # -- steps ---------------------------------------------------------------------------------------------------
 
     def run(self) -> dict:
+        """Every step not finished yet, in order; returns `results.json`. Torch's thread count is restored after."""
+        threads = torch.get_num_threads()
         if self.threads:
             # The demo's towers are small: on a shared 2-core machine, two intra-op threads contending with other
             # processes made a tiny ViT's forward pass 40x slower than one thread; one thread is the safe default.
             torch.set_num_threads(self.threads)
+        try:
+            return self._run_steps()
+        finally:
+            torch.set_num_threads(threads)
+
+    def _run_steps(self) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
         config_file = self.out / "demo_config.json"
         if config_file.is_file():
@@ -384,9 +375,8 @@ class Demo:
             text = resolve_text_tower(self.config.text)
             partial = self.stage0_dir.with_name(self.stage0_dir.name + ".partial")
             shutil.rmtree(partial, ignore_errors=True)
-            options = Stage0Arguments(lora_r=stage0.lora_r, lora_alpha=2.0 * stage0.lora_r,
-                                      max_text_length=stage0.max_text_length)
-            run_stage0(text, split_path(self.world_dir, "stage1-captions"), STAGE0_CAPTION_COLUMNS, partial, options,
+            run_stage0(text, split_path(self.world_dir, "stage1-captions"), STAGE0_CAPTION_COLUMNS, partial,
+                       lora_r=stage0.lora_r, lora_alpha=2.0 * stage0.lora_r, max_text_length=stage0.max_text_length,
                        max_steps=stage0.steps, per_device_train_batch_size=stage0.batch_size, learning_rate=stage0.lr,
                        bf16=stage0.bf16, use_cpu=True, seed=0, save_strategy="no",
                        logging_steps=max(1, stage0.steps // 10), dataloader_num_workers=0,
@@ -520,10 +510,10 @@ class Demo:
             base, processor = self.base(tower)
             model = fresh_model(base, seed)
             started = time.perf_counter()
-            trainer = train_stage(model, processor, self.stage1_dataset(), self.cache(tower), folder / "trainer",
-                                  "inheritance", self.config.stage1, seed, ["caption_short"], self.progress,
-                                  reduction=self.config.reduction,
-                                  with_structure=STAGE1_RUNS[STAGE0_TOWER_RUNS.get(name, name)])
+            args = training_arguments(folder / "trainer", "inheritance", self.config.stage1, seed, self.progress,
+                                      caption_column=["caption_short"], reduction=self.config.reduction,
+                                      structure_weight=STAGE1_RUNS[STAGE0_TOWER_RUNS.get(name, name)])
+            trainer = train_stage(model, processor, self.stage1_dataset(), self.cache(tower), args)
             train_seconds = time.perf_counter() - started
             save_file(trainable_state(model), str(folder / "weights.safetensors"))
             return {"run": name, "seed": seed, "text_tower": tower, "train_seconds": round(train_seconds, 1),
@@ -556,9 +546,10 @@ class Demo:
             state = load_file(str(self.run_dir(seed, start) / "weights.safetensors")) if start else None
             model = fresh_model(base, seed, state)
             started = time.perf_counter()
-            trainer = train_stage(model, processor, self.stage2_dataset(), self.cache(tower), folder / "trainer",
-                                  "contrastive", stage, seed, ["caption_short", "caption_long"],
-                                  self.progress, reduction=reduction, distill_weight=weight, ema_momentum=momentum)
+            args = training_arguments(folder / "trainer", "contrastive", stage, seed, self.progress,
+                                      caption_column=["caption_short", "caption_long"], reduction=reduction,
+                                      distill_weight=weight, ema_momentum=momentum)
+            trainer = train_stage(model, processor, self.stage2_dataset(), self.cache(tower), args)
             train_seconds = time.perf_counter() - started
             save_file(trainable_state(model), str(folder / "weights.safetensors"))
             return {"run": name, "seed": seed, "text_tower": tower, "starts_from": start, "distill_weight": weight,
@@ -709,5 +700,4 @@ def check_final_folder(folder: Path, evalset: EvalSet | None = None, timeout: fl
             "pipeline_image_label": rows[0]["label"], "pipeline_top_label": outcome["top"]}
 
 
-__all__ = ["Demo", "DemoConfig", "EvalSet", "Stage0DemoConfig", "add_demo_parser", "check_final_folder", "run_demo",
-           "score"]
+__all__ = ["Demo", "DemoConfig", "Stage0DemoConfig", "StageConfig", "check_final_folder"]

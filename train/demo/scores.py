@@ -100,7 +100,7 @@ def cached_text_features(model, cache, texts: list[str], table: str = "llm") -> 
     if table == "teacher":
         return embeds
     model.eval()
-    return model.get_text_features(text_embeds=embeds).pooler_output.float()
+    return model.get_text_features(llm_embeds=embeds).pooler_output.float()
 
 
 def short_to_long_retrieval(short: torch.Tensor, long: torch.Tensor) -> dict:

@@ -380,7 +380,7 @@ def long_caption(scene: Scene) -> str:
             phrase = noun_phrase("en", o.colour, o.shape, o.size)
             parts.append(f"The {ORDINALS[i]} object from the left is {phrase}, {_region(o)}.")
         for a, b in zip(objects, objects[1:]):
-            dx, dy = b.x - a.x, b.y - a.y
+            dy = b.y - a.y
             text = f"The {a.name} is to the left of the {b.name}"
             if abs(dy) > 0.1:
                 text += " and " + ("above it" if dy > 0 else "below it")

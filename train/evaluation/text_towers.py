@@ -18,13 +18,15 @@ from typing import Any, Callable
 import torch
 from transformers import AutoModel, AutoTokenizer, PreTrainedConfig
 
-from modeling_proclip import ProCLIPModel, ProCLIPProcessor, configure_text_tokenizer
+from configuration_proclip import TextTowerSettings
+from modeling_proclip import (
+    ProCLIPModel,
+    ProCLIPProcessor,
+    configure_text_tokenizer,
+    embed_token_ids,
+)
 
-from ..training.stage0 import LLMEmbedder, TextTowerSettings
 from ..training.stages import load_clip_text_teacher
-
-# What `from_towers` does with a text tower that has no preset; CRA of a raw LLM uses the same.
-RAW_TOWER_DEFAULTS = {"pooling": "mean", "bidirectional": False, "prompt_template": None, "padding_side": None}
 
 
 @dataclass
@@ -119,14 +121,17 @@ def load_text_tower(
                     "max_text_length": tokenizer.model_max_length}
         return TextTower("clip", name, tokenizer, encode, settings, device)
 
-    text_settings = TextTowerSettings.resolve(name, RAW_TOWER_DEFAULTS, max_text_length, **overrides)
+    # Without a record or preset: the settings `ProCLIPModel.from_towers` would build the tower with.
+    text_settings = TextTowerSettings.resolve(name, max_text_length=max_text_length, **overrides)
     tokenizer = AutoTokenizer.from_pretrained(name)
-    configure_text_tokenizer(tokenizer, text_settings)
+    text_settings.instruction_length, text_settings.text_suffix_length = configure_text_tokenizer(tokenizer, text_settings)
     model = AutoModel.from_pretrained(name, dtype=dtype).to(device).eval()
-    embedder = LLMEmbedder(model, text_settings.pooling, text_settings.bidirectional)
+
+    def encode(input_ids, attention_mask):
+        return embed_token_ids(model, input_ids, attention_mask, text_settings).pooler_output
+
     settings = {"embedding": "pooled hidden states", **dataclasses.asdict(text_settings)}
-    settings.pop("instruction")
-    return TextTower("llm", name, tokenizer, embedder, settings, device)
+    return TextTower("llm", name, tokenizer, encode, settings, device)
 
 
 __all__ = ["TextTower", "load_text_tower"]

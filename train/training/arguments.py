@@ -1,99 +1,156 @@
-"""The options of `proclip train`: ProCLIP's own (per stage) beside transformers' `TrainingArguments`."""
+"""`ProCLIPTrainingArguments`: every option of every curriculum stage, beside transformers' `TrainingArguments`.
+
+One dataclass is read by `proclip train` (through `HfArgumentParser`, so every Trainer flag works too), by `--config`
+YAML/JSON files (the same names) and by Python callers such as the demo. Its defaults are the recipe's (METHOD.md §5:
+AdamW beta2 0.98, eps 1e-6, weight decay 0.05, cosine schedule with 3 % warmup, gradient clipping at 5) where they
+differ from `TrainingArguments`'.
+
+    stage 0  caption-contrastive   LLM2CLIP's LoRA fine-tuning of the LLM on caption pairs (`--text`, `--lora_*`,
+                                   `--temperature`, `--mntp_steps`, the text-tower settings)
+    stage 1  inheritance           the adapter distils CLIP's text encoder (`--teacher`, `--reduction`,
+                                   `--structure_form`, `--structure_weight`, `--noise_caption_column`)
+    stage 2  contrastive           InfoNCE + self-distillation of the image tower (`--distill_weight`, `--ema_momentum`)
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from transformers import TrainingArguments
+
 from configuration_proclip import POOLING_MODES
 
-STAGE0_NAMES = ("0", "caption-contrastive")
-# Recipe defaults for `proclip train` where they differ from TrainingArguments' (METHOD.md §5); flags override them.
-TRAIN_DEFAULTS = {
-    "adam_beta2": 0.98,
-    "adam_epsilon": 1e-6,
-    "weight_decay": 0.05,
-    "lr_scheduler_type": "cosine",
-    "warmup_steps": 0.03,  # a float < 1 is a fraction of the training steps
-    "max_grad_norm": 5.0,
-    "remove_unused_columns": False,
-    "report_to": "none",
-    "save_strategy": "steps",
-    "save_steps": 1000,
-    "logging_steps": 10,
-}
+from .losses import REDUCTIONS, STRUCTURE_FORMS
+
+# `--stage` values: the curriculum's numbers and the stages' names (`stages.STAGES`).
+STAGE_ALIASES = {"0": "caption-contrastive", "1": "inheritance", "2": "contrastive"}
+CURRICULUM_STAGES = ("caption-contrastive", "inheritance", "contrastive")
+# Learning rates where a stage's recipe differs from TrainingArguments' 5e-5: LLM2Vec's LoRA rate for stage 0.
+STAGE_LEARNING_RATES = {"caption-contrastive": 2e-4}
+DEFAULT_LEARNING_RATE = 5e-5
+
+
+def canonical_stage(stage: str | int | None) -> str | None:
+    """`0`/`1`/`2` or a stage's name -> the stage's name (`None` stays `None`); other values raise `ValueError`."""
+    if stage is None:
+        return None
+    name = STAGE_ALIASES.get(str(stage), str(stage))
+    if name not in CURRICULUM_STAGES and name != "masked-next-token":
+        known = ", ".join([*STAGE_ALIASES, *CURRICULUM_STAGES])
+        raise ValueError(f"Unknown stage {stage!r}; choose one of {known}.")
+    return name
+
+
+def _option(default, help: str, **metadata):
+    return field(default=default, metadata={"help": help, **metadata})
 
 
 @dataclass
-class ProCLIPArguments:
-    """The ProCLIP options of `proclip train` (the rest are `TrainingArguments`)."""
+class ProCLIPTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus the options of ProCLIP's stages; see the module docstring for which stage reads what."""
 
-    stage: str | None = field(
-        default=None, metadata={"help": "1 (or inheritance) or 2 (or contrastive).", "choices": ["1", "2", "inheritance", "contrastive"]}
+    # -- what runs, on what ------------------------------------------------------------------------------------------
+    stage: str | None = _option(
+        None, "Curriculum stage: 0 / caption-contrastive, 1 / inheritance, 2 / contrastive.",
+        choices=[*STAGE_ALIASES, *CURRICULUM_STAGES],
     )
-    model: str | None = field(
-        default=None, metadata={"help": "ProCLIP folder or Hub id to start from (`proclip init`, or stage 1's output)."}
+    model: str | None = _option(None, "Stages 1-2: the ProCLIP folder or Hub id to start from (`proclip init`, or "
+                                "stage 1's output).")
+    text: str | None = _option(None, "Stage 0: the LLM to fine-tune, a Hub id or folder (any AutoModel text model).")
+    data: str | None = _option(None, "Training data: a folder, a file or glob (csv/jsonl/parquet/arrow/txt/tar), or a "
+                               "Hub dataset name[:config].")
+    config: str | None = _option(None, "YAML or JSON file of these flags; command-line flags win.")
+    output_dir: str | None = _option(None, "Where the trained model goes.", aliases=["--out"])
+    split: str = _option("train", "Dataset split (slicing such as train[:10000] works).")
+    streaming: bool = _option(False, "Stream the dataset (then set --max_steps).")
+    image_column: str = _option("image", "Stage 2: the image column.")
+    caption_column: list[str] | None = _option(
+        None, "Caption column(s); repeat the flag or list several (default: caption). Stages 1-2 draw one caption per "
+        "sample; stage 0 draws two different ones as a positive pair.", action="extend",
     )
-    data: str | None = field(
-        default=None, metadata={"help": "Training data: a folder, a file or glob (csv/jsonl/parquet/arrow/txt/tar), or a Hub dataset name[:config]."}
+    noise_caption_column: str | None = _option(None, "Stage 1: a second caption view per sample that adds its own "
+                                                "instance term.")
+    embedding_cache: bool = _option(True, "Stages 1-2: use the embedding cache when one exists (see `proclip embed`).")
+    cache_dir: str | None = _option(None, "Embedding cache folder (default: proclip_embedding_cache/ next to the data).")
+
+    # -- stages 1 and 2: alignment terms -----------------------------------------------------------------------------
+    teacher: str | None = _option(None, "Stage 1: the CLIP checkpoint whose text encoder is the teacher (default: the "
+                                  "model's vision_name_or_path).")
+    reduction: str = _option("sum", "Alignment terms summed (upstream) or averaged per row / pair.", choices=list(REDUCTIONS))
+    structure_form: str = _option(
+        "upstream", "Structure term: smooth-L1 of distances (upstream) or |squared-distance difference| (paper).",
+        choices=list(STRUCTURE_FORMS),
     )
-    config: str | None = field(default=None, metadata={"help": "YAML or JSON file of these flags; command-line flags win."})
-    teacher: str | None = field(
-        default=None, metadata={"help": "Stage 1: the CLIP checkpoint whose text encoder is the teacher (default: the model's vision_name_or_path)."}
-    )
-    image_column: str = field(default="image", metadata={"help": "Stage 2: the image column."})
-    caption_column: list[str] | None = field(
-        default=None,
-        metadata={"help": "Caption column(s); repeat the flag or list several: one caption is drawn per sample (default: caption).", "action": "extend"},
-    )
-    noise_caption_column: str | None = field(
-        default=None, metadata={"help": "Stage 1: a second caption view per sample that adds its own instance term."}
-    )
-    split: str = field(default="train", metadata={"help": "Dataset split (slicing such as train[:10000] works)."})
-    streaming: bool = field(default=False, metadata={"help": "Stream the dataset (then set --max_steps)."})
-    reduction: str = field(default="sum", metadata={"help": "Alignment terms summed (upstream) or averaged per row / pair.", "choices": ["sum", "mean"]})
-    structure_form: str = field(
-        default="upstream", metadata={"help": "Structure term: smooth-L1 of distances (upstream) or |squared-distance difference| (paper).", "choices": ["upstream", "paper"]}
-    )
-    distill_weight: float = field(default=1.0, metadata={"help": "Stage 2: lambda, the weight of the self-distillation term.", "aliases": ["--lambda"]})
-    ema_momentum: float = field(default=0.999, metadata={"help": "Stage 2: momentum of the EMA image teacher (1.0 = a frozen copy)."})
-    embedding_cache: bool = field(default=True, metadata={"help": "Use the embedding cache when one exists (see `proclip embed`)."})
-    cache_dir: str | None = field(
-        default=None, metadata={"help": "Embedding cache folder (default: proclip_embedding_cache/ next to the data)."}
-    )
+    structure_weight: float = _option(1.0, "Weight of the structure term L_struct (stage 1, and stage 2's "
+                                      "self-distillation); 0 is the `w/o L_struct` ablation.")
+    distill_weight: float = _option(1.0, "Stage 2: lambda, the weight of the self-distillation term.", aliases=["--lambda"])
+    ema_momentum: float = _option(0.999, "Stage 2: momentum of the EMA image teacher (1.0 = a frozen copy).")
+
+    # -- stage 0: the text tower it trains and exports ---------------------------------------------------------------
+    pooling: str | None = _option(None, "Stage 0: pooling (default: the LLM's preset, else mean).",
+                                  choices=list(POOLING_MODES))
+    bidirectional: bool | None = _option(None, "Stage 0: bidirectional attention (default: the LLM's preset, else "
+                                         "true, as LLM2Vec).")
+    prompt_template: str | None = _option(None, "Stage 0: caption wrapping with '{text}', e.g. a chat turn.")
+    padding_side: str | None = _option(None, "Stage 0: recorded padding side (embeddings do not depend on it).",
+                                       choices=["left", "right"])
+    max_text_length: int = _option(512, "Stage 0: longest tokenized caption; longer ones are truncated.")
+    lora_r: int = _option(16, "Stage 0: LoRA rank.")
+    lora_alpha: float = _option(32.0, "Stage 0: LoRA alpha (scaling alpha / r).")
+    lora_dropout: float = _option(0.05, "Stage 0: LoRA dropout.")
+    lora_target_modules: str = _option("all-linear", "Stage 0: comma-separated module names, or all-linear.")
+    temperature: float = _option(0.05, "Stage 0: InfoNCE temperature (logits = cosine / temperature).")
+    mntp_steps: int = _option(0, "Stage 0: steps of masked next-token prediction before the contrastive phase.")
+    mntp_probability: float = _option(0.2, "Stage 0: fraction of tokens masked in MNTP.")
+
+    # -- the recipe's defaults where they differ from TrainingArguments' --------------------------------------------
+    learning_rate: float | None = _option(None, f"Peak learning rate (default: {DEFAULT_LEARNING_RATE:g}; stage 0 "
+                                          f"{STAGE_LEARNING_RATES['caption-contrastive']:g}, LLM2Vec's).")
+    adam_beta2: float = _option(0.98, "AdamW beta2.")
+    adam_epsilon: float = _option(1e-6, "AdamW epsilon.")
+    weight_decay: float = _option(0.05, "AdamW weight decay (matrices only; no decay on biases, norms, logit_scale).")
+    lr_scheduler_type: str = _option("cosine", "Learning-rate schedule.")
+    warmup_steps: float = _option(0.03, "Warmup steps; a float < 1 is a fraction of the training steps.")
+    max_grad_norm: float = _option(5.0, "Gradient clipping norm.")
+    remove_unused_columns: bool = _option(False, "Kept False: the collators read the raw dataset columns.")
+    save_steps: float = _option(1000, "Save a checkpoint every this many steps.")
+    logging_steps: float = _option(10, "Log every this many steps.")
+
+    def __post_init__(self):
+        self.stage = canonical_stage(self.stage)
+        if self.learning_rate is None:
+            self.learning_rate = STAGE_LEARNING_RATES.get(self.stage, DEFAULT_LEARNING_RATE)
+        problems = self.stage_option_problems()
+        if problems:
+            raise ValueError("Invalid ProCLIP training options: " + "; ".join(problems))
+        super().__post_init__()
+
+    def stage_option_problems(self) -> list[str]:
+        """What is wrong with the ProCLIP options, one message each."""
+        problems = []
+        if self.reduction not in REDUCTIONS:
+            problems.append(f"reduction={self.reduction!r} must be one of {REDUCTIONS}")
+        if self.structure_form not in STRUCTURE_FORMS:
+            problems.append(f"structure_form={self.structure_form!r} must be one of {STRUCTURE_FORMS}")
+        for name in ("structure_weight", "distill_weight"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name}={getattr(self, name)} must be >= 0")
+        if not 0.0 <= self.ema_momentum <= 1.0:
+            problems.append(f"ema_momentum={self.ema_momentum} must lie in [0, 1]")
+        if self.temperature <= 0:
+            problems.append(f"temperature={self.temperature} must be positive")
+        if not 0.0 < self.mntp_probability < 1.0:
+            problems.append(f"mntp_probability={self.mntp_probability} must lie in (0, 1)")
+        if self.mntp_steps < 0:
+            problems.append(f"mntp_steps={self.mntp_steps} must be >= 0")
+        if self.stage == "contrastive" and self.noise_caption_column is not None:
+            problems.append("noise_caption_column is a stage-1 option; stage 2 draws among its caption columns")
+        return problems
+
+    @property
+    def caption_columns(self) -> list[str]:
+        """The caption columns to read (`caption` when none is given)."""
+        return list(self.caption_column or ["caption"])
 
 
-@dataclass
-class Stage0Arguments:
-    """The options of `proclip train --stage 0` (the rest are `TrainingArguments`)."""
-
-    stage: str = field(default="0", metadata={"help": "0 (or caption-contrastive).", "choices": list(STAGE0_NAMES)})
-    text: str | None = field(default=None, metadata={"help": "The LLM to fine-tune: a Hub id or folder (any AutoModel text model)."})
-    data: str | None = field(
-        default=None, metadata={"help": "Caption data: a folder, a file or glob (csv/jsonl/parquet/arrow/tar), or a Hub dataset name[:config]."}
-    )
-    config: str | None = field(default=None, metadata={"help": "YAML or JSON file of these flags; command-line flags win."})
-    caption_column: list[str] | None = field(
-        default=None,
-        metadata={"help": "Caption column(s): two captions of a row are a positive pair, drawn among all its captions in these columns (default: caption, a list per row).", "action": "extend"},
-    )
-    split: str = field(default="train", metadata={"help": "Dataset split (slicing such as train[:10000] works)."})
-    streaming: bool = field(default=False, metadata={"help": "Stream the dataset (then set --max_steps)."})
-    pooling: str | None = field(default=None, metadata={"help": "Pooling (default: the LLM's preset, else mean).", "choices": list(POOLING_MODES)})
-    bidirectional: bool | None = field(
-        default=None, metadata={"help": "Bidirectional attention (default: the LLM's preset, else true, as LLM2Vec)."}
-    )
-    prompt_template: str | None = field(default=None, metadata={"help": "Caption wrapping with '{text}', e.g. a chat turn (default: none)."})
-    padding_side: str | None = field(default=None, metadata={"help": "Recorded padding side (embeddings do not depend on it).", "choices": ["left", "right"]})
-    max_text_length: int = field(default=512, metadata={"help": "Longest tokenized caption; longer ones are truncated."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (scaling alpha / r)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
-    lora_target_modules: str = field(default="all-linear", metadata={"help": "Comma-separated module names, or all-linear."})
-    temperature: float = field(default=0.05, metadata={"help": "InfoNCE temperature (logits = cosine / temperature)."})
-    mntp_steps: int = field(default=0, metadata={"help": "Steps of masked next-token prediction before the contrastive phase (0: none)."})
-    mntp_probability: float = field(default=0.2, metadata={"help": "Fraction of tokens masked in MNTP."})
-
-
-def stage0_training_defaults() -> dict:
-    """`TrainingArguments` defaults of stage 0: `proclip train`'s recipe defaults with LLM2Vec's learning rate."""
-    return {**TRAIN_DEFAULTS, "learning_rate": 2e-4}
+__all__ = ["STAGE_ALIASES", "CURRICULUM_STAGES", "ProCLIPTrainingArguments", "canonical_stage"]

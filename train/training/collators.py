@@ -356,7 +356,7 @@ class CachedEmbeddingCollator:
     """Adds cached embeddings to the batches of a stage collator built without tokenizers.
 
     For each caption view in the batch (`captions`, and `noise_captions` in stage 1) it adds
-    `text_embeds` (B, H) and `text_embeds_found` (B,) from the LLM table, and with `use_teacher`
+    `llm_embeds` (B, H) and `llm_embeds_found` (B,) from the LLM table, and with `use_teacher`
     `teacher_embeds` (B, D) and `teacher_embeds_found` from the teacher table (prefixed `noise_` for the second view).
     When some caption of the batch is missing, the whole view is also tokenised as the plain collator would
     (`input_ids`, `attention_mask`, or `teacher_input_ids`, ...), so the trainer can compute the missing rows.
@@ -390,7 +390,7 @@ class CachedEmbeddingCollator:
             captions = batch.get(f"{view}captions")
             if captions is None:
                 continue
-            self._add(batch, captions, LLM_TABLE, f"{view}text_embeds", self.tokenizer, self.max_length, view, stats)
+            self._add(batch, captions, LLM_TABLE, f"{view}llm_embeds", self.tokenizer, self.max_length, view, stats)
             if self.use_teacher:
                 self._add(
                     batch, captions, TEACHER_TABLE, f"{view}teacher_embeds", self.teacher_tokenizer, None,

@@ -31,6 +31,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from modeling_proclip import contrastive_loss
+
 Reduction = Literal["sum", "mean"]
 StructureForm = Literal["upstream", "paper"]
 
@@ -131,17 +133,21 @@ def structure_alignment(
 
 
 class InheritanceLoss(nn.Module):
-    """Stage 1 (representation inheritance): L = L_ins + L_struct [+ L_ins of a second caption view].
+    """Stage 1 (representation inheritance): L = L_ins + w * L_struct [+ L_ins of a second caption view].
 
     Args:
         reduction: `"sum"` (upstream) or `"mean"` (per row / per pair), see the module docstring.
         structure_form: `"upstream"` (smooth-L1 of distances) or `"paper"` (|difference of squared distances|).
+        structure_weight: w; 0 is the paper's `w/o L_struct` ablation (the term is still computed and reported).
     """
 
-    def __init__(self, reduction: Reduction = "sum", structure_form: StructureForm = "upstream"):
+    def __init__(
+        self, reduction: Reduction = "sum", structure_form: StructureForm = "upstream", structure_weight: float = 1.0
+    ):
         super().__init__()
         self.reduction = _checked(reduction, REDUCTIONS, "reduction")
         self.structure_form = _checked(structure_form, STRUCTURE_FORMS, "structure_form")
+        self.structure_weight = structure_weight
 
     def forward(
         self,
@@ -167,7 +173,7 @@ class InheritanceLoss(nn.Module):
             "instance": instance_alignment(student, teacher, self.reduction),
             "structure": structure_alignment(student, teacher, self.structure_form, self.reduction),
         }
-        out["loss"] = out["instance"] + out["structure"]
+        out["loss"] = out["instance"] + self.structure_weight * out["structure"]
         if student_extra is not None:
             out["instance_extra"] = instance_alignment(student_extra, teacher_extra, self.reduction)
             out["loss"] = out["loss"] + out["instance_extra"]
@@ -219,7 +225,7 @@ class ContrastiveLoss(nn.Module):
             logits_per_image = scale * image @ all_text.T
             logits_per_text = scale * text @ all_image.T
         labels = torch.arange(image.shape[0], device=image.device) + rank * image.shape[0]
-        loss = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+        loss = contrastive_loss(logits_per_image, logits_per_text, labels)
         return {"loss": loss, "contrastive": loss}
 
     def _rank_and_world_size(self) -> tuple[int, int]:
@@ -230,7 +236,7 @@ class ContrastiveLoss(nn.Module):
 
 
 class ContrastiveDistillationLoss(ContrastiveLoss):
-    """Stage 2 total: L = L_info + distill_weight * L_reg, with L_reg = L_ins + L_struct(image, EMA teacher image).
+    """Stage 2 total: L = L_info + distill_weight * L_reg, with L_reg = L_ins + w * L_struct(image, EMA teacher image).
 
     L_reg is stage 1's alignment applied to the trainable image encoder's embeddings v and its EMA
     teacher's u. It is computed on the local batch only, like upstream: on W ranks, `"sum"` adds up this
@@ -240,7 +246,7 @@ class ContrastiveDistillationLoss(ContrastiveLoss):
 
     Args:
         distill_weight: lambda, the weight of L_reg.
-        reduction, structure_form: as for `InheritanceLoss`.
+        reduction, structure_form, structure_weight: as for `InheritanceLoss`.
         rank, world_size: as for `ContrastiveLoss`.
     """
 
@@ -249,6 +255,7 @@ class ContrastiveDistillationLoss(ContrastiveLoss):
         distill_weight: float = 1.0,
         reduction: Reduction = "sum",
         structure_form: StructureForm = "upstream",
+        structure_weight: float = 1.0,
         rank: int | None = None,
         world_size: int | None = None,
     ):
@@ -256,6 +263,7 @@ class ContrastiveDistillationLoss(ContrastiveLoss):
         self.distill_weight = distill_weight
         self.reduction = _checked(reduction, REDUCTIONS, "reduction")
         self.structure_form = _checked(structure_form, STRUCTURE_FORMS, "structure_form")
+        self.structure_weight = structure_weight
 
     def forward(
         self, image_embeds: Tensor, text_embeds: Tensor, logit_scale: Tensor, teacher_image_embeds: Tensor
@@ -267,14 +275,14 @@ class ContrastiveDistillationLoss(ContrastiveLoss):
 
         Returns:
             `{"loss", "contrastive", "instance", "structure", "distillation"}`: scalars, where
-            `distillation` = instance + structure (unweighted) and `loss` = contrastive + weight * distillation.
+            `distillation` = instance + structure_weight * structure and `loss` = contrastive + lambda * distillation.
         """
         out = super().forward(image_embeds, text_embeds, logit_scale)
         out["instance"] = instance_alignment(image_embeds, teacher_image_embeds, self.reduction)
         out["structure"] = structure_alignment(
             image_embeds, teacher_image_embeds, self.structure_form, self.reduction
         )
-        out["distillation"] = out["instance"] + out["structure"]
+        out["distillation"] = out["instance"] + self.structure_weight * out["structure"]
         out["loss"] = out["contrastive"] + self.distill_weight * out["distillation"]
         return out
 

@@ -1,14 +1,18 @@
-"""The curriculum stages of ProCLIP (METHOD.md §3-4) and the teachers they own.
+"""The curriculum stages of ProCLIP (METHOD.md §3-4, §9) and the teachers they own.
 
-A stage says what is trained and how the loss is formed (open_clip's `task/` split); `ProCLIPTrainer` runs it:
+A stage says what is trained and how the loss is formed (open_clip's `task/` split); `ProCLIPTrainer` runs the one
+`STAGES[args.stage]` names:
 
-    stage            trains                                                 teacher (owned here, never saved)
-    "inheritance"    text_adapter                                           CLIP text encoder + projection, frozen
-    "contrastive"    text_adapter, vision_model, visual_projection,         EMA of vision_model + visual_projection
-                     logit_scale (clamped to [0, ln 100] after each step)
+    stage                  model                trains                                  teacher (owned, never saved)
+    "caption-contrastive"  the LLM, LoRA-wrapped  LoRA adapters (stage 0)               -
+    "masked-next-token"    the causal LM, LoRA    LoRA adapters (stage 0's MNTP phase)  -
+    "inheritance"          ProCLIPModel         text_adapter (stage 1)                  CLIP text encoder + projection
+    "contrastive"          ProCLIPModel         text_adapter, vision_model,             EMA of vision_model +
+                                                visual_projection, logit_scale          visual_projection
+                                                (logit scale clamped to [0, ln 100] after each step) (stage 2)
 
-The LLM (`text_model`) never trains and stays in eval mode. A new stage is a `TrainingStage` subclass added to
-`STAGES`.
+In stages 1 and 2 the LLM (`text_model`) never trains and stays in eval mode. A new stage is a `TrainingStage`
+subclass added to `STAGES`.
 """
 
 from __future__ import annotations
@@ -16,22 +20,38 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, CLIPTextModelWithProjection
-from transformers.utils import logging
 
-from .cache import teacher_identity
-from .collators import CachedEmbeddingCollator, ContrastiveCollator, InheritanceCollator
+from configuration_proclip import TextTowerSettings
+from modeling_proclip import (
+    configure_text_tokenizer,
+    embed_token_ids,
+    text_tower_kwargs,
+)
+
+from .arguments import ProCLIPTrainingArguments
+from .cache import EmbeddingCache, teacher_identity, text_tower_identity
+from .collators import (
+    CachedEmbeddingCollator,
+    CaptionPairCollator,
+    ContrastiveCollator,
+    InheritanceCollator,
+    MNTPCollator,
+    mntp_mask_token_id,
+)
 from .data import CLIPImageTransform
 from .losses import ContrastiveDistillationLoss, ContrastiveLoss, InheritanceLoss
 
 LOGIT_SCALE_MAX = math.log(100.0)
 STAGE_STATE_FILE = "stage_state.safetensors"
+# Stage 0 trains the LLM into an LLM2Vec-style embedder: mean pooling over bidirectional attention by default.
+STAGE0_TOWER_DEFAULTS = {"bidirectional": True}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -39,8 +59,14 @@ STAGE_STATE_FILE = "stage_state.safetensors"
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+class _CLIPTextTeacher(CLIPTextModelWithProjection):
+    """CLIP's text tower read out of a whole `CLIPModel` checkpoint: its image tower's weights go unused, expectedly."""
+
+    _keys_to_ignore_on_load_unexpected = [r"^vision_model\.", r"^visual_projection\.", r"^logit_scale$"]
+
+
 def load_clip_text_teacher(name_or_path: str, dtype: torch.dtype | None = None) -> CLIPTextModelWithProjection:
-    """CLIP's text encoder with its projection, from a `CLIPModel` (or `CLIPTextModelWithProjection`) checkpoint.
+    """CLIP's text encoder with its projection, frozen, from a `CLIPModel` (or `CLIPTextModelWithProjection`) checkpoint.
 
     A `CLIPModel` config keeps the joint size in its top-level `projection_dim`; its `text_config.projection_dim` may
     be a stale default, so the text config is given the top-level value before loading.
@@ -49,13 +75,7 @@ def load_clip_text_teacher(name_or_path: str, dtype: torch.dtype | None = None) 
     if config.model_type == "clip":
         text_config = config.text_config
         text_config.projection_dim = config.projection_dim
-        # The image tower's weights are expected to go unused: keep transformers' load report about them quiet.
-        verbosity = logging.get_verbosity()
-        logging.set_verbosity_error()
-        try:
-            teacher = CLIPTextModelWithProjection.from_pretrained(name_or_path, config=text_config, dtype=dtype)
-        finally:
-            logging.set_verbosity(verbosity)
+        teacher = _CLIPTextTeacher.from_pretrained(name_or_path, config=text_config, dtype=dtype)
     elif config.model_type == "clip_text_model":
         teacher = CLIPTextModelWithProjection.from_pretrained(name_or_path, dtype=dtype)
     else:
@@ -112,30 +132,9 @@ def _full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor.detach()
 
 
-
 # ---------------------------------------------------------------------------------------------------------------------
-# Inputs shared by the stages
+# Batches
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def llm_embeddings(model: nn.Module, inputs: Mapping[str, Any], view: str = "") -> torch.Tensor:
-    """Pooled frozen-LLM embeddings (B, H) of a caption view: cached rows, with missing ones computed by the LLM.
-
-    `view` is `""` for the captions and `"noise_"` for stage 1's second caption view.
-    """
-    cached, found = inputs.get(f"{view}text_embeds"), inputs.get(f"{view}text_embeds_found")
-    if cached is not None and (found is None or bool(found.all())):
-        return cached
-    input_ids, attention_mask = inputs[f"{view}input_ids"], inputs[f"{view}attention_mask"]
-    if cached is not None:
-        input_ids, attention_mask = input_ids[~found], attention_mask[~found]
-    with torch.no_grad():
-        computed = model.get_llm_embeddings(input_ids, attention_mask)
-    if cached is None:
-        return computed
-    merged = cached.clone()
-    merged[~found] = computed.to(merged.dtype)
-    return merged
 
 
 def batch_size_of(inputs: Mapping[str, Any]) -> int:
@@ -157,43 +156,65 @@ def trim_batch(inputs: dict[str, Any], size: int) -> dict[str, Any]:
     }
 
 
+def cached_or_computed(
+    inputs: Mapping[str, Any], key: str, token_prefix: str, compute: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """Embeddings of a caption view: the cached rows (`inputs[key]`, found where `inputs[key + "_found"]`), with the
+    missing ones computed from `inputs[token_prefix + "input_ids" / "attention_mask"]` by `compute`, without grad."""
+    cached, found = inputs.get(key), inputs.get(f"{key}_found")
+    if cached is not None and (found is None or bool(found.all())):
+        return cached
+    input_ids, attention_mask = inputs[f"{token_prefix}input_ids"], inputs[f"{token_prefix}attention_mask"]
+    if cached is not None:
+        input_ids, attention_mask = input_ids[~found], attention_mask[~found]
+    with torch.no_grad():
+        computed = compute(input_ids, attention_mask)
+    if cached is None:
+        return computed
+    merged = cached.clone()
+    merged[~found] = computed.to(merged.dtype)
+    return merged
+
+
 # ---------------------------------------------------------------------------------------------------------------------
-# Stages
+# The stage interface
 # ---------------------------------------------------------------------------------------------------------------------
 
 
 class TrainingStage:
-    """One curriculum stage: which submodules train, the teachers, the loss, and what happens after each step.
+    """One curriculum stage: which parameters train, the teachers, the batches, the loss, the post-step work.
 
-    Subclasses set `name` and `trainable` (top-level submodule / parameter names of `ProCLIPModel`) and implement
-    `compute`. The trainer calls, in order: `freeze(model)`, `setup(model, device)`, `make_collator(...)` (when the
-    user gives none), then per micro-batch `compute(model, inputs)` and per optimiser step `after_optimizer_step`.
+    Built from the run's `ProCLIPTrainingArguments`. `ProCLIPTrainer` calls, in order: `freeze(model)`,
+    `setup(model, device, processing_class)`, `check_cache(...)` (with an embedding cache), `make_collator(...)`
+    (when the user gives none), then per micro-batch `compute(model, inputs)` and per optimiser step
+    `after_optimizer_step`.
     """
 
     name: str = ""
-    trainable: tuple[str, ...] = ()
     state_file: str | None = None  # stages with state (an EMA) save it into Trainer checkpoints under this name
 
-    def freeze(self, model: nn.Module) -> None:
-        for name, parameter in model.named_parameters():
-            parameter.requires_grad_(name.split(".")[0] in self.trainable)
-        model.text_model.eval()
+    def __init__(self, args: ProCLIPTrainingArguments):
+        self.args = args
+        self.rows_dropped_to_equalise_ranks = 0
 
-    def setup(self, model: nn.Module, device: torch.device) -> None:
+    def freeze(self, model: nn.Module) -> None:
+        """Set which parameters train."""
+
+    def setup(self, model: nn.Module, device: torch.device, processing_class=None) -> None:
         """Build the teachers on `device`."""
 
-    def cache_identity(self) -> dict | None:
-        """Identity of this stage's teacher as the embedding cache records it; `None` when there is no text teacher."""
-        return None
+    def check_cache(self, model: nn.Module, processing_class, cache: EmbeddingCache) -> None:
+        """Refuse an embedding cache this stage cannot use (`cache.StaleCacheError` for another model's)."""
+        raise ValueError(f"The {self.name} stage trains the text tower itself: it cannot read an embedding cache.")
 
-    def make_collator(self, processor, *, caption_columns, image_column, noise_caption_column, cache, seed):
+    def make_collator(self, processing_class, cache: EmbeddingCache | None):
         raise NotImplementedError
 
     def compute(self, model: nn.Module, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The loss of one micro-batch and its components: `{"loss": ..., "<component>": ...}` (scalars).
 
-        Runs as the model's forward (see `run_as_forward`). A micro-batch may hold no sample (all dropped by the
-        collator); the loss must then still reach every trainable parameter (`zero_loss`), and any collective must
+        Runs as the model's forward (see `trainer.run_as_forward`). A micro-batch may hold no sample (all dropped by
+        the collator); the loss must then still reach every trainable parameter (`zero_loss`), and any collective must
         run on every rank.
         """
         raise NotImplementedError
@@ -208,31 +229,83 @@ class TrainingStage:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         pass
 
+    def equalise_ranks(self, inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
+        """The cross-rank gather needs the same batch size on every rank: dropped samples can make them differ, so
+        every rank keeps the smallest size (the rows cut here are counted)."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return inputs
+        size = torch.tensor(batch_size_of(inputs), device=device)
+        dist.all_reduce(size, op=dist.ReduceOp.MIN)
+        size = int(size)
+        if size == batch_size_of(inputs):
+            return inputs
+        self.rows_dropped_to_equalise_ranks += batch_size_of(inputs) - size
+        return trim_batch(inputs, size)
 
-class InheritanceStage(TrainingStage):
+    @property
+    def seed(self) -> int:
+        """Seed of the collators' draws (captions, crops, masks)."""
+        return self.args.data_seed if self.args.data_seed is not None else self.args.seed
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Stages 1 and 2: parts of a ProCLIPModel around its frozen LLM
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class _ProCLIPStage(TrainingStage):
+    """A stage of a `ProCLIPModel`: the submodules in `trainable` train, the LLM stays frozen in eval mode, and the
+    pooled LLM embeddings may come from an embedding cache."""
+
+    trainable: tuple[str, ...] = ()
+
+    def freeze(self, model):
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(name.split(".")[0] in self.trainable)
+        model.text_model.eval()
+
+    def teacher_cache_identity(self) -> dict | None:
+        """Identity of this stage's text teacher as the embedding cache records it; `None` without one."""
+        return None
+
+    def check_cache(self, model, processing_class, cache):
+        if processing_class is None:
+            raise ValueError("An embedding cache is checked against the model's tokenizer: pass processing_class.")
+        cache.validate(text_tower_identity(model, processing_class.tokenizer), self.teacher_cache_identity())
+
+    def llm_embeddings(self, model: nn.Module, inputs: Mapping[str, Any], view: str = "") -> torch.Tensor:
+        """Pooled frozen-LLM embeddings (B, H) of a caption view (`""`, or `"noise_"` for stage 1's second view)."""
+        return cached_or_computed(inputs, f"{view}llm_embeds", view, model.get_llm_embeddings)
+
+    def text_features(self, model: nn.Module, inputs: Mapping[str, Any], view: str = "") -> torch.Tensor:
+        """(B, D) unnormalised joint-space text embeddings of a caption view, through the trainable adapter."""
+        model.text_model.eval()  # the Trainer calls model.train() every step; the frozen LLM must not drop out
+        return model.get_text_features(llm_embeds=self.llm_embeddings(model, inputs, view)).pooler_output
+
+
+class InheritanceStage(_ProCLIPStage):
     """Stage 1, representation inheritance: the adapter learns to reproduce CLIP's text embeddings (METHOD.md §3).
 
-    Args:
-        teacher: the CLIP checkpoint whose text encoder is the teacher; `None` = `config.vision_name_or_path`, the
-            checkpoint the image tower came from.
-        reduction, structure_form: see `losses.InheritanceLoss`.
+    Reads `args.teacher` (the CLIP checkpoint whose text encoder is the teacher; default the model's
+    `vision_name_or_path`, where the image tower came from), `reduction`, `structure_form`, `structure_weight`.
     """
 
     name = "inheritance"
     trainable = ("text_adapter",)
 
-    def __init__(self, teacher: str | None = None, reduction: str = "sum", structure_form: str = "upstream"):
-        self.teacher_name = teacher
-        self.loss = InheritanceLoss(reduction=reduction, structure_form=structure_form)
+    def __init__(self, args):
+        super().__init__(args)
+        self.teacher_name = args.teacher
+        self.loss = InheritanceLoss(args.reduction, args.structure_form, args.structure_weight)
         self.teacher: CLIPTextModelWithProjection | None = None
         self.teacher_tokenizer = None
 
-    def setup(self, model, device):
+    def setup(self, model, device, processing_class=None):
         name = self.teacher_name or model.config.vision_name_or_path
         if name is None:
             raise ValueError(
                 "Stage 1 needs the CLIP checkpoint whose text encoder is the teacher: the model's config has no "
-                "vision_name_or_path, so pass teacher= (--teacher)."
+                "vision_name_or_path, so pass --teacher."
             )
         self.teacher_name = str(name)
         self.teacher = load_clip_text_teacher(self.teacher_name).to(device)
@@ -244,130 +317,95 @@ class InheritanceStage(TrainingStage):
                 "the image tower comes from."
             )
 
-    def cache_identity(self):
+    def teacher_cache_identity(self):
         return teacher_identity(self.teacher, self.teacher_tokenizer)
 
-    def make_collator(self, processor, *, caption_columns, image_column, noise_caption_column, cache, seed):
-        max_length = processor.tokenizer.model_max_length
+    def make_collator(self, processing_class, cache):
+        max_length = processing_class.tokenizer.model_max_length
         cached_teacher = cache is not None and cache.has_teacher
         collator = InheritanceCollator(
-            tokenizer=None if cache is not None else processor.tokenizer,
-            caption_columns=caption_columns,
-            noise_caption_column=noise_caption_column,
+            tokenizer=None if cache is not None else processing_class.tokenizer,
+            caption_columns=self.args.caption_columns,
+            noise_caption_column=self.args.noise_caption_column,
             max_length=max_length,
             teacher_tokenizer=None if cached_teacher else self.teacher_tokenizer,
-            seed=seed,
+            seed=self.seed,
         )
         if cache is None:
             return collator
         return CachedEmbeddingCollator(
-            collator, cache, processor.tokenizer, max_length, self.teacher_tokenizer, use_teacher=cached_teacher
+            collator, cache, processing_class.tokenizer, max_length, self.teacher_tokenizer, use_teacher=cached_teacher
         )
 
     def teacher_embeddings(self, inputs, view: str = "") -> torch.Tensor:
         """CLIP text embeddings (B, D) of a caption view: cached rows, missing ones computed by the teacher."""
-        cached, found = inputs.get(f"{view}teacher_embeds"), inputs.get(f"{view}teacher_embeds_found")
-        if cached is not None and bool(found.all()):
-            return cached
-        input_ids, attention_mask = inputs[f"{view}teacher_input_ids"], inputs[f"{view}teacher_attention_mask"]
-        if cached is not None:
-            input_ids, attention_mask = input_ids[~found], attention_mask[~found]
-        with torch.no_grad():
-            computed = self.teacher(input_ids=input_ids, attention_mask=attention_mask).text_embeds
-        if cached is None:
-            return computed
-        merged = cached.clone()
-        merged[~found] = computed.to(merged.dtype)
-        return merged
+        return cached_or_computed(
+            inputs, f"{view}teacher_embeds", f"{view}teacher_",
+            lambda input_ids, attention_mask: self.teacher(input_ids=input_ids, attention_mask=attention_mask).text_embeds,
+        )
 
     def compute(self, model, inputs):
         if batch_size_of(inputs) == 0:  # every sample of this micro-batch was dropped
             return {"loss": zero_loss(model)}
-        student = model.get_text_features(text_embeds=llm_embeddings(model, inputs)).pooler_output
         extra = {}
         if "noise_captions" in inputs:
-            extra["student_extra"] = model.get_text_features(text_embeds=llm_embeddings(model, inputs, "noise_")).pooler_output
+            extra["student_extra"] = self.text_features(model, inputs, "noise_")
             extra["teacher_extra"] = self.teacher_embeddings(inputs, "noise_")
-        return self.loss(student, self.teacher_embeddings(inputs), **extra)
+        return self.loss(self.text_features(model, inputs), self.teacher_embeddings(inputs), **extra)
 
 
-class ContrastiveStage(TrainingStage):
+class ContrastiveStage(_ProCLIPStage):
     """Stage 2, contrastive tuning with self-distillation (METHOD.md §4).
 
-    Args:
-        distill_weight: lambda, the weight of the self-distillation term; 0 trains with InfoNCE alone (no EMA
-            teacher is built or run).
-        ema_momentum: momentum of the EMA teacher (1.0 = a frozen copy of the starting image tower).
-        reduction, structure_form: see `losses.ContrastiveDistillationLoss`.
+    Reads `args.distill_weight` (lambda; 0 trains with InfoNCE alone and builds no EMA teacher), `ema_momentum`
+    (1.0 = a frozen copy of the starting image tower), `reduction`, `structure_form`, `structure_weight`.
     """
 
     name = "contrastive"
     trainable = ("text_adapter", "vision_model", "visual_projection", "logit_scale")
 
-    def __init__(
-        self,
-        distill_weight: float = 1.0,
-        ema_momentum: float = 0.999,
-        reduction: str = "sum",
-        structure_form: str = "upstream",
-    ):
-        if distill_weight < 0:
-            raise ValueError(f"distill_weight must be >= 0, got {distill_weight}")
-        self.distill_weight = distill_weight
-        self.ema_momentum = ema_momentum
-        if distill_weight == 0:
+    def __init__(self, args):
+        super().__init__(args)
+        self.distill_weight = args.distill_weight
+        if self.distill_weight == 0:
             self.loss = ContrastiveLoss()
         else:
-            self.loss = ContrastiveDistillationLoss(distill_weight, reduction=reduction, structure_form=structure_form)
+            self.loss = ContrastiveDistillationLoss(
+                self.distill_weight, args.reduction, args.structure_form, args.structure_weight
+            )
         self.ema: EMATeacher | None = None
-        self.state_file = STAGE_STATE_FILE if distill_weight > 0 else None  # no teacher, no state
-        self.rows_dropped_to_equalise_ranks = 0
+        self.state_file = STAGE_STATE_FILE if self.distill_weight > 0 else None  # no teacher, no state
 
-    def setup(self, model, device):
+    def setup(self, model, device, processing_class=None):
         if self.distill_weight > 0:
-            self.ema = EMATeacher(model, self.ema_momentum).to(device)
+            self.ema = EMATeacher(model, self.args.ema_momentum).to(device)
 
-    def make_collator(self, processor, *, caption_columns, image_column, noise_caption_column, cache, seed):
-        if noise_caption_column is not None:
-            raise ValueError("A noise caption column is a stage-1 option; stage 2 draws among its caption columns.")
-        max_length = processor.tokenizer.model_max_length
+    def make_collator(self, processing_class, cache):
+        max_length = processing_class.tokenizer.model_max_length
         collator = ContrastiveCollator(
-            tokenizer=None if cache is not None else processor.tokenizer,
-            transform=CLIPImageTransform(processor.image_processor, train=True),
-            image_column=image_column,
-            caption_columns=caption_columns,
+            tokenizer=None if cache is not None else processing_class.tokenizer,
+            transform=CLIPImageTransform(processing_class.image_processor, train=True),
+            image_column=self.args.image_column,
+            caption_columns=self.args.caption_columns,
             max_length=max_length,
-            seed=seed,
+            seed=self.seed,
         )
         if cache is None:
             return collator
-        return CachedEmbeddingCollator(collator, cache, processor.tokenizer, max_length)
+        return CachedEmbeddingCollator(collator, cache, processing_class.tokenizer, max_length)
 
     def compute(self, model, inputs):
-        inputs = self._equalise_ranks(inputs)
+        inputs = self.equalise_ranks(inputs, inputs["pixel_values"].device)
         if batch_size_of(inputs) == 0:
             return {"loss": zero_loss(model)}
         image = model.get_image_features(inputs["pixel_values"]).pooler_output
-        text = model.get_text_features(text_embeds=llm_embeddings(model, inputs)).pooler_output
+        text = self.text_features(model, inputs)
         if self.distill_weight == 0:
             out = self.loss(image, text, model.logit_scale)
         else:
             out = self.loss(image, text, model.logit_scale, self.ema(inputs["pixel_values"]))
         out["logit_scale"] = model.logit_scale.detach().float()  # log space, clamped to [0, ln 100]
         return out
-
-    def _equalise_ranks(self, inputs):
-        """The cross-rank gather needs the same batch size on every rank: dropped samples can make them differ, so
-        every rank keeps the smallest size (the rows cut here are counted)."""
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return inputs
-        size = torch.tensor(batch_size_of(inputs), device=inputs["pixel_values"].device)
-        dist.all_reduce(size, op=dist.ReduceOp.MIN)
-        size = int(size)
-        if size == batch_size_of(inputs):
-            return inputs
-        self.rows_dropped_to_equalise_ranks += batch_size_of(inputs) - size
-        return trim_batch(inputs, size)
 
     def after_optimizer_step(self, model, full_parameters=contextlib.nullcontext):
         with torch.no_grad():
@@ -385,25 +423,110 @@ class ContrastiveStage(TrainingStage):
         self.ema.load_state_dict({k.removeprefix("ema."): v for k, v in state.items()})
 
 
-STAGES: dict[str, type[TrainingStage]] = {"inheritance": InheritanceStage, "contrastive": ContrastiveStage}
-STAGE_ALIASES = {"1": "inheritance", "2": "contrastive"}
+# ---------------------------------------------------------------------------------------------------------------------
+# Stage 0 (LLM2CLIP): the LLM itself, through LoRA, into a caption embedder
+# ---------------------------------------------------------------------------------------------------------------------
 
 
-def stage_name(stage: str | int) -> str:
-    """`1` / `"1"` / `"inheritance"` -> `"inheritance"`, and so on; unknown names raise `ValueError`."""
-    name = STAGE_ALIASES.get(str(stage), str(stage))
-    if name not in STAGES:
-        known = ", ".join([*STAGE_ALIASES, *STAGES])
-        raise ValueError(f"Unknown stage {stage!r}; choose one of {known}.")
-    return name
+class _TextTowerStage(TrainingStage):
+    """A stage that trains a bare (LoRA-wrapped) text model: only the parameters that already require grad (the LoRA
+    adapters peft added) train. `setup` resolves the text tower's settings (`args.text`'s own record or preset, then
+    `args.pooling` / `bidirectional` / `prompt_template` / `padding_side`, LLM2Vec's bidirectional mean pooling by
+    default) and writes them into the tokenizer it is given, which then tokenises every batch."""
+
+    def __init__(self, args):
+        super().__init__(args)
+        self.settings: TextTowerSettings | None = None
+        self.tokenizer = None
+
+    def freeze(self, model):
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ValueError(
+                f"The {self.name} stage trains LoRA adapters, but no parameter of the model requires grad: wrap the "
+                "LLM with `stage0.attach_lora` first."
+            )
+
+    def setup(self, model, device, processing_class=None):
+        if processing_class is None:
+            raise ValueError(f"The {self.name} stage tokenises with the LLM's tokenizer: pass it as processing_class.")
+        settings = TextTowerSettings.resolve(
+            self.args.text, defaults=STAGE0_TOWER_DEFAULTS, pooling=self.args.pooling,
+            bidirectional=self.args.bidirectional, prompt_template=self.args.prompt_template,
+            padding_side=self.args.padding_side, max_text_length=self.args.max_text_length,
+        )
+        settings.instruction_length, settings.text_suffix_length = configure_text_tokenizer(processing_class, settings)
+        self.settings, self.tokenizer = settings, processing_class
+
+    @staticmethod
+    def text_model(model: nn.Module) -> nn.Module:
+        """The transformers model inside a peft wrapper (its layers hold the LoRA): what `compute` calls, since the
+        wrapper's own `forward` is the stage's computation while it runs (`trainer.run_as_forward`)."""
+        return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class CaptionContrastiveStage(_TextTowerStage):
+    """Stage 0's contrastive phase (METHOD.md §9): both captions of each pair through the text tower (`embed_token_ids`,
+    the same path the ProCLIP model embeds with), symmetric InfoNCE with negatives from every rank
+    (`losses.ContrastiveLoss`, the two caption views in the roles of image and text) at a fixed temperature:
+    logits = cosine / `args.temperature`."""
+
+    name = "caption-contrastive"
+
+    def __init__(self, args):
+        super().__init__(args)
+        self.loss = ContrastiveLoss()
+        self.logit_scale = torch.tensor(math.log(1.0 / args.temperature))
+
+    def make_collator(self, processing_class, cache):
+        return CaptionPairCollator(self.tokenizer, self.args.caption_columns, self.settings.max_text_length, self.seed)
+
+    def compute(self, model, inputs):
+        inputs = self.equalise_ranks(inputs, inputs["input_ids"].device)
+        if batch_size_of(inputs) == 0:
+            return {"loss": zero_loss(model)}
+        text_model = self.text_model(model)
+        first = embed_token_ids(text_model, inputs["input_ids"], inputs["attention_mask"], self.settings).pooler_output
+        second = embed_token_ids(
+            text_model, inputs["pair_input_ids"], inputs["pair_attention_mask"], self.settings
+        ).pooler_output
+        return self.loss(first, second, self.logit_scale)
+
+
+class MaskedNextTokenStage(_TextTowerStage):
+    """Stage 0's optional MNTP phase: the causal LM's next-token loss on masked positions (`collators.mask_for_mntp`),
+    with the text tower's attention (bidirectional) and positions (`text_tower_kwargs`)."""
+
+    name = "masked-next-token"
+
+    def make_collator(self, processing_class, cache):
+        return MNTPCollator(
+            self.tokenizer, self.args.caption_columns, mntp_mask_token_id(self.tokenizer),
+            self.args.mntp_probability, self.settings.max_text_length, self.seed,
+        )
+
+    def compute(self, model, inputs):
+        inputs = self.equalise_ranks(inputs, inputs["input_ids"].device)
+        if batch_size_of(inputs) == 0:
+            return {"loss": zero_loss(model)}
+        text_model = self.text_model(model)
+        kwargs = text_tower_kwargs(text_model, inputs["attention_mask"], self.settings.bidirectional)
+        return {"loss": text_model(input_ids=inputs["input_ids"], labels=inputs["labels"], **kwargs).loss}
+
+
+STAGES: dict[str, type[TrainingStage]] = {
+    stage.name: stage for stage in (CaptionContrastiveStage, MaskedNextTokenStage, InheritanceStage, ContrastiveStage)
+}
 
 
 __all__ = [
+    "LOGIT_SCALE_MAX",
     "STAGES",
+    "CaptionContrastiveStage",
     "ContrastiveStage",
     "EMATeacher",
     "InheritanceStage",
+    "MaskedNextTokenStage",
     "TrainingStage",
     "load_clip_text_teacher",
-    "stage_name",
+    "zero_loss",
 ]

@@ -15,16 +15,18 @@ Training-loop semantics:
   checkpoint next to the optimizer state, and restored with it on `resume_from_checkpoint`; skip and cache counters
   travel in `proclip_counters.json` the same way.
 - The end of `train()` prints a report (samples skipped per reason, embedding-cache hits and misses, last loss
-  components) and writes it to `<output_dir>/training_report.json`.
+  components) and writes it to `<output_dir>/training_report.json`, beside the run's arguments
+  (`training_args.json`, what model cards read the recipe from).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import datasets
@@ -35,14 +37,16 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
-from .cache import EmbeddingCache, text_tower_identity
+from .arguments import ProCLIPTrainingArguments
+from .cache import EmbeddingCache
 from .data import SKIPPED_KEY, SkipCounter
-from .stages import ContrastiveStage, InheritanceStage, TrainingStage, stage_name
+from .stages import STAGES, TrainingStage
 
 logger = logging.get_logger(__name__)
 
 COUNTERS_FILE = "proclip_counters.json"
 REPORT_FILE = "training_report.json"
+ARGS_FILE = "training_args.json"
 CACHE_STATS_KEY = "cache_stats"
 
 
@@ -105,26 +109,24 @@ class _AfterOptimizerStep(TrainerCallback):
 
 
 class ProCLIPTrainer(Trainer):
-    """`Trainer` for one ProCLIP stage.
+    """`Trainer` for one ProCLIP stage: `STAGES[args.stage]`.
 
     Args:
-        model: a `ProCLIPModel` (stage 2: usually stage 1's output).
-        args: `TrainingArguments`; `remove_unused_columns` is forced to `False` (the collators read raw columns).
-        stage: `"inheritance"` / `1` or `"contrastive"` / `2`.
+        model: stages 1-2: a `ProCLIPModel` (stage 2: usually stage 1's output); stage 0: the LLM wrapped with LoRA
+            (`stage0.attach_lora`).
+        args: `ProCLIPTrainingArguments`: `stage` and every stage option. It is not modified: the trainer works on a
+            copy whose `remove_unused_columns` is `False` (the collators read raw columns).
         train_dataset: rows with caption column(s) (and an image column in stage 2), e.g. from
             `data.load_training_dataset`.
-        processing_class: the model's `ProCLIPProcessor`; it builds the default collator and is saved with the model.
-        data_collator: optional; by default the stage's collator from `data.py` (wrapped to read `embedding_cache`).
-        caption_columns, image_column, noise_caption_column: the dataset columns the default collator reads.
-        embedding_cache: an `EmbeddingCache` of this model's LLM embeddings (and the teacher's); it is validated here
-            and a cache made with another model is refused (`cache.StaleCacheError`).
-        teacher: stage 1's CLIP checkpoint (default: `model.config.vision_name_or_path`).
-        reduction, structure_form: of the alignment terms (both stages), see `losses`.
-        distill_weight, ema_momentum: stage 2's lambda and EMA momentum.
+        processing_class: stages 1-2: the model's `ProCLIPProcessor`; stage 0: the LLM's tokenizer (the stage writes
+            the text tower's settings into it). It builds the default collator and is saved with the model.
+        data_collator: optional; by default the stage's collator (`collators.py`, wrapped to read `embedding_cache`).
+        embedding_cache: stages 1-2: an `EmbeddingCache` of this model's LLM embeddings (and the teacher's); it is
+            validated here and a cache made with another model is refused (`cache.StaleCacheError`).
         **kwargs: the other `Trainer` arguments (`callbacks`, `eval_dataset`, `optimizers`, ...).
 
     Batches (what a custom collator must give): `captions` (list[str]); the LLM's `input_ids` / `attention_mask` or
-    cached `text_embeds` (with `text_embeds_found`); stage 1: the teacher's `teacher_input_ids` /
+    cached `llm_embeds` (with `llm_embeds_found`); stage 1: the teacher's `teacher_input_ids` /
     `teacher_attention_mask` or cached `teacher_embeds`, optionally the same with a `noise_` prefix; stage 2:
     `pixel_values`. An optional `skipped` dict counts samples the collator dropped.
     """
@@ -135,59 +137,33 @@ class ProCLIPTrainer(Trainer):
     def __init__(
         self,
         model: nn.Module,
-        args,
-        stage: str | int = "inheritance",
+        args: ProCLIPTrainingArguments,
         *,
         train_dataset=None,
         processing_class=None,
         data_collator=None,
-        caption_columns: str | Sequence[str] = ("caption",),
-        image_column: str = "image",
-        noise_caption_column: str | None = None,
         embedding_cache: EmbeddingCache | None = None,
-        teacher: str | None = None,
-        reduction: str = "sum",
-        structure_form: str = "upstream",
-        distill_weight: float = 1.0,
-        ema_momentum: float = 0.999,
         **kwargs,
     ):
-        name = stage_name(stage)
-        if name == "inheritance":
-            self.stage: TrainingStage = InheritanceStage(teacher, reduction, structure_form)
-        else:
-            self.stage = ContrastiveStage(distill_weight, ema_momentum, reduction, structure_form)
-        if args.remove_unused_columns:
-            logger.info("ProCLIPTrainer sets remove_unused_columns=False: its collators read the raw dataset columns.")
-            args.remove_unused_columns = False
-        if isinstance(train_dataset, (torch.utils.data.IterableDataset, datasets.IterableDataset)):
-            if args.accelerator_config.dispatch_batches is None:
-                # Batches hold caption strings, which accelerate cannot split between ranks: each rank reads its
-                # own share of the stream instead of receiving slices of the main process's batches.
-                args.accelerator_config.dispatch_batches = False
-        if args.ddp_find_unused_parameters is None:
-            # Every trainable parameter takes part in every stage's loss (an emptied batch uses `zero_loss`), so DDP
-            # can skip its per-step search for unused parameters.
-            args.ddp_find_unused_parameters = False
-
+        if not isinstance(args, ProCLIPTrainingArguments):
+            raise TypeError(
+                f"ProCLIPTrainer takes ProCLIPTrainingArguments (the stage and its options), not {type(args).__name__}."
+            )
+        if args.stage is None:
+            raise ValueError("ProCLIPTrainingArguments.stage is not set: choose 0, 1 or 2 (or a stage's name).")
+        args = _trainer_arguments(args, streaming=isinstance(
+            train_dataset, (torch.utils.data.IterableDataset, datasets.IterableDataset)
+        ))
+        self.stage: TrainingStage = STAGES[args.stage](args)
         self.stage.freeze(model)
-        self.stage.setup(model, args.device)
+        self.stage.setup(model, args.device, processing_class)
         self.embedding_cache = embedding_cache
         if embedding_cache is not None:
-            if processing_class is None:
-                raise ValueError("An embedding cache is checked against the model's tokenizer: pass processing_class.")
-            embedding_cache.validate(text_tower_identity(model, processing_class.tokenizer), self.stage.cache_identity())
+            self.stage.check_cache(model, processing_class, embedding_cache)
         if data_collator is None:
             if processing_class is None:
-                raise ValueError("ProCLIPTrainer needs processing_class (the ProCLIPProcessor) or a data_collator.")
-            data_collator = self.stage.make_collator(
-                processing_class,
-                caption_columns=caption_columns,
-                image_column=image_column,
-                noise_caption_column=noise_caption_column,
-                cache=embedding_cache,
-                seed=args.data_seed if args.data_seed is not None else args.seed,
-            )
+                raise ValueError("ProCLIPTrainer needs processing_class (the processor or tokenizer) or a data_collator.")
+            data_collator = self.stage.make_collator(processing_class, embedding_cache)
         super().__init__(
             model=model, args=args, train_dataset=train_dataset, data_collator=data_collator,
             processing_class=processing_class, **kwargs,
@@ -209,8 +185,6 @@ class ProCLIPTrainer(Trainer):
             self.skip_counter.update(skipped or {})
             self.cache_counter.update(cache_stats or {})
         unwrapped = self.accelerator.unwrap_model(model)
-        unwrapped.text_model.eval()  # the Trainer calls model.train() every step; the frozen LLM must not drop out
-
         with self.accelerator.autocast():
             outputs = run_as_forward(model, unwrapped, lambda: self.stage.compute(unwrapped, inputs))
         if model.training:
@@ -219,8 +193,8 @@ class ProCLIPTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def floating_point_ops(self, inputs) -> int:
-        # The Trainer's 6 * parameters * tokens estimate counts the frozen LLM as trained and cannot see cached
-        # embeddings: ProCLIP does not report FLOs.
+        # The Trainer's 6 * parameters * tokens estimate counts frozen weights (the LLM, LoRA's base) as trained and
+        # cannot see cached embeddings: ProCLIP does not report FLOs.
         return 0
 
     def get_decay_parameter_names(self, model) -> list[str]:
@@ -288,14 +262,13 @@ class ProCLIPTrainer(Trainer):
                 counters = json.load(f)
             self.skip_counter.update(counters.get("skipped", {}))
             self.cache_counter.update(counters.get("embedding_cache", {}))
-            if isinstance(self.stage, ContrastiveStage):
-                self.stage.rows_dropped_to_equalise_ranks += counters.get("rows_dropped_to_equalise_ranks", 0)
+            self.stage.rows_dropped_to_equalise_ranks += counters.get("rows_dropped_to_equalise_ranks", 0)
 
     def _gathered_counters(self) -> dict:
         counters = {
             "skipped": self.skip_counter.as_dict(),
             "embedding_cache": dict(self.cache_counter),
-            "rows_dropped_to_equalise_ranks": getattr(self.stage, "rows_dropped_to_equalise_ranks", 0),
+            "rows_dropped_to_equalise_ranks": self.stage.rows_dropped_to_equalise_ranks,
         }
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return counters
@@ -326,12 +299,31 @@ class ProCLIPTrainer(Trainer):
             os.makedirs(self.args.output_dir, exist_ok=True)
             with open(os.path.join(self.args.output_dir, REPORT_FILE), "w") as f:
                 json.dump(self.report, f, indent=2)
+            with open(os.path.join(self.args.output_dir, ARGS_FILE), "w") as f:  # the recipe, for model cards
+                f.write(self.args.to_json_string())
             print(f"ProCLIP {self.stage.name} stage: {self.report['skipped_summary']}", end="")
             cache = counters["embedding_cache"]
             if cache:
                 print(f"; embedding cache: {cache.get('llm_hits', 0)} hits, {cache.get('llm_misses', 0)} misses", end="")
             print(f" (report: {os.path.join(self.args.output_dir, REPORT_FILE)})")
         return output
+
+
+def _trainer_arguments(args: ProCLIPTrainingArguments, streaming: bool) -> ProCLIPTrainingArguments:
+    """A copy of `args` with what every stage's training loop needs (the caller's object stays as it was)."""
+    changes = {"remove_unused_columns": False}  # the collators read the raw dataset columns
+    if args.ddp_find_unused_parameters is None:
+        # Every trainable parameter takes part in every stage's loss (an emptied batch uses `zero_loss`), so DDP can
+        # skip its per-step search for unused parameters.
+        changes["ddp_find_unused_parameters"] = False
+    if args.activation_checkpointing and args.activation_checkpointing_kwargs is None:
+        # Non-reentrant recomputation: frozen embeddings need no gradient for the trainable layers above them.
+        changes["activation_checkpointing_kwargs"] = {"use_reentrant": False}
+    if streaming and args.accelerator_config.dispatch_batches is None:
+        # Batches hold caption strings, which accelerate cannot split between ranks: each rank reads its own share
+        # of the stream instead of receiving slices of the main process's batches.
+        changes["accelerator_config"] = dataclasses.replace(args.accelerator_config, dispatch_batches=False)
+    return dataclasses.replace(args, **changes)
 
 
 __all__ = ["ProCLIPTrainer", "run_as_forward"]
