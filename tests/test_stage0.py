@@ -21,7 +21,7 @@ import proclip_train.training.stage0 as stage0
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import smollm2_tokenizer
+from conftest import tiny_llm_tokenizer
 from proclip_train.cli import main
 from proclip_train.evaluation.tasks import caption_retrieval_accuracy_of
 from proclip_train.evaluation.text_towers import TextTower, load_text_tower
@@ -73,9 +73,9 @@ HELD_OUT = caption_pairs(48, seed=1)  # new filler draws: nothing here was seen 
 
 
 def build_tiny_causal_lm(out_dir):
-    """A random 2-layer LlamaForCausalLM (tied LM head) with SmolLM2's tokenizer: MNTP needs an LM head."""
+    """A random 2-layer LlamaForCausalLM (tied LM head) with the tiny LLM tokenizer: MNTP needs an LM head."""
     torch.manual_seed(0)
-    tokenizer = smollm2_tokenizer()
+    tokenizer = tiny_llm_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
@@ -175,7 +175,7 @@ def test_mntp_masking():
 
 def test_mntp_loss_predicts_each_masked_token_from_the_previous_position(tmp_path):
     lm = LlamaForCausalLM.from_pretrained(build_tiny_causal_lm(tmp_path / "causal")).eval()
-    input_ids = torch.randint(100, 1000, (2, 6), generator=torch.Generator().manual_seed(0))
+    input_ids = torch.randint(100, lm.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(0))
     labels = torch.full_like(input_ids, -100)
     labels[0, 2], labels[0, 5], labels[1, 1] = input_ids[0, 2], input_ids[0, 5], input_ids[1, 1]
     masked = torch.where(labels != -100, 7, input_ids)
