@@ -1,9 +1,8 @@
 """`proclip eval`: zero-shot classification and image-text retrieval of a saved ProCLIP model, and caption retrieval
-accuracy (CRA, LLM2CLIP's text-only protocol) of any text tower: an LLM, a ProCLIP or a CLIP folder (see stage0.py).
+accuracy (CRA, LLM2CLIP's text-only protocol) of any text tower: an LLM, a ProCLIP or a CLIP folder.
 
-Images are embedded once, each caption column once, through the model's own processor; the metrics are
-[`proclip_train.metrics`] (cosine similarity, pessimistic ties, similarities in chunks). Rows whose image
-cannot be read, whose captions are all empty, or whose label is missing are skipped and counted in the
+The tasks are `proclip_train.evaluation.tasks` (cosine similarity, pessimistic ties, similarities in chunks); rows
+whose image cannot be read, whose captions are all empty, or whose label is missing are skipped and counted in the
 results JSON, which also records the model, the data, the protocol and the command line.
 
 Data SPEC: anything `proclip train --data` reads, through the same loader: a local folder (an imagefolder: class
