@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 from proclip_train import cli
-from proclip_train.evaluation.tasks import load_eval_dataset
+from proclip_train.evaluation.tasks import default_split, load_eval_dataset
 from proclip_train.evaluation.templates import OPENAI_IMAGENET_TEMPLATES
 from proclip_train.training.data import decode_image
 
@@ -198,6 +198,13 @@ def test_csv_spec_resolves_image_paths_relative_to_the_file(tmp_path):
     assert decode_image(dataset[0]["path"]).size == (32, 32)
     with pytest.raises(ValueError, match="no split 'test'"):
         load_eval_dataset(str(data_dir / "pairs.csv"), split="test")
+
+
+def test_the_default_split_is_the_only_one_else_test(monkeypatch, retrieval_folder):
+    assert default_split(retrieval_folder[0]) == "train"  # a folder without split names holds one split
+    listed = {"someone/one": ["validation"], "someone/three": ["train", "validation", "test"]}
+    monkeypatch.setattr(datasets, "get_dataset_split_names", lambda path, config_name=None, **kwargs: listed[path])
+    assert (default_split("someone/one"), default_split("someone/three")) == ("validation", "test")
 
 
 def test_a_missing_column_is_a_user_error_with_exit_code_2(monkeypatch, tmp_path, tiny_proclip_dir, retrieval_folder, capsys):

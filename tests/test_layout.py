@@ -1,5 +1,7 @@
 """The shape of `train/` (installed as `proclip_train`), read with `ast` (nothing is imported):
 
+- every import of the package names one of its modules (the `evaluate` modules are loaded by path, so a stale name
+  there fails only when a metric loads);
 - imports point one way: no cycle among the package's modules (relative imports resolved);
 - imports sit at module level, except those of the optional dependencies (`OPTIONAL_DEPENDENCIES`);
 - no module is longer than `MAX_LINES` lines.
@@ -32,24 +34,28 @@ def module_name(path: Path) -> str:
 MODULES = {module_name(path): path for path in sorted(TRAIN.rglob("*.py"))}
 
 
-def imported_names(path: Path) -> set[str]:
-    """Every dotted name an `import` / `from ... import` of the file may load, relative imports made absolute
-    (`from .x import y` gives both `pkg.x` and `pkg.x.y`: `y` may be a submodule)."""
+def import_sources(path: Path) -> list[tuple[str, list[str]]]:
+    """`(module, imported names)` of each `import` / `from ... import` of the file, relative imports made absolute."""
     name = module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    names = set()
+    sources = []
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
+            sources += [(alias.name, []) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
                 source = ".".join(base + ([node.module] if node.module else []))
             else:
                 source = node.module
-            names.add(source)
-            names.update(f"{source}.{alias.name}" for alias in node.names)
-    return names
+            sources.append((source, [alias.name for alias in node.names]))
+    return sources
+
+
+def imported_names(path: Path) -> set[str]:
+    """Every dotted name an import of the file may load (`from .x import y` gives both `pkg.x` and `pkg.x.y`: `y`
+    may be a submodule)."""
+    return {full for source, names in import_sources(path) for full in [source, *(f"{source}.{n}" for n in names)]}
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -122,6 +128,12 @@ def test_the_graph_holds_relative_imports_and_the_cycle_finder_finds_cycles():
     assert "proclip_train.demo.languages" in graph["proclip_train.demo.world"]  # `from .languages import`
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a", "d"}, "d": set()}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_every_import_of_the_package_names_one_of_its_modules():
+    stale = [f"{_relative(path)}: {source}" for path in MODULES.values() for source, _ in import_sources(path)
+             if source.partition(".")[0] == PACKAGE and source not in MODULES]  # fmt: skip
+    assert stale == []
 
 
 def test_no_import_cycle_between_modules():

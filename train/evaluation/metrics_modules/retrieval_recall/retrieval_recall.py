@@ -3,17 +3,17 @@
 Load it by local path (no Hub access needed):
 
     import evaluate
-    from proclip_train.metrics import evaluate_module_path
+    from proclip_train.evaluation.metrics import evaluate_module_path
     recall = evaluate.load(evaluate_module_path("retrieval_recall"))
 
-The computation is proclip_train.metrics (one implementation); this file only adapts it to evaluate's
+The computation is proclip_train.evaluation.metrics (one implementation); this file only adapts it to evaluate's
 add_batch / compute interface.
 """
 
 import datasets
 import evaluate
 import torch
-from proclip_train.metrics import best_positive_ranks, recall_at_k
+from proclip_train.evaluation.metrics import best_positive_ranks, recall_at_k
 
 _DESCRIPTION = """
 Recall@K for retrieval: the fraction of queries whose best-scoring correct gallery item is among the

@@ -3,17 +3,17 @@
 Load it by local path (no Hub access needed):
 
     import evaluate
-    from proclip_train.metrics import evaluate_module_path
+    from proclip_train.evaluation.metrics import evaluate_module_path
     accuracy = evaluate.load(evaluate_module_path("zeroshot_accuracy"))
 
-The computation is proclip_train.metrics (one implementation); this file only adapts it to evaluate's
+The computation is proclip_train.evaluation.metrics (one implementation); this file only adapts it to evaluate's
 add_batch / compute interface.
 """
 
 import datasets
 import evaluate
 import torch
-from proclip_train.metrics import (
+from proclip_train.evaluation.metrics import (
     best_positive_ranks,
     classification_accuracy_from_ranks,
 )
