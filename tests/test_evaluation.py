@@ -3,16 +3,20 @@
 The independent side calls only the model, its processor and plain Python: no `proclip_train.evaluation.metrics`.
 """
 
+import io
 import json
 import shlex
 import sys
+import tarfile
 
+import datasets
 import pytest
 import torch
 from PIL import Image
 from proclip_train import cli
-from proclip_train.evaluation.tasks import _open_image, load_eval_dataset
+from proclip_train.evaluation.tasks import default_split, load_eval_dataset
 from proclip_train.evaluation.templates import OPENAI_IMAGENET_TEMPLATES
+from proclip_train.training.data import decode_image
 
 from modeling_proclip import ProCLIPModel, ProCLIPProcessor
 
@@ -189,8 +193,104 @@ def test_csv_spec_resolves_image_paths_relative_to_the_file(tmp_path):
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     (data_dir / "pairs.csv").write_text("path,text\n../images/a.png,a red square\n")
-    dataset, split, base_dir = load_eval_dataset(str(data_dir / "pairs.csv"))
-    assert (split, base_dir, dataset["text"]) == ("train", data_dir, ["a red square"])
-    assert _open_image(dataset["path"][0], base_dir).size == (32, 32)
+    dataset, split, num_rows = load_eval_dataset(str(data_dir / "pairs.csv"), image_column="path")
+    assert (split, num_rows, dataset["text"]) == ("train", 1, ["a red square"])
+    assert decode_image(dataset[0]["path"]).size == (32, 32)
     with pytest.raises(ValueError, match="no split 'test'"):
         load_eval_dataset(str(data_dir / "pairs.csv"), split="test")
+
+
+def test_the_default_split_is_the_only_one_else_test(monkeypatch, retrieval_folder):
+    assert default_split(retrieval_folder[0]) == "train"  # a folder without split names holds one split
+    listed = {"someone/one": ["validation"], "someone/three": ["train", "validation", "test"]}
+    monkeypatch.setattr(datasets, "get_dataset_split_names", lambda path, config_name=None, **kwargs: listed[path])
+    assert (default_split("someone/one"), default_split("someone/three")) == ("validation", "test")
+
+
+def test_a_missing_column_is_a_user_error_with_exit_code_2(monkeypatch, tmp_path, tiny_proclip_dir, retrieval_folder, capsys):
+    folder, _ = retrieval_folder
+    with pytest.raises(SystemExit) as exit_info:
+        _run_cli(monkeypatch, ["eval", "--model", str(tiny_proclip_dir), "--task", "retrieval", "--data", str(folder),
+                               "--caption-column", "captoin", "--out", str(tmp_path / "r.json")])
+    assert exit_info.value.code == 2
+    assert "caption column 'captoin' not found" in capsys.readouterr().err
+
+
+# -- every layout `proclip train --data` reads ---------------------------------------------------------------------
+
+
+def _metadata(folder):
+    return [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+
+
+def _jsonl_glob(tmp_path, folder):
+    """The rows split over two jsonl files in two folders, image paths relative to each file's folder."""
+    for part, rows in (("a", _metadata(folder)[:4]), ("b", _metadata(folder)[4:])):
+        (tmp_path / "parts" / part).mkdir(parents=True)
+        lines = [json.dumps({"image": f"../../{folder.name}/{row['file_name']}", "caption": row["caption"],
+                             "long": row["long"]}) for row in rows]  # fmt: skip
+        (tmp_path / "parts" / part / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    return str(tmp_path / "parts" / "*" / "*.jsonl"), ["--image-column", "image"]
+
+
+def _parquet(tmp_path, folder):
+    """One parquet file holding the image bytes in an `Image` column, as Hub datasets store them."""
+    rows = _metadata(folder)
+    table = {"image": [{"bytes": (folder / row["file_name"]).read_bytes(), "path": None} for row in rows],
+             "caption": [row["caption"] for row in rows], "long": [row["long"] for row in rows]}  # fmt: skip
+    features = datasets.Features(
+        {"image": datasets.Image(), "caption": datasets.Sequence(datasets.Value("string")), "long": datasets.Value("string")}
+    )
+    datasets.Dataset.from_dict(table, features=features).to_parquet(str(tmp_path / "pairs.parquet"))
+    return str(tmp_path / "pairs.parquet"), ["--image-column", "image"]
+
+
+def _webdataset(tmp_path, folder):
+    """Two webdataset shards: `KEY.png` and `KEY.txt` (the long caption) per row; the list column has no member."""
+    rows = _metadata(folder)
+    (tmp_path / "shards").mkdir()
+    for shard, chunk in enumerate((rows[:3], rows[3:])):
+        with tarfile.open(tmp_path / "shards" / f"shard-{shard}.tar", "w") as tar:
+            for row in chunk:
+                key = row["file_name"].removesuffix(".png")
+                for suffix, payload in (("png", (folder / row["file_name"]).read_bytes()), ("txt", row["long"].encode())):
+                    info = tarfile.TarInfo(f"{key}.{suffix}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    return str(tmp_path / "shards" / "*.tar"), ["--image-column", "png"]
+
+
+@pytest.mark.parametrize("layout", [_jsonl_glob, _parquet, _webdataset], ids=["jsonl-glob", "parquet", "webdataset"])
+def test_eval_reads_what_training_reads_with_the_same_results(monkeypatch, tmp_path, tiny_proclip_dir, retrieval_folder, layout):
+    """The same rows as a glob of jsonl files, a parquet file with image bytes, or webdataset shards score exactly as
+    the imagefolder does (which `test_eval_retrieval_matches_an_independent_computation` checks by hand)."""
+    folder, _ = retrieval_folder
+    spec, image_args = layout(tmp_path, folder)
+    columns = [("long", "txt")] if layout is _webdataset else [("caption", "caption"), ("long", "long")]
+    results = {}
+    for name, data, args in (("folder", str(folder), []), ("layout", spec, image_args)):
+        out = tmp_path / f"{name}.json"
+        caption_args = [word for folder_column, layout_column in columns
+                        for word in ("--caption-column", layout_column if name == "layout" else folder_column)]  # fmt: skip
+        _run_cli(monkeypatch, ["eval", "--model", str(tiny_proclip_dir), "--task", "retrieval", "--data", data,
+                               *args, *caption_args, "--out", str(out), "--batch-size", "3"])  # fmt: skip
+        results[name] = json.loads(out.read_text())
+    folder_results, layout_results = results["folder"], results["layout"]
+    assert layout_results["data"]["split"] == "train" and layout_results["data"]["num_rows"] == 8
+    assert layout_results["data"]["skipped_rows"] == folder_results["data"]["skipped_rows"]
+    for folder_column, layout_column in columns:
+        assert layout_results["metrics"][layout_column] == pytest.approx(folder_results["metrics"][folder_column])
+
+
+def test_streaming_eval_reads_only_the_rows_it_scores(monkeypatch, tmp_path, tiny_proclip_dir, retrieval_folder):
+    folder, _ = retrieval_folder
+    spec, image_args = _webdataset(tmp_path, folder)
+    dataset, split, num_rows = load_eval_dataset(spec, streaming=True, max_samples=4, image_column="png",
+                                                 caption_columns=["txt"])  # fmt: skip
+    assert isinstance(dataset, datasets.Dataset) and (len(dataset), split, num_rows) == (4, "train", None)
+    assert dataset.features["png"] == datasets.Image(decode=False)
+    out = tmp_path / "streamed.json"
+    _run_cli(monkeypatch, ["eval", "--model", str(tiny_proclip_dir), "--task", "retrieval", "--data", spec, *image_args,
+                           "--caption-column", "txt", "--streaming", "--max-samples", "4", "--out", str(out)])  # fmt: skip
+    data = json.loads(out.read_text())["data"]
+    assert (data["num_rows"], data["num_rows_evaluated"]) == (None, 4)

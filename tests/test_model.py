@@ -7,7 +7,14 @@ import logging
 
 import pytest
 import torch
-from conftest import build_tiny_clip, build_tiny_llm, minilm_folder
+from conftest import (
+    LLM_BOS,
+    LLM_EOS,
+    build_tiny_clip,
+    build_tiny_llm,
+    minilm_folder,
+    tiny_llm_tokenizer,
+)
 from isolation import run_without_project
 from PIL import Image
 from transformers import AutoModel, AutoTokenizer, CLIPModel
@@ -111,6 +118,21 @@ def test_truncation_keeps_the_suffix_for_either_padding_side():
 # -- text tower: attention, one text path ---------------------------------------------------------------------------
 
 
+def test_tiny_llm_tokenizer_is_deterministic_and_llm_like(tiny_llm_dir):
+    """The tiny towers' tokenizer stands in for a real LLM's: same bytes each build, exact decoding, BOS/EOS around
+    every text, right padding with EOS."""
+    assert tiny_llm_tokenizer().backend_tokenizer.to_str() == tiny_llm_tokenizer().backend_tokenizer.to_str()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llm_dir)
+    text = "<|im_start|>user\nA Red circle,  twice<|im_end|>"
+    ids = tokenizer(text)["input_ids"]
+    assert tokenizer.convert_ids_to_tokens([ids[0], ids[-1]]) == [LLM_BOS, LLM_EOS]
+    assert tokenizer.decode(ids, skip_special_tokens=True) == text
+    assert len(tokenizer("a red circle")["input_ids"]) == 2 + 3  # learnt words: one token each
+    batch = tokenizer(["a dog", "a red circle"], padding=True)
+    assert batch["input_ids"][0][-1] == tokenizer.pad_token_id == tokenizer.eos_token_id
+    assert batch["attention_mask"][0] == [1, 1, 1, 1, 0]
+
+
 def test_bidirectional_changes_a_decoder_and_causal_equals_the_plain_llm(tiny_clip_dir, tiny_llm_dir):
     causal = ProCLIPModel.from_towers(vision=tiny_clip_dir, text=tiny_llm_dir, pooling="mean", adapter_expansion=1)
     bidirectional = ProCLIPModel.from_towers(
@@ -193,11 +215,13 @@ def test_prompt_template_and_instruction_live_in_the_saved_tokenizer(tmp_path, t
     processor.save_pretrained(tmp_path)
     reloaded = AutoTokenizer.from_pretrained(tmp_path)
     ids = reloaded("a red circle")["input_ids"]
-    text = reloaded.decode(ids)
-    assert text.startswith("<|im_start|>user\nRetrieve the image: ") and text.endswith("a red circle<|im_end|>")
+    assert (ids[0], ids[-1]) == (reloaded.bos_token_id, reloaded.eos_token_id)  # the tokenizer's own BOS and EOS stay
+    text = reloaded.decode(ids, skip_special_tokens=True)
+    assert text == "<|im_start|>user\nRetrieve the image: a red circle<|im_end|>"
     prefix = len(reloaded("<|im_start|>user\nRetrieve the image: ", add_special_tokens=False)["input_ids"])
-    assert model.config.instruction_length == prefix
-    assert model.config.text_suffix_length == len(reloaded("<|im_end|>", add_special_tokens=False)["input_ids"])
+    assert model.config.instruction_length == 1 + prefix  # BOS, the template's head and the instruction
+    suffix = len(reloaded("<|im_end|>", add_special_tokens=False)["input_ids"])
+    assert model.config.text_suffix_length == suffix + 1  # the template's tail and EOS, kept by truncation
 
 
 # -- vision parity, round trip --------------------------------------------------------------------------------------
@@ -312,6 +336,7 @@ def test_endpoint_handler_scores_a_base64_png(tiny_proclip_dir, model, processor
 # -- presets --------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.real_weights
 def test_sentence_transformers_folder_gets_its_own_pooling():
     folder = minilm_folder()
     assert text_tower_preset(folder)["pooling"] == "mean"
@@ -415,6 +440,7 @@ def test_real_minilm_text_tower_exports_and_reloads(tmp_path, tiny_clip_dir):
 
 
 @pytest.mark.real_weights
+@pytest.mark.usefixtures("smollm2_package")
 def test_real_smollm2_text_tower_exports_and_reloads(tmp_path):
     from proclip_train.demo.assets import smollm2_dir
 

@@ -9,16 +9,21 @@ import shutil
 from types import SimpleNamespace
 
 import pytest
+import torch
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
+from PIL import Image
 from proclip_train import cli
 from proclip_train.hub.card import write_model_card
 from proclip_train.hub.push import (
     FolderNotReady,
     RemoteCodeError,
+    check_remote_code_loads,
     files_to_upload,
     push_folder,
     run_python_without_project,
 )
+
+from modeling_proclip import ProCLIPModel, ProCLIPProcessor
 
 REPO_ID = "my-org/proclip-tiny"
 # Written out here rather than imported: what a folder needs to work from the Hub.
@@ -64,10 +69,27 @@ def test_dry_run_lists_every_required_file(pushable, capsys):
     for name in REQUIRED:
         assert name in listed, name
         assert listed[name].endswith("[required]")
-    size = (pushable / "model.safetensors").stat().st_size / 2**20
-    assert f"{size:.1f} MB  model.safetensors" in listed["model.safetensors"]
+    amount, unit = listed["model.safetensors"].split()[:2]  # e.g. "253.2 KB": read back, it is the file's size
+    scale = {"B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30}[unit]
+    assert float(amount) * scale == pytest.approx((pushable / "model.safetensors").stat().st_size, abs=0.05 * scale)
     assert not any(name.startswith(("checkpoint-10", "__pycache__")) or name == "training_args.bin" for name in listed)
     assert "checks passed" in out
+
+
+def test_remote_code_check_can_run_the_zero_shot_pipeline_too(pushable, tmp_path):
+    """One isolated process loads the folder, runs a forward pass, then the pipeline, whose scores are the softmax of
+    the installed model's own logits."""
+    image_path = tmp_path / "red.png"
+    Image.new("RGB", (40, 36), (200, 30, 30)).save(image_path)
+    labels = ["red circle", "blue square", "green triangle"]
+    outcome = check_remote_code_loads(pushable, pipeline_image=image_path, candidate_labels=labels)
+    assert outcome["model"] == "ProCLIPModel" and outcome["model_module"].startswith("transformers_modules.")
+    model, processor = ProCLIPModel.from_pretrained(pushable).eval(), ProCLIPProcessor.from_pretrained(pushable)
+    batch = processor(images=Image.open(image_path), text=[f"a photo of a {label}." for label in labels])
+    with torch.inference_mode():
+        probabilities = dict(zip(labels, model(**batch).logits_per_image.softmax(-1)[0].tolist()))
+    scores = {entry["label"]: entry["score"] for entry in outcome["pipeline"]}
+    assert scores == pytest.approx(probabilities, abs=1e-5)
 
 
 def test_push_refuses_a_folder_whose_remote_code_does_not_load(pushable, tmp_path, capsys):

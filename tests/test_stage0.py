@@ -21,9 +21,9 @@ import proclip_train.training.stage0 as stage0
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import smollm2_tokenizer
+from conftest import tiny_llm_tokenizer
 from proclip_train.cli import main
-from proclip_train.evaluation.tasks import caption_retrieval_accuracy_of
+from proclip_train.evaluation.tasks import text_tower_caption_retrieval_accuracy
 from proclip_train.evaluation.text_towers import TextTower, load_text_tower
 from proclip_train.training.arguments import ProCLIPTrainingArguments
 from proclip_train.training.collators import CaptionPairCollator, mask_for_mntp
@@ -81,9 +81,9 @@ HELD_OUT = caption_pairs(48, seed=1)  # new filler draws: nothing here was seen 
 
 
 def build_tiny_causal_lm(out_dir):
-    """A random 2-layer LlamaForCausalLM (tied LM head) with SmolLM2's tokenizer: MNTP needs an LM head."""
+    """A random 2-layer LlamaForCausalLM (tied LM head) with the tiny LLM tokenizer: MNTP needs an LM head."""
     torch.manual_seed(0)
-    tokenizer = smollm2_tokenizer()
+    tokenizer = tiny_llm_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
@@ -115,7 +115,7 @@ def test_cra_runner_equals_hand_computation(tiny_llm_dir, bidirectional):
     similarity = first @ second.T
     hits = [bool((similarity[i, i] > torch.cat([similarity[i, :i], similarity[i, i + 1 :]])).all()) for i in range(16)]
 
-    cra = caption_retrieval_accuracy_of(
+    cra = text_tower_caption_retrieval_accuracy(
         tiny_llm_dir, [a for a, _ in pairs], [b for _, b in pairs], batch_size=5, bidirectional=bidirectional, device="cpu"
     )
     assert cra == pytest.approx(sum(hits) / 16)
@@ -189,7 +189,7 @@ def test_mntp_loss_predicts_each_masked_token_from_the_previous_position(tmp_pat
     )
     stage.setup(lm, torch.device("cpu"), AutoTokenizer.from_pretrained(causal))
     assert stage.settings.bidirectional  # stage 0's default: LLM2Vec's bidirectional attention
-    input_ids = torch.randint(100, 1000, (2, 6), generator=torch.Generator().manual_seed(0))
+    input_ids = torch.randint(100, lm.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(0))
     labels = torch.full_like(input_ids, -100)
     labels[0, 2], labels[0, 5], labels[1, 1] = input_ids[0, 2], input_ids[0, 5], input_ids[1, 1]
     masked = torch.where(labels != -100, 7, input_ids)
@@ -249,9 +249,9 @@ def stage0_run(tmp_path_factory, tiny_llm_dir):
 
 def test_stage0_raises_held_out_cra_over_the_raw_model(stage0_run, tiny_llm_dir):
     first, second = [a for a, _ in HELD_OUT], [b for _, b in HELD_OUT]
-    raw = caption_retrieval_accuracy_of(tiny_llm_dir, first, second, device="cpu")  # as from_towers would run it
-    raw_bidirectional = caption_retrieval_accuracy_of(tiny_llm_dir, first, second, device="cpu", bidirectional=True)
-    tuned = caption_retrieval_accuracy_of(stage0_run["out"], first, second, device="cpu")
+    raw = text_tower_caption_retrieval_accuracy(tiny_llm_dir, first, second, device="cpu")  # as from_towers would run it
+    raw_bidirectional = text_tower_caption_retrieval_accuracy(tiny_llm_dir, first, second, device="cpu", bidirectional=True)
+    tuned = text_tower_caption_retrieval_accuracy(stage0_run["out"], first, second, device="cpu")
     assert tuned >= 0.7
     assert tuned >= max(raw, raw_bidirectional) + 0.4
 
@@ -340,7 +340,7 @@ def test_train_stage0_and_eval_caption_retrieval_commands(tmp_path, tiny_llm_dir
               "--caption-column", "caption_a", "--caption-column", "caption_b", "--out", str(results_file),
               "--device", "cpu"])
         results = json.loads(results_file.read_text())
-        expected = caption_retrieval_accuracy_of(tower, [a for a, _ in HELD_OUT], [b for _, b in HELD_OUT], device="cpu")
+        expected = text_tower_caption_retrieval_accuracy(tower, [a for a, _ in HELD_OUT], [b for _, b in HELD_OUT], device="cpu")
         assert results["metrics"] == {"num_images": 48, "caption_retrieval_accuracy": expected}
         assert results["protocol"]["text_tower"]["bidirectional"] is (tower == out)
         assert results["data"]["skipped_rows"] == {"too_few_captions": 0}

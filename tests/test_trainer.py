@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 from proclip_train.training.arguments import ProCLIPTrainingArguments, canonical_stage
 from proclip_train.training.collators import ContrastiveCollator
-from proclip_train.training.data import CLIPImageTransform, load_training_dataset
+from proclip_train.training.data import CLIPImageTransform, load_image_text_dataset
 from proclip_train.training.losses import InheritanceLoss
 from proclip_train.training.stages import LOGIT_SCALE_MAX, ContrastiveStage
 from proclip_train.training.trainer import ProCLIPTrainer
@@ -313,7 +313,7 @@ def test_corrupt_image_and_empty_caption_train_to_the_end_and_are_reported(tmp_p
     metadata.append({"file_name": "uncaptioned.png", "caption": "   "})
     (folder / "metadata.jsonl").write_text("\n".join(json.dumps(m) for m in metadata))
 
-    dataset = load_training_dataset(folder, image_column="image", caption_columns="caption")
+    dataset = load_image_text_dataset(folder, image_column="image", caption_columns="caption")
     assert len(dataset) == 9
     trainer = ProCLIPTrainer(
         load_model(), training_args(tmp_path, stage=2, per_device_train_batch_size=3, max_steps=-1, num_train_epochs=1),

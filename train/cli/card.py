@@ -1,18 +1,11 @@
-"""`proclip card`: write a saved ProCLIP folder's README.md, a Hub model card with its results.
-
-What goes in, in the order the card is built:
-  results files (`proclip eval --out r.json`)  -> `Evaluation`s -> `model-index` (EvalResult) + tables + a PNG
-  the folder's config.json and weights header  -> towers, adapter, parameter counts, `base_model`
-  the training run's JSON records (TRAINING_FILES) -> the recipe
-  a Jinja template (`model_cards/proclip.md`)    -> README.md, rendered as `ModelCard.from_template` renders
-
-The metadata block is huggingface_hub's `ModelCardData` (`model-index` from `EvalResult`s), so it parses back
-with `ModelCard.load`.
+"""`proclip card`: write a saved ProCLIP folder's README.md, a Hub model card with its results (the command
+line of `hub/card.py`, whose docstring is the `--help` description).
 """
 
 import argparse
 from pathlib import Path
 
+from ..hub import card as hub_card
 from ..hub.card import (
     DEFAULT_LICENSE,
     DEFAULT_TAGS,
@@ -54,7 +47,7 @@ def add_card_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "card",
         help="write a saved ProCLIP folder's README.md: a Hub model card with its evaluation results",
-        description=__doc__,
+        description=hub_card.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", required=True, help="the saved ProCLIP folder")

@@ -1,12 +1,5 @@
-"""`proclip convert`: upstream ProCLIP / LLM2CLIP checkpoints (open_clip-style state dicts) into this package's format.
-
-Upstream checkpoints hold an open_clip OpenAI ViT (`visual.*`), the text adapter (`text.text_adaptor.*`, upstream's
-`TextProj`) and `logit_scale`; the LLM itself is not in them and comes from `--text`. Every size is read from tensor
-shapes (METHOD.md §8); anything that cannot be mapped faithfully onto transformers' `CLIPVisionModel` and
-`ProCLIPAdapter` is refused with the keys at fault, never dropped or guessed.
-
-    proclip convert --checkpoint proclip_l14_336.pt --text microsoft/LLM2CLIP-Llama-3-8B-Instruct-CC-Finetuned \
-        --out proclip-l14-336 --dtype bfloat16
+"""`proclip convert`: upstream ProCLIP / LLM2CLIP checkpoints into this package's format (the command line of
+`hub/convert.py`).
 """
 
 import argparse

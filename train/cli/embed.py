@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 from modeling_proclip import ProCLIPModel, ProCLIPProcessor
 
 from ..training.cache import build_embedding_cache, default_cache_dir
-from ..training.data import iter_captions, load_training_dataset
+from ..training.data import iter_captions, load_image_text_dataset
 from ..training.stages import load_clip_text_teacher
 
 EMBED_DESCRIPTION = "Store the frozen LLM's pooled caption embeddings (and the stage-1 teacher's) for training."
@@ -45,7 +45,7 @@ def embed_command(args) -> None:
             raise SystemExit("The model's config names no CLIP checkpoint: give --teacher, or --no-teacher.")
         teacher = load_clip_text_teacher(teacher_name).to(device)
         teacher_tokenizer = AutoTokenizer.from_pretrained(teacher_name)
-    dataset = load_training_dataset(
+    dataset = load_image_text_dataset(
         args.data, split=args.split, caption_columns=args.caption_column or ["caption"],
         noise_caption_column=args.noise_caption_column,
     )

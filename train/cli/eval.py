@@ -1,19 +1,21 @@
 """`proclip eval`: zero-shot classification and image-text retrieval of a saved ProCLIP model, and caption retrieval
-accuracy (CRA, LLM2CLIP's text-only protocol) of any text tower: an LLM, a ProCLIP or a CLIP folder (see stage0.py).
+accuracy (CRA, LLM2CLIP's text-only protocol) of any text tower: an LLM, a ProCLIP or a CLIP folder.
 
-Images are embedded once, each caption column once, through the model's own processor; the metrics are
-[`proclip_train.metrics`] (cosine similarity, pessimistic ties, similarities in chunks). Rows whose image
-cannot be read, whose captions are all empty, or whose label is missing are skipped and counted in the
+The tasks are `proclip_train.evaluation.tasks` (cosine similarity, pessimistic ties, similarities in chunks); rows
+whose image cannot be read, whose captions are all empty, or whose label is missing are skipped and counted in the
 results JSON, which also records the model, the data, the protocol and the command line.
 
-Data SPEC: a local folder (loaded as `imagefolder`: class subfolders give a `label` column, a
-`metadata.jsonl`/`metadata.csv` gives caption columns), a `.csv`/`.jsonl`/`.json`/`.parquet` file whose
-image column holds paths relative to the file, or a Hub dataset `name[:config]`.
+Data SPEC: anything `proclip train --data` reads, through the same loader: a local folder (an imagefolder: class
+subfolders give a `label` column, a `metadata.jsonl`/`metadata.csv` gives caption columns; or a folder of data
+files), a file or glob of `.csv`/`.jsonl`/`.json`/`.parquet`/`.arrow` files (image paths relative to the file that
+lists them) or of webdataset `.tar` shards (columns are the file suffixes: `--image-column jpg --caption-column txt`),
+or a Hub dataset `name[:config]`; `--streaming` reads only the rows it evaluates.
 """
 
 import argparse
 import datetime
 import json
+import os
 import shlex
 import sys
 from importlib import metadata
@@ -32,6 +34,7 @@ from ..evaluation.tasks import (
 )
 from ..evaluation.templates import OPENAI_IMAGENET_TEMPLATES, load_templates
 from ..evaluation.text_towers import load_text_tower
+from ..training.data import DataSpec
 
 
 def _version(package: str) -> str | None:
@@ -44,22 +47,27 @@ def _version(package: str) -> str | None:
 def run_eval(args: argparse.Namespace) -> dict:
     """Run `proclip eval` from parsed arguments; write and return the results."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dataset, split, base_dir = load_eval_dataset(args.data, args.split)
-    num_rows = len(dataset)
-    if args.max_samples is not None:
-        dataset = dataset.select(range(min(args.max_samples, len(dataset))))
+    caption_columns = args.caption_column or ["caption"]
+    columns = {
+        "zeroshot": dict(image_column=args.image_column, label_column=args.label_column),
+        "retrieval": dict(image_column=args.image_column, caption_columns=caption_columns),
+        "caption-retrieval": dict(caption_columns=caption_columns),
+    }[args.task]
+    try:
+        dataset, split, num_rows = load_eval_dataset(args.data, args.split, args.streaming, args.max_samples, **columns)
+    except (FileNotFoundError, ValueError) as error:  # a wrong path, format, split or column: the user's to fix
+        print(f"proclip eval: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from error
 
-    common = dict(base_dir=base_dir, batch_size=args.batch_size, chunk_size=args.chunk_size, bf16=args.bf16)
+    common = dict(batch_size=args.batch_size, chunk_size=args.chunk_size, bf16=args.bf16)
     if args.task == "caption-retrieval":  # text only, any text tower
         tower = load_text_tower(args.model, device=device)
-        outcome = evaluate_caption_retrieval(tower, dataset, args.caption_column or ["caption"], args.batch_size, args.bf16)
+        outcome = evaluate_caption_retrieval(tower, dataset, caption_columns, args.batch_size, args.bf16)
         return _write_results(args, outcome, split, num_rows, dataset, device)
     processor = ProCLIPProcessor.from_pretrained(args.model)
     model = ProCLIPModel.from_pretrained(args.model).to(device).eval()
     if args.task == "retrieval":
-        outcome = evaluate_retrieval(
-            model, processor, dataset, args.image_column, args.caption_column or ["caption"], **common
-        )
+        outcome = evaluate_retrieval(model, processor, dataset, args.image_column, caption_columns, **common)
     else:
         templates = load_templates(args.templates) if args.templates else OPENAI_IMAGENET_TEMPLATES
         outcome = evaluate_zeroshot(model, processor, dataset, args.image_column, args.label_column, templates, **common)
@@ -67,13 +75,16 @@ def run_eval(args: argparse.Namespace) -> dict:
     return _write_results(args, outcome, split, num_rows, dataset, device)
 
 
-def _write_results(args: argparse.Namespace, outcome: dict, split: str, num_rows: int, dataset, device) -> dict:
+def _write_results(
+    args: argparse.Namespace, outcome: dict, split: str, num_rows: int | None, dataset, device
+) -> dict:
     model_path = Path(args.model)
+    local_data = os.path.exists(args.data) or DataSpec.parse(args.data).kind == "files"
     results = {
         "task": args.task,
         "model": str(model_path.resolve()) if model_path.exists() else args.model,
         "data": {
-            "spec": str(Path(args.data).resolve()) if Path(args.data).exists() else args.data,
+            "spec": os.path.abspath(args.data) if local_data else args.data,
             "split": split,
             "num_rows": num_rows,
             "num_rows_evaluated": len(dataset),
@@ -116,8 +127,11 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="a saved ProCLIP folder (model and processor); caption-retrieval: "
                         "any text tower (an LLM or encoder folder, a stage-0 output, a ProCLIP or a CLIP folder)")
     parser.add_argument("--task", required=True, choices=("zeroshot", "retrieval", "caption-retrieval"))
-    parser.add_argument("--data", required=True, metavar="SPEC", help="folder, .csv/.jsonl/.json/.parquet file, or name[:config]")
+    parser.add_argument("--data", required=True, metavar="SPEC", help="what `proclip train --data` reads: a folder, a "
+                        "file or glob (.csv/.jsonl/.json/.parquet/.arrow, webdataset .tar), or a Hub name[:config]")
     parser.add_argument("--split", help="dataset split (default: the only split, else 'test')")
+    parser.add_argument("--streaming", action="store_true",
+                        help="read the split as a stream, only as far as --max-samples rows (all without it)")
     parser.add_argument("--image-column", default="image")
     parser.add_argument(
         "--caption-column", action="append",

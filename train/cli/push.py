@@ -1,18 +1,12 @@
-"""`proclip push`: upload a saved ProCLIP folder and its model card to the Hugging Face Hub.
-
-Nothing is uploaded (and `--dry-run` fails) unless the folder passes three checks, in this order:
-  1. files: config, weights, the remote-code files, processor and tokenizer files, README.md;
-  2. card: README.md has a metadata block and is not the Trainer's auto-generated card;
-  3. remote code: in a fresh Python where this project cannot be imported, `AutoModel` and `AutoProcessor` load
-     the folder with `trust_remote_code=True` and run one forward pass on a dummy image and caption.
-The upload is `HfApi.create_repo` + `HfApi.upload_folder` of the folder as it is: README.md goes up unchanged
-(`Trainer.push_to_hub` would write its own card over it).
+"""`proclip push`: check a saved ProCLIP folder and upload it with its model card to the Hugging Face Hub (the
+command line of `hub/push.py`, whose docstring is the `--help` description).
 """
 
 import argparse
 import sys
 from pathlib import Path
 
+from ..hub import push as hub_push
 from ..hub.push import FolderNotReady, human_size, push_folder, required_files
 
 
@@ -44,7 +38,7 @@ def add_push_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "push",
         help="check a saved ProCLIP folder and upload it, model card included, to the Hugging Face Hub",
-        description=__doc__,
+        description=hub_push.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", required=True, help="the saved ProCLIP folder (with README.md from `proclip card`)")

@@ -27,7 +27,7 @@ from modeling_proclip import ProCLIPModel, ProCLIPProcessor
 
 from ..training.arguments import ProCLIPTrainingArguments
 from ..training.cache import EmbeddingCache, default_cache_dir, shard_paths
-from ..training.data import load_training_dataset
+from ..training.data import load_image_text_dataset
 from ..training.stage0 import train_stage0
 from ..training.trainer import ProCLIPTrainer
 
@@ -104,7 +104,7 @@ def run_train(args: ProCLIPTrainingArguments) -> ProCLIPTrainer:
     """Load the model, data, cache and teacher; train stage 1 or 2; save the Hub-ready folder. Returns the trainer."""
     processor = ProCLIPProcessor.from_pretrained(args.model)
     model = ProCLIPModel.from_pretrained(args.model)
-    dataset = load_training_dataset(
+    dataset = load_image_text_dataset(
         args.data,
         split=args.split,
         streaming=args.streaming,

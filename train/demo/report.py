@@ -102,7 +102,7 @@ def comparison_rows(teacher: dict, runs: dict, teacher_seconds: float | None = N
     return rows
 
 
-def _cell(stat: dict, percent: bool = True) -> str:
+def format_stat(stat: dict, percent: bool = True) -> str:
     if stat["n"] == 0:
         return "–"
     scale = 100 if percent else 1
@@ -123,13 +123,13 @@ def results_markdown(results: dict) -> str:
         "|---" * (len(COLUMNS) + 2) + "|",
     ]
     for row in results["table"]:
-        time_cell = " + ".join(f"{stage} {_cell(stat, percent=False)}" for stage, stat in row["stage_seconds"].items())
-        lines.append(f"| {row['label']} | " + " | ".join(_cell(row[key]) for key, _, _ in COLUMNS) + f" | {time_cell} |")
+        time_cell = " + ".join(f"{stage} {format_stat(stat, percent=False)}" for stage, stat in row["stage_seconds"].items())
+        lines.append(f"| {row['label']} | " + " | ".join(format_stat(row[key]) for key, _, _ in COLUMNS) + f" | {time_cell} |")
     lines += ["", "Retrieval split by scenes with / without a held-out colour × shape (short and long captions):", "",
               "| Model | " + " | ".join(header for _, header, _ in HELD_COLUMNS) + " |",
               "|---" * (len(HELD_COLUMNS) + 1) + "|"]
     for row in results["table"]:
-        lines.append(f"| {row['label']} | " + " | ".join(_cell(row[key]) for key, _, _ in HELD_COLUMNS) + " |")
+        lines.append(f"| {row['label']} | " + " | ".join(format_stat(row[key]) for key, _, _ in HELD_COLUMNS) + " |")
     sweep = [r for r in results.get("sweep") or [] if r]
     if sweep:
         main = next(r for r in results["runs"]["proclip"] if r)

@@ -51,7 +51,7 @@ from modeling_proclip import ProCLIPModel, ProCLIPProcessor
 from ..evaluation.tasks import evaluate_retrieval, evaluate_zeroshot
 from ..hub.card import write_model_card
 from ..hub.init import build_checkpoint
-from ..hub.push import check_remote_code_loads, run_python_without_project
+from ..hub.push import check_remote_code_loads
 from ..training.arguments import ProCLIPTrainingArguments
 from ..training.cache import EmbeddingCache, build_embedding_cache
 from ..training.stage0 import STAGE0_REPORT_FILE, run_stage0
@@ -572,10 +572,9 @@ class Demo:
             model.save_pretrained(partial)
             processor.save_pretrained(partial)
             for stage_run in ("stage1", "proclip"):  # the recipe the card reads
-                trainer_dir = self.run_dir(0, stage_run) / "trainer"
-                for file in ("training_report.json",):
-                    if (trainer_dir / file).is_file():
-                        shutil.copy(trainer_dir / file, partial / f"{stage_run}_{file}")
+                report = self.run_dir(0, stage_run) / "trainer" / "training_report.json"
+                if report.is_file():
+                    shutil.copy(report, partial / f"{stage_run}_{report.name}")
             results = self.eval_results(model, processor, partial)
             write_model_card(partial, results=results, repo_id="your-org/proclip-demo", model_name="proclip-demo",
                              datasets=["synthetic-world"], languages=["en"],
@@ -584,7 +583,7 @@ class Demo:
             if self.final_dir.exists():
                 shutil.rmtree(self.final_dir)
             partial.rename(self.final_dir)
-            checks = check_final_folder(self.final_dir, self.test_set())
+            checks = check_final_folder(self.final_dir)
             return {"folder": str(self.final_dir), "checks": checks,
                     "eval_files": [str(self.final_dir / Path(r).name) for r in results]}
 
@@ -671,33 +670,15 @@ def sweep_name(weight: float, momentum: float, reduction: str, lr: float | None 
 # Checks of the final folder
 # ---------------------------------------------------------------------------------------------------------------------
 
-PIPELINE_CHECK = """
-import json, sys
-from PIL import Image
-from transformers import AutoModel, pipeline
 
-folder, image_path, labels = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-model = AutoModel.from_pretrained(folder, trust_remote_code=True)
-assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
-classifier = pipeline("zero-shot-image-classification", model=folder, trust_remote_code=True)
-result = classifier(Image.open(image_path), candidate_labels=labels, hypothesis_template="a photo of a {}.")
-print(json.dumps({"module": type(model).__module__, "top": result[0]["label"], "scores": result}))
-"""
-
-
-def check_final_folder(folder: Path, evalset: EvalSet | None = None, timeout: float = 600) -> dict:
-    """Load the folder where this project is not installed: `AutoModel`/`AutoProcessor` with remote code and a
-    forward pass (`push.check_remote_code_loads`), then the zero-shot-image-classification pipeline on one image."""
-    check_remote_code_loads(folder, timeout=timeout)
+def check_final_folder(folder: Path, timeout: float = 600) -> dict:
+    """Load the folder where this project is not installed: `AutoModel`/`AutoProcessor` with remote code, a forward
+    pass, and the zero-shot-image-classification pipeline on one test image (`push.check_remote_code_loads`)."""
     rows = [r for r in read_metadata(folder.parent / "world", "test") if r["kind"] == "class"]
     labels = sorted({r["label"] for r in rows})
-    result = run_python_without_project(PIPELINE_CHECK, [folder.resolve(), rows[0]["image_path"], json.dumps(labels)],
-                                        timeout=timeout)
-    if result.returncode != 0:
-        raise RuntimeError(f"the zero-shot pipeline failed on {folder}:\n{result.stderr[-3000:]}")
-    outcome = json.loads(result.stdout.strip().splitlines()[-1])
-    return {"remote_code": True, "pipeline": True, "pipeline_module": outcome["module"],
-            "pipeline_image_label": rows[0]["label"], "pipeline_top_label": outcome["top"]}
+    outcome = check_remote_code_loads(folder, timeout, pipeline_image=rows[0]["image_path"], candidate_labels=labels)
+    return {"remote_code": True, "pipeline": True, "pipeline_module": outcome["model_module"],
+            "pipeline_image_label": rows[0]["label"], "pipeline_top_label": outcome["pipeline"][0]["label"]}
 
 
 __all__ = ["Demo", "DemoConfig", "Stage0DemoConfig", "StageConfig", "check_final_folder"]

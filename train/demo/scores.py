@@ -2,7 +2,8 @@
 
 Zero-shot classification uses the single-object images (seen and held-out classes apart); retrieval uses the general
 scenes 1:1 with their short, long and translated captions. Text embeddings come from the embedding cache (the LLM's
-pooled states through the model's adapter, or the teacher CLIP's own text embeddings).
+pooled states through the model's adapter, or the teacher CLIP's own text embeddings). `clip_zeroshot_top1` scores a
+CLIP folder (the teacher) straight from its own towers. Every accuracy is `evaluation.metrics`' (pessimistic ties).
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from transformers import CLIPModel, CLIPProcessor
 
 from ..evaluation.metrics import (
     caption_retrieval_accuracy,
     class_embeddings,
     retrieval_ranks,
+    zeroshot_accuracy,
 )
 from .teacher import ZERO_SHOT_TEMPLATES, class_prompt
 from .world import load_world_config, read_metadata
@@ -111,6 +114,48 @@ def short_to_long_retrieval(short: torch.Tensor, long: torch.Tensor) -> dict:
     return {"short_to_long": accuracy, "num_images": n}
 
 
+def zeroshot_top1(
+    image_embeds: torch.Tensor, class_embeds: torch.Tensor, labels: torch.Tensor, held_out: torch.Tensor
+) -> dict:
+    """Zero-shot top-1 accuracy (`metrics.zeroshot_accuracy`: cosine, ties counted against the image) over all images,
+    and over the images of seen and of held-out classes (NaN where there are none).
+
+    Args:
+        image_embeds: (N, D). class_embeds: (C, D). labels: (N,) class indices.
+        held_out: (C,) bool, the classes held out from align-train.
+    """
+    on_held = held_out[labels]
+
+    def top1(rows: torch.Tensor) -> float:
+        if not bool(rows.any()):
+            return float("nan")
+        return zeroshot_accuracy(image_embeds[rows], class_embeds, labels[rows], ks=(1,))["top1_accuracy"]
+
+    return {"top1": top1(torch.ones_like(on_held)), "top1_seen": top1(~on_held), "top1_held_out": top1(on_held),
+            "num_images": len(labels), "chance": 1 / len(class_embeds)}
+
+
+@torch.no_grad()
+def clip_zeroshot_top1(model_dir: str | Path, world_dir: str | Path, split: str = "test", batch_size: int = 256) -> dict:
+    """`zeroshot_top1` of a CLIP folder (the teacher) on the world's single-object images of `split`, through its own
+    towers: a class vector is the normalised mean of the normalised text embeddings of its `ZERO_SHOT_TEMPLATES`."""
+    world = load_world_config(world_dir)
+    model = CLIPModel.from_pretrained(model_dir).eval()
+    processor = CLIPProcessor.from_pretrained(model_dir)
+    prompts = processor(text=zero_shot_prompts(world.classes), padding="max_length", truncation=True, return_tensors="pt")
+    text = model.get_text_features(**prompts).pooler_output
+    classes = class_embeddings(text.reshape(len(world.classes), len(ZERO_SHOT_TEMPLATES), -1))
+    rows = [row for row in read_metadata(world_dir, split) if row["label"]]
+    images = []
+    for start in range(0, len(rows), batch_size):
+        chunk = [Image.open(row["image_path"]).convert("RGB") for row in rows[start : start + batch_size]]
+        pixel_values = processor(images=chunk, return_tensors="pt")["pixel_values"]
+        images.append(model.get_image_features(pixel_values=pixel_values).pooler_output)
+    labels = torch.tensor([world.classes.index(row["label"]) for row in rows])
+    held_out = torch.tensor([name in world.held_out_classes for name in world.classes])
+    return zeroshot_top1(torch.cat(images), classes, labels, held_out)
+
+
 def score(model, evalset: EvalSet, cache, table: str = "llm") -> dict:
     """Zero-shot top-1 (all / seen / held-out classes), 1:1 retrieval R@1 per caption column (all scenes, and
     scenes with / without a held-out object), and caption retrieval accuracy (short caption -> long caption of the
@@ -118,12 +163,8 @@ def score(model, evalset: EvalSet, cache, table: str = "llm") -> dict:
     held = torch.tensor([name in evalset.held_out_classes for name in evalset.classes])
     prompts = cached_text_features(model, cache, evalset.prompts, table)
     classes = class_embeddings(prompts.reshape(len(evalset.classes), len(ZERO_SHOT_TEMPLATES), -1))
-    ranks = retrieval_ranks(image_features(model, evalset.class_pixels), classes, evalset.class_labels)
-    correct = (ranks == 0).float()
-    on_held = held[evalset.class_labels]
-    result = {"zeroshot": {"top1": correct.mean().item(), "top1_seen": correct[~on_held].mean().item(),
-                           "top1_held_out": correct[on_held].mean().item(), "num_images": len(correct),
-                           "chance": 1 / len(evalset.classes)}}
+    image = image_features(model, evalset.class_pixels)
+    result = {"zeroshot": zeroshot_top1(image, classes, evalset.class_labels, held)}
     scenes = image_features(model, evalset.scene_pixels)
     result["retrieval"], features = {}, {}
     for column, texts in evalset.captions.items():

@@ -6,9 +6,8 @@ context standing in for CLIP's 77) trained contrastively on the English short ca
 normal Hugging Face CLIP folder (``CLIPModel``, ``CLIPProcessor``, ``CLIPTextModelWithProjection``,
 ``CLIPVisionModelWithProjection`` all load it), so everything downstream treats it like a real checkpoint.
 
-:func:`train_teacher` is cached: a finished folder of the same (world, teacher config) hash is reused.
-:func:`zero_shot_accuracy` is a small, self-contained check of a CLIP folder on the world's single-object
-images; the project's general evaluation lives elsewhere.
+:func:`train_teacher` is cached: a finished folder of the same (world, teacher config) hash is reused. Its loss is
+stage 2's symmetric InfoNCE (`training.losses.ContrastiveLoss`); `scores.clip_zeroshot_top1` scores a teacher folder.
 """
 
 from __future__ import annotations
@@ -28,19 +27,26 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tqdm.auto import tqdm
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessorPil,
+    CLIPModel,
+    CLIPProcessor,
+    CLIPTokenizer,
+)
+from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+from ..training.losses import ContrastiveLoss
 from .languages import english_article
 from .world import COMPLETE_MARKER as WORLD_COMPLETE_MARKER
 from .world import load_world_config, read_metadata, world_is_complete
 
 # Bump when training changes in a way that should invalidate cached teachers.
-TEACHER_FORMAT_VERSION = 2  # 2: deterministic BPE merges (`learn_bpe_merges`)
+TEACHER_FORMAT_VERSION = 3  # 2: deterministic BPE merges (`learn_bpe_merges`); 3: the loss is `ContrastiveLoss`
 
 COMPLETE_MARKER = ".teacher-complete"
 INFO_FILE = "teacher_info.json"
-
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # ``{}`` receives the class name with its article ("a red circle", "an orange star").
 ZERO_SHOT_TEMPLATES = (
@@ -144,8 +150,6 @@ def train_tokenizer(captions, vocab_size: int = 1024, max_length: int = 32):
     pairs (and numbers word-end symbols) in hash-map order, which changes from run to run and with it the teacher,
     so its merges and ids are replaced by `learn_bpe_merges`' deterministic ones.
     """
-    from transformers import CLIPTokenizer
-
     captions = list(captions)
     trained = CLIPTokenizer().train_new_from_iterator(captions, vocab_size=vocab_size)
     backend = trained.backend_tokenizer
@@ -169,11 +173,12 @@ def train_tokenizer(captions, vocab_size: int = 1024, max_length: int = 32):
     return tokenizer
 
 
-def learn_bpe_merges(words: Counter, max_merges: int) -> list[tuple[str, str]]:
+def learn_bpe_merges(words: Counter, max_merges: int, end_of_word: str = EOW) -> list[tuple[str, str]]:
     """BPE merges of a word-frequency table (words already byte-level mapped, as CLIP's pre-tokenizer gives them),
     deterministically: each step merges the most frequent adjacent pair, ties broken by the pair's text; the last
-    symbol of a word carries ``</w>``. Stops after ``max_merges`` or when every word is one symbol."""
-    spelled = {word: [*word[:-1], word[-1] + EOW] for word in words}
+    symbol of a word carries ``end_of_word`` (CLIP's ``</w>``; ``""`` for GPT-2-style BPE, whose words carry their
+    leading space instead). Stops after ``max_merges`` or when every word is one symbol."""
+    spelled = {word: [*word[:-1], word[-1] + end_of_word] for word in words}
     merges = []
     while len(merges) < max_merges:
         pairs = Counter()
@@ -199,8 +204,6 @@ def learn_bpe_merges(words: Counter, max_merges: int) -> list[tuple[str, str]]:
 
 def image_processor_for(image_size: int):
     """OpenAI-style CLIP preprocessing at the world's image size (resize + centre crop + OpenAI mean/std)."""
-    from transformers import CLIPImageProcessorPil
-
     return CLIPImageProcessorPil(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
         image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD), resample=Image.Resampling.BICUBIC,
@@ -208,8 +211,6 @@ def image_processor_for(image_size: int):
 
 
 def build_clip_config(config: TeacherConfig, image_size: int, tokenizer):
-    from transformers import CLIPConfig
-
     text = dict(vocab_size=len(tokenizer), hidden_size=config.text_hidden_size,
                 num_hidden_layers=config.text_layers, num_attention_heads=config.text_heads,
                 intermediate_size=config.text_intermediate_size, max_position_embeddings=config.max_text_length,
@@ -252,24 +253,12 @@ def _param_groups(model, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def contrastive_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor):
-    """Symmetric InfoNCE over a batch of matching (image, text) pairs; inputs (B, D), unnormalised."""
-    image_embeds = F.normalize(image_embeds.float(), dim=-1)
-    text_embeds = F.normalize(text_embeds.float(), dim=-1)
-    logits = logit_scale.float().exp() * image_embeds @ text_embeds.t()
-    labels = torch.arange(len(logits))
-    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
-
-
 # ------------------------------------------------------------------------------------------- training
 
 
 def fit_teacher(world_dir: str | Path, config: TeacherConfig, progress: bool = True):
     """Train a teacher CLIP in memory; returns ``(model, tokenizer, log)``. :func:`train_teacher` wraps this
     with caching and saving."""
-    from tqdm.auto import tqdm
-    from transformers import CLIPModel
-
     world = load_world_config(world_dir)
     rows = read_metadata(world_dir, "teacher-train")
     captions = [row["caption_short"] for row in rows]
@@ -294,6 +283,7 @@ def fit_teacher(world_dir: str | Path, config: TeacherConfig, progress: bool = T
         return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    contrastive_loss = ContrastiveLoss(rank=0, world_size=1)  # one process: the teacher trains on one machine
     generator = torch.Generator().manual_seed(config.seed)
     order, cursor = torch.randperm(len(rows), generator=generator), 0
     losses = []
@@ -313,7 +303,7 @@ def fit_teacher(world_dir: str | Path, config: TeacherConfig, progress: bool = T
             image_embeds = model.get_image_features(pixel_values=normalise_pixels(batch_images)).pooler_output
             text_embeds = model.get_text_features(input_ids=tokens["input_ids"][idx, :length],
                                                   attention_mask=attention_mask[:, :length]).pooler_output
-        loss = contrastive_loss(image_embeds, text_embeds, model.logit_scale)
+        loss = contrastive_loss(image_embeds, text_embeds, model.logit_scale)["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -346,8 +336,6 @@ def train_teacher(world_dir: str | Path, out_dir: str | Path, config: TeacherCon
     afterwards; ``None`` keeps torch's setting). The default is 1: these matrices are small, and on 2 cores
     shared with other jobs two threads were measured 4-7x slower than one (they spin waiting for each other).
     """
-    from transformers import CLIPProcessor
-
     config = config or TeacherConfig()
     world_dir, out = Path(world_dir), Path(out_dir)
     if not world_is_complete(world_dir):
@@ -387,55 +375,9 @@ def train_teacher(world_dir: str | Path, out_dir: str | Path, config: TeacherCon
     return out
 
 
-# ----------------------------------------------------------------------------------------- zero-shot
+# ----------------------------------------------------------------------------------------- prompts
 
 
 def class_prompt(class_name: str) -> str:
+    """A class name with its article, for ``ZERO_SHOT_TEMPLATES``: "red circle" -> "a red circle"."""
     return f"{english_article(class_name)} {class_name}"
-
-
-@torch.no_grad()
-def zero_shot_accuracy(model_dir: str | Path, world_dir: str | Path, split: str = "test",
-                       templates=ZERO_SHOT_TEMPLATES, batch_size: int = 256) -> dict:
-    """Top-1 zero-shot accuracy of a CLIP folder on the world's single-object images of ``split``.
-
-    Classes are every colour × shape of the world; a class vector is the normalised mean of the normalised
-    text embeddings of its templates. Returns ``top1`` (all single-object images), ``top1_seen`` and
-    ``top1_held_out`` (images of classes held out from align-train), their counts, and ``chance``.
-    """
-    from transformers import CLIPModel, CLIPProcessor
-
-    world = load_world_config(world_dir)
-    model = CLIPModel.from_pretrained(model_dir).eval()
-    processor = CLIPProcessor.from_pretrained(model_dir)
-    classes = world.classes
-    held = set(world.held_out_classes)
-
-    class_vectors = []
-    for name in classes:
-        prompts = [t.format(class_prompt(name)) for t in templates]
-        inputs = processor(text=prompts, padding="max_length", truncation=True, return_tensors="pt")
-        emb = F.normalize(model.get_text_features(**inputs).pooler_output, dim=-1)
-        class_vectors.append(F.normalize(emb.mean(0), dim=-1))
-    class_vectors = torch.stack(class_vectors)
-
-    rows = [row for row in read_metadata(world_dir, split) if row["label"]]
-    correct = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        pixels = processor(images=[Image.open(r["image_path"]).convert("RGB") for r in chunk],
-                           return_tensors="pt")["pixel_values"]
-        image_vectors = F.normalize(model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
-        predicted = (image_vectors @ class_vectors.t()).argmax(-1).tolist()
-        correct += [classes[p] == r["label"] for p, r in zip(predicted, chunk)]
-
-    def mean(mask):
-        picked = [c for c, m in zip(correct, mask) if m]
-        return (sum(picked) / len(picked) if picked else float("nan")), len(picked)
-
-    is_held = [r["label"] in held for r in rows]
-    top1, n = mean([True] * len(rows))
-    seen, n_seen = mean([not h for h in is_held])
-    held_out, n_held = mean(is_held)
-    return {"top1": top1, "top1_seen": seen, "top1_held_out": held_out, "n": n, "n_seen": n_seen,
-            "n_held_out": n_held, "chance": 1 / len(classes)}

@@ -1,25 +1,31 @@
 """Evaluation tasks: zero-shot classification and image-text retrieval of a ProCLIP model, and caption retrieval
 accuracy (CRA, LLM2CLIP's text-only protocol) of any text tower.
 
-Images are embedded once, each caption column once, through the model's own processor; the metrics are `metrics.py`
-(cosine similarity, pessimistic ties, similarities in chunks). Rows whose image cannot be read, whose captions are
-all empty, or whose label is missing are skipped and counted in the returned record.
+Data loads through training's loader (`training.data.load_image_text_dataset`) and images decode through training's
+decoder (`decode_image`): `proclip eval --data` reads whatever `proclip train --data` reads. Images are embedded once,
+each caption column once, through the model's own processor; the metrics are `metrics.py` (cosine similarity,
+pessimistic ties, similarities in chunks). Rows whose image cannot be read, whose captions are all empty, or whose
+label is missing are skipped and counted in the returned record.
 """
 
-import io
 import logging
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import datasets
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from modeling_proclip import ProCLIPModel, ProCLIPProcessor
 
-from ..training.data import TOO_FEW_CAPTIONS, iter_row_captions
+from ..training.data import (
+    TOO_FEW_CAPTIONS,
+    decode_image,
+    iter_row_captions,
+    load_image_text_dataset,
+    longest_first_batches,
+    split_names,
+)
 from .metrics import (
     DEFAULT_CHUNK_SIZE,
     caption_retrieval_accuracy,
@@ -35,57 +41,54 @@ logger = logging.getLogger(__name__)
 RETRIEVAL_KS = (1, 5, 10)
 ZEROSHOT_KS = (1, 5)
 TIE_POLICY = "pessimistic: a wrong item scoring exactly as high as the best correct one is ranked ahead of it"
-_FILE_BUILDERS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
 # -- data --------------------------------------------------------------------------------------------------------
 
 
-def load_eval_dataset(spec: str, split: str | None = None) -> tuple[datasets.Dataset, str, Path | None]:
-    """Load the split to evaluate.
+def default_split(spec: str | os.PathLike) -> str:
+    """The split evaluation reads when none is named: the only one, else `test`."""
+    names = split_names(spec)
+    return names[0] if len(names) == 1 else "test"
+
+
+def load_eval_dataset(
+    spec: str | os.PathLike,
+    split: str | None = None,
+    streaming: bool = False,
+    max_samples: int | None = None,
+    image_column: str | None = None,
+    caption_columns: Sequence[str] = (),
+    label_column: str | None = None,
+) -> tuple[datasets.Dataset, str, int | None]:
+    """Load the rows to evaluate, through the loader training uses (`load_image_text_dataset`): any spec
+    `proclip train --data` reads, images left undecoded, relative image paths resolved against their data file.
 
     Args:
-        spec: a folder (imagefolder), a .csv/.jsonl/.json/.parquet file, or a Hub dataset `name[:config]`.
+        spec: a folder (imagefolder or data files), a file or glob (csv / jsonl / json / parquet / arrow / webdataset
+            `.tar` shards), or a Hub dataset `name[:config]`.
         split: the split to use; by default the only one, else `test`.
+        streaming: read the split as a stream and keep its first `max_samples` rows (all of them without it) in
+            memory: a slice of a Hub dataset without downloading the rest.
+        max_samples: evaluate only the first N rows.
+        image_column, caption_columns, label_column: columns that must exist (the error lists the available ones).
 
     Returns:
-        `(dataset, split, base_dir)`: `base_dir` is where relative image paths are resolved (the folder, or the
-        data file's folder; None for Hub datasets).
+        `(dataset, split, num_rows)`: the rows to evaluate, the split's name, and how many rows the split holds
+        (`None` when streaming: unknown without reading it all).
     """
-    path = Path(spec)
-    if path.is_dir():
-        loaded, base_dir = datasets.load_dataset("imagefolder", data_dir=str(path)), path
-    elif path.is_file():
-        builder = _FILE_BUILDERS.get(path.suffix.lower())
-        if builder is None:
-            raise ValueError(f"{spec}: a data file must be one of {sorted(_FILE_BUILDERS)}")
-        loaded, base_dir = datasets.load_dataset(builder, data_files=str(path)), path.parent
-    else:
-        name, _, config = spec.partition(":")
-        loaded, base_dir = datasets.load_dataset(name, config or None), None
-    if split is None:
-        split = next(iter(loaded)) if len(loaded) == 1 else "test"
-    if split not in loaded:
-        raise ValueError(f"{spec} has no split {split!r}; it has {sorted(loaded)}. Pick one with --split.")
-    return loaded[split], split, base_dir
-
-
-def _open_image(value, base_dir: Path | None) -> Image.Image:
-    """Decode one image cell: an undecoded `Image` feature ({"bytes", "path"}), a path string, or a PIL image."""
-    if isinstance(value, Image.Image):
-        image = value
-    elif isinstance(value, dict) and value.get("bytes") is not None:
-        image = Image.open(io.BytesIO(value["bytes"]))
-    else:
-        location = value.get("path") if isinstance(value, dict) else value
-        if not isinstance(location, str) or not location:
-            raise ValueError(f"no image in cell {value!r}")
-        location = Path(location)
-        if not location.is_absolute() and base_dir is not None:
-            location = base_dir / location
-        image = Image.open(location)
-    image.load()
-    return image.convert("RGB")
+    split = split or default_split(spec)
+    dataset = load_image_text_dataset(
+        spec, split=split, streaming=streaming, image_column=image_column, caption_columns=caption_columns,
+        label_column=label_column,
+    )
+    if streaming:
+        rows = dataset if max_samples is None else dataset.take(max_samples)
+        return datasets.Dataset.from_list(list(rows), features=dataset.features), split, None
+    num_rows = len(dataset)
+    if max_samples is not None:
+        dataset = dataset.select(range(min(max_samples, num_rows)))
+    return dataset, split, num_rows
 
 
 def _usable_captions(cell) -> tuple[list[str], int]:
@@ -105,7 +108,6 @@ def embed_images(
     dataset: datasets.Dataset,
     image_column: str,
     rows: list[int],
-    base_dir: Path | None = None,
     batch_size: int = 64,
     bf16: bool = False,
 ) -> tuple[torch.Tensor, list[int]]:
@@ -115,7 +117,8 @@ def embed_images(
         `(embeds, kept_rows)`: (N, D) float32 unnormalised embeddings on the model's device, and the dataset
         rows they belong to (`rows` minus unreadable images, in order).
     """
-    if isinstance(dataset.features[image_column], datasets.Image):
+    feature = dataset.features[image_column]
+    if isinstance(feature, datasets.Image) and feature.decode:  # decode row by row, so one bad file skips one row
         dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
     cells = dataset.select(rows).select_columns([image_column])
     embeds, kept_rows = [], []
@@ -124,9 +127,9 @@ def embed_images(
             images = []
             for row, cell in zip(rows[start : start + batch_size], batch[image_column]):
                 try:
-                    images.append(_open_image(cell, base_dir))
-                except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-                    logger.warning("Skipping row %d: unreadable image (%s)", row, error)
+                    images.append(decode_image(cell))
+                except Exception as error:  # any decoder failure makes this one row unusable, never the whole run
+                    logger.warning("Skipping row %d: unreadable image (%s: %s)", row, type(error).__name__, error)
                     continue
                 kept_rows.append(row)
             if images:
@@ -148,16 +151,14 @@ def embed_texts(
     bf16: bool = False,
     desc: str = "texts",
 ) -> torch.Tensor:
-    """Embed `texts`, longest first (similar lengths share a batch, so little padding; memory peaks early).
+    """Embed `texts` in `longest_first_batches` (similar lengths share a batch: little padding; memory peaks early).
 
     Returns:
         (M, D) float32 unnormalised embeddings on the model's device, in the order of `texts`.
     """
-    order = sorted(range(len(texts)), key=lambda index: len(texts[index]), reverse=True)
     embeds = torch.empty(len(texts), model.config.projection_dim, device=model.device)
     with tqdm(total=len(texts), desc=desc, unit="text") as progress:
-        for start in range(0, len(order), batch_size):
-            indices = order[start : start + batch_size]
+        for indices in longest_first_batches(texts, batch_size):
             batch = processor(text=[texts[index] for index in indices], return_tensors="pt").to(model.device)
             with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
                 features = model.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
@@ -175,7 +176,6 @@ def evaluate_retrieval(
     dataset: datasets.Dataset,
     image_column: str,
     caption_columns: list[str],
-    base_dir: Path | None = None,
     batch_size: int = 64,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     bf16: bool = False,
@@ -192,7 +192,7 @@ def evaluate_retrieval(
     """
     captions = {column: [_usable_captions(cell) for cell in dataset[column]] for column in caption_columns}
     with_captions = [row for row in range(len(dataset)) if all(captions[column][row][0] for column in caption_columns)]
-    image_embeds, rows = embed_images(model, processor, dataset, image_column, with_captions, base_dir, batch_size, bf16)
+    image_embeds, rows = embed_images(model, processor, dataset, image_column, with_captions, batch_size, bf16)
 
     protocol = {"similarity": "cosine", "ks": list(RETRIEVAL_KS), "ties": TIE_POLICY, "caption_columns": {}}
     metrics = {}
@@ -249,7 +249,6 @@ def evaluate_zeroshot(
     image_column: str,
     label_column: str,
     templates: list[str] | tuple[str, ...] = OPENAI_IMAGENET_TEMPLATES,
-    base_dir: Path | None = None,
     batch_size: int = 64,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     bf16: bool = False,
@@ -264,7 +263,7 @@ def evaluate_zeroshot(
     """
     names, labels = class_names_and_labels(dataset, label_column)
     labelled = [row for row, label in enumerate(labels) if label is not None]
-    image_embeds, rows = embed_images(model, processor, dataset, image_column, labelled, base_dir, batch_size, bf16)
+    image_embeds, rows = embed_images(model, processor, dataset, image_column, labelled, batch_size, bf16)
 
     prompts = [template.format(name) for name in names for template in templates]
     prompt_embeds = embed_texts(model, processor, prompts, batch_size, bf16, desc="class prompts")
@@ -294,7 +293,7 @@ def evaluate_zeroshot(
 # -- caption retrieval accuracy (LLM2CLIP's text-only protocol) -----------------------------------------------
 
 
-def caption_retrieval_accuracy_of(
+def text_tower_caption_retrieval_accuracy(
     text_tower: TextTower | str | os.PathLike,
     captions_a: Sequence[str],
     captions_b: Sequence[str],
@@ -344,7 +343,7 @@ def evaluate_caption_retrieval(
     first, second, skipped = caption_pairs(dataset, caption_columns)
     if not first:
         raise ValueError(f"no row has two non-blank captions in {list(caption_columns)}")
-    accuracy = caption_retrieval_accuracy_of(tower, first, second, batch_size, bf16)
+    accuracy = text_tower_caption_retrieval_accuracy(tower, first, second, batch_size, bf16)
     return {
         "data": {"caption_columns": list(caption_columns), "skipped_rows": {TOO_FEW_CAPTIONS: skipped}},
         "protocol": {

@@ -1,7 +1,7 @@
 """Any text tower as a caption embedder: a raw or stage-0 LLM (or encoder), a ProCLIP folder, or a CLIP checkpoint.
 
 `load_text_tower(name_or_path) -> TextTower`, whose `embed(texts)` returns (N, D) float32 embeddings, so caption
-retrieval accuracy (`tasks.caption_retrieval_accuracy_of`) compares across kinds:
+retrieval accuracy (`tasks.text_tower_caption_retrieval_accuracy`) compares across kinds:
 - a raw or stage-0 LLM (or encoder) folder: pooled hidden states, with the settings `from_towers` would use;
 - a ProCLIP folder: the joint-space text embedding (`get_text_features`, i.e. after the adapter);
 - a CLIP checkpoint: the text encoder's projected embedding (`CLIPTextModelWithProjection.text_embeds`).
@@ -26,6 +26,7 @@ from modeling_proclip import (
     embed_token_ids,
 )
 
+from ..training.data import longest_first_batches
 from ..training.stages import load_clip_text_teacher
 
 
@@ -53,10 +54,8 @@ class TextTower:
     @torch.inference_mode()
     def embed(self, texts: Sequence[str], batch_size: int = 64, bf16: bool = False) -> torch.Tensor:
         """Embed `texts` longest first (little padding per batch); returns (N, D) float32 in the order given."""
-        order = sorted(range(len(texts)), key=lambda index: len(texts[index]), reverse=True)
         chunks, positions = [], []
-        for start in range(0, len(order), batch_size):
-            indices = order[start : start + batch_size]
+        for indices in longest_first_batches(texts, batch_size):
             batch = self.tokenizer(
                 [texts[index] for index in indices], padding=True, truncation=True, return_tensors="pt"
             ).to(self.device)

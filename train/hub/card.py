@@ -16,12 +16,15 @@ import logging
 import math
 import os
 import re
-import struct
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+import jinja2
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from ..training.cache import read_safetensors_header
+from ..training.stages import STAGE_ALIASES
 
 logger = logging.getLogger(__name__)
 
@@ -343,14 +346,6 @@ def _draw_per_class(ax, evaluation: Evaluation) -> None:
 # -- the model and its training run --------------------------------------------------------------------------------
 
 
-def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
-    """Tensor shapes from a safetensors header (8-byte length, then JSON), without reading the weights."""
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-    return {name: info["shape"] for name, info in header.items() if name != "__metadata__"}
-
-
 def parameter_counts(folder: Path) -> dict[str, int]:
     """Parameters per part (image tower, text tower, adapter, total), from the weight files' headers."""
     index = folder / "model.safetensors.index.json"
@@ -363,8 +358,11 @@ def parameter_counts(folder: Path) -> dict[str, int]:
     parts = {"image tower": 0, "text tower (LLM)": 0, "adapter": 0, "other": 0}
     total = 0
     for name in files:
-        for key, shape in _safetensors_shapes(folder / name).items():
-            count = math.prod(shape)
+        header, _ = read_safetensors_header(folder / name)
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            count = math.prod(info["shape"])
             total += count
             if key.startswith(("vision_model.", "visual_projection.")):
                 parts["image tower"] += count
@@ -422,13 +420,16 @@ OPTIONS_FILE, ARGS_FILE, STATE_FILE, REPORT_FILE = (
     "proclip_arguments.json", "training_args.json", "trainer_state.json", "training_report.json"
 )
 TRAINING_FILES = (OPTIONS_FILE, ARGS_FILE, STATE_FILE, REPORT_FILE)
-# The stage names of `proclip train --stage` and ProCLIPTrainer -> section title.
+# A training stage's name (`training.stages.STAGES`) -> section title; `proclip train --stage 1|2` are its aliases.
 STAGE_TITLES = {
     "inheritance": "Stage 1: representation inheritance",
     "contrastive": "Stage 2: contrastive tuning with self-distillation",
-    "1": "Stage 1: representation inheritance",
-    "2": "Stage 2: contrastive tuning with self-distillation",
 }
+
+
+def stage_title(stage) -> str:
+    """The card's section title of a stage as a run records it (`2`, `"2"`, `"contrastive"`, ...)."""
+    return STAGE_TITLES.get(STAGE_ALIASES.get(str(stage), str(stage)), f"Stage {stage}")
 
 
 def _flatten(value, prefix: str = "", max_items: int = 8) -> list[tuple[str, str]]:
@@ -511,7 +512,7 @@ def read_training_run(folder: Path, max_rows: int = 40) -> dict | None:
         datasets += [found] if isinstance(found, str) else [d for d in found or [] if isinstance(d, str)]
     stage = next((r["stage"] for r in (report, options, args) if r.get("stage") is not None), None)
     return {
-        "title": STAGE_TITLES.get(str(stage), f"Stage {stage}") if stage is not None else folder.name,
+        "title": stage_title(stage) if stage is not None else folder.name,
         "folder": folder.name,
         "sources": sources,
         "rows": rows,
@@ -537,7 +538,7 @@ def _score_table(evaluations: list[Evaluation], task: str) -> dict | None:
         data = f"[{data}](https://huggingface.co/datasets/{e.dataset_id})" if e.is_hub_dataset else f"{data} (local)"
         row = [data, e.split or "—"] + [str(e.counts.get(k, "—")) for k in count_columns]
         row += [f"{100 * e.scores[k]:.1f}" if k in e.scores else "—" for k in columns]
-        rows.append([_cell(cell) for cell in row])
+        rows.append([markdown_cell(cell) for cell in row])
     name = TASKS.get(task, (task, task))[1]
     return {"title": name, "header": header, "rows": rows}
 
@@ -611,7 +612,7 @@ def build_model_card(
         title=model_name,
         towers=model["towers"],
         local_towers=local_towers,
-        model_rows=[(name, _cell(value)) for name, value in model["rows"]],
+        model_rows=[(name, markdown_cell(value)) for name, value in model["rows"]],
         example_image=example_image,
         labels_repr=repr(list(example_labels)),
         plot_file=plot_path.name if plot_path else None,
@@ -619,14 +620,14 @@ def build_model_card(
         evaluations=evaluations,
         commands=list(dict.fromkeys(_readable_command(e.command) for e in evaluations if e.command)),
         protocols=_protocol_notes(evaluations),
-        training_runs=[{**run, "rows": [(_cell(k), _cell(v)) for k, v in run["rows"]]} for run in training],
+        training_runs=[{**run, "rows": [(markdown_cell(k), markdown_cell(v)) for k, v in run["rows"]]} for run in training],
         train_datasets=train_datasets,
         local_datasets=[d for d in train_datasets if d not in hub_datasets],
     )
     return card, plot_path
 
 
-def _cell(value) -> str:
+def markdown_cell(value) -> str:
     """Text safe inside a Markdown table cell."""
     return str(value).replace("|", "\\|").replace("\n", " ")
 
@@ -634,8 +635,6 @@ def _cell(value) -> str:
 def render_card(card_data: ModelCardData, template: Path, **variables) -> ModelCard:
     """Render a model-card template as `ModelCard.from_template` does (`{{ card_data }}` is the YAML block, the
     metadata fields are variables too), with block tags that take no lines of their own."""
-    import jinja2
-
     environment = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
     content = environment.from_string(template.read_text(encoding="utf-8")).render(
         card_data=card_data.to_yaml(), **{**card_data.to_dict(), **variables}

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -120,8 +121,6 @@ def load_upstream_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise UnsupportedCheckpointError(f"{path} is not a file.")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         checkpoint = load_file(path, device="cpu")
     elif path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
         try:

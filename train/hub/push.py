@@ -4,7 +4,8 @@ Nothing is uploaded (and `--dry-run` fails) unless the folder passes three check
   1. files: config, weights, the remote-code files, processor and tokenizer files, README.md;
   2. card: README.md has a metadata block and is not the Trainer's auto-generated card;
   3. remote code: in a fresh Python where this project cannot be imported, `AutoModel` and `AutoProcessor` load
-     the folder with `trust_remote_code=True` and run one forward pass on a dummy image and caption.
+     the folder with `trust_remote_code=True` and run one forward pass on a dummy image and caption
+     (`check_remote_code_loads`, which can also run the zero-shot-image-classification pipeline on an image).
 The upload is `HfApi.create_repo` + `HfApi.upload_folder` of the folder as it is: README.md goes up unchanged
 (`Trainer.push_to_hub` would write its own card over it).
 """
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
 
 from huggingface_hub import HfApi, ModelCard
@@ -25,8 +27,12 @@ from huggingface_hub.utils import (
     validate_repo_id,
 )
 
-REMOTE_CODE_FILES = ("configuration_proclip.py", "modeling_proclip.py", "processing_proclip.py", "handler.py")
-REQUIRED_FILES = ("config.json", *REMOTE_CODE_FILES, "processor_config.json", "tokenizer_config.json", "README.md")
+from modeling_proclip.modeling_proclip import ENDPOINT_HANDLER_FILE, REMOTE_CODE_FILES
+
+REQUIRED_FILES = (
+    "config.json", *REMOTE_CODE_FILES, ENDPOINT_HANDLER_FILE, "processor_config.json", "tokenizer_config.json",
+    "README.md",
+)
 # A tokenizer needs its vocabulary in one of these forms besides tokenizer_config.json.
 TOKENIZER_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 # Training leftovers that do not belong in a model repo: Trainer checkpoints (with optimizer states), TensorBoard
@@ -53,15 +59,18 @@ BLOCK_PROJECT = textwrap.dedent(
     """
 )
 
-LOAD_CHECK = textwrap.dedent(
+# argv: the folder, then a JSON request: {} for the load + forward check, or {"image", "labels", "template"} to run
+# the zero-shot-image-classification pipeline on that image too. The last line printed is the outcome, as JSON.
+REMOTE_CODE_CHECK = textwrap.dedent(
     """
+    import json
     import sys
 
     import torch
     from PIL import Image
-    from transformers import AutoModel, AutoProcessor
+    from transformers import AutoModel, AutoProcessor, pipeline
 
-    folder = sys.argv[1]
+    folder, request = sys.argv[1], json.loads(sys.argv[2])
     model = AutoModel.from_pretrained(folder, trust_remote_code=True, dtype="auto").eval()
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     for name, loaded in (("model", model), ("processor", processor)):
@@ -73,7 +82,13 @@ LOAD_CHECK = textwrap.dedent(
         logits = model(**batch).logits_per_image
     if tuple(logits.shape) != (1, 1) or not torch.isfinite(logits).all():
         raise SystemExit(f"one image and one caption gave logits_per_image {logits}")
-    print(f"loaded {type(model).__name__} and {type(processor).__name__} through remote code; forward pass ok")
+    outcome = {"model": type(model).__name__, "model_module": type(model).__module__,
+               "processor": type(processor).__name__}
+    if request.get("image"):
+        classifier = pipeline("zero-shot-image-classification", model=folder, trust_remote_code=True)
+        outcome["pipeline"] = classifier(Image.open(request["image"]), candidate_labels=request["labels"],
+                                         hypothesis_template=request["template"])
+    print(json.dumps(outcome))
     """
 )
 
@@ -118,24 +133,41 @@ def output_tail(text: str, lines: int = 30) -> str:
     return "\n".join([line for line in kept if line.strip()][-lines:])
 
 
-def check_remote_code_loads(folder: str | os.PathLike, timeout: float = 600) -> None:
+def check_remote_code_loads(
+    folder: str | os.PathLike,
+    timeout: float = 600,
+    pipeline_image: str | os.PathLike | None = None,
+    candidate_labels: Sequence[str] = (),
+    hypothesis_template: str = "a photo of a {}.",
+) -> dict:
     """Load `folder` with `AutoModel` / `AutoProcessor(trust_remote_code=True)` where this project cannot be
-    imported, and run one forward pass on a dummy image and caption.
+    imported, and run one forward pass on a dummy image and caption; with `pipeline_image`, also classify that image
+    among `candidate_labels` with the zero-shot-image-classification pipeline, in the same process.
+
+    Returns:
+        `{"model", "model_module", "processor"}` (class names and the module the model loaded from), plus `"pipeline"`
+        (the pipeline's `[{"label", "score"}, ...]`, best first) with `pipeline_image`.
 
     Raises:
         RemoteCodeError: with the tail of the subprocess's stderr, if anything fails or it runs past `timeout` s.
     """
     folder = Path(folder).resolve()
+    request = {}
+    if pipeline_image is not None:
+        request = {"image": str(pipeline_image), "labels": list(candidate_labels), "template": hypothesis_template}
+    what = "AutoModel/AutoProcessor with trust_remote_code=True, then one forward pass" + (
+        ", then the zero-shot pipeline" if request else ""
+    )
     try:
-        result = run_python_without_project(LOAD_CHECK, [folder], timeout=timeout)
+        result = run_python_without_project(REMOTE_CODE_CHECK, [folder, json.dumps(request)], timeout=timeout)
     except subprocess.TimeoutExpired as error:
         raise RemoteCodeError(f"{folder}: loading through remote code took more than {timeout:.0f} s") from error
     if result.returncode != 0:
         raise RemoteCodeError(
-            f"{folder} does not load through remote code where this project is not installed "
-            f"(AutoModel/AutoProcessor with trust_remote_code=True, then one forward pass):\n"
+            f"{folder} does not load through remote code where this project is not installed ({what}):\n"
             + textwrap.indent(output_tail(result.stderr), "    ")
         )
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def required_files(folder: str | os.PathLike) -> tuple[list[str], list[str]]:

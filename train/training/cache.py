@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .data import DataSpec, longest_first_batches
+
 CACHE_FORMAT = "proclip-embedding-cache"
 CACHE_VERSION = "1"
 DEFAULT_CACHE_FOLDER = "proclip_embedding_cache"
@@ -213,8 +215,9 @@ class _ShardWriter:
         self.tmp_path.unlink(missing_ok=True)
 
 
-def read_shard_header(path: str | os.PathLike) -> tuple[dict, int]:
-    """(safetensors header, byte offset of the data section) of a shard."""
+def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, int]:
+    """(header, byte offset of the data section) of a safetensors file (8-byte length, then JSON), read without the
+    tensors: names, dtypes, shapes, offsets and `__metadata__`."""
     with open(path, "rb") as f:
         (size,) = struct.unpack("<Q", f.read(8))
         return json.loads(f.read(size)), 8 + size
@@ -223,7 +226,7 @@ def read_shard_header(path: str | os.PathLike) -> tuple[dict, int]:
 class _Shard:
     def __init__(self, path: Path):
         self.path = path
-        self.header, self.data_start = read_shard_header(path)
+        self.header, self.data_start = read_safetensors_header(path)
         self.metadata = self.header.get("__metadata__", {})
         if self.metadata.get("format") != CACHE_FORMAT:
             raise ValueError(f"{path} is not a ProCLIP embedding cache shard (no `format: {CACHE_FORMAT}` metadata).")
@@ -386,8 +389,6 @@ class EmbeddingCache:
 
 def default_cache_dir(data: str | os.PathLike) -> Path | None:
     """`proclip_embedding_cache/` in the folder holding the data; `None` for a Hub dataset."""
-    from .data import DataSpec
-
     root = DataSpec.parse(data).root
     return Path(root) / DEFAULT_CACHE_FOLDER if root is not None else None
 
@@ -424,7 +425,7 @@ def build_embedding_cache(
         captions: the captions (repeats are embedded once).
         cache_dir: the cache folder; an existing cache there must have been made by the same model (and teacher).
         teacher, teacher_tokenizer: the stage-1 teacher (`CLIPTextModelWithProjection`), to store its embeddings too.
-        batch_size: captions per forward pass (captions are sorted by length, longest first, to pad little).
+        batch_size: captions per forward pass (`longest_first_batches`: similar lengths together, little padding).
         dtype: storage dtype (`float32`, `float16`, `bfloat16`).
         bf16: run the towers under bfloat16 autocast.
         rank, world_size: this process's share of the captions when several processes embed (one shard each).
@@ -452,8 +453,11 @@ def build_embedding_cache(
             )
         cached, _ = existing.locate(list(unique.values()))
         unique = {key: caption for (key, caption), shard in zip(unique.items(), cached) if shard < 0}
-    # Every process sorts the same list and takes every world_size-th caption: disjoint shares, similar lengths.
-    todo = sorted(unique.items(), key=lambda item: (-len(item[1]), item[0]))[rank::world_size]
+    # Every process takes every world_size-th caption of the same key-sorted list: disjoint shares, whatever order
+    # the captions came in. Its shard holds them longest first, in the batches they are embedded in.
+    share = [caption for _, caption in sorted(unique.items())][rank::world_size]
+    batches = [[share[index] for index in indices] for indices in longest_first_batches(share, batch_size)]
+    todo = [(caption_key(caption), caption) for batch in batches for caption in batch]
     if not todo:
         return None
 
@@ -477,8 +481,8 @@ def build_embedding_cache(
         keys = np.frombuffer(b"".join(key for key, _ in todo), dtype=np.uint8).reshape(-1, KEY_SIZE)
         writer.write_rows("keys", 0, torch.from_numpy(keys.copy()))
         bar = tqdm(total=len(todo), desc="Embedding captions", unit="caption", disable=not progress)
-        for start in range(0, len(todo), batch_size):
-            texts = [caption for _, caption in todo[start : start + batch_size]]
+        start = 0
+        for texts in batches:
             encoded = tokenizer(
                 texts, padding=True, truncation=True, max_length=model.config.max_text_length, return_tensors="pt"
             ).to(device)
@@ -490,6 +494,7 @@ def build_embedding_cache(
                 with _autocast(device, bf16):
                     target = teacher(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"])
                 writer.write_rows(TEACHER_TABLE, start, target.text_embeds.float())
+            start += len(texts)
             bar.update(len(texts))
         bar.close()
     except BaseException:
@@ -506,6 +511,7 @@ __all__ = [
     "caption_key",
     "default_cache_dir",
     "fingerprint",
+    "read_safetensors_header",
     "teacher_identity",
     "text_tower_identity",
     "tokenizer_identity",

@@ -352,6 +352,7 @@ def mntp_mask_token_id(tokenizer) -> int:
         return tokenizer.mask_token_id
     return tokenizer.convert_tokens_to_ids(tokenizer.tokenize("_"))[-1]
 
+
 class CachedEmbeddingCollator:
     """Adds cached embeddings to the batches of a stage collator built without tokenizers.
 

@@ -1,14 +1,16 @@
-"""Training data: load image-text datasets, decode and transform images like CLIP, count what is skipped.
+"""Image-text data for training and evaluation: load datasets, decode and transform images like CLIP, count skips.
 
-1. `load_training_dataset(spec, ...)` reads anything `datasets.load_dataset` reads: a local folder (an imagefolder
-   with `metadata.jsonl` / `metadata.csv`, or a folder of csv / jsonl / parquet files), a file or glob
-   (`.csv`, `.jsonl`, `.json`, `.parquet`, `.arrow`, `.txt` captions only, `.tar` webdataset shards), or a Hub
-   dataset (`name` or `name:config`), in memory-mapped or streaming mode. Images stay undecoded in the dataset
-   (`datasets.Image(decode=False)`), so a corrupt file never breaks loading or iteration.
+1. `load_image_text_dataset(spec, ...)` reads anything `datasets.load_dataset` reads: a local folder (an imagefolder
+   with `metadata.jsonl` / `metadata.csv` or class subfolders, or a folder of csv / jsonl / parquet files), a file or
+   glob (`.csv`, `.jsonl`, `.json`, `.parquet`, `.arrow`, `.txt` captions only, `.tar` webdataset shards), or a Hub
+   dataset (`name` or `name:config`), in memory-mapped or streaming mode. `proclip train`, `proclip embed`, stage 0
+   and `proclip eval` all load through it. Images stay undecoded in the dataset (`datasets.Image(decode=False)`), so
+   a corrupt file never breaks loading or iteration; `decode_image` decodes one value where it is used.
 2. `CLIPImageTransform` turns a PIL image into `pixel_values` with PIL and torch only: the eval transform mirrors
    `CLIPImageProcessor` (resize the shortest side, center crop, rescale, normalise), the train transform replaces
    resize + crop by RandomResizedCrop(scale 0.9-1.0, bicubic). Size, mean and std come from the model's processor.
 3. `SkipCounter` sums the per-reason counts of samples the collators (`collators.py`) dropped.
+4. `longest_first_batches` orders texts for embedding (the cache, evaluation and every text tower batch this way).
 """
 
 from __future__ import annotations
@@ -124,7 +126,6 @@ class DataSpec:
         if self.kind == "files" and "://" not in self.source:
             return os.path.abspath(os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in self.files]))
         return None
-        return None
 
 
 def _resolve_paths(paths: list, base: str) -> list:
@@ -184,64 +185,92 @@ def _load_files(spec: DataSpec, split, streaming, image_column, cache_dir, load_
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 
-def load_training_dataset(
+def _builder_kwargs(load_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The `load_dataset` arguments that also apply to `load_dataset_builder` / `get_dataset_split_names`."""
+    return {k: v for k, v in load_kwargs.items() if k in ("token", "revision", "storage_options")}
+
+
+def _local_split_names(spec: DataSpec, folder_builder) -> list[str]:
+    """Files hold one split, `"train"`; a folder, the splits its file names give (`train/`, `test.csv`, ...)."""
+    return ["train"] if spec.kind == "files" else [str(name) for name in folder_builder.config.data_files]
+
+
+def split_names(spec: str | os.PathLike | DataSpec, cache_dir: str | None = None, **load_kwargs) -> list[str]:
+    """The splits a data spec holds: `["train"]` for files, the splits of a folder's file names (`train/`,
+    `test.csv`, ...), or those `datasets.get_dataset_split_names` lists for a Hub dataset."""
+    if not isinstance(spec, DataSpec):
+        spec = DataSpec.parse(spec)
+    kwargs = _builder_kwargs(load_kwargs)
+    if spec.kind == "hub":
+        return list(datasets.get_dataset_split_names(spec.name, spec.config, cache_dir=cache_dir, **kwargs))
+    builder = datasets.load_dataset_builder(spec.source, cache_dir=cache_dir, **kwargs) if spec.kind == "folder" else None
+    return _local_split_names(spec, builder)
+
+
+def load_image_text_dataset(
     spec: str | os.PathLike | DataSpec,
     split: str = "train",
     streaming: bool = False,
     image_column: str | None = None,
-    caption_columns: str | Sequence[str] = ("caption",),
+    caption_columns: str | Sequence[str] = (),
     noise_caption_column: str | None = None,
+    label_column: str | None = None,
     cache_dir: str | None = None,
     **load_kwargs,
 ) -> datasets.Dataset | datasets.IterableDataset:
-    """Load a training split with its images left undecoded.
+    """Load one split of image-text data with its images left undecoded: what training and evaluation read.
 
     Args:
-        spec: a local folder (imagefolder with `metadata.jsonl` / `metadata.csv`, or csv / json / parquet files),
-            a file or glob (`.csv`, `.json`, `.jsonl`, `.parquet`, `.arrow`, `.txt`, `.tar` webdataset shards;
-            relative image paths are resolved against the folder of the file that lists them), or a Hub dataset
-            `name` / `name:config`. See `DataSpec.parse`.
-        split: the split to read (for files, everything is `"train"`). Slicing like `"train[:1000]"` works; for
-            files in several folders it applies to each folder's files.
+        spec: a local folder (imagefolder with `metadata.jsonl` / `metadata.csv` or class subfolders, or csv / json /
+            parquet files), a file or glob (`.csv`, `.json`, `.jsonl`, `.parquet`, `.arrow`, `.txt`, `.tar`
+            webdataset shards; relative image paths are resolved against the folder of the file that lists them), or
+            a Hub dataset `name` / `name:config`. See `DataSpec.parse`.
+        split: the split to read (for files, everything is `"train"`; see `split_names`). Slicing like
+            `"train[:1000]"` works; for files in several folders it applies to each folder's files.
         streaming: return an `IterableDataset` that reads as it goes (data larger than the disk).
         image_column: the column with images (an `Image` feature, a path, bytes or `{"bytes", "path"}`); `None`
-            for captions-only data (stage 1). For webdataset shards it is the file suffix, e.g. `"jpg"`.
-        caption_columns: the caption column(s); each holds a string or a list of strings.
+            for captions-only data (stage 0 and 1). For webdataset shards it is the file suffix, e.g. `"jpg"`.
+        caption_columns: the caption column(s) that must exist; each holds a string or a list of strings.
         noise_caption_column: stage 1's optional second caption view, checked like the others.
+        label_column: zero-shot evaluation's class column, checked like the others.
         cache_dir: `datasets` cache directory.
         **load_kwargs: passed to `datasets.load_dataset` (e.g. `revision`, `token`, `num_proc`, `delimiter`).
 
     Returns:
         A `datasets.Dataset` (or `IterableDataset` when streaming) with every column kept and every `Image` column
-        cast to `Image(decode=False)`: rows hold `{"bytes", "path"}` and the collators decode them, counting the
-        ones that fail. Keep the raw columns through the `Trainer` with `remove_unused_columns=False`.
+        cast to `Image(decode=False)`: rows hold `{"bytes", "path"}`, and `decode_image` decodes them where they are
+        used (the collators count the ones that fail). Keep the raw columns through the `Trainer` with
+        `remove_unused_columns=False`.
 
     Raises:
-        ValueError: a requested column is missing (the message lists the available ones).
+        ValueError: a requested column or split is missing (the message lists the available ones).
     """
     if not isinstance(spec, DataSpec):
         spec = DataSpec.parse(spec)
     caption_columns = (caption_columns,) if isinstance(caption_columns, str) else tuple(caption_columns)
-    if not caption_columns:
-        raise ValueError("At least one caption column is needed.")
 
+    split_name = split.split("[")[0]
+    builder = None
+    if spec.kind == "folder":
+        builder = datasets.load_dataset_builder(spec.source, cache_dir=cache_dir, **_builder_kwargs(load_kwargs))
+    if spec.kind != "hub":  # a Hub dataset's splits cost a request: `datasets` names a missing one itself
+        available_splits = _local_split_names(spec, builder)
+        if split_name not in available_splits:
+            raise ValueError(
+                f"{spec.source!r} has no split {split_name!r}; it has {', '.join(available_splits)}. Pick one with "
+                "--split."
+            )
     if spec.kind == "hub":
         dataset = datasets.load_dataset(
             spec.name, spec.config, split=split, streaming=streaming, cache_dir=cache_dir, **load_kwargs
         )
     elif spec.kind == "folder":
-        builder_kwargs = {k: v for k, v in load_kwargs.items() if k in ("token", "revision", "storage_options")}
-        builder = datasets.load_dataset_builder(spec.source, cache_dir=cache_dir, **builder_kwargs)
         if isinstance(builder, FolderBasedBuilder):
             dataset = datasets.load_dataset(
                 spec.source, split=split, streaming=streaming, cache_dir=cache_dir, **load_kwargs
             )
         else:  # a folder of data files: load them as files, so image paths resolve against each file's folder
-            data_files = {str(name): files for name, files in builder.config.data_files.items()}
-            split_name = split.split("[")[0]
-            if split_name not in data_files:
-                raise ValueError(f"No split {split_name!r} in {spec.source!r}; found: {', '.join(data_files)}.")
-            files = tuple(data_files[split_name])
+            files = tuple(builder.config.data_files[split_name])
             files_spec = DataSpec(kind="files", source=spec.source, builder=builder.name, files=files)
             split = "train" + split[len(split_name) :]
             dataset = _load_files(files_spec, split, streaming, image_column, cache_dir, load_kwargs)
@@ -252,8 +281,8 @@ def load_training_dataset(
     available = _column_names(dataset)
     requested = [(image_column, "image column")] if image_column is not None else []
     requested += [(name, "caption column") for name in caption_columns]
-    if noise_caption_column is not None:
-        requested.append((noise_caption_column, "noise caption column"))
+    requested += [(name, role) for name, role in ((noise_caption_column, "noise caption column"),
+                                                  (label_column, "label column")) if name is not None]
     missing = [f"{role} {name!r}" for name, role in requested if name not in available]
     if missing:
         raise ValueError(
@@ -409,7 +438,7 @@ class CLIPImageTransform:
 class SkipCounter:
     """Totals of dropped samples per reason, fed from the `"skipped"` entry of each batch the collators make.
 
-    The training loop owns one counter and calls `counter.update_from_batch(batch)` on every batch it trains on (in
+    The training loop owns one counter and adds each batch's popped `batch["skipped"]` with `counter.update(...)` (in
     the main process, after the DataLoader); at the end, `counter.all_reduce()` sums the ranks and `summary()` says
     it in words. Updates take a lock, so threads may share a counter.
     """
@@ -420,28 +449,10 @@ class SkipCounter:
         if counts:
             self.update(counts)
 
-    def add(self, reason: str, n: int = 1) -> None:
-        with self._lock:
-            self._counts[reason] += int(n)
-
     def update(self, counts: Mapping[str, int]) -> None:
         with self._lock:
             for reason, n in counts.items():
                 self._counts[reason] += int(n)
-
-    def update_from_batch(self, batch: dict) -> dict:
-        """Pop `batch["skipped"]` (if present) into the totals; return the batch, ready for the model."""
-        counts = batch.pop(SKIPPED_KEY, None)
-        if counts:
-            self.update(counts)
-        return batch
-
-    def __getitem__(self, reason: str) -> int:
-        return self._counts[reason]
-
-    @property
-    def total(self) -> int:
-        return sum(self._counts.values())
 
     def as_dict(self) -> dict[str, int]:
         with self._lock:
@@ -473,7 +484,24 @@ class SkipCounter:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Collators
+# Texts
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def longest_first_batches(texts: Sequence[str], batch_size: int) -> list[list[int]]:
+    """Indices of `texts` in batches of `batch_size`, longest text first (by characters; ties keep their order).
+
+    Texts of similar length share a batch, so little padding is computed, and the largest batch comes first, so an
+    out-of-memory error shows at once. Whoever embeds with these batches puts each result back at its index.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive; got {batch_size}")
+    order = sorted(range(len(texts)), key=lambda index: -len(texts[index]))
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Captions of a row
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -516,6 +544,8 @@ __all__ = [
     "decode_image",
     "iter_captions",
     "iter_row_captions",
-    "load_training_dataset",
+    "load_image_text_dataset",
+    "longest_first_batches",
+    "split_names",
     "to_rgb",
 ]

@@ -38,7 +38,7 @@ from transformers import set_seed as transformers_set_seed
 from configuration_proclip import TEXT_TOWER_SETTINGS_FILE, TextTowerSettings
 
 from .arguments import ProCLIPTrainingArguments
-from .data import SkipCounter, load_training_dataset
+from .data import SkipCounter, load_image_text_dataset
 from .trainer import ProCLIPTrainer
 
 STAGE0_REPORT_FILE = "stage0_report.json"
@@ -66,7 +66,7 @@ def train_stage0(args: ProCLIPTrainingArguments) -> Path:
     Writes `stage0_report.json` there too: settings, LoRA, losses, skipped rows and the wall time of each phase.
     """
     started = time.perf_counter()
-    dataset = load_training_dataset(
+    dataset = load_image_text_dataset(
         args.data, split=args.split, streaming=args.streaming, caption_columns=args.caption_columns
     )
     transformers_set_seed(args.seed)  # the LoRA initialisation

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel
 from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
@@ -56,8 +57,6 @@ def full_parameters(wrapped: nn.Module):
     FSDP1 (`FullyShardedDataParallel`) keeps only each rank's shard between forward passes; FSDP2 parameters are
     DTensors (see `_full_tensor`), and DDP and DeepSpeed ZeRO-1/2 replicate parameters, so they need nothing.
     """
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
     if isinstance(wrapped, FullyShardedDataParallel):
         return FullyShardedDataParallel.summon_full_params(wrapped, writeback=False)
     return contextlib.nullcontext()
@@ -117,7 +116,7 @@ class ProCLIPTrainer(Trainer):
         args: `ProCLIPTrainingArguments`: `stage` and every stage option. It is not modified: the trainer works on a
             copy whose `remove_unused_columns` is `False` (the collators read raw columns).
         train_dataset: rows with caption column(s) (and an image column in stage 2), e.g. from
-            `data.load_training_dataset`.
+            `data.load_image_text_dataset`.
         processing_class: stages 1-2: the model's `ProCLIPProcessor`; stage 0: the LLM's tokenizer (the stage writes
             the text tower's settings into it). It builds the default collator and is saved with the model.
         data_collator: optional; by default the stage's collator (`collators.py`, wrapped to read `embedding_cache`).
