@@ -23,8 +23,8 @@ from pathlib import Path
 import jinja2
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from ..training.arguments import STAGE_ALIASES
 from ..training.cache import read_safetensors_header
-from ..training.stages import STAGE_ALIASES
 
 logger = logging.getLogger(__name__)
 
@@ -420,8 +420,9 @@ OPTIONS_FILE, ARGS_FILE, STATE_FILE, REPORT_FILE = (
     "proclip_arguments.json", "training_args.json", "trainer_state.json", "training_report.json"
 )
 TRAINING_FILES = (OPTIONS_FILE, ARGS_FILE, STATE_FILE, REPORT_FILE)
-# A training stage's name (`training.stages.STAGES`) -> section title; `proclip train --stage 1|2` are its aliases.
+# A training stage's name (`training.stages.STAGES`) -> section title; `proclip train --stage 0|1|2` are its aliases.
 STAGE_TITLES = {
+    "caption-contrastive": "Stage 0: caption-contrastive fine-tuning of the LLM (LLM2CLIP)",
     "inheritance": "Stage 1: representation inheritance",
     "contrastive": "Stage 2: contrastive tuning with self-distillation",
 }
