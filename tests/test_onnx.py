@@ -173,9 +173,12 @@ def test_push_uploads_and_card_lists_the_onnx_files(exported):
 def test_cli_exports_a_folder(tmp_path, tiny_proclip_dir, capsys):
     folder = tmp_path / "model"
     shutil.copytree(tiny_proclip_dir, folder)
+    (folder / "onnx").mkdir()
+    (folder / "onnx" / "text_model_int8.onnx").write_bytes(b"from an older export")
     main(["export", "--format", "onnx", "--model", str(folder)])
     out = capsys.readouterr().out
     assert "vision_model.onnx: max |ONNX Runtime - PyTorch|" in out
+    # the int8 file of an earlier export would not match the new weights: gone
     assert sorted(p.name for p in (folder / "onnx").iterdir()) == ["text_model.onnx", "vision_model.onnx"]
 
 

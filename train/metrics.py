@@ -268,7 +268,8 @@ def image_text_retrieval_recall(
 
     Image→text: each image queries all captions; a hit if any of its own captions is in the top K.
     Text→image: each caption queries all images; a hit if its image is in the top K. With one caption per
-    image (`text_image_ids = arange(N)`) this is the 1:1 long-text protocol.
+    image (`text_image_ids = arange(N)`) this is the 1:1 long-text protocol. Both directions come from one pass
+    over the similarities, `chunk_size` images at a time (memory: M × chunk_size scores).
 
     Args:
         image_embeds: (N, D).
@@ -279,8 +280,6 @@ def image_text_retrieval_recall(
         `{"image_to_text_R@K": ..., "text_to_image_R@K": ...}` for each K.
     """
     text_image_ids = torch.as_tensor(text_image_ids, dtype=torch.long)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be positive; got {chunk_size}")
     if text_image_ids.shape != (text_embeds.shape[0],):
         raise ValueError(f"text_image_ids must give one image per caption, shape ({text_embeds.shape[0]},)")
     if text_image_ids.numel() and (text_image_ids.min() < 0 or text_image_ids.max() >= image_embeds.shape[0]):

@@ -23,6 +23,7 @@ length than the export's example), fp32 must agree within `atol`; the int8 files
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import logging
 import sys
@@ -52,6 +53,10 @@ INT8_WARN_COSINE = 0.99
 
 class ExportError(ValueError):
     """The folder or the options cannot be exported: a user error, reported in one line."""
+
+
+class ParityError(RuntimeError):
+    """The written fp32 files do not reproduce PyTorch's embeddings within the tolerance."""
 
 
 @dataclass
@@ -251,8 +256,6 @@ def check_proclip_folder(model_dir: str | Path) -> Path:
 
 def require_onnx_packages() -> None:
     """`ExportError` naming the install command if onnx, onnxscript or onnxruntime is missing."""
-    import importlib.util
-
     missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
     if missing:
         raise ExportError(f"ONNX export needs {', '.join(missing)}: pip install 'proclip[onnx]'")
@@ -263,7 +266,7 @@ def export_onnx(model_dir: str | Path, options: OnnxExportOptions | None = None)
 
     Raises:
         ExportError: not a ProCLIP folder, an unknown quantization, or missing ONNX packages.
-        RuntimeError: ONNX Runtime's fp32 embeddings differ from PyTorch's by more than `options.atol`.
+        ParityError: ONNX Runtime's fp32 embeddings differ from PyTorch's by more than `options.atol`.
     """
     options = options or OnnxExportOptions()
     folder = check_proclip_folder(model_dir)
@@ -288,9 +291,13 @@ def export_onnx(model_dir: str | Path, options: OnnxExportOptions | None = None)
         text_axes = {"input_ids": {0: batch, 1: sequence}, "attention_mask": {0: batch, 1: sequence}}
         text = {name: example[name] for name in ("input_ids", "attention_mask")}
         report.files += _export_graph(TextEmbeddings(model), text, text_axes, "text_embeds", paths["text"], options.opset)
-        if options.quantize:
-            for tower, target in onnx_paths(folder, options.quantize).items():
-                report.files += quantize_int8(paths[tower], target)
+        for quantize in QUANTIZATIONS:  # a variant not asked for now would be stale beside the new fp32 files
+            for tower, target in onnx_paths(folder, quantize).items():
+                if quantize == options.quantize:
+                    report.files += quantize_int8(paths[tower], target)
+                else:
+                    target.unlink(missing_ok=True)
+                    target.with_name(target.name + ".data").unlink(missing_ok=True)
         reference = {
             "vision": model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output,
             "text": model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).pooler_output,
@@ -315,7 +322,7 @@ def _check_against_pytorch(folder: Path, inputs: dict, reference: dict, options:
                 report.max_abs_diff[path.name] = (embeds[tower] - reference[tower]).abs().max().item()
     worst = {name: diff for name, diff in report.max_abs_diff.items() if not diff <= options.atol}
     if worst:
-        raise RuntimeError(
+        raise ParityError(
             f"ONNX Runtime and PyTorch embeddings differ by more than atol={options.atol}: "
             + ", ".join(f"{name} {diff:.2e}" for name, diff in worst.items())
         )
@@ -331,6 +338,9 @@ def run_export(args: argparse.Namespace) -> OnnxExportReport:
     except ExportError as error:
         print(f"proclip export: {error}", file=sys.stderr)
         raise SystemExit(2) from error
+    except ParityError as error:
+        print(f"proclip export: {error}", file=sys.stderr)
+        raise SystemExit(1) from error
     for path in report.files:
         print(f"  {path.stat().st_size / 2**20:9.1f} MiB  {path}")
     for name, diff in report.max_abs_diff.items():
