@@ -14,7 +14,9 @@ import pytest
 
 TRAIN = Path(__file__).resolve().parents[1] / "train"
 PACKAGE = "proclip_train"
-OPTIONAL_DEPENDENCIES = {"peft", "matplotlib", "gguf", "sentence_transformers"}
+# Genuinely optional: stage 0 (peft), card plots (matplotlib), the GGUF demo LLMs (gguf), the ONNX export (onnx,
+# onnxruntime, onnxscript), sentence-transformers.
+OPTIONAL_DEPENDENCIES = {"peft", "matplotlib", "gguf", "sentence_transformers", "onnx", "onnxruntime", "onnxscript"}
 MAX_LINES = 800
 
 

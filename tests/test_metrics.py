@@ -147,6 +147,47 @@ def test_chunked_and_unchunked_retrieval_agree_and_match_a_sorting_reference():
     assert recall["text_to_image_R@1"] == pytest.approx((text_ranks < 1).float().mean().item())
 
 
+def _exact_unit_vectors(n: int, dim: int, generator) -> torch.Tensor:
+    """Rows with four entries of +-1 and zeros elsewhere: norm exactly 2, so every cosine is computed exactly and
+    equal cosines are equal floats (many exact ties)."""
+    rows = torch.zeros(n, dim)
+    for row in rows:
+        row[torch.randperm(dim, generator=generator)[:4]] = torch.randint(0, 2, (4,), generator=generator) * 2.0 - 1
+    return rows
+
+
+def _pessimistic_reference_ranks(scores: list[list[float]], positives: list[list[int]]) -> list[int]:
+    """Wrong items scoring at least the best positive (NaN as -inf), by plain loops."""
+    clean = [[float("-inf") if math.isnan(x) else x for x in row] for row in scores]
+    ranks = []
+    for row, own in zip(clean, positives):
+        best = max(row[item] for item in own)
+        ranks.append(sum(1 for item, x in enumerate(row) if item not in own and x >= best))
+    return ranks
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 16, 1000])
+def test_one_pass_image_text_recall_is_exact_under_ties_nan_and_any_chunking(chunk_size):
+    generator = torch.Generator().manual_seed(2)
+    images = _exact_unit_vectors(29, 6, generator)
+    owners = torch.arange(29).repeat_interleave(torch.randint(1, 4, (29,), generator=generator))
+    owners = owners[torch.randperm(len(owners), generator=generator)]  # captions not grouped by image
+    captions = _exact_unit_vectors(len(owners), 6, generator)
+    images[3] = float("nan")  # an image that cannot be embedded ranks last everywhere
+    captions[5] = float("nan")
+    cosine = (images @ captions.T / 4).tolist()  # exact: entries in {0, +-1/4, ..., +-1}
+    own = caption_indices_per_image(owners, 29)
+    image_ranks = torch.tensor(_pessimistic_reference_ranks(cosine, own))
+    text_ranks = torch.tensor(_pessimistic_reference_ranks([list(c) for c in zip(*cosine)], [[o] for o in owners.tolist()]))
+    ks = (1, 2, 5, 10)
+    recall = image_text_retrieval_recall(images, captions, owners, ks=ks, chunk_size=chunk_size)
+    expected = {f"image_to_text_R@{k}": (image_ranks < k).float().mean().item() for k in ks}
+    expected |= {f"text_to_image_R@{k}": (text_ranks < k).float().mean().item() for k in ks}
+    assert recall == pytest.approx(expected)
+    assert 0 < expected["text_to_image_R@1"] < expected["text_to_image_R@10"] < 1  # ties and misses both occur
+    assert retrieval_ranks(images, captions, own, chunk_size=chunk_size).tolist() == image_ranks.tolist()
+
+
 def test_caption_indices_per_image_keep_the_given_order():
     assert caption_indices_per_image(torch.tensor([1, 0, 0, 1, 3]), 4) == [[1, 2], [0, 3], [], [4]]
 

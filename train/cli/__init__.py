@@ -8,6 +8,7 @@ from .convert import add_convert_parser
 from .demo import add_demo_parser
 from .embed import add_embed_parser
 from .eval import add_eval_parser
+from .export import add_export_parser
 from .init import add_init_parser
 from .push import add_push_parser
 from .train import add_train_parser
@@ -21,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_card_parser(subparsers)
     add_push_parser(subparsers)
     add_convert_parser(subparsers)
+    add_export_parser(subparsers)
     add_embed_parser(subparsers)
     add_train_parser(subparsers)
     add_demo_parser(subparsers)

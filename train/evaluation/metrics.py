@@ -12,8 +12,12 @@ than the number of wrong items), where `torch.topk`-style code would reward it f
 Ties among positives do not matter (any positive is a hit). A NaN score counts as -inf: a NaN positive is
 ranked behind every wrong item.
 
-Embedding-level functions compare L2-normalised embeddings (cosine similarity) and compute the
-similarities `chunk_size` queries at a time, so at most `chunk_size × gallery size` scores exist at once.
+Embedding-level functions compare L2-normalised embeddings (cosine similarity) and stream: the similarities
+of `chunk_size` queries to the whole gallery are one (gallery size × chunk_size) block, written into one buffer
+that every chunk reuses, and reduced to ranks at once; neither the (queries × gallery) matrix nor a normalised copy
+of the gallery ever exists (its rows' inverse norms scale the block instead). Image-text retrieval scores both
+directions from the same blocks, so each similarity is computed once: a caption's rank among the images is
+gathered chunk by chunk, keeping its `max(ks) + 1` best-scoring images seen so far.
 
 Recalls and accuracies are fractions in [0, 1].
 """
@@ -31,7 +35,8 @@ Positives = Sequence[Sequence[int]] | torch.Tensor
 
 
 def _padded_positives(positives: Positives, num_queries: int, num_gallery: int, device) -> torch.Tensor:
-    """(Q, P) long tensor of each query's correct gallery indices, short rows padded with their first entry."""
+    """(Q, P) long tensor of each query's correct gallery indices, each row sorted ascending; short rows are padded
+    with their first entry, so padding and repeated indices sit next to their twin (see `_distinct_entries`)."""
     if isinstance(positives, torch.Tensor):
         if positives.ndim != 1:
             raise ValueError(f"a positives tensor holds one gallery index per query, shape (Q,); got {tuple(positives.shape)}")
@@ -43,7 +48,7 @@ def _padded_positives(positives: Positives, num_queries: int, num_gallery: int, 
             raise ValueError(f"every query needs at least one correct gallery item; queries {empty[:10]} have none")
         width = max((len(row) for row in rows), default=1)
         padded = torch.tensor([row + row[:1] * (width - len(row)) for row in rows], dtype=torch.long, device=device)
-        padded = padded.reshape(len(rows), width)
+        padded = padded.reshape(len(rows), width).sort(dim=1).values
     if padded.shape[0] != num_queries:
         raise ValueError(f"positives are given for {padded.shape[0]} queries, but there are {num_queries}")
     if padded.numel() and (padded.min() < 0 or padded.max() >= num_gallery):
@@ -51,11 +56,41 @@ def _padded_positives(positives: Positives, num_queries: int, num_gallery: int, 
     return padded
 
 
-def _ranks_of_padded_positives(scores: torch.Tensor, padded: torch.Tensor) -> torch.Tensor:
-    scores = torch.where(scores.isnan(), float("-inf"), scores)
-    best_positive = scores.gather(1, padded).amax(dim=1, keepdim=True)
-    is_positive = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, padded, True)
-    return ((scores >= best_positive) & ~is_positive).sum(dim=1)
+def _distinct_entries(sorted_positives: torch.Tensor) -> torch.Tensor:
+    """(Q, P) bool: True at the first occurrence of each index in its (sorted) row."""
+    distinct = torch.ones_like(sorted_positives, dtype=torch.bool)
+    distinct[:, 1:] = sorted_positives[:, 1:] != sorted_positives[:, :-1]
+    return distinct
+
+
+def _column_ranks(scores: torch.Tensor, positives: torch.Tensor, workspace: torch.Tensor | None = None) -> torch.Tensor:
+    """Rank of each column's best positive among the column's rows, ties counted against it, NaN as -inf.
+
+    Args:
+        scores: (G, C) float; column j holds query j's score for every gallery item.
+        positives: (C, P) from `_padded_positives`.
+        workspace: a float tensor shaped like `scores` to compare into (may be `scores` itself, which is then
+            overwritten); None allocates one.
+
+    Returns:
+        (C,) long: wrong items scoring at least the best positive's score = all items at or above it, minus the
+        positives at it (those equal to the best, since it is their maximum).
+    """
+    columns = torch.arange(scores.shape[1], device=scores.device)
+    positive_scores = scores[positives, columns[:, None]]
+    positive_scores = positive_scores.masked_fill(positive_scores.isnan(), float("-inf"))
+    best = positive_scores.amax(dim=1)
+    distinct = _distinct_entries(positives)
+    if workspace is None:
+        workspace = torch.empty_like(scores)
+    # A float comparison summed as floats is many times faster than a bool one summed as integers; float32 counts
+    # exactly up to 2**24 gallery items, float64 beyond. A NaN score compares False, i.e. it ranks last.
+    exact = None if scores.shape[0] < 2**24 else torch.float64
+    at_or_above = torch.ge(scores, best, out=workspace).sum(dim=0, dtype=exact).long()
+    tied_positives = ((positive_scores >= best[:, None]) & distinct).sum(dim=1)
+    ranks = at_or_above - tied_positives
+    # Every positive NaN or -inf: each wrong item (NaN ones too, as -inf) ties or beats it.
+    return torch.where(best == float("-inf"), scores.shape[0] - distinct.sum(dim=1), ranks)
 
 
 def best_positive_ranks(scores: torch.Tensor, positives: Positives) -> torch.Tensor:
@@ -73,7 +108,39 @@ def best_positive_ranks(scores: torch.Tensor, positives: Positives) -> torch.Ten
     if scores.ndim != 2:
         raise ValueError(f"scores must be (Q, G); got shape {tuple(scores.shape)}")
     padded = _padded_positives(positives, scores.shape[0], scores.shape[1], scores.device)
-    return _ranks_of_padded_positives(scores, padded)
+    return _column_ranks(scores.T, padded)
+
+
+def _unit_rows(embeds: torch.Tensor) -> torch.Tensor:
+    return F.normalize(embeds.float(), dim=-1)
+
+
+def _inverse_norms(embeds: torch.Tensor) -> torch.Tensor:
+    """(G,) 1 / max(||row||, eps), the factor `F.normalize` divides each row by."""
+    return 1.0 / torch.linalg.vector_norm(embeds.float(), dim=-1).clamp_min(1e-12)
+
+
+class _CosineBlocks:
+    """Cosine similarities of the whole gallery to successive chunks of queries, in one reused buffer.
+
+    Args:
+        gallery: (G, D); used as it is (never normalised or copied when float32).
+        chunk_size: most queries per block; the buffer holds G × min(chunk_size, num_queries) floats.
+        num_queries: how many queries there are in all.
+    """
+
+    def __init__(self, gallery: torch.Tensor, chunk_size: int, num_queries: int):
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be positive; got {chunk_size}")
+        self.gallery = gallery.float()
+        self.inverse_norms = _inverse_norms(self.gallery)[:, None]
+        self.buffer = torch.empty(gallery.shape[0] * min(chunk_size, num_queries), device=gallery.device)
+
+    def __call__(self, queries: torch.Tensor) -> torch.Tensor:
+        """(C, D) queries -> (G, C) cosines, a view of the buffer (overwritten by the next call)."""
+        block = self.buffer[: self.gallery.shape[0] * queries.shape[0]].view(self.gallery.shape[0], queries.shape[0])
+        torch.mm(self.gallery, _unit_rows(queries).T, out=block)
+        return block.mul_(self.inverse_norms)
 
 
 def retrieval_ranks(
@@ -86,23 +153,83 @@ def retrieval_ranks(
 
     Args:
         query_embeds: (Q, D) query embeddings, normalised here.
-        gallery_embeds: (G, D) gallery embeddings, normalised here.
+        gallery_embeds: (G, D) gallery embeddings, compared as normalised.
         positives: as in [`best_positive_ranks`].
         chunk_size: queries scored at once; memory holds `chunk_size × G` scores.
 
     Returns:
         (Q,) long tensor of 0-based ranks, on the embeddings' device.
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be positive; got {chunk_size}")
-    queries = F.normalize(query_embeds.float(), dim=-1)
-    gallery = F.normalize(gallery_embeds.float(), dim=-1)
-    padded = _padded_positives(positives, queries.shape[0], gallery.shape[0], queries.device)
-    ranks = [
-        _ranks_of_padded_positives(queries[start : start + chunk_size] @ gallery.T, padded[start : start + chunk_size])
-        for start in range(0, queries.shape[0], chunk_size)
-    ]
-    return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long, device=queries.device)
+    blocks = _CosineBlocks(gallery_embeds, chunk_size, query_embeds.shape[0])
+    padded = _padded_positives(positives, query_embeds.shape[0], gallery_embeds.shape[0], query_embeds.device)
+    ranks = []
+    for start in range(0, query_embeds.shape[0], chunk_size):
+        block = blocks(query_embeds[start : start + chunk_size])
+        ranks.append(_column_ranks(block, padded[start : start + chunk_size], workspace=block))
+    return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long, device=query_embeds.device)
+
+
+class _RunningTopK:
+    """For each gallery-side row, the `k` highest scores seen so far across column blocks, and their columns.
+
+    Enough to rank a row's single positive exactly while fewer than `k - 1` wrong items beat it: whatever is not kept
+    has `k` kept scores at or above it. A block's score only enters when it beats the row's lowest kept score
+    (equal ones change nothing that is counted), so after the first few blocks few rows are touched.
+    """
+
+    ROWS_AT_ONCE = 8192  # rows gathered out of a block at a time: bounds the copy to 8192 × block width
+
+    def __init__(self, num_rows: int, k: int, device):
+        self.k = k
+        self.scores = torch.full((num_rows, k), float("-inf"), device=device)
+        self.columns = torch.full((num_rows, k), -1, dtype=torch.long, device=device)
+
+    def update(self, block: torch.Tensor, first_column: int) -> None:
+        """Take in a (rows, C) block whose columns are `first_column`, `first_column + 1`, ... (NaN-free)."""
+        changed = (block.amax(dim=1) > self.scores[:, -1]).nonzero().squeeze(1)
+        for rows in changed.split(self.ROWS_AT_ONCE):
+            new = block[rows].topk(min(self.k, block.shape[1]), dim=1)
+            scores = torch.cat([self.scores[rows], new.values], dim=1)
+            columns = torch.cat([self.columns[rows], new.indices + first_column], dim=1)
+            kept = scores.topk(self.k, dim=1)
+            self.scores[rows] = kept.values
+            self.columns[rows] = columns.gather(1, kept.indices)
+
+    def ranks(self, positive_scores: torch.Tensor, positives: torch.Tensor, num_columns: int) -> torch.Tensor:
+        """(rows,) rank of each row's positive column (score `positive_scores`, NaN = -inf), capped at `k - 1`."""
+        positive_scores = positive_scores.masked_fill(positive_scores.isnan(), float("-inf"))
+        wrong = (self.columns >= 0) & (self.columns != positives[:, None])
+        ranks = ((self.scores >= positive_scores[:, None]) & wrong).sum(dim=1)
+        ranks = torch.where(positive_scores == float("-inf"), num_columns - 1, ranks)
+        return ranks.clamp(max=self.k - 1)
+
+
+def _image_text_ranks(
+    image_embeds: torch.Tensor, text_embeds: torch.Tensor, text_image_ids: torch.Tensor, max_rank: int, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image→text ranks (N,) and text→image ranks (M,) capped at `max_rank`, from one pass over (M, chunk) blocks
+    of the similarity matrix: each image-caption similarity is computed once and serves both directions."""
+    num_images = image_embeds.shape[0]
+    captions = _padded_positives(
+        caption_indices_per_image(text_image_ids, num_images), num_images, text_embeds.shape[0], image_embeds.device
+    )
+    own_image = text_image_ids.to(image_embeds.device)
+    own_image_scores = torch.empty(text_embeds.shape[0], device=image_embeds.device)
+    blocks = _CosineBlocks(text_embeds, chunk_size, num_images)
+    best_images = _RunningTopK(text_embeds.shape[0], min(max_rank + 1, num_images), image_embeds.device)
+    # A sum is finite unless an entry is NaN or infinite (or it overflows, which only costs the NaN check below).
+    finite = bool(torch.isfinite(image_embeds.float().sum() + text_embeds.float().sum()))
+    image_ranks = []
+    for start in range(0, num_images, chunk_size):
+        block = blocks(image_embeds[start : start + chunk_size])
+        if not finite:  # only non-finite embeddings give NaN scores; the running top-k needs them as -inf
+            block.masked_fill_(block.isnan(), float("-inf"))
+        own = ((own_image >= start) & (own_image < start + block.shape[1])).nonzero().squeeze(1)
+        own_image_scores[own] = block[own, own_image[own] - start]
+        best_images.update(block, start)
+        image_ranks.append(_column_ranks(block, captions[start : start + chunk_size], workspace=block))
+    text_ranks = best_images.ranks(own_image_scores, own_image, num_images)
+    return torch.cat(image_ranks), text_ranks
 
 
 def recall_at_k(ranks: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[int, float]:
@@ -141,7 +268,8 @@ def image_text_retrieval_recall(
 
     Image→text: each image queries all captions; a hit if any of its own captions is in the top K.
     Text→image: each caption queries all images; a hit if its image is in the top K. With one caption per
-    image (`text_image_ids = arange(N)`) this is the 1:1 long-text protocol.
+    image (`text_image_ids = arange(N)`) this is the 1:1 long-text protocol. Both directions come from one pass
+    over the similarities, `chunk_size` images at a time (memory: M × chunk_size scores).
 
     Args:
         image_embeds: (N, D).
@@ -152,9 +280,13 @@ def image_text_retrieval_recall(
         `{"image_to_text_R@K": ..., "text_to_image_R@K": ...}` for each K.
     """
     text_image_ids = torch.as_tensor(text_image_ids, dtype=torch.long)
-    captions = caption_indices_per_image(text_image_ids, image_embeds.shape[0])
-    image_to_text = recall_at_k(retrieval_ranks(image_embeds, text_embeds, captions, chunk_size), ks)
-    text_to_image = recall_at_k(retrieval_ranks(text_embeds, image_embeds, text_image_ids, chunk_size), ks)
+    if text_image_ids.shape != (text_embeds.shape[0],):
+        raise ValueError(f"text_image_ids must give one image per caption, shape ({text_embeds.shape[0]},)")
+    if text_image_ids.numel() and (text_image_ids.min() < 0 or text_image_ids.max() >= image_embeds.shape[0]):
+        raise ValueError(f"caption image ids must lie in [0, {image_embeds.shape[0]})")
+    image_ranks, text_ranks = _image_text_ranks(image_embeds, text_embeds, text_image_ids, max(ks), chunk_size)
+    image_to_text = recall_at_k(image_ranks, ks)
+    text_to_image = recall_at_k(text_ranks, ks)
     return {f"image_to_text_R@{k}": value for k, value in image_to_text.items()} | {
         f"text_to_image_R@{k}": value for k, value in text_to_image.items()
     }

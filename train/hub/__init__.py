@@ -1,1 +1,2 @@
-"""The Hub side: build a checkpoint from towers, convert upstream checkpoints, model cards, push."""
+"""Everything that turns a trained ProCLIP folder into something others use: build from towers, convert upstream
+checkpoints, model cards, push, ONNX export."""

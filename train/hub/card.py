@@ -617,6 +617,7 @@ def build_model_card(
         example_image=example_image,
         labels_repr=repr(list(example_labels)),
         plot_file=plot_path.name if plot_path else None,
+        onnx_files=sorted(path.relative_to(folder).as_posix() for path in folder.glob("onnx/*.onnx")),
         score_tables=[t for t in map(partial(_score_table, evaluations), tasks) if t],
         evaluations=evaluations,
         commands=list(dict.fromkeys(_readable_command(e.command) for e in evaluations if e.command)),
