@@ -18,18 +18,17 @@ import urllib.request
 import pytest
 import torch
 from PIL import Image
-
-from proclip_train.hub.serve import ServerConfig, free_port, post_json, run_clients, serving
+from proclip_train.hub.serve import (
+    ServerConfig,
+    free_port,
+    png_base64,
+    post_json,
+    run_clients,
+    serving,
+    zero_shot_workloads,
+)
 
 CLIENTS, REQUESTS = 8, 50
-LABEL_POOL = ["red", "blue", "green", "a red circle", "ein blaues Quadrat", "un triangle vert", "猫", "a dog",
-              "yellow", "purple shape", "Kreis", "square"]  # fmt: skip
-
-
-def png_base64(colour, size=(40, 30)) -> str:
-    buffer = io.BytesIO()
-    Image.new("RGB", size, colour).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
 
 
 @pytest.fixture(scope="module")
@@ -63,15 +62,15 @@ def test_zero_shot_answer_is_the_pipelines(url, checkpoint):
     expected = classifier(image, candidate_labels=labels, hypothesis_template="a photo of {}.")
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    status, answer = post_json(url, {"inputs": base64.b64encode(buffer.getvalue()).decode(),
-                                     "parameters": {"candidate_labels": labels, "hypothesis_template": "a photo of {}."}})
+    parameters = {"candidate_labels": labels, "hypothesis_template": "a photo of {}."}
+    status, answer = post_json(url, {"inputs": base64.b64encode(buffer.getvalue()).decode(), "parameters": parameters})
     assert status == 200
     assert [r["label"] for r in answer] == [r["label"] for r in expected]
     assert [r["score"] for r in answer] == pytest.approx([r["score"] for r in expected], abs=1e-5)
 
 
 def test_labels_as_one_string_are_split_on_commas(url):
-    image = png_base64((30, 30, 200))
+    image = png_base64((30, 30, 200), (40, 30))
     as_list = post_json(url, {"inputs": image, "parameters": {"candidate_labels": ["red", "blue", "grün"]}})
     as_text = post_json(url, {"inputs": image, "parameters": {"candidate_labels": " red, blue ,grün,"}})
     assert as_list[0] == as_text[0] == 200
@@ -82,8 +81,8 @@ def test_embedding_requests_give_the_models_features(url, model):
     model, processor = model
     captions = ["a red circle", "ein blaues Quadrat unter einem grünen Dreieck"]
     images = [Image.new("RGB", (40, 30), (200, 30, 30)), Image.new("RGB", (20, 50), (30, 200, 30))]
-    status, answer = post_json(url, {"inputs": {"text": captions,
-                                                "image": [png_base64((200, 30, 30)), png_base64((30, 200, 30), (20, 50))]}})
+    encoded = [png_base64((200, 30, 30), (40, 30)), png_base64((30, 200, 30), (20, 50))]
+    status, answer = post_json(url, {"inputs": {"text": captions, "image": encoded}})
     assert status == 200 and set(answer) == {"text_embeds", "image_embeds"}
     with torch.inference_mode():
         text = model.get_text_features(**processor(text=captions)).pooler_output
@@ -129,7 +128,7 @@ def announce_body(url: str, size: int) -> tuple[int, dict]:
 
 
 def test_malformed_requests_get_400_naming_the_problem_and_the_server_keeps_answering(url):
-    image = png_base64((10, 200, 10))
+    image = png_base64((10, 200, 10), (40, 30))
     labels = {"candidate_labels": ["a", "b"]}
     cases = [
         ({"parameters": labels}, '"inputs"'),
@@ -167,24 +166,8 @@ def test_malformed_requests_get_400_naming_the_problem_and_the_server_keeps_answ
     assert status == 200 and {r["label"] for r in answer} == {"a", "b"}
 
 
-def workloads() -> list[list[dict]]:
-    """CLIENTS x REQUESTS zero-shot requests, no two alike: image colour and size, labels and template vary."""
-    loads = []
-    for client in range(CLIENTS):
-        requests = []
-        for i in range(REQUESTS):
-            n = client * REQUESTS + i
-            colour = ((37 * n) % 256, (91 * n + 40) % 256, (53 * client + 7 * i) % 256)
-            labels = [LABEL_POOL[(n + step * (client + 1)) % len(LABEL_POOL)] for step in range(2 + n % 4)]
-            requests.append({"inputs": png_base64(colour, (24 + n % 17, 24 + client)),
-                             "parameters": {"candidate_labels": list(dict.fromkeys(labels)),
-                                            "hypothesis_template": ("a photo of {}.", "{}")[n % 2]}})
-        loads.append(requests)
-    return loads
-
-
 def test_eight_concurrent_clients_get_the_sequential_answers(url):
-    loads = workloads()
+    loads = zero_shot_workloads(CLIENTS, REQUESTS)
     sequential = run_clients(url, [[payload for load in loads for payload in load]], timeout=60)
     assert sequential.errors == 0
     concurrent = run_clients(url, loads, timeout=60)

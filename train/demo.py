@@ -265,8 +265,7 @@ class EvalSet:
     def load(cls, world_dir: Path, split: str, processor, n_long: int) -> "EvalSet":
         from PIL import Image
 
-        from .hub.space import SpaceOptions, run_instructions, write_space
-from .synthetic_world import load_world_config
+        from .synthetic_world import load_world_config
 
         world = load_world_config(world_dir)
         rows = read_metadata(world_dir, split)
@@ -772,7 +771,8 @@ class Demo:
                     "eval_files": [str(self.final_dir / Path(r).name) for r in results]}
 
         record = self._timed(self.out / "steps" / "final", build)
-        log(f"The final model's Gradio Space is in {self.space_dir}.\n" + run_instructions(self.final_dir, self.space_dir))
+        log(f"The final model's Gradio Space is in {self.space_dir}.\n"
+            + run_instructions(self.final_dir, self.space_dir))
         return record
 
     def eval_results(self, model, processor, folder: Path) -> list[str]:

@@ -14,15 +14,17 @@ when an answer takes over `timeout` s; 500 for anything else. After any of them 
 One worker thread runs the handler, so requests are answered one at a time in arrival order: on a CPU the model
 already uses every core for one request, and a fast tokenizer must not run in two threads at once.
 
-The client side (`post_json`, `run_clients`) drives such a server for the load test (bench/bench_handler_server.py);
-it only targets loopback addresses.
+The client side (`post_json`, `run_clients`, `zero_shot_workloads`) drives such a server for the load test
+(tests/test_handler_server.py, bench/bench_handler_server.py); it only targets loopback addresses.
 """
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import importlib.util
+import io
 import ipaddress
 import json
 import logging
@@ -42,6 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import uvicorn
+from PIL import Image
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -87,7 +90,8 @@ async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refused (`RequestTooLarge`) as soon as it passes `limit` bytes."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
-        raise RequestTooLarge(f"the request body is {int(declared) / 2**20:.1f} MB; the limit is {limit / 2**20:.1f} MB")
+        raise RequestTooLarge(f"the request body is {int(declared) / 2**20:.1f} MB; "
+                              f"the limit is {limit / 2**20:.1f} MB")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
@@ -215,6 +219,33 @@ def run_clients(url: str, workloads: list[list[dict]], timeout: float = 120.0) -
     for thread in threads:
         thread.join()
     return LoadReport(answers, latencies, time.perf_counter() - started)
+
+
+LOAD_LABELS = ("red", "blue", "green", "a red circle", "ein blaues Quadrat", "un triangle vert", "猫", "a dog",
+               "yellow", "purple shape", "Kreis", "square")
+
+
+def png_base64(colour: tuple[int, int, int], size: tuple[int, int]) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def zero_shot_workloads(clients: int, requests: int) -> list[list[dict]]:
+    """`clients` x `requests` zero-shot requests for a load test, no two alike: the image's colour and size, the
+    candidate labels (2 to 5, several languages) and the template vary with the request's number."""
+    loads = []
+    for client in range(clients):
+        load = []
+        for i in range(requests):
+            n = client * requests + i
+            colour = ((37 * n) % 256, (91 * n + 40) % 256, (53 * client + 7 * i) % 256)
+            labels = [LOAD_LABELS[(n + step * (client + 1)) % len(LOAD_LABELS)] for step in range(2 + n % 4)]
+            load.append({"inputs": png_base64(colour, (24 + n % 17, 24 + client % 17)),
+                         "parameters": {"candidate_labels": list(dict.fromkeys(labels)),
+                                        "hypothesis_template": ("a photo of {}.", "{}")[n % 2]}})
+        loads.append(load)
+    return loads
 
 
 def free_port() -> int:

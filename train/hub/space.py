@@ -148,7 +148,7 @@ def write_gallery(record: dict, out: Path, size: int, caption_columns: list[str]
     captions = {c: [first_caption(cell) for cell in dataset[c]] for c in columns}
     usable = [row for row in range(len(dataset)) if all(captions[c][row] for c in columns)]
     folder = out / GALLERY_DIR
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     rows = []
     for index in (usable[i] for i in evenly_spaced(len(usable), size)):
         file_name = f"{len(rows):03d}.png"
@@ -183,7 +183,8 @@ def write_classify_examples(record: dict, out: Path, count: int) -> list[dict]:
             sorted(set(evenly_spaced(len(names), MAX_EXAMPLE_LABELS - 1)) | {name_index})
         file_name = f"classify-{len(examples):02d}.png"
         _open_image(dataset[row][image_column], base_dir).save(folder / file_name)
-        examples.append({"image": f"{EXAMPLES_DIR}/{file_name}", "labels": ", ".join(names[i] for i in shown), "answer": names[name_index]})
+        examples.append({"image": f"{EXAMPLES_DIR}/{file_name}", "labels": ", ".join(names[i] for i in shown),
+                         "answer": names[name_index]})
     return examples
 
 
@@ -211,8 +212,9 @@ def score_notes(records: list[dict]) -> list[str]:
             ranked = sorted(((v, k) for k, v in evaluation.per_class.items() if v is not None), reverse=True)
             extremes = ""
             if len(ranked) >= 4:
-                show = lambda pairs: ", ".join(f"{name} {percent(value)}" for value, name in pairs)  # noqa: E731
-                extremes = f" (best: {show(ranked[:2])}; worst: {show(ranked[-2:])})"
+                best, worst = (", ".join(f"{name} {percent(value)}" for value, name in pairs)
+                               for pairs in (ranked[:2], ranked[-2:]))
+                extremes = f" (best: {best}; worst: {worst})"
             lines.append(f"Zero-shot top-1 accuracy on {evaluation.label}: "
                          f"**{percent(evaluation.scores['top1_accuracy'])}** over {len(ranked)} classes{extremes}.")
         elif record["task"] == "retrieval":
@@ -375,7 +377,7 @@ def run_instructions(model_dir: str | os.PathLike, out: str | os.PathLike) -> st
     """How to run the Space in `out` locally on the model in `model_dir`."""
     out = Path(out)
     return "\n".join([
-        f"Run the Space locally (then open http://127.0.0.1:7860; GRADIO_SERVER_PORT sets the port):",
+        "Run the Space locally (then open http://127.0.0.1:7860; GRADIO_SERVER_PORT sets the port):",
         f"  pip install -r {out / 'requirements.txt'}",
         f"  cd {out} && PROCLIP_MODEL={Path(model_dir).resolve()} python app.py",
     ])

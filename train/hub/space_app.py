@@ -81,7 +81,8 @@ def check_template(template: str | None) -> str:
     """The prompt template, or the pipeline's default when blank; it must hold `{}` exactly once."""
     template = (template or "").strip() or DEFAULT_TEMPLATE
     if template.count("{}") != 1:
-        raise gr.Error(f"The template must contain {{}} exactly once, where the label goes; “{template[:80]}” does not.")
+        raise gr.Error(f"The template must contain {{}} exactly once, where the label goes; “{template[:80]}” "
+                       "does not.")
     try:
         template.format("label")
     except (IndexError, KeyError, ValueError) as error:
