@@ -27,6 +27,7 @@ from proclip_train.demo.assets import (  # noqa: E402
     SMOLLM2_DISTRIBUTION,
     SMOLLM2_PACKAGE,
 )
+from proclip_train.demo.run import Demo, DemoConfig  # noqa: E402
 from proclip_train.demo.teacher import learn_bpe_merges, train_tokenizer  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors  # noqa: E402
 from transformers import (  # noqa: E402
@@ -171,6 +172,16 @@ def tiny_proclip_dir(tmp_path_factory, tiny_clip_dir, tiny_llm_dir) -> Path:
     model.save_pretrained(out_dir)
     ProCLIPProcessor.from_towers(tiny_clip_dir, tiny_llm_dir, model.config).save_pretrained(out_dir)
     return out_dir
+
+
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory) -> tuple[Path, dict]:
+    """`proclip demo --quick` run once for the session (tests/test_demo.py checks it, tests/test_space.py serves its
+    Space): `(output folder, results)`."""
+    require_package(SMOLLM2_PACKAGE, SMOLLM2_DISTRIBUTION)
+    out = tmp_path_factory.mktemp("demo") / "quick"
+    results = Demo(out, DemoConfig.quick(), progress=False, command="proclip demo --quick").run()
+    return out, results
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,7 @@ import json
 import time
 
 import pytest
-from conftest import require_package
 from proclip_train.cli import build_parser
-from proclip_train.demo.assets import SMOLLM2_DISTRIBUTION, SMOLLM2_PACKAGE
 from proclip_train.demo.report import (
     STAGE0_TOWER_RUNS,
     STAGE1_RUNS,
@@ -21,11 +19,8 @@ pytestmark = pytest.mark.real_weights
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    require_package(SMOLLM2_PACKAGE, SMOLLM2_DISTRIBUTION)
-    out = tmp_path_factory.mktemp("demo") / "quick"
-    results = Demo(out, DemoConfig.quick(), progress=False, command="proclip demo --quick").run()
-    return out, results
+def demo(quick_demo):
+    return quick_demo
 
 
 def test_cli_wires_demo():

@@ -15,8 +15,10 @@ import pytest
 TRAIN = Path(__file__).resolve().parents[1] / "train"
 PACKAGE = "proclip_train"
 # Genuinely optional: stage 0 (peft), card plots (matplotlib), the GGUF demo LLMs (gguf), the ONNX export (onnx,
-# onnxruntime, onnxscript), sentence-transformers.
-OPTIONAL_DEPENDENCIES = {"peft", "matplotlib", "gguf", "sentence_transformers", "onnx", "onnxruntime", "onnxscript"}
+# onnxruntime, onnxscript), the handler's local server (starlette, uvicorn), sentence-transformers.
+OPTIONAL_DEPENDENCIES = {
+    "peft", "matplotlib", "gguf", "sentence_transformers", "onnx", "onnxruntime", "onnxscript", "starlette", "uvicorn",
+}
 MAX_LINES = 800
 
 

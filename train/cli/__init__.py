@@ -11,6 +11,8 @@ from .eval import add_eval_parser
 from .export import add_export_parser
 from .init import add_init_parser
 from .push import add_push_parser
+from .serve import add_serve_parser
+from .space import add_space_parser
 from .train import add_train_parser
 
 
@@ -25,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_parser(subparsers)
     add_embed_parser(subparsers)
     add_train_parser(subparsers)
+    add_space_parser(subparsers)
+    add_serve_parser(subparsers)
     add_demo_parser(subparsers)
     return parser
 

@@ -22,7 +22,8 @@ Steps (each writes a `done.json` in its folder, so a rerun skips what is finishe
                caption corpus (`stage0.py`), then `init`, `embed` and per seed `stage0-stage1` / `stage0-proclip` again
                on that LLM: the "ProCLIP on the stage-0 LLM" row
     final      the first seed's ProCLIP as a Hub-ready folder: weights, processor, remote code, `proclip eval` results
-               (computed through the LLM, not the cache), model card; checked to load through remote code
+               (computed through the LLM, not the cache), model card; checked to load through remote code; and its
+               Gradio Space (`space/`, `proclip space`: gallery and examples from the world's test split)
     report     `results.json` (every number) and `results.md` (the comparison table, mean +- sd over seeds, and the
                caption retrieval accuracy of the teacher's text encoder, the raw LLM and the stage-0 LLM)
 
@@ -52,6 +53,7 @@ from ..evaluation.tasks import evaluate_retrieval, evaluate_zeroshot
 from ..hub.card import write_model_card
 from ..hub.init import build_checkpoint
 from ..hub.push import check_remote_code_loads
+from ..hub.space import SpaceOptions, run_instructions, write_space
 from ..training.arguments import ProCLIPTrainingArguments
 from ..training.cache import EmbeddingCache, build_embedding_cache
 from ..training.stage0 import STAGE0_REPORT_FILE, run_stage0
@@ -285,6 +287,7 @@ class Demo:
         self.teacher_dir = self.out / "teacher"
         self.stage0_dir = self.out / "stage0"
         self.final_dir = self.out / "final"
+        self.space_dir = self.out / "space"
         self._bases, self._caches = {}, {}
         self._test = self._val = None
 
@@ -584,10 +587,16 @@ class Demo:
                 shutil.rmtree(self.final_dir)
             partial.rename(self.final_dir)
             checks = check_final_folder(self.final_dir)
-            return {"folder": str(self.final_dir), "checks": checks,
+            write_space(self.final_dir, self.space_dir, SpaceOptions(
+                repo_id="your-org/proclip-demo", caption_columns=["caption_short", "caption_long",
+                                                                  *[f"caption_{c}" for c in LANGUAGES]]))
+            return {"folder": str(self.final_dir), "checks": checks, "space": str(self.space_dir),
                     "eval_files": [str(self.final_dir / Path(r).name) for r in results]}
 
-        return self._timed(self.out / "steps" / "final", build)
+        record = self._timed(self.out / "steps" / "final", build)
+        log(f"The final model's Gradio Space is in {self.space_dir}.\n"
+            + run_instructions(self.final_dir, self.space_dir))
+        return record
 
     def eval_results(self, model, processor, folder: Path) -> list[str]:
         """`proclip eval`'s zero-shot and retrieval on the test split, through the LLM itself (not the cache),

@@ -1,0 +1,32 @@
+"""`proclip serve`: a checkpoint's `handler.py` served as Inference Endpoints serve it (see `proclip_train.hub.serve`)."""
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..hub import serve as hub_serve
+from ..hub.serve import HANDLER_FILE, ServerConfig, serve_folder
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    if not (Path(args.model) / HANDLER_FILE).is_file():
+        print(f"proclip serve: {args.model} has no {HANDLER_FILE}; give a saved ProCLIP folder", file=sys.stderr)
+        raise SystemExit(2)
+    config = ServerConfig(args.host, args.port, int(args.max_body_mb * 2**20), args.max_pending, args.timeout)
+    serve_folder(args.model, config)
+
+
+def add_serve_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `proclip serve`."""
+    parser = subparsers.add_parser(
+        "serve", help="serve a checkpoint's Inference Endpoints handler on this machine (POST /, GET /health)",
+        description=hub_serve.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", required=True, help="a checkpoint folder with handler.py")
+    parser.add_argument("--host", default=ServerConfig.host, help="address to listen on (default: loopback only)")
+    parser.add_argument("--port", type=int, default=ServerConfig.port)
+    parser.add_argument("--max-body-mb", type=float, default=ServerConfig.max_body_bytes / 2**20)
+    parser.add_argument("--max-pending", type=int, default=ServerConfig.max_pending)
+    parser.add_argument("--timeout", type=float, default=ServerConfig.timeout, help="seconds per request")
+    parser.set_defaults(func=run_serve)
+    return parser

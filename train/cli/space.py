@@ -1,0 +1,48 @@
+"""`proclip space`: write a Gradio Space for a saved ProCLIP folder (see `proclip_train.hub.space`)."""
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..hub import space as hub_space
+from ..hub.space import GALLERY_DIR, SpaceOptions, run_instructions, write_space
+
+
+def run_space(args: argparse.Namespace) -> dict:
+    options = SpaceOptions(repo_id=args.repo_id, results=args.results, gallery_size=args.gallery_size,
+                           caption_columns=args.caption_column, title=args.title)
+    try:
+        config = write_space(args.model, args.out, options)
+    except (ValueError, FileNotFoundError) as error:  # SpaceError, and the data loader's refusals
+        print(f"proclip space: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"wrote the Space for {args.model} to {args.out}: {len(config['classify_examples'])} zero-shot examples, "
+          f"{len(config['search_examples'])} search examples, a gallery read from {args.out}/{GALLERY_DIR}")
+    print(run_instructions(args.model, args.out))
+    if args.repo_id:
+        print(f"Publish it: `proclip push --model {args.model} --repo-id {args.repo_id}`, then upload {args.out} to a "
+              f"Gradio Space repo (e.g. `hf upload ORG/SPACE {args.out} --repo-type space`).")
+    return config
+
+
+def add_space_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `proclip space`."""
+    parser = subparsers.add_parser(
+        "space", help="write a Gradio Space (app, gallery, examples, card) for a saved ProCLIP folder",
+        description=hub_space.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", required=True, help="the saved ProCLIP folder, with its `proclip eval` results")
+    parser.add_argument("--out", required=True, help="the Space folder to write")
+    parser.add_argument("--repo-id", metavar="ORG/NAME",
+                        help="the model's Hub repo, which the Space loads (without it, set PROCLIP_MODEL to run it)")
+    parser.add_argument("--results", action="append", type=Path, metavar="JSON",
+                        help="a `proclip eval --out` file naming the data of the gallery and examples; repeat "
+                        "(default: every results file in --model)")
+    parser.add_argument("--gallery-size", type=int, default=SpaceOptions.gallery_size,
+                        help="the most gallery images (default: %(default)s)")
+    parser.add_argument("--caption-column", action="append", metavar="COLUMN",
+                        help="a caption column of the retrieval data for the search examples; repeat (default: the "
+                        "columns the results scored)")
+    parser.add_argument("--title", help="the Space's title (default: ProCLIP <repo or folder name>)")
+    parser.set_defaults(func=run_space)
+    return parser
