@@ -1,19 +1,22 @@
-"""`proclip card` on the tiny exported folder, with results written by the real `proclip eval`.
+"""`proclip card` on folders written by the real `proclip train`, with results written by the real `proclip eval`.
 
-Expectations are built from the results JSON as written, not through the card module's own reader.
+Expectations are built from the results JSON as written, not through the card module's own reader. Cards of an
+own-data run (the real MiniLM as text tower) and of the quick demo are checked to be fit to publish.
 """
 
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import minilm_folder
 from huggingface_hub import ModelCard
 from PIL import Image
 from proclip_train import cli
 from proclip_train.hub.card import (
-    EXAMPLE_IMAGE_URL,
+    EXAMPLE_IMAGE_FILE,
     PLOT_FILE,
     build_model_card,
     read_results,
@@ -52,29 +55,22 @@ def results_files(tmp_path_factory, tiny_proclip_dir):
     return zeroshot, retrieval
 
 
+def train_run(model_dir, data, out, stage: int, *extra: str) -> None:
+    """A real two-step `proclip train` run (checkpoints after each step, so the card reads the newest's state)."""
+    image = ["--image-column", "image"] if stage == 2 else []
+    cli.main(["train", "--stage", str(stage), "--model", str(model_dir), "--data", str(data), "--out", str(out),
+              *image, "--caption-column", "caption", "--max_steps", "2", "--per_device_train_batch_size", "4",
+              "--learning_rate", "0.001", "--save_strategy", "steps", "--save_steps", "1", "--use_cpu",
+              "--disable_tqdm", "true", "--seed", "1234", *extra])  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def carded_folder(tmp_path_factory, tiny_proclip_dir, results_files):
-    """A copy of the tiny folder with the records a training run leaves, and its card written by `proclip card`."""
+    """Stage 2 of the tiny folder trained by `proclip train`, and its card written by `proclip card`."""
     folder = tmp_path_factory.mktemp("carded") / "proclip-tiny"
-    shutil.copytree(tiny_proclip_dir, folder)
-    (folder / "proclip_arguments.json").write_text(json.dumps({
-        "stage": "2", "model": "runs/stage1", "data": "my-org/captions", "config": None, "caption_column": ["caption"],
-        "distill_weight": 1.0,
-    }))  # fmt: skip
-    (folder / "training_args.json").write_text(json.dumps({"learning_rate": 3e-05, "seed": 1234, "bf16": False}))
-    (folder / "checkpoint-5").mkdir()  # older: "checkpoint-5" sorts after "checkpoint-40" as text, not as a step
-    (folder / "checkpoint-5" / "trainer_state.json").write_text(json.dumps({"global_step": 5, "log_history": []}))
-    (folder / "checkpoint-40").mkdir()
-    (folder / "checkpoint-40" / "trainer_state.json").write_text(json.dumps({
-        "global_step": 40, "epoch": 2.0, "train_batch_size": 8,
-        "log_history": [{"loss": 2.5, "step": 20}, {"loss": 1.7654, "step": 40}, {"train_runtime": 12.0, "step": 40}],
-    }))  # fmt: skip
-    (folder / "training_report.json").write_text(json.dumps({
-        "stage": "contrastive", "global_step": 40, "train_loss": 1.9,
-        "skipped": {"corrupt_image": 3}, "last_loss_components": {"info_nce": 1.5, "self_distillation": 0.26},
-    }))  # fmt: skip
-    cli.main(["card", "--model", str(folder), "--repo-id", REPO_ID, "--dataset", "/data/local_pairs.jsonl",
-              "--results", str(results_files[0]),
+    train_run(tiny_proclip_dir, results_files[0].parent / "pairs", folder, 2, "--distill_weight", "1.0")
+    cli.main(["card", "--model", str(folder), "--repo-id", REPO_ID, "--dataset", "my-org/captions",
+              "--dataset", "/data/local_pairs.jsonl", "--results", str(results_files[0]),
               "--results", str(results_files[1])])  # fmt: skip
     return folder
 
@@ -105,10 +101,14 @@ def test_card_metadata_parses_back(carded_folder):
     assert data.pipeline_tag == "zero-shot-image-classification"
     assert data.license == "apache-2.0"
     assert {"proclip", "clip", "custom_code"} <= set(data.tags)
-    assert data.datasets == ["my-org/captions"]  # from proclip_arguments.json; the local file is in the text only
-    assert "`/data/local_pairs.jsonl`" in card.text
-    assert data.widget == [{"src": EXAMPLE_IMAGE_URL, "candidate_labels": "playing music, playing sports",
-                            "example_title": "Example"}]  # fmt: skip
+    # Only Hub ids (org/name) go to the metadata; the run's local folder and a local file are named in the text only.
+    assert data.datasets == ["my-org/captions"]
+    assert "`local_pairs.jsonl`" in card.text and "`pairs`" in card.text and "/data/" not in card.text
+    # The widget shows an image of the model's own zero-shot data, shipped in the folder, with that data's classes.
+    assert data.widget == [{"src": f"https://huggingface.co/{REPO_ID}/resolve/main/{EXAMPLE_IMAGE_FILE}",
+                            "candidate_labels": "blue, green, red", "example_title": "Example"}]  # fmt: skip
+    with Image.open(carded_folder / EXAMPLE_IMAGE_FILE) as image:  # the first image of the zero-shot data: blue/0.png
+        assert image.getpixel((16, 16))[2] > 150
     # The tiny towers are local folders: no base_model, and the text says why.
     assert data.get("base_model") is None
     assert "lists only the towers that are Hub ids" in card.text
@@ -153,14 +153,17 @@ def test_card_embeds_the_results_plot(carded_folder):
 
 
 def test_card_has_the_training_recipe_of_the_run(carded_folder):
+    """Read from the files the trainer itself wrote (training_args.json, the newest checkpoint's state, the report)."""
     text = ModelCard.load(carded_folder / "README.md").text
+    report = json.loads((carded_folder / "training_report.json").read_text())
     assert "### Stage 2: contrastive tuning with self-distillation" in text
-    assert "| distill_weight | 1.0 |" in text and "| config |" not in text  # proclip_arguments.json
-    assert "| learning_rate | 3e-05 |" in text  # training_args.json
-    assert "| optimizer steps | 40 |" in text  # the newest checkpoint's trainer_state.json
-    assert "`proclip_arguments.json`, `training_args.json`, `checkpoint-40/trainer_state.json`" in text
-    assert "| last logged training loss | 1.765 |" in text
-    assert "| last_loss_components.self_distillation | 0.26 |" in text  # training_report.json
+    assert "| distill_weight | 1 |" in text and "| learning_rate | 0.001 |" in text
+    assert "| per_device_train_batch_size | 4 |" in text and "| seed | 1234 |" in text
+    assert "| data | pairs |" in text  # a local folder, by its name
+    assert "| optimizer steps | 2 |" in text  # checkpoint-2's trainer_state.json, not checkpoint-1's
+    assert "`training_args.json`, `checkpoint-2/trainer_state.json`, `training_report.json`" in text
+    contrastive = report["last_loss_components"]["contrastive"]
+    assert f"| last_loss_components.contrastive | {contrastive:.4g} |" in text  # rounded as the tables are
 
 
 def test_usage_snippets_run_against_the_tiny_folder(carded_folder, tmp_path):
@@ -169,17 +172,17 @@ def test_usage_snippets_run_against_the_tiny_folder(carded_folder, tmp_path):
     readme = (carded_folder / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
     assert len(blocks) == 3 and "SentenceTransformer(" in blocks[2]
-    image = tmp_path / "example.png"
-    _save_image(image, COLOURS["red"], 0)
-    code = "\n".join(blocks[:2]).replace(REPO_ID, str(carded_folder)).replace(EXAMPLE_IMAGE_URL, str(image))
+    example_url = f"https://huggingface.co/{REPO_ID}/resolve/main/{EXAMPLE_IMAGE_FILE}"
+    code = "\n".join(blocks[:2]).replace(example_url, str(carded_folder / EXAMPLE_IMAGE_FILE))
+    code = code.replace(REPO_ID, str(carded_folder))
     assert REPO_ID not in code and "https://" not in code
 
     result = run_python_without_project(code, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     probabilities, similarities, pipeline_output = result.stdout.strip().splitlines()[-3:]
-    assert set(eval(probabilities)) == {"playing music", "playing sports"}
+    assert set(eval(probabilities)) == set(COLOURS)
     assert similarities.startswith("tensor([[")
-    assert {row["label"] for row in eval(pipeline_output)} == {"playing music", "playing sports"}
+    assert {row["label"] for row in eval(pipeline_output)} == set(COLOURS)
 
 
 def test_base_model_keeps_hub_ids_and_card_without_results(tmp_path, tiny_proclip_dir):
@@ -191,8 +194,72 @@ def test_base_model_keeps_hub_ids_and_card_without_results(tmp_path, tiny_procli
     card, plot = build_model_card(folder)
 
     assert card.data.base_model == ["openai/clip-vit-base-patch32"]  # the text tower is a local folder
-    assert f"`{config['text_name_or_path']}`" in card.text
+    assert "[openai/clip-vit-base-patch32](https://huggingface.co/openai/clip-vit-base-patch32)" in card.text
+    local_text = config["text_name_or_path"]
+    assert f"`{Path(local_text).name}`" in card.text and local_text not in card.text  # its name, never its path
     assert card.data.get("eval_results") is None and "model-index" not in str(card)
     assert plot is None and "has not been scored here" in card.text
     assert "No training record" in card.text
     assert "your-org/hub-towers" in card.text  # the default repo id in the snippets
+
+
+def test_card_refuses_a_folder_that_is_not_proclip(tiny_clip_dir, tmp_path):
+    clip = tmp_path / "clip"
+    shutil.copytree(tiny_clip_dir, clip)
+    with pytest.raises(ValueError, match="holds a 'clip' model, not a ProCLIP one"):
+        build_model_card(clip)
+    assert not (clip / "README.md").exists()
+
+
+def assert_fit_to_publish(card: ModelCard, machine_paths: list[str]) -> None:
+    """What a published card must never show, whatever produced it."""
+    text = str(card)
+    for path in machine_paths:
+        assert path not in text, f"the card publishes a path of this machine: {path}"
+    assert "playing music" not in text and "cat-dog" not in text  # someone else's example
+    assert "(unknown)" not in text and "templates (unknown" not in text
+    # More than 5 significant digits in the text is an unrounded float (model-index keeps exact values).
+    unrounded = re.findall(r".{0,40}\b\d+\.0*[1-9]\d{5,}", card.text)
+    assert not unrounded, unrounded
+    assert all(re.fullmatch(r"[\w.-]+/[\w.-]+(:[\w.-]+)?", d) for d in card.data.datasets or [])  # Hub ids only
+    assert "| learning_rate |" in text and "| per_device_train_batch_size |" in text  # the recipe that ran
+
+
+@pytest.mark.real_weights
+def test_own_data_card_with_minilm_is_fit_to_publish(tmp_path, tiny_clip_dir, results_files):
+    """A user's own run: real all-MiniLM-L6-v2 as text tower (an encoder), stages 1 and 2, evaluated, carded."""
+    init, stage1, stage2 = tmp_path / "init", tmp_path / "stage1", tmp_path / "stage2"
+    cli.main(["init", "--vision", str(tiny_clip_dir), "--text", str(minilm_folder()), "--out", str(init),
+              "--adapter-expansion", "1"])  # fmt: skip
+    pairs = results_files[0].parent / "pairs"
+    train_run(init, pairs, stage1, 1, "--reduction", "mean")
+    train_run(stage1, pairs, stage2, 2, "--distill_weight", "10")
+    results = []
+    templates = ["--templates", str(results_files[0].parent / "templates.txt")]
+    for task, data, extra in (("zeroshot", "classes", templates), ("retrieval", "pairs", ["--caption-column", "long"])):
+        results.append(tmp_path / f"{task}.json")
+        cli.main(["eval", "--model", str(stage2), "--task", task, "--data", str(results_files[0].parent / data),
+                  "--out", str(results[-1]), *extra])  # fmt: skip
+    cli.main(["card", "--model", str(stage2), "--results", str(results[0]), "--results", str(results[1]),
+              "--run", str(stage1), "--run", str(stage2), "--dataset", "my-pairs"])  # fmt: skip
+    card = ModelCard.load(stage2 / "README.md")
+    assert_fit_to_publish(card, [str(tmp_path), str(Path.home()), str(minilm_folder())])
+    text = card.text
+    assert "bert encoder" in text and "bidirectional attention (an encoder)" in text
+    assert "causal" not in text and "decoder LLM" not in text and "The text tower is an LLM" not in text
+    assert "### Stage 1: representation inheritance" in text and "| reduction | mean |" in text
+    assert "2 prompt templates: `a photo of a {}.`, `a {} thing.`" in text  # the set used, named
+    assert card.data.get("widget") is None  # no repo id given: no widget pointing at a repo that may not exist
+    assert (stage2 / EXAMPLE_IMAGE_FILE).is_file() and "my-pairs" in text and card.data.get("datasets") is None
+
+
+@pytest.mark.real_weights
+def test_quick_demo_card_is_fit_to_publish(quick_demo):
+    out, _ = quick_demo
+    card = ModelCard.load(out / "final" / "README.md")
+    assert_fit_to_publish(card, [str(out.parent), str(Path.home())])
+    labels = card.data.eval_results and {r.dataset_type for r in card.data.eval_results}
+    assert labels and card.data.get("datasets") is None  # `synthetic-world` is named in the text, not as a Hub id
+    assert "`synthetic-world`" in card.text and "decoder LLM" in card.text
+    assert "5 prompt templates: `a photo of {}.`" in card.text or "5 prompt templates: `" in card.text
+    assert (out / "final" / EXAMPLE_IMAGE_FILE).is_file()

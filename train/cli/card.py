@@ -10,8 +10,7 @@ from ..hub.card import (
     DEFAULT_LICENSE,
     DEFAULT_TAGS,
     DEFAULT_TEMPLATE,
-    EXAMPLE_IMAGE_URL,
-    EXAMPLE_LABELS,
+    EXAMPLE_IMAGE_FILE,
     PLOT_FILE,
     TRAINING_FILES,
     write_model_card,
@@ -33,7 +32,7 @@ def run_card(args: argparse.Namespace) -> Path:
             runs=args.run,
             template=args.template,
             example_image=args.example_image,
-            example_labels=[label.strip() for label in args.example_labels.split(",") if label.strip()],
+            example_labels=[label.strip() for label in (args.example_labels or "").split(",") if label.strip()] or None,
             plot=not args.no_plot,
         )
     except (FileNotFoundError, ValueError) as error:
@@ -67,8 +66,10 @@ def add_card_parser(subparsers) -> argparse.ArgumentParser:
                         help=f"a training output folder to read the recipe from ({', '.join(TRAINING_FILES)}, "
                         "whichever exist); repeat for stage 1 and stage 2 (default: --model)")
     parser.add_argument("--template", type=Path, help=f"a Jinja model-card template (default: {DEFAULT_TEMPLATE.name})")
-    parser.add_argument("--example-image", default=EXAMPLE_IMAGE_URL, help="image URL of the widget and usage snippets")
-    parser.add_argument("--example-labels", default=", ".join(EXAMPLE_LABELS), help="comma-separated candidate labels")
+    parser.add_argument("--example-image", help="image URL of the widget and usage snippets (default: an image of the "
+                        f"model's own zero-shot data, saved as {EXAMPLE_IMAGE_FILE} and shown from --repo-id)")
+    parser.add_argument("--example-labels", help="comma-separated candidate labels (default: class names of the model's "
+                        "own zero-shot data)")
     parser.add_argument("--no-plot", action="store_true", help=f"do not draw {PLOT_FILE}")
     parser.add_argument("--out", type=Path, help="where to write the card (default: <model>/README.md)")
     parser.set_defaults(func=run_card)

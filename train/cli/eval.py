@@ -71,7 +71,6 @@ def run_eval(args: argparse.Namespace) -> dict:
     else:
         templates = load_templates(args.templates) if args.templates else OPENAI_IMAGENET_TEMPLATES
         outcome = evaluate_zeroshot(model, processor, dataset, args.image_column, args.label_column, templates, **common)
-        outcome["protocol"]["templates"] = str(args.templates) if args.templates else "openai_imagenet_80"
     return _write_results(args, outcome, split, num_rows, dataset, device)
 
 

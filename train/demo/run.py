@@ -579,7 +579,7 @@ class Demo:
                 if report.is_file():
                     shutil.copy(report, partial / f"{stage_run}_{report.name}")
             results = self.eval_results(model, processor, partial)
-            write_model_card(partial, results=results, repo_id="your-org/proclip-demo", model_name="proclip-demo",
+            write_model_card(partial, results=results, model_name="proclip-demo",
                              datasets=["synthetic-world"], languages=["en"],
                              runs=[str(self.run_dir(0, "stage1") / "trainer"),
                                    str(self.run_dir(0, "proclip") / "trainer")])

@@ -279,6 +279,8 @@ def evaluate_zeroshot(
             "ties": TIE_POLICY,
             "class_vectors": "normalize(mean over templates of normalize(text embedding))",
             "num_templates": len(templates),
+            # The set's name when it is OpenAI's; else the templates themselves (a card shows what was used).
+            "templates": "openai_imagenet_80" if tuple(templates) == OPENAI_IMAGENET_TEMPLATES else list(templates),
             "class_names": names,
         },
         "metrics": {"num_images": len(rows), "num_classes": len(names), **result},

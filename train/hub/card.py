@@ -1,13 +1,16 @@
 """`proclip card`: write a saved ProCLIP folder's README.md, a Hub model card with its results.
 
 What goes in, in the order the card is built:
-  results files (`proclip eval --out r.json`)  -> `Evaluation`s -> `model-index` (EvalResult) + tables + a PNG
+  results files (`proclip eval --out r.json`)  -> `Evaluation`s -> `model-index` (EvalResult) + tables + a PNG;
+                                                  their zero-shot data -> `example.png` and the widget's labels
   the folder's config.json and weights header  -> towers, adapter, parameter counts, `base_model`
   the training run's JSON records (TRAINING_FILES) -> the recipe
   a Jinja template (`model_cards/proclip.md`)    -> README.md, rendered as `ModelCard.from_template` renders
 
 The metadata block is huggingface_hub's `ModelCardData` (`model-index` from `EvalResult`s), so it parses back
-with `ModelCard.load`.
+with `ModelCard.load`. A card is written to be published: it names local towers and data by their folder or file
+name only (never a path of this machine), lists and links only Hub ids (`org/name`), rounds numbers, and shows the
+model's own labels on an image from its own evaluation data.
 """
 
 import importlib.resources
@@ -22,9 +25,12 @@ from pathlib import Path
 
 import jinja2
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
+from ..evaluation.tasks import class_names_and_labels, load_eval_dataset
 from ..training.arguments import STAGE_ALIASES
 from ..training.cache import read_safetensors_header
+from ..training.data import decode_image
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +38,11 @@ DEFAULT_TEMPLATE = Path(str(importlib.resources.files("proclip_train.model_cards
 PLOT_FILE = "eval_results.png"
 DEFAULT_TAGS = ("proclip", "clip", "vision", "multimodal", "image-text-retrieval", "custom_code")
 DEFAULT_LICENSE = "apache-2.0"
-# The image and labels of the widget and of the usage snippets (the widget of openai/clip-vit-* cards).
-EXAMPLE_IMAGE_URL = "https://huggingface.co/datasets/mishig/sample_images/resolve/main/cat-dog-music.png"
-EXAMPLE_LABELS = ("playing music", "playing sports")
+# The image of the widget and the usage snippets, saved into the folder from the model's own zero-shot data.
+EXAMPLE_IMAGE_FILE = "example.png"
+EXAMPLE_LABEL_COUNT = 3
+# Used only when the results name no zero-shot data on this machine (snippets; no widget without a Hub image).
+FALLBACK_EXAMPLE_LABELS = ("a photo of a cat", "a photo of a dog")
 
 # `proclip eval --task` -> (model-index task type, task name)
 TASKS = {
@@ -44,8 +52,8 @@ TASKS = {
 # Numbers in a results file that describe the data, not the model: kept for tables, left out of model-index.
 COUNT_PREFIXES = ("num_", "n_")
 
-_HUB_MODEL_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_HUB_DATASET_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+# Hub repos live under an owner (`org/name`); a bare name is a local data set or folder as far as a card knows.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 # -- results -----------------------------------------------------------------------------------------------------
@@ -88,7 +96,7 @@ class Evaluation:
 
     @property
     def is_hub_dataset(self) -> bool:
-        return not is_local_path(self.data) and bool(_HUB_DATASET_ID.match(self.dataset_id))
+        return hub_id(self.data.partition(":")[0]) is not None
 
     @property
     def label(self) -> str:
@@ -109,11 +117,30 @@ def is_local_path(value: str) -> bool:
     )
 
 
-def hub_model_id(value) -> str | None:
-    """`value` if it looks like a Hub model id (`org/name`, not an existing path), else None."""
+def hub_id(value) -> str | None:
+    """`value` if it looks like a Hub repo id (`org/name`, not an existing path), else None."""
     if not value or is_local_path(str(value)):
         return None
-    return str(value) if _HUB_MODEL_ID.match(str(value)) else None
+    return str(value) if _HUB_ID.match(str(value)) else None
+
+
+def public_name(value) -> str:
+    """What a card may say about a tower or data spec: a Hub id as it is, a local path by its last part only."""
+    value = str(value)
+    return value if hub_id(value.partition(":")[0]) else (Path(value.rstrip("/\\")).name or value)
+
+
+def format_value(value) -> str:
+    """A recorded value for a table: floats to 4 significant digits, local paths by name, lists joined."""
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(format_value(item) for item in value)
+    if isinstance(value, str) and is_local_path(value):
+        return public_name(value)
+    return str(value)
 
 
 def _is_score(value) -> bool:
@@ -199,9 +226,8 @@ def evaluations_from_record(record: dict, source: str | None = None) -> list["Ev
 def read_results(path: str | os.PathLike) -> list[Evaluation]:
     """Read a results JSON: one `proclip eval` record, a list of them, or `{"results": [...]}`."""
     raw = json.loads(Path(path).read_text(encoding="utf-8"))
-    if isinstance(raw, dict) and isinstance(raw.get("results"), list):
-        raw = raw["results"]
-    records = raw if isinstance(raw, list) else [raw]
+    records = raw["results"] if isinstance(raw, dict) and isinstance(raw.get("results"), list) else raw
+    records = records if isinstance(records, list) else [records]
     evaluations = []
     for record in records:
         if not isinstance(record, dict):
@@ -355,7 +381,7 @@ def parameter_counts(folder: Path) -> dict[str, int]:
         files = ["model.safetensors"]
     else:
         return {}
-    parts = {"image tower": 0, "text tower (LLM)": 0, "adapter": 0, "other": 0}
+    parts = {"image tower": 0, "text tower": 0, "adapter": 0, "other": 0}
     total = 0
     for name in files:
         header, _ = read_safetensors_header(folder / name)
@@ -367,7 +393,7 @@ def parameter_counts(folder: Path) -> dict[str, int]:
             if key.startswith(("vision_model.", "visual_projection.")):
                 parts["image tower"] += count
             elif key.startswith("text_model."):
-                parts["text tower (LLM)"] += count
+                parts["text tower"] += count
             elif key.startswith("text_adapter."):
                 parts["adapter"] += count
             elif key != "logit_scale":
@@ -382,19 +408,40 @@ def _human_count(count: int) -> str:
     return str(count)
 
 
+def text_tower_kind(config: dict) -> str:
+    """`"encoder"` for BERT-style text models (masked-LM families: bidirectional by construction), else `"decoder"`."""
+    model_type = (config.get("text_config") or {}).get("model_type")
+    return "encoder" if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES else "decoder"
+
+
+def tower_reference(value) -> str:
+    """A tower for the card's text: a Hub id linked to its page, a local folder by its name only."""
+    if not value:
+        return "unknown"
+    if hub_id(value):
+        return f"[{value}](https://huggingface.co/{value})"
+    return f"`{public_name(value)}` (a local folder when this model was built)"
+
+
 def describe_model(folder: Path) -> dict:
     """What the card says about the architecture, read from config.json and the weights' headers."""
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     vision, text = config.get("vision_config") or {}, config.get("text_config") or {}
     towers = {"vision": config.get("vision_name_or_path"), "text": config.get("text_name_or_path")}
     v, t, c = (lambda key: vision.get(key, "?")), (lambda key: text.get(key, "?")), config.get
-    attention = "bidirectional" if c("bidirectional") else "causal"
+    kind = text_tower_kind(config)
+    if kind == "encoder":
+        text_kind, attention = "encoder", "bidirectional attention (an encoder)"
+    else:
+        text_kind = "decoder LLM"
+        attention = "bidirectional attention (the LLM run without its causal mask)" if c("bidirectional") else \
+            "causal attention"
     rows = [
-        ("Image tower", f"`{towers['vision'] or 'unknown'}` (CLIP ViT, {v('num_hidden_layers')} layers, "
-         f"width {v('hidden_size')}, {v('image_size')} px, patch {v('patch_size')})"),
-        ("Text tower", f"`{towers['text'] or 'unknown'}` ({t('model_type')}, {t('num_hidden_layers')} layers, "
-         f"hidden size {t('hidden_size')}), frozen"),
-        ("Pooling", f"{c('pooling')}, {attention} attention"),
+        ("Image tower", f"{tower_reference(towers['vision'])}: CLIP ViT, {v('num_hidden_layers')} layers, "
+         f"width {v('hidden_size')}, {v('image_size')} px, patch {v('patch_size')}"),
+        ("Text tower", f"{tower_reference(towers['text'])}: {t('model_type')} {text_kind}, {t('num_hidden_layers')} "
+         f"layers, hidden size {t('hidden_size')}, frozen"),
+        ("Pooling", f"{c('pooling')} pooling, {attention}"),
         ("Prompt template", f"`{c('prompt_template')!r}`" if c("prompt_template") else "none"),
         ("Instruction", f"`{c('instruction')!r}`" if c("instruction") else "none"),
         ("Adapter", f"{c('adapter_blocks')} residual MLP block(s), expansion {c('adapter_expansion')}, "
@@ -405,21 +452,21 @@ def describe_model(folder: Path) -> dict:
     counts = parameter_counts(folder)
     if counts:
         rows.append(("Parameters", ", ".join(f"{part} {_human_count(n)}" for part, n in counts.items())))
-    return {"rows": rows, "towers": towers}
+    return {"rows": rows, "towers": towers, "text_kind": kind}
 
 
-# `TrainingArguments` worth a line in the card, in this order.
+# Recorded arguments worth a line in the card, in this order: the stage's options, then TrainingArguments'.
 RECIPE_ARGS = (
+    "stage", "data", "caption_column", "teacher", "reduction", "structure_form", "structure_weight",
+    "distill_weight", "ema_momentum", "text_anchor_weight", "lora_r", "lora_alpha", "temperature", "mntp_steps",
     "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
-    "max_steps", "lr_scheduler_type", "warmup_ratio", "warmup_steps", "weight_decay", "optim", "adam_beta1",
-    "adam_beta2", "adam_epsilon", "max_grad_norm", "bf16", "fp16", "gradient_checkpointing", "seed",
+    "max_steps", "lr_scheduler_type", "warmup_steps", "weight_decay", "optim", "adam_beta1",
+    "adam_beta2", "adam_epsilon", "max_grad_norm", "bf16", "fp16", "activation_checkpointing", "seed",
 )
-# What a run folder may hold: `proclip train`'s options, TrainingArguments as JSON, the Trainer's state (in the
-# folder, else in its newest checkpoint), ProCLIPTrainer's end-of-training report.
-OPTIONS_FILE, ARGS_FILE, STATE_FILE, REPORT_FILE = (
-    "proclip_arguments.json", "training_args.json", "trainer_state.json", "training_report.json"
-)
-TRAINING_FILES = (OPTIONS_FILE, ARGS_FILE, STATE_FILE, REPORT_FILE)
+# What a run folder may hold, as `ProCLIPTrainer` writes it: the run's `ProCLIPTrainingArguments`, the Trainer's
+# state (in the folder, else in its newest checkpoint) and the end-of-training report.
+ARGS_FILE, STATE_FILE, REPORT_FILE = "training_args.json", "trainer_state.json", "training_report.json"
+TRAINING_FILES = (ARGS_FILE, STATE_FILE, REPORT_FILE)
 # A training stage's name (`training.stages.STAGES`) -> section title; `proclip train --stage 0|1|2` are its aliases.
 STAGE_TITLES = {
     "caption-contrastive": "Stage 0: caption-contrastive fine-tuning of the LLM (LLM2CLIP)",
@@ -442,9 +489,9 @@ def _flatten(value, prefix: str = "", max_items: int = 8) -> list[tuple[str, str
         return rows
     if isinstance(value, list):
         if all(not isinstance(item, (dict, list)) for item in value) and len(value) <= max_items:
-            return [(prefix, ", ".join(str(item) for item in value))] if value else []
+            return [(prefix, format_value(value))] if value else []
         return [(prefix, f"({len(value)} items)")]
-    return [] if value is None else [(prefix, str(value))]
+    return [] if value is None else [(prefix, format_value(value))]
 
 
 def _read_json_object(path: Path) -> dict | None:
@@ -469,11 +516,11 @@ def _trainer_state_rows(state: dict) -> list[tuple[str, str]]:
                       ("train_batch_size", "train batch size")):  # fmt: skip
         value = state.get(key)
         if _is_score(value):
-            rows.append((name, f"{value:.2f}" if isinstance(value, float) else str(value)))
+            rows.append((name, format_value(value)))
     history = state.get("log_history") or []
     losses = [entry["loss"] for entry in history if _is_score(entry.get("loss"))]
     if losses:
-        rows.append(("last logged training loss", f"{losses[-1]:.4g}"))
+        rows.append(("last logged training loss", format_value(float(losses[-1]))))
     runtime = next((e["train_runtime"] for e in history if _is_score(e.get("train_runtime"))), None)
     if runtime is not None:
         rows.append(("training time", f"{runtime / 3600:.2f} h" if runtime >= 3600 else f"{runtime:.0f} s"))
@@ -484,24 +531,22 @@ def read_training_run(folder: Path, max_rows: int = 40) -> dict | None:
     """The recipe recorded in a run folder, from whichever of `TRAINING_FILES` exist; None if none does.
 
     Returns:
-        `{"title": ..., "folder": ..., "sources": [files read], "rows": [(name, value), ...], "datasets": [...]}`;
-        `datasets` are the training data specs the records name (`proclip train --data`, a report's `datasets`).
+        `{"title": ..., "sources": [files read], "rows": [(name, value), ...], "datasets": [...]}`; `datasets` are
+        the training data specs the records name (`proclip train --data`, a report's `datasets`).
     """
     folder = Path(folder)
     state_file = folder / STATE_FILE
     if not state_file.is_file():  # `Trainer.save_state` was not called: the newest checkpoint has one
         checkpoints = sorted(folder.glob(f"checkpoint-*/{STATE_FILE}"), key=lambda p: _checkpoint_step(p.parent))
         state_file = checkpoints[-1] if checkpoints else state_file
-    files = {OPTIONS_FILE: folder / OPTIONS_FILE, ARGS_FILE: folder / ARGS_FILE, STATE_FILE: state_file,
-             REPORT_FILE: folder / REPORT_FILE}  # fmt: skip
+    files = {ARGS_FILE: folder / ARGS_FILE, STATE_FILE: state_file, REPORT_FILE: folder / REPORT_FILE}
     records = {name: _read_json_object(path) for name, path in files.items()}
     sources = [files[name].relative_to(folder).as_posix() for name, record in records.items() if record is not None]
     if not sources:
         return None
-    options, args, state, report = (records[name] or {} for name in TRAINING_FILES)
+    args, state, report = (records[name] or {} for name in TRAINING_FILES)
 
-    rows = [(key, value) for key, value in _flatten(options) if key != "config"]
-    rows += [(key, str(args[key])) for key in RECIPE_ARGS if args.get(key) not in (None, "", [])]
+    rows = [(key, format_value(args[key])) for key in RECIPE_ARGS if args.get(key) not in (None, "", [])]
     rows += _trainer_state_rows(state)
     seen = {name for name, _ in rows}
     rows += [(key, value) for key, value in _flatten(report) if key not in seen]
@@ -509,16 +554,61 @@ def read_training_run(folder: Path, max_rows: int = 40) -> dict | None:
         rows = rows[:max_rows] + [("…", f"{len(rows) - max_rows} more in {', '.join(sources)}")]
 
     datasets = []
-    for found in (options.get("data"), report.get("datasets") or report.get("dataset")):
+    for found in (args.get("data"), report.get("datasets") or report.get("dataset")):
         datasets += [found] if isinstance(found, str) else [d for d in found or [] if isinstance(d, str)]
-    stage = next((r["stage"] for r in (report, options, args) if r.get("stage") is not None), None)
+    stage = next((r["stage"] for r in (report, args) if r.get("stage") is not None), None)
     return {
-        "title": stage_title(stage) if stage is not None else folder.name,
-        "folder": folder.name,
+        "title": stage_title(stage) if stage is not None else "Training run",
         "sources": sources,
         "rows": rows,
         "datasets": datasets,
     }
+
+
+# -- the example: an image and labels from the model's own zero-shot data ------------------------------------------
+
+
+def load_record_data(record: dict):
+    """The dataset a record scored (images undecoded, paths resolved), when it is on this machine; else None.
+
+    `data.path` (a folder holding exactly the scored split, as the demo records it) wins over `data.spec` (what
+    `proclip eval --data` was given, read at the recorded split).
+    """
+    data = record.get("data") if isinstance(record.get("data"), dict) else {}
+    for key, split in (("path", None), ("spec", data.get("split"))):
+        if data.get(key) and Path(data[key]).exists():
+            return load_eval_dataset(str(data[key]), split)[0]
+    return None
+
+
+def write_example_image(results: list[str | os.PathLike], folder: Path) -> list[str] | None:
+    """Save the first labelled image of the first zero-shot results' data on this machine as `folder/example.png`;
+    return candidate labels for it (its own class first, then the next classes), or None without such data."""
+    for path in results:
+        for record in _records_of(path):
+            if _infer_task(record.get("task"), record.get("protocol"), record.get("metrics") or {}) != "zeroshot":
+                continue
+            dataset = load_record_data(record)
+            data = record.get("data") or {}
+            image_column, label_column = data.get("image_column", "image"), data.get("label_column", "label")
+            if dataset is None or not {image_column, label_column} <= set(dataset.column_names):
+                continue
+            names, labels = class_names_and_labels(dataset, label_column)
+            row = next((i for i, label in enumerate(labels) if label is not None), None)
+            if row is None:
+                continue
+            decode_image(dataset[row][image_column]).save(folder / EXAMPLE_IMAGE_FILE)
+            own = labels[row]
+            others = [names[(own + step) % len(names)] for step in range(1, len(names))]
+            return [names[own], *others][:EXAMPLE_LABEL_COUNT]
+    return None
+
+
+def _records_of(path: str | os.PathLike) -> list[dict]:
+    """The JSON objects of a results file (one record, a list, or `{"results": [...]}`)."""
+    raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    records = raw["results"] if isinstance(raw, dict) and isinstance(raw.get("results"), list) else raw
+    return [record for record in (records if isinstance(records, list) else [records]) if isinstance(record, dict)]
 
 
 # -- the card ----------------------------------------------------------------------------------------------------
@@ -555,18 +645,21 @@ def build_model_card(
     tags: list[str] = (),
     runs: list[str | os.PathLike] | None = None,
     template: str | os.PathLike | None = None,
-    example_image: str = EXAMPLE_IMAGE_URL,
-    example_labels: list[str] = EXAMPLE_LABELS,
+    example_image: str | None = None,
+    example_labels: list[str] | None = None,
     plot: bool = True,
 ) -> tuple[ModelCard, Path | None]:
-    """Build the model card of a saved ProCLIP folder (and draw its plot into the folder).
+    """Build the model card of a saved ProCLIP folder (and draw its plot and example image into the folder).
 
     Args:
         model_dir: the folder (`model.save_pretrained` + `processor.save_pretrained`).
         results: `proclip eval --out` files; each score becomes a `model-index` entry.
-        repo_id: the Hub repo the card will live in; the usage snippets load it (default `your-org/<folder>`).
+        repo_id: the Hub repo the card will live in; the snippets load it (default `your-org/<model_name or folder>`),
+            and the widget shows `example.png` from it (no widget without a repo id or an `example_image` URL).
         runs: folders holding the training records (default: `model_dir`), e.g. stage 1's then stage 2's.
         datasets: training datasets; only Hub ids go in the metadata, local ones are named in the text.
+        example_image, example_labels: the widget's and snippets' image URL and labels; by default an image of the
+            model's own zero-shot data (saved as `example.png`) and class names of that data.
 
     Returns:
         `(card, plot_path or None)`.
@@ -574,10 +667,15 @@ def build_model_card(
     folder = Path(model_dir)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} has no config.json; point --model at a saved ProCLIP folder.")
+    model_type = (_read_json_object(folder / "config.json") or {}).get("model_type")
+    if model_type != "proclip":
+        raise ValueError(f"{folder} holds a {model_type!r} model, not a ProCLIP one: `proclip card` writes cards of "
+                         "folders saved by `proclip init` / `proclip train` only.")
     template = Path(template) if template else DEFAULT_TEMPLATE
     if not template.is_file():
         raise FileNotFoundError(f"card template {template} not found; pass one with --template")
-    repo_id = repo_id or f"your-org/{folder.resolve().name}"
+    known_repo = repo_id is not None
+    repo_id = repo_id or f"your-org/{model_name or folder.resolve().name}"
     model_name = model_name or repo_id.rsplit("/", 1)[-1]
 
     evaluations = [e for path in results for e in read_results(path)]
@@ -585,9 +683,16 @@ def build_model_card(
     model = describe_model(folder)
     training = [run for run in (read_training_run(Path(r)) for r in (runs or [folder])) if run]
     train_datasets = list(dict.fromkeys([*datasets, *(d for run in training for d in run["datasets"])]))
-    hub_datasets = [d for d in train_datasets if not is_local_path(d) and _HUB_DATASET_ID.match(d)]
-    base_models = [m for m in map(hub_model_id, model["towers"].values()) if m]
-    local_towers = [v for v in model["towers"].values() if v and not hub_model_id(v)]
+    hub_datasets = [d for d in train_datasets if hub_id(d.partition(":")[0])]
+    base_models = [m for m in map(hub_id, model["towers"].values()) if m]
+
+    own_labels = write_example_image(results, folder) if example_image is None else None
+    if own_labels is None:
+        (folder / EXAMPLE_IMAGE_FILE).unlink(missing_ok=True)  # a stale example of older results must not stay
+    elif known_repo:
+        example_image = f"https://huggingface.co/{repo_id}/resolve/main/{EXAMPLE_IMAGE_FILE}"
+    labels = list(example_labels or own_labels or FALLBACK_EXAMPLE_LABELS)
+    widget = [{"src": example_image, "candidate_labels": ", ".join(labels), "example_title": "Example"}]
 
     card_data = ModelCardData(
         library_name="transformers",
@@ -600,7 +705,7 @@ def build_model_card(
         metrics=sorted({hub_metric_id(key) for e in evaluations for key in e.scores}) or None,
         model_name=model_name if evaluations else None,
         eval_results=eval_results(evaluations) or None,
-        widget=[{"src": example_image, "candidate_labels": ", ".join(example_labels), "example_title": "Example"}],
+        widget=widget if example_image else None,
     )
     plot_path = plot_results(evaluations, folder / PLOT_FILE) if plot else None
     if plot_path is None and (folder / PLOT_FILE).exists():
@@ -611,11 +716,12 @@ def build_model_card(
         template,
         repo_id=repo_id,
         title=model_name,
-        towers=model["towers"],
-        local_towers=local_towers,
+        towers={side: tower_reference(value) for side, value in model["towers"].items()},
+        encoder_text_tower=model["text_kind"] == "encoder",
+        local_towers=[public_name(v) for v in model["towers"].values() if v and not hub_id(v)],
         model_rows=[(name, markdown_cell(value)) for name, value in model["rows"]],
-        example_image=example_image,
-        labels_repr=repr(list(example_labels)),
+        example_image=example_image or (EXAMPLE_IMAGE_FILE if own_labels else "your_image.jpg"),
+        labels_repr=repr(labels),
         plot_file=plot_path.name if plot_path else None,
         onnx_files=sorted(path.relative_to(folder).as_posix() for path in folder.glob("onnx/*.onnx")),
         score_tables=[t for t in map(partial(_score_table, evaluations), tasks) if t],
@@ -623,8 +729,8 @@ def build_model_card(
         commands=list(dict.fromkeys(_readable_command(e.command) for e in evaluations if e.command)),
         protocols=_protocol_notes(evaluations),
         training_runs=[{**run, "rows": [(markdown_cell(k), markdown_cell(v)) for k, v in run["rows"]]} for run in training],
-        train_datasets=train_datasets,
-        local_datasets=[d for d in train_datasets if d not in hub_datasets],
+        train_datasets=[public_name(d) for d in train_datasets],
+        local_datasets=[public_name(d) for d in train_datasets if d not in hub_datasets],
     )
     return card, plot_path
 
@@ -645,9 +751,22 @@ def render_card(card_data: ModelCardData, template: Path, **variables) -> ModelC
 
 
 def _readable_command(command: str) -> str:
-    """`/long/path/bin/proclip eval ...` -> `proclip eval ...`."""
-    program, _, rest = command.partition(" ")
-    return f"proclip {rest}" if Path(program).name == "proclip" else command
+    """`/long/path/bin/proclip eval --model /home/me/runs/x ...` -> `proclip eval --model x ...`: the program by its
+    name, every local path by its last part."""
+    words = command.split(" ")
+    if words and Path(words[0]).name in ("proclip", "proclip_train.cli"):
+        words[0] = "proclip"
+    return " ".join(public_name(word) if is_local_path(word) else word for word in words)
+
+
+def _template_description(protocol: dict) -> str:
+    """`80 prompt templates (openai_imagenet_80)`, `2 prompt templates (templates.txt)`, or the few templates."""
+    templates, count = protocol.get("templates"), protocol.get("num_templates")
+    if isinstance(templates, list):
+        shown = ", ".join(f"`{t}`" for t in templates[:6]) + (", …" if len(templates) > 6 else "")
+        return f"{len(templates)} prompt template{'s' if len(templates) != 1 else ''}: {shown}"
+    name = f" ({public_name(templates)})" if templates else ""
+    return f"{count if count is not None else 'the'} prompt templates{name}"
 
 
 def _protocol_notes(evaluations: list[Evaluation]) -> list[str]:
@@ -656,9 +775,8 @@ def _protocol_notes(evaluations: list[Evaluation]) -> list[str]:
         p = e.protocol
         if e.task == "zeroshot" and p:
             notes.append(
-                f"{e.label}: {p.get('num_templates', '?')} prompt templates ({p.get('templates', 'unknown')}), "
-                f"class vector = {p.get('class_vectors', 'mean of template embeddings')}, "
-                f"{p.get('similarity', 'cosine')} similarity."
+                f"{e.label}: {_template_description(p)}, class vector = "
+                f"{p.get('class_vectors', 'mean of template embeddings')}, {p.get('similarity', 'cosine')} similarity."
             )
         elif e.task == "retrieval" and p:
             columns = p.get("caption_columns") or {}

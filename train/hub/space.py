@@ -31,9 +31,9 @@ from pathlib import Path
 from huggingface_hub import SpaceCard, SpaceCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from ..evaluation.tasks import class_names_and_labels, load_eval_dataset
+from ..evaluation.tasks import class_names_and_labels
 from ..training.data import decode_image
-from .card import evaluations_from_record
+from .card import evaluations_from_record, load_record_data
 
 SPACE_APP = Path(__file__).with_name("space_app.py")
 CONFIG_FILE = "space_config.json"
@@ -91,19 +91,6 @@ def read_eval_records(model_dir: Path, results: list[Path] | None) -> list[dict]
         if isinstance(record, dict) and isinstance(record.get("metrics"), dict) and record.get("task"):
             records.append({**record, "source": str(path)})
     return records
-
-
-def load_record_data(record: dict):
-    """The dataset a record scored (images undecoded, paths resolved), when it is on this machine; else None.
-
-    `data.path` (a folder holding exactly the scored split, as the demo records it) wins over `data.spec` (what
-    `proclip eval --data` was given, read at the recorded split).
-    """
-    data = record.get("data") if isinstance(record.get("data"), dict) else {}
-    for key, split in (("path", None), ("spec", data.get("split"))):
-        if data.get(key) and Path(data[key]).exists():
-            return load_eval_dataset(str(data[key]), split)[0]
-    return None
 
 
 def evenly_spaced(count: int, k: int) -> list[int]:
