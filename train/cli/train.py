@@ -111,6 +111,7 @@ def run_train(args: ProCLIPTrainingArguments) -> ProCLIPTrainer:
         image_column=args.image_column if args.stage == "contrastive" else None,
         caption_columns=args.caption_columns,
         noise_caption_column=args.noise_caption_column,
+        allow_paths_outside_data=args.allow_paths_outside_data,
     )
     trainer = ProCLIPTrainer(
         model, args, train_dataset=dataset, processing_class=processor, embedding_cache=embedding_cache_for(args)
