@@ -74,7 +74,8 @@ def main() -> None:
         base = statistics.median(timings["plain read"])
         for name, values in timings.items():
             median = statistics.median(values)
-            print(f"{name:>26}: {median * 1000:9.1f} ms  ({median / size:6.2f} s/GiB, {median / base:5.2f}x plain read)")
+            ratio = median / base
+            print(f"{name:>26}: {median * 1000:9.1f} ms  ({median / size:6.2f} s/GiB, {ratio:5.2f}x plain read)")
 
 
 if __name__ == "__main__":

@@ -100,7 +100,9 @@ def test_rows_are_checked_in_the_storage_dtype(tmp_path, tiny_proclip_dir, proce
     with torch.no_grad():
         loud.text_model.norm.weight[0] = 1e7
     with pytest.raises(NonFiniteEmbeddingError, match="stored as float16"):
-        build_embedding_cache(loud, processor.tokenizer, CAPTIONS, tmp_path / "f16", dtype=torch.float16, progress=False)
+        build_embedding_cache(
+            loud, processor.tokenizer, CAPTIONS, tmp_path / "f16", dtype=torch.float16, progress=False
+        )
     assert build_embedding_cache(loud, processor.tokenizer, CAPTIONS, tmp_path / "f32", progress=False) is not None
 
 
@@ -183,6 +185,22 @@ def test_a_damaged_shard_is_refused_at_open_naming_the_file_and_the_fix(tmp_path
         EmbeddingCache(tmp_path)
     assert str(refused.value).startswith(f"{path} is a damaged embedding cache shard (")
     assert problem in str(refused.value) and REFUSAL in str(refused.value)
+
+
+def test_training_refuses_a_damaged_cache_with_exit_code_2(tmp_path, good_shard, tiny_proclip_dir, capsys):
+    """The zeroed rows two old writers left were served as valid embeddings; now `proclip train` stops at once."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    shutil.copyfile(good_shard, cache / good_shard.name)
+    zeroed_rows(cache / good_shard.name)
+    data = tmp_path / "captions.jsonl"
+    datasets.Dataset.from_dict({"caption": CAPTIONS}).to_json(data)
+    with pytest.raises(SystemExit) as refused:
+        main(["train", "--stage", "1", "--model", str(tiny_proclip_dir), "--data", str(data), "--out",
+              str(tmp_path / "out"), "--cache_dir", str(cache), "--use_cpu", "--max_steps", "1"])  # fmt: skip
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert refused.value.code == 2 and error.startswith(f"proclip train: error: {cache / good_shard.name} is a damaged")
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_shard_holding_nan_is_refused_at_open_even_with_a_valid_checksum(tmp_path, good_shard):
@@ -311,7 +329,7 @@ def test_without_hard_links_a_shard_is_published_by_rename(tmp_path, model, proc
     assert leftovers(tmp_path) == [] and len(EmbeddingCache(tmp_path)) == len(CAPTIONS) and path.is_file()
 
 
-def test_a_write_failing_with_enospc_leaves_nothing_even_when_closing_fails_too(tmp_path, model, processor, monkeypatch):
+def test_a_write_failing_with_enospc_leaves_nothing_even_if_closing_fails(tmp_path, model, processor, monkeypatch):
     """Fault injection: the third write (after the header and the keys) hits ENOSPC, and so does closing the file."""
     real_pwrite, real_close, writes = os.pwrite, os.close, []
 
@@ -354,7 +372,8 @@ def test_a_real_full_disk_fails_before_embedding_and_leaves_nothing(tmp_path, ti
     datasets.Dataset.from_dict({"caption": CAPTIONS}).to_json(data)
     (tmp_path / "cache").mkdir()
     env = {**os.environ, "PYTHON": sys.executable, "MODEL": str(tiny_proclip_dir), "DATA": str(data),
-           "CACHE": str(tmp_path / "cache"), "ERR": str(tmp_path / "stderr"), "HF_DATASETS_CACHE": str(tmp_path / "hf")}  # fmt: skip
+           "CACHE": str(tmp_path / "cache"), "ERR": str(tmp_path / "stderr"),
+           "HF_DATASETS_CACHE": str(tmp_path / "hf")}  # fmt: skip
     result = subprocess.run(
         ["unshare", "-Urm", "sh", "-c", FULL_TMPFS], env=env, capture_output=True, text=True, check=False
     )

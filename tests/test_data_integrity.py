@@ -170,7 +170,8 @@ def test_every_row_outside_is_an_error_and_the_flag_reaches_train_and_eval(table
     with pytest.raises(SystemExit) as refused:
         main(command)
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert refused.value.code == 2 and error.startswith("proclip eval: error:") and "--allow-paths-outside-data" in error
+    assert refused.value.code == 2 and error.startswith("proclip eval: error:")
+    assert "--allow-paths-outside-data" in error
     main([*command, "--allow-paths-outside-data"])
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["data"]["num_rows"] == 2

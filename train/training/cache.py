@@ -352,7 +352,6 @@ def build_embedding_cache(
         OSError: `ENOSPC` when the disk cannot hold the shard (found before embedding; nothing is left behind).
     """
     cache_dir = Path(cache_dir)
-    device = next(model.parameters()).device
     model.eval()
     llm_identity = text_tower_identity(model, tokenizer)
     t_identity = teacher_identity(teacher, teacher_tokenizer) if teacher is not None else None
@@ -404,23 +403,33 @@ def build_embedding_cache(
         with tqdm(total=len(todo), desc="Embedding captions", unit="caption", disable=not progress) as bar:
             start = 0
             for texts in batches:
-                encoded = tokenizer(
-                    texts, padding=True, truncation=True, max_length=model.config.max_text_length, return_tensors="pt"
-                ).to(device)
-                with _autocast(device, bf16):
-                    llm = model.get_llm_embeddings(encoded["input_ids"], encoded["attention_mask"])
-                writer.write_rows(LLM_TABLE, start, finite_rows(llm, dtype, texts, "the text tower"))
-                if teacher is not None:
-                    encoded = teacher_tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(device)
-                    with _autocast(device, bf16):
-                        target = teacher(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"])
-                    writer.write_rows(TEACHER_TABLE, start, finite_rows(target.text_embeds, dtype, texts, "the teacher"))
+                rows = _batch_rows(texts, model, tokenizer, teacher, teacher_tokenizer, dtype, bf16)
+                for table, values in rows.items():
+                    writer.write_rows(table, start, values)
                 start += len(texts)
                 bar.update(len(texts))
         return writer.publish()
     except BaseException:
         writer.abort()
         raise
+
+
+def _batch_rows(texts, model, tokenizer, teacher, teacher_tokenizer, dtype, bf16) -> dict[str, torch.Tensor]:
+    """The cache rows of one batch of captions: `{llm: (B, H)}`, plus `{teacher: (B, D)}` with a teacher, in the
+    storage `dtype`, checked finite (`finite_rows`)."""
+    device = next(model.parameters()).device
+    encoded = tokenizer(
+        texts, padding=True, truncation=True, max_length=model.config.max_text_length, return_tensors="pt"
+    ).to(device)
+    with _autocast(device, bf16):
+        llm = model.get_llm_embeddings(encoded["input_ids"], encoded["attention_mask"])
+    rows = {LLM_TABLE: finite_rows(llm, dtype, texts, "the text tower")}
+    if teacher is not None:
+        encoded = teacher_tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(device)
+        with _autocast(device, bf16):
+            target = teacher(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"])
+        rows[TEACHER_TABLE] = finite_rows(target.text_embeds, dtype, texts, "the teacher")
+    return rows
 
 
 def finite_rows(values: torch.Tensor, dtype: torch.dtype, captions: Sequence[str], tower: str) -> torch.Tensor:

@@ -428,7 +428,9 @@ class _InsideFolder:
         for path, kept in zip(paths, keep):
             if not kept and self.logged < _MAX_LOGGED_PATHS:
                 self.logged += 1
-                logger.warning("Skipping a sample (%s): %s is outside the data folder %s", PATH_OUTSIDE_DATA, path, self.root)
+                logger.warning(
+                    "Skipping a sample (%s): %s is outside the data folder %s", PATH_OUTSIDE_DATA, path, self.root
+                )
         return pa.array(keep) if isinstance(column, pa.ChunkedArray) else keep
 
 
