@@ -320,6 +320,13 @@ def test_a_shard_published_under_the_same_name_first_is_verified_and_kept(tmp_pa
         publish_file(ours, theirs, checksum)
 
 
+def test_a_shard_gets_the_permissions_a_plain_file_gets(good_shard):
+    """Readable by the other users of a shared cache (a private 0600 temporary file would not be)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    assert good_shard.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_without_hard_links_a_shard_is_published_by_rename(tmp_path, model, processor, monkeypatch):
     def no_links(source, target):
         raise OSError(errno.EPERM, "Operation not permitted")
