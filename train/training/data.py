@@ -410,8 +410,8 @@ def image_path_inside(path: str | None, root: str) -> bool:
 
 
 class _InsideFolder:
-    """Filter predicate over a batch of `Image(decode=False)` values: keep those with embedded bytes or a path inside
-    `root`; log the first refused paths."""
+    """Filter predicate over a batch of image values (`{"bytes", "path"}` dicts, path strings, or an arrow column of
+    the dicts): keep those with embedded bytes or a path inside `root`; log the first refused paths."""
 
     def __init__(self, root: str):
         self.root = root
@@ -422,7 +422,7 @@ class _InsideFolder:
             paths = pc.struct_field(column, "path").to_pylist()
             embedded = pc.is_valid(pc.struct_field(column, "bytes")).to_pylist()
         else:
-            paths = [value.get("path") if isinstance(value, Mapping) else None for value in column]
+            paths = [value.get("path") if isinstance(value, Mapping) else value for value in column]
             embedded = [isinstance(value, Mapping) and value.get("bytes") is not None for value in column]
         keep = [has_bytes or image_path_inside(path, self.root) for path, has_bytes in zip(paths, embedded)]
         for path, kept in zip(paths, keep):
