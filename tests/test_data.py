@@ -71,13 +71,11 @@ def data_root(tmp_path_factory):
     with open(images / "metadata.jsonl", "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
 
-    # Tables listing image paths relative to their own folder (meta/ is beside imagefolder/).
-    meta = root / "meta"
-    meta.mkdir()
-    table = [{"image_path": f"../imagefolder/{r['file_name']}", **{c: r[c] for c in CAPTIONS}} for r in rows]
-    pd.DataFrame(table).to_csv(meta / "pairs.csv", index=False)
-    pd.DataFrame(table).to_parquet(meta / "pairs.parquet")
-    with open(meta / "pairs.jsonl", "w") as f:
+    # Tables listing image paths relative to their own folder (the root, which holds imagefolder/).
+    table = [{"image_path": f"imagefolder/{r['file_name']}", **{c: r[c] for c in CAPTIONS}} for r in rows]
+    pd.DataFrame(table).to_csv(root / "pairs.csv", index=False)
+    pd.DataFrame(table).to_parquet(root / "pairs.parquet")
+    with open(root / "pairs.jsonl", "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in table)
 
     # A webdataset shard: 0000.png, 0000.txt, 0000.long.txt, ...
@@ -103,10 +101,10 @@ def data_root(tmp_path_factory):
 LAYOUTS = {
     "imagefolder": ("imagefolder", "image", CAPTIONS, False),
     "imagefolder-streaming": ("imagefolder", "image", CAPTIONS, True),
-    "csv": ("meta/pairs.csv", "image_path", CAPTIONS, False),
-    "csv-streaming": ("meta/pairs.csv", "image_path", CAPTIONS, True),
-    "jsonl": ("meta/pairs.jsonl", "image_path", CAPTIONS, False),
-    "parquet-glob": ("meta/*.parquet", "image_path", CAPTIONS, False),
+    "csv": ("pairs.csv", "image_path", CAPTIONS, False),
+    "csv-streaming": ("pairs.csv", "image_path", CAPTIONS, True),
+    "jsonl": ("pairs.jsonl", "image_path", CAPTIONS, False),
+    "parquet-glob": ("*.parquet", "image_path", CAPTIONS, False),
     "webdataset": ("shards/*.tar", "png", ("txt", "long.txt"), False),
     "webdataset-streaming": ("shards/*.tar", "png", ("txt", "long.txt"), True),
 }
@@ -185,7 +183,7 @@ def test_a_batch_of_only_bad_rows_is_empty_not_an_error(data_root, tmp_path, tok
 
 def test_stage1_reads_captions_only_with_noise_view_and_teacher(data_root, tmp_path, tokenizer):
     dataset = load_image_text_dataset(
-        str(data_root / "meta/pairs.csv"),
+        str(data_root / "pairs.csv"),
         caption_columns="caption",
         noise_caption_column="long_caption",
         cache_dir=str(tmp_path / "hf_cache"),
@@ -297,7 +295,7 @@ def test_missing_columns_are_named_with_the_available_ones(data_root, tmp_path):
     expected = r"caption column 'captoin' not found.*Available columns: image_path, caption, long_caption"
     with pytest.raises(ValueError, match=expected):
         load_image_text_dataset(
-            str(data_root / "meta/pairs.csv"), image_column="image_path", caption_columns="captoin", cache_dir=cache
+            str(data_root / "pairs.csv"), image_column="image_path", caption_columns="captoin", cache_dir=cache
         )
     expected = r"image column 'jpg' not found.*Available columns: png, txt, long\.txt"
     with pytest.raises(ValueError, match=expected):
@@ -308,8 +306,8 @@ def test_missing_columns_are_named_with_the_available_ones(data_root, tmp_path):
 
 def test_dataspec_parse(data_root):
     assert DataSpec.parse(data_root / "imagefolder").kind == "folder"
-    files = DataSpec.parse(str(data_root / "meta/*.csv"))
-    assert (files.kind, files.builder, files.root) == ("files", "csv", str(data_root / "meta"))
+    files = DataSpec.parse(str(data_root / "*.csv"))
+    assert (files.kind, files.builder, files.root) == ("files", "csv", str(data_root))
     assert DataSpec.parse(str(data_root / "shards/shard-000.tar")).builder == "webdataset"
     hub = DataSpec.parse("someone/pairs:long")
     assert (hub.kind, hub.name, hub.config, hub.root) == ("hub", "someone/pairs", "long", None)
@@ -317,7 +315,7 @@ def test_dataspec_parse(data_root):
     with pytest.raises(FileNotFoundError, match="nothing.csv"):
         DataSpec.parse(str(data_root / "nothing.csv"))
     with pytest.raises(ValueError, match="Cannot tell the data format"):
-        DataSpec.parse(str(data_root / "meta/pairs.*"))
+        DataSpec.parse(str(data_root / "pairs.*"))
 
 
 def test_a_folder_of_tables_resolves_paths_against_each_table(data_root, tmp_path, tokenizer, image_processor):
@@ -328,7 +326,9 @@ def test_a_folder_of_tables_resolves_paths_against_each_table(data_root, tmp_pat
     )
     (folder / "more.csv").write_text("image_path,caption\n../imagefolder/rgb.png,a relative path\n")
     os.symlink(data_root / "imagefolder", tmp_path / "imagefolder")  # more.csv's "../imagefolder" is this one
-    dataset = load_image_text_dataset(str(folder), image_column="image_path", cache_dir=str(tmp_path / "hf_cache"))
+    dataset = load_image_text_dataset(  # every path here leaves the folder: absolute, or ../
+        str(folder), image_column="image_path", cache_dir=str(tmp_path / "hf_cache"), allow_paths_outside_data=True
+    )
     paths = sorted(row["image_path"]["path"] for row in dataset)
     relative = str(tmp_path / "tables" / "../imagefolder/rgb.png")
     assert paths == sorted([relative] + [f"{data_root}/imagefolder/{s[0]}" for s in SAMPLES[:2]])
@@ -355,7 +355,7 @@ def test_hub_names_go_to_load_dataset_with_their_config(monkeypatch):
 
 
 def test_splits_are_listed_and_a_missing_one_is_named(data_root, tmp_path):
-    assert split_names(str(data_root / "meta/*.parquet")) == ["train"]  # files hold one split
+    assert split_names(str(data_root / "*.parquet")) == ["train"]  # files hold one split
     folder = tmp_path / "splits"
     for split, count in (("train", 3), ("test", 2)):
         (folder / split).mkdir(parents=True)

@@ -6,6 +6,7 @@ The independent side calls only the model, its processor and plain Python: no `p
 import io
 import json
 import shlex
+import shutil
 import sys
 import tarfile
 
@@ -189,10 +190,9 @@ def test_eval_zeroshot_matches_an_independent_computation(
 
 
 def test_csv_spec_resolves_image_paths_relative_to_the_file(tmp_path):
-    _save_image(tmp_path / "images" / "a.png", COLOURS["red"], 0)
     data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    (data_dir / "pairs.csv").write_text("path,text\n../images/a.png,a red square\n")
+    _save_image(data_dir / "images" / "a.png", COLOURS["red"], 0)
+    (data_dir / "pairs.csv").write_text("path,text\nimages/a.png,a red square\n")
     dataset, split, num_rows = load_eval_dataset(str(data_dir / "pairs.csv"), image_column="path")
     assert (split, num_rows, dataset["text"]) == ("train", 1, ["a red square"])
     assert decode_image(dataset[0]["path"]).size == (32, 32)
@@ -224,10 +224,12 @@ def _metadata(folder):
 
 
 def _jsonl_glob(tmp_path, folder):
-    """The rows split over two jsonl files in two folders, image paths relative to each file's folder."""
+    """The rows split over two jsonl files in two folders, image paths relative to each file's folder (the images sit
+    beside the two folders, inside the data folder `parts/` they share)."""
+    shutil.copytree(folder, tmp_path / "parts" / "images", ignore=shutil.ignore_patterns("*.jsonl"))
     for part, rows in (("a", _metadata(folder)[:4]), ("b", _metadata(folder)[4:])):
         (tmp_path / "parts" / part).mkdir(parents=True)
-        lines = [json.dumps({"image": f"../../{folder.name}/{row['file_name']}", "caption": row["caption"],
+        lines = [json.dumps({"image": f"../images/{row['file_name']}", "caption": row["caption"],
                              "long": row["long"]}) for row in rows]  # fmt: skip
         (tmp_path / "parts" / part / "pairs.jsonl").write_text("\n".join(lines) + "\n")
     return str(tmp_path / "parts" / "*" / "*.jsonl"), ["--image-column", "image"]

@@ -7,7 +7,9 @@ Under `torchrun` every rank embeds its share of the captions into a shard of its
 
 from __future__ import annotations
 
+import errno
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -28,6 +30,23 @@ def _distributed_place() -> tuple[int, int, int]:
 
 
 def embed_command(args) -> None:
+    """`proclip embed`; a damaged or stale cache, NaN embeddings, bad data or a full disk exit 2 with one message."""
+    try:
+        _embed(args)
+    except (ValueError, FileNotFoundError) as error:  # CorruptShardError, StaleCacheError, NonFiniteEmbeddingError,
+        _refuse(error)  # and the data's: a missing column or split, an undecodable or empty file
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        _refuse(error)
+
+
+def _refuse(error: Exception) -> None:
+    print(f"proclip embed: error: {error}", file=sys.stderr)
+    raise SystemExit(2) from error
+
+
+def _embed(args) -> None:
     rank, world_size, local_rank = _distributed_place()
     if args.device:
         device = torch.device(args.device)
@@ -35,20 +54,20 @@ def embed_command(args) -> None:
         device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir(args.data)
     if cache_dir is None:
-        raise SystemExit("The data is a Hub dataset: give --cache-dir for the embedding cache.")
+        raise ValueError("The data is a Hub dataset: give --cache-dir for the embedding cache.")
+    dataset = load_image_text_dataset(
+        args.data, split=args.split, caption_columns=args.caption_column or ["caption"],
+        noise_caption_column=args.noise_caption_column,
+    )
     processor = ProCLIPProcessor.from_pretrained(args.model)
     model = ProCLIPModel.from_pretrained(args.model).to(device)
     teacher = teacher_tokenizer = None
     if not args.no_teacher:
         teacher_name = args.teacher or model.config.vision_name_or_path
         if teacher_name is None:
-            raise SystemExit("The model's config names no CLIP checkpoint: give --teacher, or --no-teacher.")
+            raise ValueError("The model's config names no CLIP checkpoint: give --teacher, or --no-teacher.")
         teacher = load_clip_text_teacher(teacher_name).to(device)
         teacher_tokenizer = AutoTokenizer.from_pretrained(teacher_name)
-    dataset = load_image_text_dataset(
-        args.data, split=args.split, caption_columns=args.caption_column or ["caption"],
-        noise_caption_column=args.noise_caption_column,
-    )
     captions = iter_captions(dataset, args.caption_column or ["caption"], args.noise_caption_column)
     path = build_embedding_cache(
         model, processor.tokenizer, captions, cache_dir, teacher=teacher, teacher_tokenizer=teacher_tokenizer,

@@ -54,7 +54,10 @@ def run_eval(args: argparse.Namespace) -> dict:
         "caption-retrieval": dict(caption_columns=caption_columns),
     }[args.task]
     try:
-        dataset, split, num_rows = load_eval_dataset(args.data, args.split, args.streaming, args.max_samples, **columns)
+        dataset, split, num_rows = load_eval_dataset(
+            args.data, args.split, args.streaming, args.max_samples, **columns,
+            allow_paths_outside_data=args.allow_paths_outside_data,
+        )
     except (FileNotFoundError, ValueError) as error:  # a wrong path, format, split or column: the user's to fix
         print(f"proclip eval: error: {error}", file=sys.stderr)
         raise SystemExit(2) from error
@@ -132,6 +135,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--streaming", action="store_true",
                         help="read the split as a stream, only as far as --max-samples rows (all without it)")
     parser.add_argument("--image-column", default="image")
+    parser.add_argument("--allow-paths-outside-data", action="store_true",
+                        help="read image paths that leave the data folder (absolute paths elsewhere, ../); by default "
+                        "those rows are skipped and counted")
     parser.add_argument(
         "--caption-column", action="append",
         help="retrieval: a column of captions (a string or a list of strings per row); repeat to score several "

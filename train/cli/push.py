@@ -7,15 +7,26 @@ import sys
 from pathlib import Path
 
 from ..hub import push as hub_push
-from ..hub.push import FolderNotReady, human_size, push_folder, required_files
+from ..hub.push import (
+    FolderNotReady,
+    code_differences,
+    human_size,
+    push_folder,
+    required_files,
+)
 
 
 def run_push(args: argparse.Namespace):
     folder = Path(args.model)
+    differences = code_differences(folder) if args.allow_modified_code and folder.is_dir() else []
+    if args.allow_modified_code:
+        _print_code_differences(differences)
     try:
-        result = push_folder(folder, args.repo_id, args.private, args.revision, args.dry_run, timeout=args.timeout)
+        result = push_folder(folder, args.repo_id, args.private, args.revision, args.dry_run, timeout=args.timeout,
+                             allow_modified_code=args.allow_modified_code)  # fmt: skip
     except (FolderNotReady, ValueError) as error:
-        raise SystemExit(f"proclip push: refused: {error}") from error
+        print(f"proclip push: refused: {error}", file=sys.stderr)
+        raise SystemExit(2) from error
     readme = (folder / "README.md").read_text(encoding="utf-8")
     if args.repo_id not in readme:
         print(f"warning: README.md never names {args.repo_id}; its usage snippets load another repo. "
@@ -29,8 +40,19 @@ def run_push(args: argparse.Namespace):
           f"(revision {args.revision or 'main'}, {'private' if args.private else 'public'} if created)")
     for path, size in result:
         print(f"  {human_size(size):>10}  {path}{'  [required]' if path in required else ''}")
-    print("checks passed: required files, model card, remote-code load and forward pass without this project")
+    code = "modified code (allowed, listed above)" if differences else "the package's own code"
+    print(f"checks passed: required files, model card, {code}, remote-code load and forward pass without this "
+          "project and without credentials")
     return result
+
+
+def _print_code_differences(differences) -> None:
+    print(f"--allow-modified-code: {len(differences)} difference(s) from the installed ProCLIP's code"
+          + (" (they run in the isolated load and are uploaded as they are):" if differences else "."))
+    for difference in differences:
+        print(f"  - {difference.problem}")
+        for line in difference.diff:
+            print(f"      {line}")
 
 
 def add_push_parser(subparsers) -> argparse.ArgumentParser:
@@ -49,5 +71,9 @@ def add_push_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true",
                         help="run the checks and list the files and sizes; upload nothing")
     parser.add_argument("--timeout", type=float, default=600, help="seconds allowed for the remote-code load check")
+    parser.add_argument("--allow-modified-code", action="store_true",
+                        help="push code files that differ from the installed package's (or extra ones, or auto_map "
+                        "entries pointing at them); the differences are listed. Without it such a folder is refused "
+                        "before any of its code runs")
     parser.set_defaults(func=run_push)
     return parser

@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 from pathlib import Path
 
 import yaml
@@ -92,7 +93,11 @@ def embedding_cache_for(args: ProCLIPTrainingArguments) -> EmbeddingCache | None
         return None
     folder = Path(args.cache_dir) if args.cache_dir else default_cache_dir(args.data)
     if folder is not None and shard_paths(folder):
-        cache = EmbeddingCache(folder)
+        try:
+            cache = EmbeddingCache(folder)
+        except ValueError as error:  # a damaged shard, or one of another format or model: the message says what to do
+            print(f"proclip train: error: {error}", file=sys.stderr)
+            raise SystemExit(2) from error
         print(f"Using the embedding cache {cache}")
         return cache
     if args.cache_dir:
@@ -111,6 +116,7 @@ def run_train(args: ProCLIPTrainingArguments) -> ProCLIPTrainer:
         image_column=args.image_column if args.stage == "contrastive" else None,
         caption_columns=args.caption_columns,
         noise_caption_column=args.noise_caption_column,
+        allow_paths_outside_data=args.allow_paths_outside_data,
     )
     trainer = ProCLIPTrainer(
         model, args, train_dataset=dataset, processing_class=processor, embedding_cache=embedding_cache_for(args)

@@ -70,6 +70,10 @@ class ProCLIPTrainingArguments(TrainingArguments):
     )
     noise_caption_column: str | None = _option(None, "Stage 1: a second caption view per sample that adds its own "
                                                 "instance term.")
+    allow_paths_outside_data: bool = _option(
+        False, "Read image paths that leave the data folder (absolute paths elsewhere, ../); by default those rows are "
+        "skipped and counted.",
+    )
     embedding_cache: bool = _option(True, "Stages 1-2: use the embedding cache when one exists (see `proclip embed`).")
     cache_dir: str | None = _option(None, "Embedding cache folder (default: proclip_embedding_cache/ next to the data).")
 

@@ -18,7 +18,9 @@ prompt template and instruction, length limit), pooling, bidirectional attention
 is refused with the list of what differs: it would silently train on another model's embeddings.
 
 Shards are written as valid safetensors files, but streamed row block by row block (the embeddings of 30M captions
-do not fit in memory), and read back through a memory map, so a lookup touches only the rows it needs.
+do not fit in memory), and read back through a memory map, so a lookup touches only the rows it needs. Rows are
+checked finite before they are written (`NonFiniteEmbeddingError` names the captions); shards are published whole
+under names no other writer can clobber, carry a sha256 of their data, and are checked when opened (`shards.py`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -35,22 +36,23 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import DataSpec, longest_first_batches
+from .shards import (
+    CACHE_FORMAT,
+    CACHE_VERSION,
+    KEY_SIZE,
+    KEYS_TABLE,
+    LLM_TABLE,
+    TEACHER_TABLE,
+    CorruptShardError,
+    ShardWriter,
+    StaleCacheError,
+    open_shard,
+    read_safetensors_header,
+)
 
-CACHE_FORMAT = "proclip-embedding-cache"
-CACHE_VERSION = "1"
 DEFAULT_CACHE_FOLDER = "proclip_embedding_cache"
-KEY_SIZE = 32  # sha256 digest
-
-LLM_TABLE = "llm"
-TEACHER_TABLE = "teacher"
-
-_SAFETENSORS_DTYPES = {
-    torch.float32: ("F32", np.float32),
-    torch.float16: ("F16", np.float16),
-    torch.bfloat16: ("BF16", np.uint16),  # numpy has no bfloat16: rows are read as uint16 and viewed as bfloat16
-    torch.uint8: ("U8", np.uint8),
-}
-_TORCH_DTYPE_BY_NAME = {name: dtype for dtype, (name, _) in _SAFETENSORS_DTYPES.items()}
+# How many offending captions a non-finite error quotes.
+_QUOTED_CAPTIONS = 5
 
 # Config fields that do not change what a text tower computes (bookkeeping, generation, special-token ids that the
 # Trainer may realign with the tokenizer): left out of the identity so they cannot make a valid cache look stale.
@@ -62,8 +64,8 @@ _VOLATILE_CONFIG_KEYS = {
 }
 
 
-class StaleCacheError(ValueError):
-    """An embedding cache made with another text tower (or teacher) than the one it is used with."""
+class NonFiniteEmbeddingError(ValueError):
+    """A tower gave NaN or inf for some captions: such rows are never written to a cache."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -169,97 +171,6 @@ def _short(value) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Shards: streamed safetensors writer, memory-mapped reader
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-class _ShardWriter:
-    """Writes one safetensors file whose tensors are filled in row blocks, in any order, after the header.
-
-    The file is written under a temporary name and renamed by `close()`, so an interrupted run leaves no shard.
-    """
-
-    def __init__(self, path: Path, tensors: dict[str, tuple[tuple[int, ...], torch.dtype]], metadata: dict[str, str]):
-        self.path = Path(path)
-        self.tmp_path = self.path.with_name(self.path.name + ".tmp")
-        header: dict = {"__metadata__": metadata}
-        self.offsets, self.row_bytes, self.dtypes = {}, {}, {}
-        start = 0
-        for name, (shape, dtype) in tensors.items():
-            code, np_dtype = _SAFETENSORS_DTYPES[dtype]
-            size = int(np.prod(shape)) * np.dtype(np_dtype).itemsize
-            header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [start, start + size]}
-            self.offsets[name] = start
-            self.row_bytes[name] = size // shape[0] if shape[0] else 0
-            self.dtypes[name] = dtype
-            start += size
-        blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
-        blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
-        self.data_start = 8 + len(blob)
-        self.file = open(self.tmp_path, "wb")
-        self.file.write(struct.pack("<Q", len(blob)))
-        self.file.write(blob)
-        self.file.truncate(self.data_start + start)
-
-    def write_rows(self, name: str, first_row: int, rows: torch.Tensor) -> None:
-        rows = rows.detach().to("cpu", self.dtypes[name]).contiguous()
-        self.file.seek(self.data_start + self.offsets[name] + first_row * self.row_bytes[name])
-        self.file.write(rows.reshape(-1).view(torch.uint8).numpy().tobytes())
-
-    def close(self) -> None:
-        self.file.close()
-        os.replace(self.tmp_path, self.path)
-
-    def abort(self) -> None:
-        self.file.close()
-        self.tmp_path.unlink(missing_ok=True)
-
-
-def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, int]:
-    """(header, byte offset of the data section) of a safetensors file (8-byte length, then JSON), read without the
-    tensors: names, dtypes, shapes, offsets and `__metadata__`."""
-    with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(size)), 8 + size
-
-
-class _Shard:
-    def __init__(self, path: Path):
-        self.path = path
-        self.header, self.data_start = read_safetensors_header(path)
-        self.metadata = self.header.get("__metadata__", {})
-        if self.metadata.get("format") != CACHE_FORMAT:
-            raise ValueError(f"{path} is not a ProCLIP embedding cache shard (no `format: {CACHE_FORMAT}` metadata).")
-        if self.metadata.get("version") != CACHE_VERSION:
-            raise StaleCacheError(
-                f"{path} has cache format version {self.metadata.get('version')}, this code reads {CACHE_VERSION}; "
-                "re-run `proclip embed`."
-            )
-        self.num_rows = self.header["keys"]["shape"][0]
-        self._map = None
-
-    def array(self, name: str) -> np.ndarray:
-        """The memory-mapped tensor `name` as a numpy array (bfloat16 as uint16)."""
-        if self._map is None:
-            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
-        info = self.header[name]
-        np_dtype = _SAFETENSORS_DTYPES[_TORCH_DTYPE_BY_NAME[info["dtype"]]][1]
-        start, end = info["data_offsets"]
-        return self._map[self.data_start + start : self.data_start + end].view(np_dtype).reshape(info["shape"])
-
-    def rows(self, name: str, index: np.ndarray) -> torch.Tensor:
-        values = torch.from_numpy(np.ascontiguousarray(self.array(name)[index]))
-        if self.header[name]["dtype"] == "BF16":
-            values = values.view(torch.bfloat16)
-        return values
-
-    def __getstate__(self):  # DataLoader workers re-open the memory map themselves
-        state = dict(self.__dict__)
-        state["_map"] = None
-        return state
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # Reading
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -280,7 +191,8 @@ class EmbeddingCache:
 
     Raises:
         FileNotFoundError: the folder holds no shard.
-        StaleCacheError: shards of the folder were made by different models (or teachers).
+        CorruptShardError: a shard is damaged (truncated, wrong dtype, checksum mismatch, NaN / inf; see `shards.py`).
+        StaleCacheError: shards of the folder were made by different models (or teachers), or by another format.
     """
 
     def __init__(self, folder: str | os.PathLike):
@@ -288,7 +200,7 @@ class EmbeddingCache:
         paths = shard_paths(self.folder)
         if not paths:
             raise FileNotFoundError(f"No embedding cache shard (*.safetensors) in {self.folder}.")
-        self.shards = [_Shard(path) for path in paths]
+        self.shards = [open_shard(path) for path in paths]
         self.llm_identity = self._common_identity(LLM_TABLE)
         teacher_shards = [s for s in self.shards if TEACHER_TABLE in s.header]
         self.teacher_identity = self._common_identity(TEACHER_TABLE) if teacher_shards else None
@@ -431,10 +343,15 @@ def build_embedding_cache(
         rank, world_size: this process's share of the captions when several processes embed (one shard each).
 
     Returns:
-        The new shard's path, or `None` when every caption was already cached.
+        The new shard's path, or `None` when every caption was already cached. Processes embedding the same captions
+        at once all return the one shard the first of them published (the others verified it and dropped theirs).
+
+    Raises:
+        NonFiniteEmbeddingError: a tower gave NaN or inf for some captions (named); nothing is written.
+        CorruptShardError, StaleCacheError: the existing cache is damaged, or was made by another model.
+        OSError: `ENOSPC` when the disk cannot hold the shard (found before embedding; nothing is left behind).
     """
     cache_dir = Path(cache_dir)
-    device = next(model.parameters()).device
     model.eval()
     llm_identity = text_tower_identity(model, tokenizer)
     t_identity = teacher_identity(teacher, teacher_tokenizer) if teacher is not None else None
@@ -461,7 +378,10 @@ def build_embedding_cache(
     if not todo:
         return None
 
-    tensors = {"keys": ((len(todo), KEY_SIZE), torch.uint8), LLM_TABLE: ((len(todo), model.config.text_hidden_size), dtype)}
+    tensors = {
+        KEYS_TABLE: ((len(todo), KEY_SIZE), torch.uint8),
+        LLM_TABLE: ((len(todo), model.config.text_hidden_size), dtype),
+    }
     if teacher is not None:
         tensors[TEACHER_TABLE] = ((len(todo), teacher.config.projection_dim), dtype)
     metadata = {
@@ -476,41 +396,73 @@ def build_embedding_cache(
         metadata["teacher_identity"] = json.dumps(t_identity, sort_keys=True)
     content = hashlib.sha256(b"".join(key for key, _ in todo)).hexdigest()[:16]
     cache_dir.mkdir(parents=True, exist_ok=True)
-    writer = _ShardWriter(cache_dir / f"shard-{content}-{rank:05d}-of-{world_size:05d}.safetensors", tensors, metadata)
+    writer = ShardWriter(cache_dir / f"shard-{content}-{rank:05d}-of-{world_size:05d}.safetensors", tensors, metadata)
     try:
         keys = np.frombuffer(b"".join(key for key, _ in todo), dtype=np.uint8).reshape(-1, KEY_SIZE)
-        writer.write_rows("keys", 0, torch.from_numpy(keys.copy()))
-        bar = tqdm(total=len(todo), desc="Embedding captions", unit="caption", disable=not progress)
-        start = 0
-        for texts in batches:
-            encoded = tokenizer(
-                texts, padding=True, truncation=True, max_length=model.config.max_text_length, return_tensors="pt"
-            ).to(device)
-            with _autocast(device, bf16):
-                llm = model.get_llm_embeddings(encoded["input_ids"], encoded["attention_mask"])
-            writer.write_rows(LLM_TABLE, start, llm.float())
-            if teacher is not None:
-                encoded = teacher_tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(device)
-                with _autocast(device, bf16):
-                    target = teacher(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"])
-                writer.write_rows(TEACHER_TABLE, start, target.text_embeds.float())
-            start += len(texts)
-            bar.update(len(texts))
-        bar.close()
+        writer.write_rows(KEYS_TABLE, 0, torch.from_numpy(keys.copy()))
+        with tqdm(total=len(todo), desc="Embedding captions", unit="caption", disable=not progress) as bar:
+            start = 0
+            for texts in batches:
+                rows = _batch_rows(texts, model, tokenizer, teacher, teacher_tokenizer, dtype, bf16)
+                for table, values in rows.items():
+                    writer.write_rows(table, start, values)
+                start += len(texts)
+                bar.update(len(texts))
+        return writer.publish()
     except BaseException:
         writer.abort()
         raise
-    writer.close()
-    return writer.path
+
+
+def _batch_rows(texts, model, tokenizer, teacher, teacher_tokenizer, dtype, bf16) -> dict[str, torch.Tensor]:
+    """The cache rows of one batch of captions: `{llm: (B, H)}`, plus `{teacher: (B, D)}` with a teacher, in the
+    storage `dtype`, checked finite (`finite_rows`)."""
+    device = next(model.parameters()).device
+    encoded = tokenizer(
+        texts, padding=True, truncation=True, max_length=model.config.max_text_length, return_tensors="pt"
+    ).to(device)
+    with _autocast(device, bf16):
+        llm = model.get_llm_embeddings(encoded["input_ids"], encoded["attention_mask"])
+    rows = {LLM_TABLE: finite_rows(llm, dtype, texts, "the text tower")}
+    if teacher is not None:
+        encoded = teacher_tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(device)
+        with _autocast(device, bf16):
+            target = teacher(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"])
+        rows[TEACHER_TABLE] = finite_rows(target.text_embeds, dtype, texts, "the teacher")
+    return rows
+
+
+def finite_rows(values: torch.Tensor, dtype: torch.dtype, captions: Sequence[str], tower: str) -> torch.Tensor:
+    """`values` (B, dim) in the storage `dtype`, checked on their device after the cast (float16 overflows past
+    65504).
+
+    Raises:
+        NonFiniteEmbeddingError: some rows hold NaN or inf; the message quotes their captions.
+    """
+    stored = values.detach().float().to(dtype)
+    finite = torch.isfinite(stored).all(dim=1).cpu()
+    if bool(finite.all()):
+        return stored
+    bad = [captions[i] for i in torch.nonzero(~finite).flatten().tolist()]
+    quoted = ", ".join(repr(c if len(c) <= 80 else c[:77] + "...") for c in bad[:_QUOTED_CAPTIONS])
+    more = f" and {len(bad) - _QUOTED_CAPTIONS} more" if len(bad) > _QUOTED_CAPTIONS else ""
+    raise NonFiniteEmbeddingError(
+        f"{tower} gave NaN or inf (stored as {str(dtype).removeprefix('torch.')}) for {len(bad)} of {len(captions)} "
+        f"captions of a batch: {quoted}{more}. Nothing was written to the cache. Check the model's weights for "
+        "NaN; float16 storage overflows past 65504 (use --dtype float32 or bfloat16); under --bf16 try without it."
+    )
 
 
 __all__ = [
+    "CorruptShardError",
     "EmbeddingCache",
+    "NonFiniteEmbeddingError",
     "StaleCacheError",
     "build_embedding_cache",
     "caption_key",
     "default_cache_dir",
     "fingerprint",
+    "finite_rows",
     "read_safetensors_header",
     "teacher_identity",
     "text_tower_identity",

@@ -5,7 +5,10 @@
    glob (`.csv`, `.jsonl`, `.json`, `.parquet`, `.arrow`, `.txt` captions only, `.tar` webdataset shards), or a Hub
    dataset (`name` or `name:config`), in memory-mapped or streaming mode. `proclip train`, `proclip embed`, stage 0
    and `proclip eval` all load through it. Images stay undecoded in the dataset (`datasets.Image(decode=False)`), so
-   a corrupt file never breaks loading or iteration; `decode_image` decodes one value where it is used.
+   a corrupt file never breaks loading or iteration; `decode_image` decodes one value where it is used. A data file
+   that is not UTF-8, holds a lone surrogate or no rows is refused in one line naming the file and line (bad text is
+   a property of how the file was written, often all of it: skipping such rows would silently drop the non-ASCII
+   captions); image paths that leave the local data folder are dropped and counted unless allowed.
 2. `CLIPImageTransform` turns a PIL image into `pixel_values` with PIL and torch only: the eval transform mirrors
    `CLIPImageProcessor` (resize the shortest side, center crop, rescale, normalise), the train transform replaces
    resize + crop by RandomResizedCrop(scale 0.9-1.0, bicubic). Size, mean and std come from the model's processor.
@@ -20,15 +23,18 @@ import logging
 import math
 import os
 import posixpath
+import re
 import threading
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import datasets
 import numpy as np
 import PIL.Image
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from datasets.packaged_modules.folder_based_builder.folder_based_builder import (
     FolderBasedBuilder,
@@ -40,6 +46,7 @@ logger = logging.getLogger(__name__)
 CORRUPT_IMAGE = "corrupt_image"  # missing file, undecodable bytes, or a failed conversion to RGB
 EMPTY_CAPTION = "empty_caption"  # no caption column value, or only an empty / whitespace-only string
 TOO_FEW_CAPTIONS = "too_few_captions"  # stage 0: a row without two different captions gives no positive pair
+PATH_OUTSIDE_DATA = "path_outside_data"  # an image path (absolute, or with ../) that leaves the data folder
 SKIP_REASONS = (CORRUPT_IMAGE, EMPTY_CAPTION)
 SKIPPED_KEY = "skipped"
 
@@ -55,6 +62,10 @@ _BUILDER_BY_SUFFIX = {
 }
 _COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4")
 _GLOB_CHARS = ("*", "?", "[")
+_TEXT_BUILDERS = ("csv", "json", "text")
+# One backslash escape of a JSON string: `\uXXXX`, or a backslash and one character (`\\`, `\n`, ...).
+_JSON_ESCAPE = re.compile(r"\\(u[0-9a-fA-F]{4}|.)", re.DOTALL)
+_MAX_LOGGED_PATHS = 5
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -151,6 +162,74 @@ def _column_names(dataset) -> list[str]:
     return list(names)
 
 
+def _lone_surrogate_column(line: str) -> int | None:
+    """1-based column of the first `\\uD800`-`\\uDFFF` escape of a line of JSON that is not half of a surrogate
+    pair (such a string cannot be stored as UTF-8), or `None`."""
+    high = None  # a high-surrogate escape waiting for its low half
+    for match in _JSON_ESCAPE.finditer(line):
+        body = match.group(1)
+        code = int(body[1:], 16) if len(body) == 5 else None
+        is_low = code is not None and 0xDC00 <= code <= 0xDFFF
+        if high is not None:
+            if not (is_low and match.start() == high.end()):
+                return high.start() + 1
+            high = None
+        elif code is not None and 0xD800 <= code <= 0xDBFF:
+            high = match
+        elif is_low:
+            return match.start() + 1
+    return high.start() + 1 if high is not None else None
+
+
+def data_file_problem(path: str, builder: str) -> str | None:
+    """Why a local csv / json / text file cannot load, in one line naming the file, the line and the fix; `None` when
+    this reading finds nothing: bytes that are not UTF-8, a JSON `\\u` escape that is a lone surrogate (half of an
+    emoji cut in two), or no rows at all (a csv with only its header counts as none)."""
+    rows = 0
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                return (
+                    f"{path}, line {number}: byte {error.start + 1} (0x{raw[error.start]:02x}) is not UTF-8. Re-encode "
+                    "the file as UTF-8 (e.g. `iconv -f cp1252 -t utf-8`) or remove the line."
+                )
+            column = _lone_surrogate_column(line) if builder == "json" else None
+            if column is not None:
+                return (
+                    f"{path}, line {number}, column {column}: this \\u escape is half of a surrogate pair (an emoji cut "
+                    "in two), which no UTF-8 text can hold. Repair or remove the line."
+                )
+            rows += bool(line.strip())
+    if rows <= (builder == "csv"):
+        return f"{path} holds no rows{' (only a header)' if rows else ''}: add rows, or leave the file out."
+    return None
+
+
+def _load_explained(load: Callable[[], Any], files: Sequence[str]):
+    """`load()`; when it fails and one of `files` (local, uncompressed csv / json / text) shows why, a `ValueError`
+    that says so in one line (`data_file_problem`) instead of the `datasets` traceback.
+
+    pyarrow's JSON reader stores bytes that are not UTF-8 as they are, and the row fails only when read, mid-epoch:
+    a loaded JSON dataset's strings are therefore validated here (one pass over the table, in C)."""
+    try:
+        dataset = load()
+        if isinstance(dataset, datasets.Dataset) and any(_builder_for(path) == "json" for path in files):
+            dataset.data.table.validate(full=True)
+        return dataset
+    except Exception as error:
+        for path in files:
+            builder = _builder_for(path)
+            local = "://" not in path and not path.lower().endswith(_COMPRESSION_SUFFIXES)
+            problem = data_file_problem(path, builder) if builder in _TEXT_BUILDERS and local else None
+            if problem:
+                raise ValueError(problem) from error
+        if "corresponds to no data" in str(error):  # `datasets`' words for a split of 0 rows, e.g. a JSON `[]`
+            raise ValueError(f"{', '.join(files)} holds no rows: add rows, or leave the file out.") from error
+        raise
+
+
 def _load_files(spec: DataSpec, split, streaming, image_column, cache_dir, load_kwargs):
     """Load data files grouped by folder, so that relative image paths resolve against their own file's folder."""
     groups: dict[str, list[str]] = {}
@@ -159,10 +238,12 @@ def _load_files(spec: DataSpec, split, streaming, image_column, cache_dir, load_
         groups.setdefault(base, []).append(path)
     parts = []
     for base, files in groups.items():
-        part = datasets.load_dataset(
-            spec.builder, data_files=files, split=split, streaming=streaming, cache_dir=cache_dir, **load_kwargs
+        part = _load_explained(
+            lambda files=files: _with_features(datasets.load_dataset(
+                spec.builder, data_files=files, split=split, streaming=streaming, cache_dir=cache_dir, **load_kwargs
+            )),
+            files,
         )
-        part = _with_features(part)
         if image_column is not None and image_column in _column_names(part):
             features = part.features
             feature = None if features is None else features.get(image_column)
@@ -216,6 +297,7 @@ def load_image_text_dataset(
     noise_caption_column: str | None = None,
     label_column: str | None = None,
     cache_dir: str | None = None,
+    allow_paths_outside_data: bool = False,
     **load_kwargs,
 ) -> datasets.Dataset | datasets.IterableDataset:
     """Load one split of image-text data with its images left undecoded: what training and evaluation read.
@@ -234,6 +316,9 @@ def load_image_text_dataset(
         noise_caption_column: stage 1's optional second caption view, checked like the others.
         label_column: zero-shot evaluation's class column, checked like the others.
         cache_dir: `datasets` cache directory.
+        allow_paths_outside_data: keep rows whose image path leaves the local data folder (`DataSpec.root`): an
+            absolute path elsewhere, or `../` out of it. By default such rows are dropped and counted in a warning,
+            so a table cannot make training or evaluation read any file the user can read.
         **load_kwargs: passed to `datasets.load_dataset` (e.g. `revision`, `token`, `num_proc`, `delimiter`).
 
     Returns:
@@ -243,7 +328,8 @@ def load_image_text_dataset(
         `remove_unused_columns=False`.
 
     Raises:
-        ValueError: a requested column or split is missing (the message lists the available ones).
+        ValueError: a requested column or split is missing (the message lists the available ones); a data file is
+            not UTF-8 or holds a lone surrogate (the message names the file and line); the split holds no rows.
     """
     if not isinstance(spec, DataSpec):
         spec = DataSpec.parse(spec)
@@ -266,8 +352,11 @@ def load_image_text_dataset(
         )
     elif spec.kind == "folder":
         if isinstance(builder, FolderBasedBuilder):
-            dataset = datasets.load_dataset(
-                spec.source, split=split, streaming=streaming, cache_dir=cache_dir, **load_kwargs
+            dataset = _load_explained(
+                lambda: datasets.load_dataset(
+                    spec.source, split=split, streaming=streaming, cache_dir=cache_dir, **load_kwargs
+                ),
+                [str(f) for f in builder.config.data_files.get(split_name, [])],
             )
         else:  # a folder of data files: load them as files, so image paths resolve against each file's folder
             files = tuple(builder.config.data_files[split_name])
@@ -296,7 +385,70 @@ def load_image_text_dataset(
         to_cast.append(image_column)
     for name in to_cast:
         dataset = dataset.cast_column(name, datasets.Image(decode=False))
+    outside = 0
+    if image_column is not None and spec.root is not None and not allow_paths_outside_data:
+        dataset, outside = _rows_inside_folder(dataset, image_column, spec.root)
+    if not streaming and len(dataset) == 0:
+        why = (f" once the {outside} rows whose image lies outside the data folder are left out (pass "
+               "--allow-paths-outside-data to read them)") if outside else ""
+        raise ValueError(f"{spec.source!r} (split {split!r}) holds no rows{why}: give data with at least one row.")
     return dataset
+
+
+def image_path_inside(path: str | None, root: str) -> bool:
+    """Whether a local image path stays inside the folder `root` once made absolute against it and normalised (`..`
+    resolved lexically; symlinks inside the folder are the folder owner's and are followed). A missing path and a
+    URL (fetched, not read from this disk) count as inside; `file://` URLs are paths."""
+    if not path:
+        return True
+    if path.startswith("file://"):
+        path = path[len("file://") :]
+    elif "://" in path:
+        return True
+    full = os.path.normpath(os.path.join(root, path))
+    return full == root or full.startswith(root.rstrip(os.sep) + os.sep)
+
+
+class _InsideFolder:
+    """Filter predicate over a batch of image values (`{"bytes", "path"}` dicts, path strings, or an arrow column of
+    the dicts): keep those with embedded bytes or a path inside `root`; log the first refused paths."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.logged = 0
+
+    def __call__(self, column) -> list[bool] | pa.Array:
+        if isinstance(column, pa.ChunkedArray):  # arrow batches: read the paths without touching any image bytes
+            paths = pc.struct_field(column, "path").to_pylist()
+            embedded = pc.is_valid(pc.struct_field(column, "bytes")).to_pylist()
+        else:
+            paths = [value.get("path") if isinstance(value, Mapping) else value for value in column]
+            embedded = [isinstance(value, Mapping) and value.get("bytes") is not None for value in column]
+        keep = [has_bytes or image_path_inside(path, self.root) for path, has_bytes in zip(paths, embedded)]
+        for path, kept in zip(paths, keep):
+            if not kept and self.logged < _MAX_LOGGED_PATHS:
+                self.logged += 1
+                logger.warning(
+                    "Skipping a sample (%s): %s is outside the data folder %s", PATH_OUTSIDE_DATA, path, self.root
+                )
+        return pa.array(keep) if isinstance(column, pa.ChunkedArray) else keep
+
+
+def _rows_inside_folder(dataset, image_column: str, root: str):
+    """`(dataset without the rows whose image path leaves root, how many were left out)`; a streaming dataset drops
+    them as it reads (count `None`: unknown until read)."""
+    if isinstance(dataset, datasets.IterableDataset):
+        return dataset.filter(_InsideFolder(root), batched=True, input_columns=[image_column]), None
+    kept = dataset.with_format("arrow").filter(
+        _InsideFolder(root), batched=True, input_columns=[image_column], desc="Checking image paths"
+    ).with_format(None)
+    outside = len(dataset) - len(kept)
+    if outside:
+        logger.warning(
+            "Skipped %d of %d rows (%s): their image path leaves the data folder %s (an absolute path elsewhere, or "
+            "../). Pass --allow-paths-outside-data to read them.", outside, len(dataset), PATH_OUTSIDE_DATA, root,
+        )
+    return kept, outside
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -534,6 +686,7 @@ def iter_captions(dataset, caption_columns, noise_caption_column=None, batch_siz
 __all__ = [
     "CORRUPT_IMAGE",
     "EMPTY_CAPTION",
+    "PATH_OUTSIDE_DATA",
     "SKIP_REASONS",
     "SKIPPED_KEY",
     "TOO_FEW_CAPTIONS",
@@ -541,7 +694,9 @@ __all__ = [
     "DataSpec",
     "SkipCounter",
     "caption_candidates",
+    "data_file_problem",
     "decode_image",
+    "image_path_inside",
     "iter_captions",
     "iter_row_captions",
     "load_image_text_dataset",
