@@ -15,12 +15,8 @@ from conftest import minilm_folder
 from huggingface_hub import ModelCard
 from PIL import Image
 from proclip_train import cli
-from proclip_train.hub.card import (
-    EXAMPLE_IMAGE_FILE,
-    PLOT_FILE,
-    build_model_card,
-    read_results,
-)
+from proclip_train.hub.card import EXAMPLE_IMAGE_FILE, PLOT_FILE, build_model_card
+from proclip_train.hub.results import read_results
 from proclip_train.hub.push import run_python_without_project
 
 REPO_ID = "my-org/proclip-tiny"

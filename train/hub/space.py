@@ -33,7 +33,8 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from ..evaluation.tasks import class_names_and_labels
 from ..training.data import decode_image
-from .card import evaluations_from_record, load_record_data
+from .card import load_record_data
+from .results import evaluations_from_record
 
 SPACE_APP = Path(__file__).with_name("space_app.py")
 CONFIG_FILE = "space_config.json"
