@@ -11,6 +11,10 @@
 
 import json
 import math
+import os
+import socket
+import subprocess
+import sys
 
 import datasets
 import numpy as np
@@ -159,3 +163,35 @@ def test_proclip_train_on_bad_rows_exits_1_and_saves_nothing(tmp_path, tiny_proc
     assert "trained on no sample in 2 steps (skipped 6 samples: 6 empty_caption)" in stderr
     assert "Traceback" not in stderr
     assert not (out / "model.safetensors").exists() and not (out / "training_report.json").exists()
+
+
+def test_under_ddp_every_rank_stops_or_skips_alike(tmp_path, tiny_proclip_dir):
+    """Two gloo ranks, the NaN row on one of them: both stop with the message (naming the rank), or with
+    --skip_nonfinite_steps both skip that step, so the ranks' weights never part."""
+    captions = image_folder(tmp_path / "data", 32)
+    main(["embed", "--model", str(tiny_proclip_dir), "--data", str(tmp_path / "data"), "--no-teacher"])
+    poison_cached_row(tmp_path / "data" / "proclip_embedding_cache", captions[13])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def torchrun(out, *flags):
+        return subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+             "-m", "proclip_train.cli", "train", "--stage", "2", "--model", str(tiny_proclip_dir), "--data",
+             str(tmp_path / "data"), "--out", str(tmp_path / out), "--per_device_train_batch_size", "4",
+             "--max_steps", "4", "--learning_rate", "1e-3", "--save_strategy", "no", *COMMON, *flags],
+            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+
+    stopped = torchrun("stopped")
+    assert stopped.returncode != 0
+    assert stopped.stderr.count("Non-finite loss (nan) at step") == 2  # each rank says it, alike
+    assert "on rank" in stopped.stderr and f"{captions[13]!r} (llm_embeds)" in stopped.stderr
+    assert not (tmp_path / "stopped" / "model.safetensors").exists()
+
+    skipped = torchrun("skipped", "--skip_nonfinite_steps")
+    assert skipped.returncode == 0, skipped.stderr[-3000:]
+    report = json.loads((tmp_path / "skipped" / "training_report.json").read_text())
+    assert (report["steps_skipped_nonfinite"], report["samples_trained"]) == (1, 3 * 8)
+    assert all(torch.isfinite(t).all() for t in load_file(tmp_path / "skipped" / "model.safetensors").values())
