@@ -21,9 +21,17 @@ import numpy as np
 import pytest
 import torch
 from proclip_train.cli import main
-from proclip_train.training.cache import caption_key, read_safetensors_header, shard_paths
+from proclip_train.training.cache import (
+    caption_key,
+    read_safetensors_header,
+    shard_paths,
+)
 from proclip_train.training.checkpoints import NonFiniteWeightsError
-from proclip_train.training.trainer import NonFiniteLossError, NoSamplesTrainedError, ProCLIPTrainer
+from proclip_train.training.trainer import (
+    NonFiniteLossError,
+    NoSamplesTrainedError,
+    ProCLIPTrainer,
+)
 from safetensors import safe_open
 from safetensors.torch import load_file
 from test_trainer import image_dataset, image_rows, snapshot, training_args

@@ -24,8 +24,8 @@ state right after it drew the batch (`random_state`, a `CollatorRandomState`), w
 batches it trained on and writes into checkpoints, so a resumed run draws the same crops and captions
 (`resume_random_state`). Both ride in the batch for the reason the skip counts do.
 
-Batches hold non-tensor entries (`captions`, `skipped`, `sources`), which `accelerate`'s `dispatch_batches=True` (its default for
-an `IterableDataset`: rank 0 reads and broadcasts) cannot concatenate. Train streaming data with
+Batches hold non-tensor entries (`captions`, `skipped`, `sources`), which `accelerate`'s `dispatch_batches=True` (its
+default for an `IterableDataset`: rank 0 reads and broadcasts) cannot concatenate. Train streaming data with
 `accelerator_config={"dispatch_batches": False}`, each rank reading its own part (`datasets.distributed.
 split_dataset_by_node`). After drops, batch sizes differ between steps and ranks, and a batch can even be empty.
 """
@@ -124,8 +124,8 @@ class CaptionCollator:
         """Where the next generators start, by worker id (`None`: the main process): a saved `get_state()` tensor, or
         an int worker seed (start as a fresh worker given that seed by the DataLoader). Others are seeded as usual.
 
-        Workers take their entry when they start (their copy of the collator holds it); the trainer clears the
-        entries once the resumed epoch's workers have started (`resume_random_state({})`).
+        Workers take their entry when they start (their copy of the collator holds it); the trainer gives new
+        starts, usually none, at every epoch's start, which drops the entries the previous epoch's workers used.
         """
         self._resume_from = dict(starts)
         if None in self._resume_from:  # the main process's generator: replaced now
