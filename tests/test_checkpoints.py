@@ -8,10 +8,15 @@ What is checked (the bit-identical resume itself is `test_trainer.py::test_kill_
 - resuming into a model whose frozen LLM differs is refused, naming both hashes (`proclip train`: exit 2, one line);
 - `--resume_from_checkpoint` without a value (or `True`) resumes from the latest checkpoint in `--out`, and says so in
   one line when there is none;
-- stage 0 (peft) checkpoints hold the LoRA weights only.
+- stage 0 (peft) checkpoints hold the LoRA weights only;
+- (slow) two DDP ranks resumed with the flag alone end bit-identical to an uninterrupted two-rank run.
 """
 
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import datasets
 import pytest
@@ -139,3 +144,33 @@ def test_stage0_checkpoints_hold_the_lora_weights_only(tmp_path, tiny_llm_dir):
     assert lora and all("lora_" in name for name in lora)
     assert not (checkpoint / "model.safetensors").exists()
     assert (tmp_path / "stage0" / "model.safetensors").is_file()  # the exported text tower is whole (merged)
+
+
+@pytest.mark.slow  # three torchrun launches: about 90 s on 2 shared cores
+def test_two_ranks_resume_bit_identical_with_the_flag_alone(tmp_path, tiny_proclip_dir):
+    """`torchrun` with 2 gloo ranks, the augmenting stage-2 collator and a constant learning rate: 2 steps, then
+    `--resume_from_checkpoint` (no value) up to 4, equals 4 steps in one go, bit for bit; each rank continued its own
+    random draws (3 steps an epoch: the resume is mid-epoch)."""
+    image_folder(tmp_path / "data", 24)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def torchrun(out, max_steps, *flags):
+        result = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+             "-m", "proclip_train.cli", "train", "--stage", "2", "--model", str(tiny_proclip_dir), "--data",
+             str(tmp_path / "data"), "--out", str(tmp_path / out), "--per_device_train_batch_size", "4",
+             "--max_steps", str(max_steps), "--lr_scheduler_type", "constant", "--warmup_steps", "0",
+             "--ema_momentum", "0.9", *COMMON, *flags],
+            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    torchrun("whole", 4, "--save_strategy", "no")
+    torchrun("resumed", 2, "--save_steps", "2")
+    torchrun("resumed", 4, "--save_steps", "2", "--resume_from_checkpoint")
+    whole, resumed = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
+    assert [name for name in whole if not torch.equal(whole[name], resumed[name])] == []
+    assert load_file(tmp_path / "resumed" / "checkpoint-4" / "stage_state.safetensors")  # the EMA teacher travels
+    assert json.loads((tmp_path / "resumed" / "training_report.json").read_text())["samples_trained"] == 4 * 8

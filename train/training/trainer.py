@@ -468,7 +468,7 @@ class ProCLIPTrainer(Trainer):
                     f"{checkpoint} has no {self.stage.state_file}: it was not written by a {self.stage.name}-stage "
                     "ProCLIPTrainer, so its EMA teacher cannot be restored."
                 )
-            self.stage.load_state_dict(load_file(path, device=str(self.args.device)))
+            self.stage.load_state_dict(load_file(path))  # copied into the EMA, on its device; "cpu:0" is no safetensors device
         if self.data_randomness is not None:
             saved = load_data_random_state(
                 checkpoint, self.args.process_index, self.args.world_size, self.args.dataloader_num_workers
