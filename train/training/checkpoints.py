@@ -170,7 +170,9 @@ class DataRandomness:
       checkpoint at an epoch's end needs none of this. With `persistent_workers` the resumed epoch is exact but the
       following ones are not (a worker keeps its generator across epochs and is handed other batches after a resume).
 
-    Batches from a collator without random state (a custom one) are not tracked.
+    Batches from a collator without random state (a custom one) are not tracked. Nothing is restored with
+    `ignore_data_skip` (the resumed epoch restarts from its first batch) or for streaming data (the Trainer skips
+    batches by reading and collating them again, which redraws them from the seeds).
     """
 
     def __init__(self, num_workers: int):

@@ -407,10 +407,9 @@ class ProCLIPTrainer(Trainer):
             require_finite(weights, f"the model to {output_dir}")
             return super()._save(output_dir, state_dict=state_dict)
         kept = kept_tensors(weights, frozen)
-        require_finite(kept, f"the checkpoint {output_dir}")
-        reference = self._current_frozen_reference(frozen)
+        require_finite(kept, f"the checkpoint {output_dir}")  # on every rank, so that every rank stops alike
         if self.args.should_save:
-            save_lean_weights(output_dir, kept, reference)
+            save_lean_weights(output_dir, kept, self._current_frozen_reference(frozen))
 
     def _save_checkpoint(self, model, trial) -> None:
         if self.step_counts["samples_trained"] == 0:
@@ -469,7 +468,7 @@ class ProCLIPTrainer(Trainer):
                     "ProCLIPTrainer, so its EMA teacher cannot be restored."
                 )
             self.stage.load_state_dict(load_file(path))  # copied into the EMA, on its device; "cpu:0" is no safetensors device
-        if self.data_randomness is not None:
+        if self.data_randomness is not None and not self.args.ignore_data_skip:  # else the epoch restarts anyway
             saved = load_data_random_state(
                 checkpoint, self.args.process_index, self.args.world_size, self.args.dataloader_num_workers
             )
