@@ -387,8 +387,9 @@ class ProCLIPTrainer(Trainer):
     # -- saving: finite weights only; lean checkpoints ---------------------------------------------------------------
 
     def _frozen_parts(self) -> list[str]:
-        """The frozen submodules a checkpoint leaves out (none: transformers' whole-model checkpoints)."""
-        if not self.lean_checkpoints or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+        """The frozen submodules a checkpoint leaves out (none: transformers' whole-model checkpoints, which DeepSpeed
+        and FSDP write their own way, and which `push_to_hub` uploads as models)."""
+        if not self.lean_checkpoints or self.is_deepspeed_enabled or self.is_fsdp_enabled or self.args.push_to_hub:
             return []
         return frozen_submodules(self.accelerator.unwrap_model(self.model))
 
