@@ -201,7 +201,7 @@ def test_stage1_reads_captions_only_with_noise_view_and_teacher(data_root, tmp_p
     assert batch["skipped"] == {CORRUPT_IMAGE: 0, EMPTY_CAPTION: 1}
 
     captions_only = InheritanceCollator(None, "caption")(list(dataset))
-    assert set(captions_only) == {"captions", "skipped"}
+    assert set(captions_only) == {"captions", "skipped", "sources", "random_state"}
 
     text = load_image_text_dataset(str(data_root / "captions.txt"), caption_columns="text")
     batch = InheritanceCollator(tokenizer, "text")(list(text))

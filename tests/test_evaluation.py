@@ -104,6 +104,7 @@ def test_eval_retrieval_matches_an_independent_computation(monkeypatch, tmp_path
     assert results["data"]["split"] == "train"
     assert results["data"]["num_rows"] == 8
     assert results["data"]["skipped_rows"] == {"empty_caption": 2, "unreadable_image": 1}
+    assert results["data"]["num_rows_evaluated"] == len(kept) == 5  # the rows scored, not the 8 read
     assert results["data"]["dropped_empty_captions"] == 1
     assert results["command"] == shlex.join(["proclip", *args])
     assert results["protocol"]["caption_columns"]["long"] == "1:1"
@@ -164,6 +165,7 @@ def test_eval_zeroshot_matches_an_independent_computation(
     assert results["protocol"]["num_templates"] == len(templates)
     assert results["protocol"]["templates"] == (str(template_file) if custom_templates else "openai_imagenet_80")
     assert results["data"]["skipped_rows"] == {"missing_label": 0, "unreadable_image": 1}
+    assert results["data"]["num_rows_evaluated"] == results["metrics"]["num_images"] == 6  # scored, not the 7 read
     assert results["command"] == shlex.join(["proclip", *args])
 
     folders = ["blue_sky", "green", "red_square"]

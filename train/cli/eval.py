@@ -66,7 +66,7 @@ def run_eval(args: argparse.Namespace) -> dict:
     if args.task == "caption-retrieval":  # text only, any text tower
         tower = load_text_tower(args.model, device=device)
         outcome = evaluate_caption_retrieval(tower, dataset, caption_columns, args.batch_size, args.bf16)
-        return _write_results(args, outcome, split, num_rows, dataset, device)
+        return _write_results(args, outcome, split, num_rows, device)
     processor = ProCLIPProcessor.from_pretrained(args.model)
     model = ProCLIPModel.from_pretrained(args.model).to(device).eval()
     if args.task == "retrieval":
@@ -74,12 +74,10 @@ def run_eval(args: argparse.Namespace) -> dict:
     else:
         templates = load_templates(args.templates) if args.templates else OPENAI_IMAGENET_TEMPLATES
         outcome = evaluate_zeroshot(model, processor, dataset, args.image_column, args.label_column, templates, **common)
-    return _write_results(args, outcome, split, num_rows, dataset, device)
+    return _write_results(args, outcome, split, num_rows, device)
 
 
-def _write_results(
-    args: argparse.Namespace, outcome: dict, split: str, num_rows: int | None, dataset, device
-) -> dict:
+def _write_results(args: argparse.Namespace, outcome: dict, split: str, num_rows: int | None, device) -> dict:
     model_path = Path(args.model)
     local_data = os.path.exists(args.data) or DataSpec.parse(args.data).kind == "files"
     results = {
@@ -89,8 +87,7 @@ def _write_results(
             "spec": os.path.abspath(args.data) if local_data else args.data,
             "split": split,
             "num_rows": num_rows,
-            "num_rows_evaluated": len(dataset),
-            **outcome["data"],
+            **outcome["data"],  # with num_rows_evaluated: the rows scored, after the skipped ones
         },
         "protocol": outcome["protocol"],
         "metrics": outcome["metrics"],

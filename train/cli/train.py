@@ -5,6 +5,10 @@
     proclip train --stage 0 --text LLM --data SPEC --caption-column A --caption-column B --out DIR [...]
                   (LLM2CLIP's caption-contrastive fine-tuning of the LLM, before `proclip init`: training/stage0.py)
 
+`--resume_from_checkpoint` without a value resumes from the latest checkpoint in `--out`. A run whose loss turns NaN
+(without `--skip_nonfinite_steps`), that trained on no sample, or whose weights are not finite exits with code 1 and
+one message, and saves nothing.
+
 `proclip train` parses `ProCLIPTrainingArguments` (every stage option beside transformers' `TrainingArguments`) with
 `HfArgumentParser`, so every Trainer flag works; `--config` reads the same flags from a YAML or JSON file, and flags
 given on the command line win. The output folder is Hub-ready: `model.save_pretrained` + `processor.save_pretrained`,
@@ -23,14 +27,16 @@ from pathlib import Path
 
 import yaml
 from transformers import HfArgumentParser
+from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_proclip import ProCLIPModel, ProCLIPProcessor
 
 from ..training.arguments import ProCLIPTrainingArguments
 from ..training.cache import EmbeddingCache, default_cache_dir, shard_paths
+from ..training.checkpoints import CheckpointMismatchError, NonFiniteWeightsError
 from ..training.data import load_image_text_dataset
 from ..training.stage0 import train_stage0
-from ..training.trainer import ProCLIPTrainer
+from ..training.trainer import NonFiniteLossError, NoSamplesTrainedError, ProCLIPTrainer
 
 TRAIN_DESCRIPTION = (
     "Train one ProCLIP stage: 0 = caption-contrastive fine-tuning of the LLM (LLM2CLIP, optional), 1 = representation "
@@ -87,6 +93,29 @@ def parse_train_args(argv: list[str]) -> ProCLIPTrainingArguments:
     return args
 
 
+def checkpoint_to_resume(args: ProCLIPTrainingArguments) -> str | None:
+    """The folder `--resume_from_checkpoint` names: a path as given, or for `True` (the flag without a value) the
+    latest `checkpoint-*` folder in `--output_dir`, as transformers' example scripts resolve it. Exits with code 2 and
+    one line when there is none."""
+    value = args.resume_from_checkpoint
+    if value is None or str(value).lower() == "false":
+        return None
+    if str(value).lower() != "true":
+        if not os.path.isdir(value):
+            _fail(f"--resume_from_checkpoint {value}: no such folder; name a checkpoint-* folder of an earlier run.")
+        return str(value)
+    latest = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+    if latest is None:
+        _fail(f"--resume_from_checkpoint: no checkpoint-* folder in {args.output_dir} to resume from; start without "
+              "the flag, or name a checkpoint folder.")
+    return latest
+
+
+def _fail(message: str, code: int = 2) -> None:
+    print(f"proclip train: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
 def embedding_cache_for(args: ProCLIPTrainingArguments) -> EmbeddingCache | None:
     """The embedding cache to train with: `--cache_dir`, else the default folder next to the data when it has shards."""
     if not args.embedding_cache:
@@ -128,10 +157,16 @@ def run_train(args: ProCLIPTrainingArguments) -> ProCLIPTrainer:
 
 def train_command(argv: list[str]) -> None:
     args = parse_train_args(argv)
-    if args.stage == "caption-contrastive":
-        train_stage0(args)
-    else:
-        run_train(args)
+    args = dataclasses.replace(args, resume_from_checkpoint=checkpoint_to_resume(args))
+    try:
+        if args.stage == "caption-contrastive":
+            train_stage0(args)
+        else:
+            run_train(args)
+    except CheckpointMismatchError as error:  # the wrong --model or stage for this checkpoint: the user's to fix
+        _fail(str(error))
+    except (NonFiniteLossError, NonFiniteWeightsError, NoSamplesTrainedError) as error:  # a failed run, explained
+        _fail(str(error), code=1)
 
 
 def add_train_parser(subparsers) -> None:

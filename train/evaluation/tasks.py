@@ -5,7 +5,7 @@ Data loads through training's loader (`training.data.load_image_text_dataset`) a
 decoder (`decode_image`): `proclip eval --data` reads whatever `proclip train --data` reads. Images are embedded once,
 each caption column once, through the model's own processor; the metrics are `metrics.py` (cosine similarity,
 pessimistic ties, similarities in chunks). Rows whose image cannot be read, whose captions are all empty, or whose
-label is missing are skipped and counted in the returned record.
+label is missing are skipped and counted in the returned record; its `num_rows_evaluated` counts the rows scored.
 """
 
 import logging
@@ -190,7 +190,8 @@ def evaluate_retrieval(
     columns are scored on the same images.
 
     Returns:
-        `{"data": {columns, skipped rows, dropped empty captions}, "protocol": ..., "metrics": {column: {...}}}`.
+        `{"data": {rows scored, columns, skipped rows, dropped empty captions}, "protocol": ..., "metrics":
+        {column: {...}}}`.
     """
     captions = {column: [_usable_captions(cell) for cell in dataset[column]] for column in caption_columns}
     with_captions = [row for row in range(len(dataset)) if all(captions[column][row][0] for column in caption_columns)]
@@ -213,6 +214,7 @@ def evaluate_retrieval(
             **image_text_retrieval_recall(image_embeds, text_embeds, text_image_ids, RETRIEVAL_KS, chunk_size),
         }
     data = {
+        "num_rows_evaluated": len(rows),
         "image_column": image_column,
         "caption_columns": caption_columns,
         "skipped_rows": {
@@ -261,7 +263,7 @@ def evaluate_zeroshot(
     class name; each image is scored against every class by cosine.
 
     Returns:
-        `{"data": {columns, skipped rows}, "protocol": ..., "metrics": {...}}`.
+        `{"data": {rows scored, columns, skipped rows}, "protocol": ..., "metrics": {...}}`.
     """
     names, labels = class_names_and_labels(dataset, label_column)
     labelled = [row for row, label in enumerate(labels) if label is not None]
@@ -287,6 +289,7 @@ def evaluate_zeroshot(
         },
         "metrics": {"num_images": len(rows), "num_classes": len(names), **result},
         "data": {
+            "num_rows_evaluated": len(rows),
             "image_column": image_column,
             "label_column": label_column,
             "skipped_rows": {"missing_label": len(dataset) - len(labelled), "unreadable_image": len(labelled) - len(rows)},
@@ -349,7 +352,10 @@ def evaluate_caption_retrieval(
         raise ValueError(f"no row has two non-blank captions in {list(caption_columns)}")
     accuracy = text_tower_caption_retrieval_accuracy(tower, first, second, batch_size, bf16)
     return {
-        "data": {"caption_columns": list(caption_columns), "skipped_rows": {TOO_FEW_CAPTIONS: skipped}},
+        "data": {
+            "num_rows_evaluated": len(first), "caption_columns": list(caption_columns),
+            "skipped_rows": {TOO_FEW_CAPTIONS: skipped},
+        },
         "protocol": {
             "query": "each image's first caption", "gallery": "every image's second caption", "top_k": 1,
             "similarity": "cosine", "ties": TIE_POLICY, "text_tower": {"kind": tower.kind, **tower.settings},

@@ -75,6 +75,14 @@ class ProCLIPTrainingArguments(TrainingArguments):
         "skipped and counted.",
     )
     embedding_cache: bool = _option(True, "Stages 1-2: use the embedding cache when one exists (see `proclip embed`).")
+    skip_nonfinite_steps: bool = _option(
+        False, "Skip an optimizer step whose loss or gradient is NaN or infinite (on every rank alike; counted in "
+        "training_report.json) instead of stopping with an error that names the step and its rows.",
+    )
+    resume_from_checkpoint: str | None = _option(
+        None, "A checkpoint folder to resume from; without a value (or `True`), the latest checkpoint-* folder in "
+        "--output_dir.", nargs="?", const="True",
+    )
     cache_dir: str | None = _option(None, "Embedding cache folder (default: proclip_embedding_cache/ next to the data).")
 
     # -- stages 1 and 2: alignment terms -----------------------------------------------------------------------------

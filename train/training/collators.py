@@ -18,8 +18,14 @@ batches that were prefetched and never trained on, and still needs a reduction a
 batch it belongs to is exact for any number of workers, any start method, persistent workers or not, and counts only
 what was trained on; across data-parallel ranks one `SkipCounter.all_reduce()` sums the totals.
 
-Batches hold non-tensor entries (`captions`, `skipped`), which `accelerate`'s `dispatch_batches=True` (its default for
-an `IterableDataset`: rank 0 reads and broadcasts) cannot concatenate. Train streaming data with
+Every batch also carries where its rows came from (`sources`: one short string per kept row, the webdataset key or
+image path and the caption, which the trainer names when a batch gives a non-finite loss) and the collator's random
+state right after it drew the batch (`random_state`, a `CollatorRandomState`), which the trainer keeps for the last
+batches it trained on and writes into checkpoints, so a resumed run draws the same crops and captions
+(`resume_random_state`). Both ride in the batch for the reason the skip counts do.
+
+Batches hold non-tensor entries (`captions`, `skipped`, `sources`), which `accelerate`'s `dispatch_batches=True` (its
+default for an `IterableDataset`: rank 0 reads and broadcasts) cannot concatenate. Train streaming data with
 `accelerator_config={"dispatch_batches": False}`, each rank reading its own part (`datasets.distributed.
 split_dataset_by_node`). After drops, batch sizes differ between steps and ranks, and a batch can even be empty.
 """
@@ -30,6 +36,7 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -47,6 +54,44 @@ from .data import (
 
 logger = logging.getLogger(__name__)
 
+SOURCES_KEY = "sources"
+RANDOM_STATE_KEY = "random_state"
+
+
+@dataclass(frozen=True)
+class CollatorRandomState:
+    """A collator generator's state right after it drew one batch, and which generator it was.
+
+    Attributes:
+        worker: the DataLoader worker's id, `None` in the main process.
+        worker_seed: the seed the DataLoader gave that worker (`get_worker_info().seed`: its epoch's base seed plus
+            its id), `None` in the main process.
+        state: `torch.Generator.get_state()`, a uint8 tensor.
+
+    Not a mapping, a tuple or a tensor, so the Trainer's and accelerate's device placement leave it as it is.
+    """
+
+    worker: int | None
+    worker_seed: int | None
+    state: torch.Tensor
+
+
+def row_source(row: Mapping, image_column: str | None = None) -> str:
+    """Where a row comes from, for messages: its webdataset `__key__` (or `__url__`), else its image file's path, else
+    an empty string."""
+    key = row.get("__key__") or row.get("__url__")
+    if key:
+        return str(key)
+    value = row.get(image_column) if image_column else None
+    path = value.get("path") if isinstance(value, Mapping) else value if isinstance(value, str) else None
+    return str(path or "")
+
+
+def described(source: str, caption: str, limit: int = 80) -> str:
+    """`source: 'caption'` (the caption cut to `limit` characters), or the caption alone without a source."""
+    shown = caption if len(caption) <= limit else caption[: limit - 3] + "..."
+    return f"{source}: {shown!r}" if source else repr(shown)
+
 
 class CaptionCollator:
     """Shared parts: the per-process random generator, tokenisation, and counting what was dropped.
@@ -55,7 +100,8 @@ class CaptionCollator:
     continues across epochs. In a DataLoader worker it is seeded from `seed` and the worker's seed, which the
     DataLoader draws anew for each epoch's workers from the main process's RNG: workers differ from each other,
     epochs differ, and a run seeded with `transformers.set_seed` repeats. The data-parallel rank is mixed in too, so
-    ranks seeded alike still draw differently. The generator's state is not checkpointed.
+    ranks seeded alike still draw differently. Each batch carries the generator's state after its draws
+    (`random_state`); `resume_random_state` makes the next generators start from saved states instead of seeds.
     """
 
     max_logged_skips = 5  # per process; the totals are in the batch counts
@@ -66,6 +112,7 @@ class CaptionCollator:
         self.seed = int(seed)
         self._generator: torch.Generator | None = None
         self._generator_owner: tuple | None = None
+        self._resume_from: dict[int | None, torch.Tensor | int] = {}
         self._logged_skips = 0
 
     def __getstate__(self):  # generators are per process: never ship one to a worker
@@ -73,18 +120,53 @@ class CaptionCollator:
         state["_generator"], state["_generator_owner"] = None, None
         return state
 
+    def resume_random_state(self, starts: Mapping[int | None, torch.Tensor | int]) -> None:
+        """Where the next generators start, by worker id (`None`: the main process): a saved `get_state()` tensor, or
+        an int worker seed (start as a fresh worker given that seed by the DataLoader). Others are seeded as usual.
+
+        Workers take their entry when they start (their copy of the collator holds it); the trainer gives new
+        starts, usually none, at every epoch's start, which drops the entries the previous epoch's workers used.
+        """
+        self._resume_from = dict(starts)
+        if None in self._resume_from:  # the main process's generator: replaced now
+            self._generator = None
+
     @property
     def generator(self) -> torch.Generator:
         info = torch.utils.data.get_worker_info()
         owner = (os.getpid(),) if info is None else (os.getpid(), info.id, info.seed)
         if self._generator is None or owner != self._generator_owner:
-            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-            rank = torch.distributed.get_rank() if distributed else 0
-            seed = self.seed + 7_919 * rank if info is None else self.seed * 1_000_003 + info.seed + 7_919 * rank
-            seed %= 2**63
-            self._generator = torch.Generator().manual_seed(seed)
+            start = self._resume_from.pop(None if info is None else info.id, None)
+            if isinstance(start, torch.Tensor):
+                self._generator = torch.Generator()
+                self._generator.set_state(start)
+            else:
+                self._generator = torch.Generator().manual_seed(self._seed_for(info, start))
             self._generator_owner = owner
         return self._generator
+
+    def _seed_for(self, info, worker_seed: int | None = None) -> int:
+        """The seed of this process's generator; `worker_seed` replaces the DataLoader's seed of a worker."""
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        rank = torch.distributed.get_rank() if distributed else 0
+        if info is None:
+            return (self.seed + 7_919 * rank) % 2**63
+        worker_seed = info.seed if worker_seed is None else worker_seed
+        return (self.seed * 1_000_003 + worker_seed + 7_919 * rank) % 2**63
+
+    def random_state(self) -> CollatorRandomState:
+        """This process's generator state now (call it after a batch's draws)."""
+        info = torch.utils.data.get_worker_info()
+        return CollatorRandomState(
+            None if info is None else info.id, None if info is None else info.seed, self.generator.get_state()
+        )
+
+    def _finish(self, batch: dict[str, Any], skipped: Counter, sources: list[str]) -> dict[str, Any]:
+        """Add the per-batch bookkeeping every collator returns: skip counts, row sources, the random state."""
+        batch[SKIPPED_KEY] = dict(skipped)
+        batch[SOURCES_KEY] = sources
+        batch[RANDOM_STATE_KEY] = self.random_state()
+        return batch
 
     def _check_columns(self, rows: list[Mapping], columns: Sequence[str]) -> None:
         """A column absent from the rows is a setup error, not bad data: say so instead of dropping every row."""
@@ -112,7 +194,7 @@ class CaptionCollator:
         skipped[reason] += 1
         if self._logged_skips < self.max_logged_skips:
             self._logged_skips += 1
-            key = row.get("__key__") or row.get("__url__")
+            key = row_source(row)
             logger.warning(
                 "Skipping a sample (%s%s): %s%s",
                 reason,
@@ -143,7 +225,8 @@ class InheritanceCollator(CaptionCollator):
         `input_ids`, `attention_mask` LongTensor (B, L) -- if a tokenizer is given;
         `teacher_input_ids`, `teacher_attention_mask` (B, L_t) -- if a teacher tokenizer is given;
         `noise_captions`, `noise_input_ids`, `noise_attention_mask` (and `noise_teacher_*`) -- with a noise column;
-        `skipped` dict[str, int] -- rows dropped from this batch per reason (pop it with `SkipCounter`).
+        `skipped` dict[str, int] -- rows dropped from this batch per reason (pop it with `SkipCounter`);
+        `sources` list[str] (B) -- each row's `__key__` and caption; `random_state` -- a `CollatorRandomState`.
         B may be 0 when every row was dropped; tensors then have shape (0, 0).
     """
 
@@ -166,7 +249,7 @@ class InheritanceCollator(CaptionCollator):
         self._check_columns(rows, self.caption_columns + noise_columns)
         draws = torch.rand(len(rows), 2, generator=self.generator).tolist()  # fixed draws per row: reproducible
         skipped: Counter = Counter({reason: 0 for reason in SKIP_REASONS})
-        captions, noise_captions = [], []
+        captions, noise_captions, sources = [], [], []
         for row, (u, u_noise) in zip(rows, draws):
             candidates = caption_candidates(row, self.caption_columns)
             if not candidates:
@@ -179,6 +262,7 @@ class InheritanceCollator(CaptionCollator):
                     continue
                 noise_captions.append(self._choose(noise, u_noise))
             captions.append(self._choose(candidates, u))
+            sources.append(described(row_source(row), captions[-1]))
 
         batch: dict[str, Any] = {"captions": captions}
         views = [("", captions)] + ([("noise_", noise_captions)] if self.noise_caption_column is not None else [])
@@ -189,8 +273,7 @@ class InheritanceCollator(CaptionCollator):
                 batch.update(self._tokenize(self.tokenizer, texts, self.max_length, prefix))
             if self.teacher_tokenizer is not None:
                 batch.update(self._tokenize(self.teacher_tokenizer, texts, None, f"{prefix}teacher_"))
-        batch[SKIPPED_KEY] = dict(skipped)
-        return batch
+        return self._finish(batch, skipped, sources)
 
 
 class ContrastiveCollator(CaptionCollator):
@@ -213,7 +296,9 @@ class ContrastiveCollator(CaptionCollator):
         `pixel_values` FloatTensor (B, 3, H, W);
         `captions` list[str] (B) -- the raw chosen captions;
         `input_ids`, `attention_mask` LongTensor (B, L) -- if a tokenizer is given;
-        `skipped` dict[str, int] -- rows dropped from this batch per reason (pop it with `SkipCounter`).
+        `skipped` dict[str, int] -- rows dropped from this batch per reason (pop it with `SkipCounter`);
+        `sources` list[str] (B) -- each row's `__key__` or image path and caption; `random_state` -- a
+        `CollatorRandomState`.
         B may be 0 when every row was dropped.
     """
 
@@ -236,7 +321,7 @@ class ContrastiveCollator(CaptionCollator):
         generator = self.generator
         draws = torch.rand(len(rows), generator=generator).tolist()
         skipped: Counter = Counter({reason: 0 for reason in SKIP_REASONS})
-        pixels, captions = [], []
+        pixels, captions, sources = [], [], []
         for row, u in zip(rows, draws):
             candidates = caption_candidates(row, self.caption_columns)
             if not candidates:
@@ -251,6 +336,7 @@ class ContrastiveCollator(CaptionCollator):
                 continue
             pixels.append(self.transform(image, generator=generator))
             captions.append(self._choose(candidates, u))
+            sources.append(described(row_source(row, self.image_column), captions[-1]))
 
         if pixels:
             pixel_values = torch.stack(pixels)
@@ -260,8 +346,8 @@ class ContrastiveCollator(CaptionCollator):
         batch: dict[str, Any] = {"pixel_values": pixel_values, "captions": captions}
         if self.tokenizer is not None:
             batch.update(self._tokenize(self.tokenizer, captions, self.max_length, ""))
-        batch[SKIPPED_KEY] = dict(skipped)
-        return batch
+        return self._finish(batch, skipped, sources)
+
 
 class CaptionPairCollator(CaptionCollator):
     """Stage 0: rows -> two different captions of the same image, tokenised: the positive pairs.
@@ -273,7 +359,7 @@ class CaptionPairCollator(CaptionCollator):
     Returns (a dict, B = rows kept):
         `captions`, `pair_captions` list[str] (B);
         `input_ids`, `attention_mask`, `pair_input_ids`, `pair_attention_mask` LongTensor (B, L) / (B, L');
-        `skipped` dict[str, int].
+        `skipped` dict[str, int]; `sources` list[str] (B); `random_state`.
     """
 
     def __init__(self, tokenizer, caption_columns: str | Sequence[str], max_length: int | None = None, seed: int = 0):
@@ -283,7 +369,7 @@ class CaptionPairCollator(CaptionCollator):
     def __call__(self, rows: list[Mapping]) -> dict[str, Any]:
         self._check_columns(rows, self.caption_columns)
         skipped: Counter = Counter({TOO_FEW_CAPTIONS: 0})
-        first, second = [], []
+        first, second, sources = [], [], []
         for row in rows:
             candidates = list(dict.fromkeys(caption_candidates(row, self.caption_columns)))
             if len(candidates) < 2:
@@ -294,11 +380,11 @@ class CaptionPairCollator(CaptionCollator):
             a, b = sorted(torch.randperm(len(candidates), generator=self.generator)[:2].tolist())
             first.append(candidates[a])
             second.append(candidates[b])
+            sources.append(described(row_source(row), first[-1]))
         batch: dict[str, Any] = {"captions": first, "pair_captions": second}
         batch.update(self._tokenize(self.tokenizer, first, self.max_length, ""))
         batch.update(self._tokenize(self.tokenizer, second, self.max_length, "pair_"))
-        batch[SKIPPED_KEY] = dict(skipped)
-        return batch
+        return self._finish(batch, skipped, sources)
 
 
 def mask_for_mntp(
@@ -329,7 +415,8 @@ def mask_for_mntp(
 class MNTPCollator:
     """MNTP batches: one caption per row (drawn as in stage 1, `InheritanceCollator`), masked by `mask_for_mntp`.
 
-    Returns: `captions`, `input_ids` (masked), `attention_mask`, `labels`, `skipped`.
+    Returns: `captions`, `input_ids` (masked), `attention_mask`, `labels`, `skipped`, `sources`, `random_state`
+    (after the masks were drawn).
     """
 
     def __init__(self, tokenizer, caption_columns, mask_token_id: int, probability: float = 0.2,
@@ -343,7 +430,11 @@ class MNTPCollator:
         batch["input_ids"], batch["labels"] = mask_for_mntp(
             batch["input_ids"], batch["attention_mask"], self.mask_token_id, self.probability, self.captions.generator
         )
+        batch[RANDOM_STATE_KEY] = self.captions.random_state()
         return batch
+
+    def resume_random_state(self, starts) -> None:
+        self.captions.resume_random_state(starts)
 
 
 def mntp_mask_token_id(tokenizer) -> int:
@@ -400,6 +491,9 @@ class CachedEmbeddingCollator:
         batch["cache_stats"] = dict(stats)
         return batch
 
+    def resume_random_state(self, starts) -> None:
+        self.collator.resume_random_state(starts)
+
     def _add(self, batch, captions, table, key, tokenizer, max_length, token_prefix, stats) -> None:
         embeds, found = self.cache.lookup(captions, table)
         batch[key], batch[f"{key}_found"] = embeds, found
@@ -413,9 +507,12 @@ class CachedEmbeddingCollator:
 
 
 __all__ = [
+    "RANDOM_STATE_KEY",
+    "SOURCES_KEY",
     "CachedEmbeddingCollator",
     "CaptionCollator",
     "CaptionPairCollator",
+    "CollatorRandomState",
     "ContrastiveCollator",
     "InheritanceCollator",
     "MNTPCollator",

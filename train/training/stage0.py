@@ -38,6 +38,7 @@ from transformers import set_seed as transformers_set_seed
 from configuration_proclip import TEXT_TOWER_SETTINGS_FILE, TextTowerSettings
 
 from .arguments import ProCLIPTrainingArguments
+from .checkpoints import require_finite
 from .data import SkipCounter, load_image_text_dataset
 from .trainer import ProCLIPTrainer
 
@@ -133,10 +134,12 @@ def export_text_tower(model, tokenizer, settings: TextTowerSettings, out_dir: st
     """Merge the LoRA of a peft-wrapped text model into its weights and save a plain Hugging Face folder: the
     weights, the tokenizer, and `proclip_text_tower.json` (the settings `text_tower_preset` gives back).
 
-    The peft wrapper is unloaded in place: `model` holds no LoRA layers afterwards.
+    The peft wrapper is unloaded in place: `model` holds no LoRA layers afterwards. Weights holding a NaN or an
+    infinity are not written (`checkpoints.NonFiniteWeightsError`).
     """
     out_dir = Path(out_dir)
     merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    require_finite(merged.state_dict(), f"the text tower to {out_dir}")
     merged.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     record = {**settings.record(), "trained_by": "proclip stage 0 (LLM2CLIP caption-contrastive fine-tuning)"}
