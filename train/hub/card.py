@@ -232,10 +232,17 @@ def describe_model(folder: Path) -> dict:
     return {"rows": rows, "towers": towers, "text_kind": kind}
 
 
-# Recorded arguments worth a line in the card, in this order: the stage's options, then TrainingArguments'.
-RECIPE_ARGS = (
-    "stage", "data", "caption_column", "teacher", "reduction", "structure_form", "structure_weight",
-    "distill_weight", "ema_momentum", "text_anchor_weight", "lora_r", "lora_alpha", "temperature", "mntp_steps",
+# Recorded arguments worth a line in the card, in this order: what ran on what, the stage's own options, then the
+# optimisation (`ProCLIPTrainingArguments` fields; a stage's options are shown for that stage only).
+RUN_ARGS = ("stage", "data", "caption_column")
+STAGE_ARGS = {
+    "caption-contrastive": ("pooling", "bidirectional", "lora_r", "lora_alpha", "lora_dropout", "temperature",
+                            "mntp_steps", "max_text_length"),
+    "inheritance": ("teacher", "reduction", "structure_form", "structure_weight", "noise_caption_column"),
+    "contrastive": ("reduction", "structure_form", "structure_weight", "distill_weight", "ema_momentum",
+                    "text_anchor_weight"),
+}
+OPTIMISATION_ARGS = (
     "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
     "max_steps", "lr_scheduler_type", "warmup_steps", "weight_decay", "optim", "adam_beta1",
     "adam_beta2", "adam_epsilon", "max_grad_norm", "bf16", "fp16", "activation_checkpointing", "seed",
@@ -304,7 +311,7 @@ def _trainer_state_rows(state: dict) -> list[tuple[str, str]]:
     return rows
 
 
-def read_training_run(folder: Path, max_rows: int = 40) -> dict | None:
+def read_training_run(folder: Path, max_rows: int = 48) -> dict | None:
     """The recipe recorded in a run folder, from whichever of `TRAINING_FILES` exist; None if none does.
 
     Returns:
@@ -323,7 +330,9 @@ def read_training_run(folder: Path, max_rows: int = 40) -> dict | None:
         return None
     args, state, report = (records[name] or {} for name in TRAINING_FILES)
 
-    rows = [(key, format_value(args[key])) for key in RECIPE_ARGS if args.get(key) not in (None, "", [])]
+    stage = next((r["stage"] for r in (report, args) if r.get("stage") is not None), None)
+    names = [*RUN_ARGS, *STAGE_ARGS.get(STAGE_ALIASES.get(str(stage), str(stage)), ()), *OPTIMISATION_ARGS]
+    rows = [(key, format_value(args[key])) for key in names if args.get(key) not in (None, "", [])]
     rows += _trainer_state_rows(state)
     seen = {name for name, _ in rows}
     rows += [(key, value) for key, value in _flatten(report) if key not in seen]
@@ -333,7 +342,6 @@ def read_training_run(folder: Path, max_rows: int = 40) -> dict | None:
     datasets = []
     for found in (args.get("data"), report.get("datasets") or report.get("dataset")):
         datasets += [found] if isinstance(found, str) else [d for d in found or [] if isinstance(d, str)]
-    stage = next((r["stage"] for r in (report, args) if r.get("stage") is not None), None)
     return {
         "title": stage_title(stage) if stage is not None else "Training run",
         "sources": sources,
