@@ -447,7 +447,7 @@ class ProCLIPModel(ProCLIPPreTrainedModel):
         if self._encoding_processor is None:
             if not self.name_or_path:
                 raise ValueError("This model was not loaded from a folder or the Hub; pass `processor=` to encode with.")
-            self._encoding_processor = ProCLIPProcessor.from_pretrained(self.name_or_path)
+            self._encoding_processor = ProCLIPProcessor.from_pretrained(self.name_or_path, trust_remote_code=True)
         return self._encoding_processor
 
     def encode_text(
