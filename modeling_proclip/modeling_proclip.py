@@ -38,7 +38,8 @@ except ImportError:  # the installed package
         ProCLIPConfig,
         TextTowerSettings,
     )
-from .processing_proclip import ProCLIPProcessor, configure_text_tokenizer, open_image
+from .processing_proclip import configure_text_tokenizer
+from .processing_proclip import ProCLIPProcessor, open_image
 
 logger = logging.get_logger(__name__)
 

@@ -102,11 +102,12 @@ def test_push_refuses_a_folder_whose_remote_code_does_not_load(pushable, tmp_pat
     ))  # fmt: skip
     with pytest.raises(SystemExit) as refused:
         cli.main(["push", "--model", str(broken), "--repo-id", REPO_ID, "--dry-run"])
-    message = str(refused.value.code)
-    assert message.startswith("proclip push: refused:")
+    output = capsys.readouterr()
+    message = output.err
+    assert refused.value.code == 2 and message.startswith("proclip push: error: refused:")
     assert "does not load through remote code" in message
     assert "No module named 'proclip_train' (blocked" in message  # the subprocess's stderr tail
-    assert "dry run: would upload" not in capsys.readouterr().out
+    assert "dry run: would upload" not in output.out
 
 
 def test_push_refuses_missing_files_and_cards_that_are_not_ours(pushable, tmp_path):
