@@ -1,6 +1,6 @@
 """Benchmark the model face against the libraries users compare it with, side by side in one run.
 
-    python bench/bench_model.py [--repeats 20]
+    python bench/bench_model.py [--repeats 20] [--threads N] [--text-only]
 
 1. `ProCLIPModel.get_image_features` vs `CLIPModel.get_image_features` on the same weights (a ViT-B/32-shaped tower,
    random weights, 224 px): time ratio (aim <= 1.02).
@@ -13,38 +13,19 @@ Timings interleave the two sides and report medians, so machine noise hits both 
 """
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from bench_onnx import interleaved_medians  # noqa: E402
 from conftest import minilm_folder  # noqa: E402
 from proclip_train.evaluation.tasks import embed_texts  # noqa: E402
 
 from modeling_proclip import ProCLIPModel, ProCLIPProcessor  # noqa: E402
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def interleaved(fn_a, fn_b, repeats: int) -> tuple[float, float]:
-    a, b = [], []
-    for _ in range(repeats):
-        a.append(median_seconds(fn_a, 1))
-        b.append(median_seconds(fn_b, 1))
-    return statistics.median(a), statistics.median(b)
 
 
 def write_clip(workdir: Path) -> CLIPModel:
@@ -60,10 +41,9 @@ def bench_image(workdir: Path, clip: CLIPModel, repeats: int) -> dict:
     ours = ProCLIPModel.from_towers(vision=workdir / "clip", text=minilm_folder(), adapter_expansion=1).eval()
     pixels = torch.randn(8, 3, 224, 224)
     with torch.inference_mode():
-        t_ours, t_clip = interleaved(
-            lambda: ours.get_image_features(pixels), lambda: clip.get_image_features(pixel_values=pixels), repeats
-        )
-    return {"proclip_s": t_ours, "clip_s": t_clip, "ratio": t_ours / t_clip}
+        times = interleaved_medians({"proclip": lambda: ours.get_image_features(pixels),
+                                     "clip": lambda: clip.get_image_features(pixel_values=pixels)}, repeats)
+    return {"proclip_s": times["proclip"], "clip_s": times["clip"], "ratio": times["proclip"] / times["clip"]}
 
 
 def bench_text(workdir: Path, repeats: int) -> dict:
@@ -89,31 +69,19 @@ def bench_text(workdir: Path, repeats: int) -> dict:
         # all-MiniLM-L6-v2 ends with a Normalize module: compare directions
         ours_pooled = torch.nn.functional.normalize(ours.get_llm_embeddings(check["input_ids"], check["attention_mask"]), dim=-1)
         same = torch.allclose(ours_pooled, torch.as_tensor(st.encode(captions[:4])), atol=1e-4)
-    times = interleaved_all(sides, repeats)
+    times = interleaved_medians(sides, repeats)
     rates = {name: len(captions) / seconds for name, seconds in times.items()}
     return {"same_embeddings": same, "captions_per_s": rates,
             "ratios": {name: rates[name] / rates["sentence_transformers"] for name in sides}}
-
-
-def interleaved_all(sides: dict, repeats: int) -> dict:
-    """Median seconds of each callable, the sides taking turns run by run (after one warm-up each)."""
-    for fn in sides.values():
-        fn()
-    runs = {name: [] for name in sides}
-    for _ in range(repeats):
-        for name, fn in sides.items():
-            start = time.perf_counter()
-            fn()
-            runs[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in runs.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--text-only", action="store_true", help="time the text side only")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default 0: torch's default)")
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
+    torch.set_num_threads(args.threads or torch.get_num_threads())
     with tempfile.TemporaryDirectory() as tmp:
         clip = write_clip(Path(tmp))
         if not args.text_only:

@@ -137,18 +137,20 @@ def text_tower_kwargs(
 ) -> dict[str, torch.Tensor]:
     """The attention mask and position ids to call a text tower with, for a 2D padding mask of either side.
 
-    Position ids count real tokens only (so the padding side never shifts them); with `bidirectional`, the mask is
-    the 4D all-real-tokens mask of `bidirectional_attention_mask`.
+    Position ids count real tokens only (so the padding side never shifts them); they are passed only when a row
+    starts with padding (left padding), since otherwise they are the model's own default, 0, 1, 2, ... With
+    `bidirectional`, the mask is the 4D all-real-tokens mask of `bidirectional_attention_mask`.
 
     Args:
         text_model: the text tower (a transformers model, possibly wrapped by peft).
         attention_mask (`torch.Tensor` of shape `(batch_size, seq_len)`).
     Returns:
-        `{"attention_mask": ..., "position_ids": ...}` (no position ids for models that take none).
+        `{"attention_mask": ..., "position_ids": ...}` (position ids only where they differ from the default).
     """
     base = text_model.get_base_model() if hasattr(text_model, "get_base_model") else text_model  # peft
     kwargs = {"attention_mask": attention_mask}
-    if "position_ids" in inspect.signature(base.forward).parameters:
+    left_padded = torch.compiler.is_compiling() or not bool(attention_mask[:, 0].all())  # traced: always pass them
+    if left_padded and "position_ids" in inspect.signature(base.forward).parameters:
         kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     if bidirectional:
         dtype = base.get_input_embeddings().weight.dtype
@@ -197,21 +199,18 @@ def with_a_token_per_row(
 
     An empty caption has no token at all under a tokenizer that adds no template and no special tokens (a raw LLM
     such as SmolLM2); the text tower cannot run on nothing, so it reads the end-of-text token alone. Rows that have
-    tokens are returned unchanged (as are the tensors themselves when no row is empty).
+    tokens are unchanged. No branch on values, so the function traces (ONNX export) as it runs.
 
     Args:
         input_ids, attention_mask (`torch.Tensor` of shape `(batch_size, seq_len)`), `seq_len` possibly 0.
     Returns:
         `(input_ids, attention_mask)` of shape `(batch_size, max(seq_len, 1))`.
     """
-    empty = attention_mask.sum(-1) == 0
-    if not empty.any():
-        return input_ids, attention_mask
     if input_ids.shape[-1] == 0:
         input_ids, attention_mask = input_ids.new_zeros(len(input_ids), 1), attention_mask.new_zeros(len(input_ids), 1)
-    input_ids, attention_mask = input_ids.clone(), attention_mask.clone()
-    input_ids[empty, 0], attention_mask[empty, 0] = token_id, 1
-    return input_ids, attention_mask
+    first = torch.arange(input_ids.shape[-1], device=input_ids.device) == 0
+    fill = (attention_mask.sum(-1, keepdim=True) == 0) & first
+    return input_ids.masked_fill(fill, token_id), attention_mask.masked_fill(fill, 1)
 
 
 def embed_token_ids(
@@ -236,7 +235,7 @@ def embed_token_ids(
         attention_mask = torch.ones_like(input_ids)
     input_ids, attention_mask = with_a_token_per_row(input_ids, attention_mask, empty_caption_token_id(text_model))
     if input_ids.shape[-1] > settings.max_text_length:  # padding alone (`padding="max_length"`) is cut silently
-        if attention_mask.sum(-1).max() > settings.max_text_length:
+        if torch.compiler.is_compiling() or attention_mask.sum(-1).max() > settings.max_text_length:
             logger.warning_once(f"Captions longer than max_text_length={settings.max_text_length} tokens are truncated.")
         input_ids, attention_mask = truncate_text_inputs(
             input_ids, attention_mask, settings.max_text_length, settings.text_suffix_length
@@ -461,7 +460,8 @@ class ProCLIPModel(ProCLIPPreTrainedModel):
         convert_to_numpy: bool = False,
         processor: ProCLIPProcessor | None = None,
     ):
-        """Embed captions: longest first in batches of similar length, in inference mode, on the model's device.
+        """Embed captions: tokenised at once, then longest first in batches of similar token length, in inference
+        mode, on the model's device.
 
         Args:
             sentences: a caption or a list of captions.
@@ -478,13 +478,14 @@ class ProCLIPModel(ProCLIPPreTrainedModel):
         """
         texts = [sentences] if isinstance(sentences, str) else list(sentences)
         tokenizer = (processor or self.encoding_processor()).tokenizer
+        token_ids = tokenizer(texts, truncation=True)["input_ids"] if texts else []  # one call, in Rust
 
-        def embed(batch: list[str]) -> torch.Tensor:
-            inputs = tokenizer(batch, padding=True, truncation=True, return_tensors="pt").to(self.device)
-            return self.get_text_features(inputs["input_ids"], inputs["attention_mask"]).pooler_output
+        def embed(batch: list[list[int]]) -> torch.Tensor:
+            input_ids, attention_mask = right_padded(batch, tokenizer.pad_token_id)
+            return self.get_text_features(input_ids.to(self.device), attention_mask.to(self.device)).pooler_output
 
-        order = sorted(range(len(texts)), key=lambda index: -len(texts[index]))
-        embeds = self._embed_in_batches(texts, order, embed, batch_size, show_progress_bar, "texts")
+        order = sorted(range(len(texts)), key=lambda index: -len(token_ids[index]))  # similar lengths share a batch
+        embeds = self._embed_in_batches(token_ids, order, embed, batch_size, show_progress_bar, "texts")
         return finish_embeddings(embeds, normalize, truncate_dim, convert_to_numpy, isinstance(sentences, str))
 
     def encode_image(
@@ -592,6 +593,18 @@ class ProCLIPModel(ProCLIPPreTrainedModel):
         super().save_pretrained(save_directory, *args, **kwargs)
         copy_remote_code(save_directory, extra_sources=[self.config.name_or_path])
         write_sentence_transformers_config(save_directory)
+
+
+def right_padded(token_ids: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> `(input_ids, attention_mask)` of shape `(batch_size, longest)`, padded on the right (the
+    embedding follows the mask, so the side does not matter)."""
+    longest = max(len(ids) for ids in token_ids)
+    input_ids = torch.full((len(token_ids), longest), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros(len(token_ids), longest, dtype=torch.long)
+    for row, ids in enumerate(token_ids):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention_mask[row, : len(ids)] = 1
+    return input_ids, attention_mask
 
 
 def finish_embeddings(embeds: torch.Tensor, normalize: bool, truncate_dim: int | None, to_numpy: bool, single: bool):
