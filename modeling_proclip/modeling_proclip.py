@@ -446,7 +446,7 @@ class ProCLIPModel(ProCLIPPreTrainedModel):
         from `config.name_or_path` (the folder or Hub repo the model was loaded from)."""
         if self._encoding_processor is None:
             if not self.name_or_path:
-                raise ValueError("This model was not loaded from a folder or the Hub; pass `processor=` to encode with.")
+                raise ValueError("This model was not loaded from a folder or the Hub; pass `processor=` to encode.")
             self._encoding_processor = ProCLIPProcessor.from_pretrained(self.name_or_path, trust_remote_code=True)
         return self._encoding_processor
 

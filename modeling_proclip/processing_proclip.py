@@ -156,7 +156,8 @@ class ProCLIPProcessor(ProcessorMixin):
                 "leave it out."
             )
         if images is not None:
-            images = [_with_channels(image) for image in images] if isinstance(images, (list, tuple)) else _with_channels(images)
+            listed = isinstance(images, (list, tuple))
+            images = [_with_channels(image) for image in images] if listed else _with_channels(images)
         return super().__call__(images=images, text=text, **kwargs)
 
 

@@ -205,7 +205,7 @@ def require_repo_id(value: str | None, flag: str = "--repo-id") -> None:
     try:
         validate_repo_id(value)
     except HFValidationError:
-        raise UsageError(f"{flag} {value!r} is not a Hub repo id.", f"Use the form ORG/NAME, e.g. {flag} my-org/proclip.")
+        raise UsageError(f"{flag} {value!r} is not a Hub repo id.", f"Use the form ORG/NAME, e.g. {flag} my-org/model.")
 
 
 def require_hub_login() -> None:
@@ -213,7 +213,7 @@ def require_hub_login() -> None:
     token = get_token()
     if token is None:
         raise UsageError("No Hugging Face token to push with (none in HF_TOKEN, none saved by `hf auth login`).",
-                         "Log in with `hf auth login` (a token with write access), or set HF_TOKEN; --dry-run needs none.")
+                         "Log in with `hf auth login` (a token that can write), or set HF_TOKEN; --dry-run needs none.")
     if constants.HF_HUB_OFFLINE:
         raise UsageError("HF_HUB_OFFLINE=1, and pushing needs the Hub.",
                          "Unset HF_HUB_OFFLINE to push, or check the folder offline with --dry-run.")

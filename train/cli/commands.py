@@ -20,7 +20,7 @@ def build_parser() -> FlagParser:
     parser = FlagParser(prog="proclip", description="Train, evaluate and publish ProCLIP models. Flags take dashes or "
                         "underscores alike (--max-steps = --max_steps).")
     parser.add_argument("--debug", action="store_true",
-                        help="show the traceback of an error instead of its one-line explanation (anywhere on the line)")
+                        help="show the traceback of an error instead of its explanation (anywhere on the line)")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_init_parser(subparsers)
     add_eval_parser(subparsers)

@@ -134,7 +134,7 @@ def _arrow_columns(path: Path) -> set[str] | None:
 
 
 def _webdataset_columns(path: Path) -> set[str] | None:
-    """`__key__`, `__url__` and the field suffixes of the first members (`000.jpg` -> `jpg`, `000.cls.txt` -> `cls.txt`)."""
+    """`__key__`, `__url__` and the field suffixes of the first members (`0.jpg` -> `jpg`, `0.cls.txt` -> `cls.txt`)."""
     columns = {"__key__", "__url__"}
     try:
         with tarfile.open(path, "r|*") as archive:

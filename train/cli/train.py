@@ -7,9 +7,9 @@
 
 `proclip train` parses `ProCLIPTrainingArguments` (every stage option beside transformers' `TrainingArguments`) with
 `HfArgumentParser`, so every Trainer flag works; `--config` reads the same flags from a YAML or JSON file, and flags
-given on the command line win. `--help` lists ProCLIP's own options first, then TrainingArguments'. The output folder is Hub-ready: `model.save_pretrained` + `processor.save_pretrained`,
-with the remote code, plus `training_report.json` and `training_args.json`. It runs as is under `torchrun` and
-`accelerate launch`.
+given on the command line win; `--help` lists ProCLIP's own options first, then TrainingArguments'. The output
+folder is Hub-ready: `model.save_pretrained` + `processor.save_pretrained`, with the remote code, plus
+`training_report.json` and `training_args.json`. It runs as is under `torchrun` and `accelerate launch`.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class TrainArgumentParser(HfArgumentParser):
     `TrainingArguments` does not have) in a group of their own, before transformers' 600 lines."""
 
     def _add_dataclass_arguments(self, dtype):
-        own = {field.name for field in dataclasses.fields(dtype)} - {f.name for f in dataclasses.fields(TrainingArguments)}
+        inherited = {field.name for field in dataclasses.fields(TrainingArguments)}
         groups = {
             True: self.add_argument_group("ProCLIP options", "The curriculum, its data and its losses "
                                           "(training/arguments.py). Dashes or underscores alike."),
@@ -57,7 +57,7 @@ class TrainArgumentParser(HfArgumentParser):
         for field in dataclasses.fields(dtype):
             if field.init:
                 field.type = type_hints[field.name]
-                self._parse_dataclass_field(groups[field.name in own], field)
+                self._parse_dataclass_field(groups[field.name not in inherited], field)
 
 
 TRAIN_USAGE = """proclip train --stage 1|2 --model DIR --data SPEC --out DIR [options]
