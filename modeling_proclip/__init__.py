@@ -22,7 +22,13 @@ from .modeling_proclip import (
     text_tower_kwargs,
     truncate_text_inputs,
 )
-from .processing_proclip import ProCLIPProcessor, configure_text_tokenizer
+from .processing_proclip import (
+    ProCLIPProcessor,
+    ProCLIPZeroShotImageClassificationPipeline,
+    configure_text_tokenizer,
+    open_image,
+    zero_shot_labels,
+)
 
 # Saved folders name these classes in `auto_map` (remote code); with the package installed, the Auto classes also
 # know them directly, so `AutoModel.from_pretrained(folder)` works without `trust_remote_code`.
@@ -38,7 +44,10 @@ __all__ = [
     "ProCLIPAdapter",
     "ProCLIPOutput",
     "ProCLIPProcessor",
+    "ProCLIPZeroShotImageClassificationPipeline",
     "configure_text_tokenizer",
+    "open_image",
+    "zero_shot_labels",
     "config_from_towers",
     "contrastive_loss",
     "embed_token_ids",

@@ -29,6 +29,7 @@ from transformers import (
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput, can_return_tuple, logging
+from transformers.utils.logging import tqdm
 
 try:  # a flat Hub folder
     from .configuration_proclip import ProCLIPConfig, TextTowerSettings
@@ -37,7 +38,7 @@ except ImportError:  # the installed package
         ProCLIPConfig,
         TextTowerSettings,
     )
-from .processing_proclip import configure_text_tokenizer
+from .processing_proclip import ProCLIPProcessor, configure_text_tokenizer, open_image
 
 logger = logging.get_logger(__name__)
 
@@ -135,18 +136,20 @@ def text_tower_kwargs(
 ) -> dict[str, torch.Tensor]:
     """The attention mask and position ids to call a text tower with, for a 2D padding mask of either side.
 
-    Position ids count real tokens only (so the padding side never shifts them); with `bidirectional`, the mask is
-    the 4D all-real-tokens mask of `bidirectional_attention_mask`.
+    Position ids count real tokens only (so the padding side never shifts them); they are passed only when a row
+    starts with padding (left padding), since otherwise they are the model's own default, 0, 1, 2, ... With
+    `bidirectional`, the mask is the 4D all-real-tokens mask of `bidirectional_attention_mask`.
 
     Args:
         text_model: the text tower (a transformers model, possibly wrapped by peft).
         attention_mask (`torch.Tensor` of shape `(batch_size, seq_len)`).
     Returns:
-        `{"attention_mask": ..., "position_ids": ...}` (no position ids for models that take none).
+        `{"attention_mask": ..., "position_ids": ...}` (position ids only where they differ from the default).
     """
     base = text_model.get_base_model() if hasattr(text_model, "get_base_model") else text_model  # peft
     kwargs = {"attention_mask": attention_mask}
-    if "position_ids" in inspect.signature(base.forward).parameters:
+    left_padded = torch.compiler.is_compiling() or not bool(attention_mask[:, 0].all())  # traced: always pass them
+    if left_padded and "position_ids" in inspect.signature(base.forward).parameters:
         kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     if bidirectional:
         dtype = base.get_input_embeddings().weight.dtype
@@ -181,6 +184,34 @@ def pool_hidden_states(
     raise ValueError(f"Unknown pooling {pooling!r}")
 
 
+def empty_caption_token_id(text_model: nn.Module) -> int:
+    """The token an empty caption is embedded as when its tokenizer adds nothing around text: the tower's EOS."""
+    config = text_model.config
+    token_id = next((i for i in (config.eos_token_id, config.pad_token_id) if i is not None), 0)
+    return token_id[0] if isinstance(token_id, (list, tuple)) else token_id
+
+
+def with_a_token_per_row(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, token_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Give rows without a real token one: `token_id` in the first position.
+
+    An empty caption has no token at all under a tokenizer that adds no template and no special tokens (a raw LLM
+    such as SmolLM2); the text tower cannot run on nothing, so it reads the end-of-text token alone. Rows that have
+    tokens are unchanged. No branch on values, so the function traces (ONNX export) as it runs.
+
+    Args:
+        input_ids, attention_mask (`torch.Tensor` of shape `(batch_size, seq_len)`), `seq_len` possibly 0.
+    Returns:
+        `(input_ids, attention_mask)` of shape `(batch_size, max(seq_len, 1))`.
+    """
+    if input_ids.shape[-1] == 0:
+        input_ids, attention_mask = input_ids.new_zeros(len(input_ids), 1), attention_mask.new_zeros(len(input_ids), 1)
+    first = torch.arange(input_ids.shape[-1], device=input_ids.device) == 0
+    fill = (attention_mask.sum(-1, keepdim=True) == 0) & first
+    return input_ids.masked_fill(fill, token_id), attention_mask.masked_fill(fill, 1)
+
+
 def embed_token_ids(
     text_model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, settings: TextTowerSettings
 ) -> BaseModelOutputWithPooling:
@@ -201,8 +232,10 @@ def embed_token_ids(
     """
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    if input_ids.shape[-1] > settings.max_text_length:
-        logger.warning_once(f"Captions longer than max_text_length={settings.max_text_length} tokens are truncated.")
+    input_ids, attention_mask = with_a_token_per_row(input_ids, attention_mask, empty_caption_token_id(text_model))
+    if input_ids.shape[-1] > settings.max_text_length:  # padding alone (`padding="max_length"`) is cut silently
+        if torch.compiler.is_compiling() or attention_mask.sum(-1).max() > settings.max_text_length:
+            logger.warning_once(f"Captions longer than max_text_length={settings.max_text_length} tokens are truncated.")
         input_ids, attention_mask = truncate_text_inputs(
             input_ids, attention_mask, settings.max_text_length, settings.text_suffix_length
         )
@@ -304,6 +337,7 @@ class ProCLIPModel(ProCLIPPreTrainedModel):
         self.text_model = text_model or AutoModel.from_config(config.text_config)
         self.text_adapter = ProCLIPAdapter(config)
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init))
+        self._encoding_processor = None  # `encoding_processor()` loads it on first use
         self.post_init()
 
     # -- towers ----------------------------------------------------------------------------------------------------
@@ -383,6 +417,12 @@ class ProCLIPModel(ProCLIPPreTrainedModel):
             token_type_ids: ignored, as in `get_text_features`.
             return_dict: `False` returns the fields as a tuple, as `CLIPModel` does.
         """
+        if pixel_values is None or (input_ids is None and llm_embeds is None):
+            missing = "images (`pixel_values`)" if pixel_values is None else "captions (`input_ids` or `llm_embeds`)"
+            raise ValueError(
+                f"ProCLIPModel scores images against captions and needs both; {missing} are missing. Pass "
+                "`processor(text=..., images=...)`, or embed one side with `get_text_features` / `get_image_features`."
+            )
         text_outputs = self.get_text_features(input_ids, attention_mask, llm_embeds)
         vision_outputs = self.get_image_features(pixel_values, interpolate_pos_encoding)
         text = F.normalize(text_outputs.pooler_output, dim=-1)
@@ -397,6 +437,102 @@ class ProCLIPModel(ProCLIPPreTrainedModel):
             text_model_output=text_outputs,
             vision_model_output=vision_outputs,
         )
+
+    # -- lists of captions and images in, embeddings out (jina-clip's `encode_text` / `encode_image`) ------------------
+
+    def encoding_processor(self) -> ProCLIPProcessor:
+        """The processor `encode_text` / `encode_image` use when given none: the one saved with this model, read once
+        from `config.name_or_path` (the folder or Hub repo the model was loaded from)."""
+        if self._encoding_processor is None:
+            if not self.name_or_path:
+                raise ValueError("This model was not loaded from a folder or the Hub; pass `processor=` to encode.")
+            self._encoding_processor = ProCLIPProcessor.from_pretrained(self.name_or_path, trust_remote_code=True)
+        return self._encoding_processor
+
+    def encode_text(
+        self,
+        sentences: str | list[str],
+        batch_size: int = 32,
+        normalize: bool = True,
+        truncate_dim: int | None = None,
+        show_progress_bar: bool = False,
+        convert_to_numpy: bool = False,
+        processor: ProCLIPProcessor | None = None,
+    ):
+        """Embed captions: tokenised at once, then longest first in batches of similar token length, in inference
+        mode, on the model's device.
+
+        Args:
+            sentences: a caption or a list of captions.
+            batch_size: captions per forward pass.
+            normalize: L2-normalise (after `truncate_dim`), so that dot products are cosines.
+            truncate_dim: keep only the first `truncate_dim` dimensions (ProCLIP is not trained Matryoshka-style:
+                measure what it costs first).
+            show_progress_bar: one tqdm bar over the captions.
+            convert_to_numpy: return a numpy array instead of a tensor.
+            processor: the `ProCLIPProcessor` to tokenise with (default: `encoding_processor()`).
+        Returns:
+            float32 `(len(sentences), D)` embeddings in the order given (`(D,)` for one caption), on the model's
+            device, or as numpy.
+        """
+        texts = [sentences] if isinstance(sentences, str) else list(sentences)
+        tokenizer = (processor or self.encoding_processor()).tokenizer
+        token_ids = tokenizer(texts, truncation=True)["input_ids"] if texts else []  # one call, in Rust
+
+        def embed(batch: list[list[int]]) -> torch.Tensor:
+            input_ids, attention_mask = right_padded(batch, tokenizer.pad_token_id)
+            return self.get_text_features(input_ids.to(self.device), attention_mask.to(self.device)).pooler_output
+
+        order = sorted(range(len(texts)), key=lambda index: -len(token_ids[index]))  # similar lengths share a batch
+        embeds = self._embed_in_batches(token_ids, order, embed, batch_size, show_progress_bar, "texts")
+        return finish_embeddings(embeds, normalize, truncate_dim, convert_to_numpy, isinstance(sentences, str))
+
+    def encode_image(
+        self,
+        images,
+        batch_size: int = 32,
+        normalize: bool = True,
+        truncate_dim: int | None = None,
+        show_progress_bar: bool = False,
+        convert_to_numpy: bool = False,
+        processor: ProCLIPProcessor | None = None,
+        url_timeout: float = 10.0,
+    ):
+        """Embed images in batches, in inference mode, on the model's device and dtype.
+
+        Args:
+            images: one image or a list: PIL images, local paths, http(s) URLs (fetched with `urllib`, one request
+                each, within `url_timeout` seconds, no retries), `data:image/...;base64,` URIs, or encoded bytes.
+                They are opened a batch at a time.
+            batch_size, normalize, truncate_dim, show_progress_bar, convert_to_numpy, processor: as in `encode_text`.
+        Returns:
+            float32 `(len(images), D)` embeddings in the order given (`(D,)` for one image), on the model's device,
+            or as numpy.
+        """
+        single = not isinstance(images, (list, tuple))
+        items = [images] if single else list(images)
+        image_processor = (processor or self.encoding_processor()).image_processor
+
+        def embed(batch: list) -> torch.Tensor:
+            pixels = image_processor([open_image(item, url_timeout) for item in batch], return_tensors="pt")
+            return self.get_image_features(pixels["pixel_values"].to(self.device, self.dtype)).pooler_output
+
+        embeds = self._embed_in_batches(items, list(range(len(items))), embed, batch_size, show_progress_bar, "images")
+        return finish_embeddings(embeds, normalize, truncate_dim, convert_to_numpy, single)
+
+    def _embed_in_batches(self, items: list, order: list[int], embed, batch_size: int, progress: bool, unit: str):
+        """`embed` applied to `items` in batches taken in `order`; float32 `(len(items), D)` rows in the given order."""
+        if not items:
+            raise ValueError(f"Nothing to encode: the list of {unit} is empty.")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive; got {batch_size}")
+        embeds = torch.empty(len(items), self.config.projection_dim, device=self.device)
+        with torch.inference_mode(), tqdm(total=len(items), unit=unit[:-1], disable=not progress) as bar:
+            for start in range(0, len(order), batch_size):
+                indices = order[start : start + batch_size]
+                embeds[torch.tensor(indices, device=self.device)] = embed([items[i] for i in indices]).float()
+                bar.update(len(indices))
+        return embeds
 
     # -- building and saving ---------------------------------------------------------------------------------------
 
@@ -452,9 +588,43 @@ class ProCLIPModel(ProCLIPPreTrainedModel):
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save weights and config, plus the remote-code files that make the folder load without this package."""
+        self.config.custom_pipelines = CUSTOM_PIPELINES
         super().save_pretrained(save_directory, *args, **kwargs)
         copy_remote_code(save_directory, extra_sources=[self.config.name_or_path])
         write_sentence_transformers_config(save_directory)
+
+
+def right_padded(token_ids: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> `(input_ids, attention_mask)` of shape `(batch_size, longest)`, padded on the right (the
+    embedding follows the mask, so the side does not matter)."""
+    longest = max(len(ids) for ids in token_ids)
+    input_ids = torch.full((len(token_ids), longest), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros(len(token_ids), longest, dtype=torch.long)
+    for row, ids in enumerate(token_ids):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention_mask[row, : len(ids)] = 1
+    return input_ids, attention_mask
+
+
+def finish_embeddings(embeds: torch.Tensor, normalize: bool, truncate_dim: int | None, to_numpy: bool, single: bool):
+    """`(N, D)` embeddings as `encode_text` / `encode_image` return them: truncated, normalised, one row unwrapped."""
+    if truncate_dim is not None:
+        embeds = embeds[:, :truncate_dim]
+    if normalize:
+        embeds = F.normalize(embeds, dim=-1)
+    if single:
+        embeds = embeds[0]
+    return embeds.cpu().numpy() if to_numpy else embeds
+
+
+# transformers' `pipeline()` reads this from a folder's config.json and builds the class from the folder's code.
+CUSTOM_PIPELINES = {
+    "zero-shot-image-classification": {
+        "impl": "processing_proclip.ProCLIPZeroShotImageClassificationPipeline",
+        "pt": ["AutoModelForZeroShotImageClassification"],
+        "type": "multimodal",
+    }
+}
 
 
 # sentence-transformers (>= 5) reads a folder through its generic `Transformer` module: text goes through

@@ -1,7 +1,8 @@
 """ProCLIP processor: the CLIP image processor and the LLM embedder's tokenizer, behind one call.
 
 Shipped as is inside every exported checkpoint folder (Hub remote code): it imports only the standard library,
-torch, tokenizers (a transformers dependency) and transformers.
+torch, PIL, tokenizers (a transformers dependency) and transformers. Besides the processor it holds what else turns
+user inputs into model inputs: `open_image` (paths, URLs, data URIs) and the zero-shot pipeline's input checks.
 
 The text side of ProCLIP must give one embedding per caption whoever tokenizes it — the zero-shot pipeline (which
 calls the tokenizer directly), this processor, training, or the embedding cache. So everything that shapes the token
@@ -9,10 +10,21 @@ ids (prompt wrapping, instruction, EOS, padding side, the length limit) is writt
 `configure_text_tokenizer`, never left to caller code.
 """
 
+import base64
+import io
+import os
+import urllib.request
+
+import PIL.Image
+import torch
 from tokenizers import processors
-from transformers import AutoImageProcessor, AutoTokenizer
+from transformers import (
+    AutoImageProcessor,
+    AutoTokenizer,
+    ZeroShotImageClassificationPipeline,
+)
+from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
-from transformers.tokenization_utils_base import BatchEncoding
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -97,10 +109,21 @@ class ProCLIPProcessor(ProcessorMixin):
     r"""
     Pairs a CLIP image processor with the LLM embedder's tokenizer.
 
+    Called like transformers' `CLIPProcessor`: keyword arguments are merged by `ProcessorMixin` (`_merge_kwargs`), so
+    the caller's own `padding`, `truncation`, `max_length`, `return_tensors`, `text_kwargs={...}` or
+    `images_kwargs={...}` override the defaults below instead of colliding with them. Pooling, positions and the
+    model's truncation follow the attention mask, so any padding (`True`, `"max_length"`, `pad_to_multiple_of`,
+    either `padding_side`) gives the embedding of the default call.
+
     Args:
         image_processor (`CLIPImageProcessor`): resizes, crops and normalises images (RGB conversion included).
         tokenizer (`PreTrainedTokenizerBase`): the text tower's tokenizer, configured by `configure_text_tokenizer`.
     """
+
+    # Defaults of every call, lowest in `_merge_kwargs`' order: captions padded to the longest and truncated to the
+    # tokenizer's `model_max_length` (= `max_text_length`; the template's end is kept), PyTorch tensors.
+    text_kwargs = {"padding": True, "truncation": True, "return_tensors": "pt"}
+    images_kwargs = {"return_tensors": "pt"}
 
     def __init__(self, image_processor=None, tokenizer=None, **kwargs):
         super().__init__(image_processor, tokenizer)
@@ -113,28 +136,101 @@ class ProCLIPProcessor(ProcessorMixin):
         configure_text_tokenizer(tokenizer, config)
         return cls(image_processor=image_processor, tokenizer=tokenizer)
 
-    def __call__(self, images=None, text=None, return_tensors="pt", **kwargs) -> BatchEncoding:
+    def __call__(self, images=None, text=None, **kwargs) -> BatchFeature:
         """Prepare images and/or captions for [`ProCLIPModel`].
 
         Args:
-            images: a PIL image, array or tensor, or a list of them (grayscale and RGBA are converted to RGB).
-            text (`str` or `list[str]`): captions; padded to the longest and truncated to `max_text_length`.
+            images: a PIL image, a path, URL or base64 string, an array or tensor (`(H, W)` grayscale, `(H, W, C)` or
+                `(C, H, W)`), or a list of them; grayscale and RGBA are converted to RGB.
+            text (`str` or `list[str]`): captions; `""` is the prompt template (and special tokens) alone.
+            kwargs: tokenizer and image-processor options, as for `CLIPProcessor`. `add_special_tokens=False` is
+                refused: the template and EOS the model was trained with live in the tokenizer's special tokens.
 
         Returns:
-            `BatchEncoding` with `pixel_values` (B, 3, H, W) and/or `input_ids`, `attention_mask` (B, L).
+            `BatchFeature` with `pixel_values` (B, 3, H, W) and/or `input_ids`, `attention_mask` (B, L).
         """
         if images is None and text is None:
             raise ValueError("ProCLIPProcessor needs `images`, `text`, or both.")
-        encoding = BatchEncoding()
-        if text is not None:
-            if isinstance(text, (list, tuple)) and len(text) == 0:
-                raise ValueError("`text` is an empty list; pass at least one caption.")
-            encoding.update(self.tokenizer(text, padding=True, truncation=True, return_tensors=return_tensors, **kwargs))
+        for name, value in (("text", text), ("images", images)):
+            if isinstance(value, (list, tuple)) and len(value) == 0:
+                raise ValueError(f"`{name}` is an empty list; pass at least one.")
+        if not {**kwargs.get("text_kwargs", {}), **kwargs}.get("add_special_tokens", True):
+            raise ValueError(
+                "add_special_tokens=False would drop the prompt template and EOS this model embeds every caption with; "
+                "leave it out."
+            )
         if images is not None:
-            if isinstance(images, (list, tuple)) and len(images) == 0:
-                raise ValueError("`images` is an empty list; pass at least one image.")
-            encoding.update(self.image_processor(images, return_tensors=return_tensors))
-        return encoding
+            listed = isinstance(images, (list, tuple))
+            images = [_with_channels(image) for image in images] if listed else _with_channels(images)
+        return super().__call__(images=images, text=text, **kwargs)
 
 
-__all__ = ["ProCLIPProcessor", "configure_text_tokenizer"]
+def _with_channels(image):
+    """A 2-D array or tensor (a grayscale image, `(H, W)`) as `(H, W, 3)`; anything else as it is."""
+    if getattr(image, "ndim", None) != 2:
+        return image
+    if isinstance(image, torch.Tensor):
+        return image[..., None].expand(-1, -1, 3)
+    return image[..., None].repeat(3, axis=-1)  # numpy
+
+
+def open_image(source, url_timeout: float) -> PIL.Image.Image:
+    """A PIL image from a PIL image, a local path, an http(s) URL (urllib, within `url_timeout` s), a base64
+    `data:` URI or encoded bytes."""
+    if isinstance(source, PIL.Image.Image):
+        return source
+    if isinstance(source, str) and source.startswith("data:"):
+        header, _, payload = source.partition(",")
+        if not header.endswith(";base64"):
+            raise ValueError(f"Only base64 data URIs are images here; got one starting {source[:40]!r}.")
+        source = base64.b64decode(payload)
+    elif isinstance(source, str) and source.startswith(("http://", "https://")):
+        with urllib.request.urlopen(source, timeout=url_timeout) as response:
+            source = response.read()
+    if isinstance(source, (bytes, bytearray)):
+        source = io.BytesIO(source)
+    elif not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"Cannot read an image from a {type(source).__name__}.")
+    image = PIL.Image.open(source)
+    image.load()
+    return image
+
+
+class ProCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipeline):
+    """transformers' zero-shot image classification pipeline, with its inputs checked first.
+
+    Saved folders name it in `config.custom_pipelines`, so `pipeline("zero-shot-image-classification",
+    model=folder_or_repo, trust_remote_code=True)` builds it. It refuses what the stock pipeline mis-handles: no
+    candidate labels (an `IndexError` inside the tokenizer) and a hypothesis template without exactly one `{}` (every
+    label would read the same text); a string of labels is split on commas, as the Hub's inference API does.
+    """
+
+    def preprocess(self, image, candidate_labels=None, hypothesis_template="This is a photo of {}.", *args, **kwargs):
+        labels = zero_shot_labels(candidate_labels, hypothesis_template)
+        return super().preprocess(image, labels, hypothesis_template, *args, **kwargs)
+
+
+def zero_shot_labels(candidate_labels, hypothesis_template: str) -> list[str]:
+    """The candidate labels as a list (a string is split on commas), refused with a message when they or the template
+    cannot classify."""
+    if isinstance(candidate_labels, str):
+        candidate_labels = [label.strip() for label in candidate_labels.split(",") if label.strip()]
+    if not candidate_labels:
+        raise ValueError("No candidate labels: pass at least one, e.g. candidate_labels=['a cat', 'a dog'].")
+    if not all(isinstance(label, str) for label in candidate_labels):
+        raise ValueError(f"Candidate labels must be strings; got {candidate_labels!r}.")
+    if not isinstance(hypothesis_template, str) or hypothesis_template.count("{}") != 1:
+        raise ValueError(
+            f"hypothesis_template {hypothesis_template!r} must hold exactly one '{{}}', where each label goes, "
+            "e.g. 'This is a photo of {}.'"
+        )
+    return list(candidate_labels)
+
+
+__all__ = [
+    "ProCLIPProcessor",
+    "ProCLIPZeroShotImageClassificationPipeline",
+    "configure_text_tokenizer",
+    "open_image",
+    "zero_shot_labels",
+]

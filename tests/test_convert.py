@@ -7,6 +7,7 @@ block index off by one) shows up as a numerical difference.
 
 import argparse
 import math
+import re
 
 import pytest
 import torch
@@ -282,11 +283,13 @@ def test_vision_config_of_another_architecture_is_refused(tmp_path, tiny_clip_di
         _convert(tmp_path, sd, tiny_llm_dir, tiny_clip_dir)
 
 
-def test_cli_reports_refusal_as_a_message(tmp_path, tiny_clip_dir, tiny_llm_dir):
+def test_cli_reports_refusal_as_a_message(tmp_path, tiny_clip_dir, tiny_llm_dir, capsys):
     checkpoint = tmp_path / "upstream.safetensors"
     sd = random_upstream_state_dict(1, CLIP_D)
     del sd["logit_scale"]
     save_file(sd, checkpoint)
-    with pytest.raises(SystemExit, match="proclip convert: .*missing keys: logit_scale"):
+    with pytest.raises(SystemExit) as refused:
         cli_main(["convert", "--checkpoint", str(checkpoint), "--text", str(tiny_llm_dir), "--out",
                   str(tmp_path / "out"), "--vision-config", str(tiny_clip_dir)])
+    assert refused.value.code == 2
+    assert re.search("proclip convert: error: .*missing keys: logit_scale", capsys.readouterr().err)

@@ -1,10 +1,14 @@
 """The Hub-native model: config, towers, pooling, adapter, processor, remote code, pipeline, handler."""
 
 import base64
+import http.server
 import io
 import json
 import logging
+import threading
+import time
 
+import numpy as np
 import pytest
 import torch
 from conftest import (
@@ -17,7 +21,7 @@ from conftest import (
 )
 from isolation import run_without_project
 from PIL import Image
-from transformers import AutoModel, AutoTokenizer, CLIPModel
+from transformers import AutoModel, AutoTokenizer, CLIPModel, pipeline
 
 from configuration_proclip import ProCLIPConfig, text_tower_preset
 from modeling_proclip import (
@@ -402,6 +406,122 @@ def test_empty_caption_list_is_refused(processor):
         processor(text=[])
     with pytest.raises(ValueError, match="needs `images`, `text`"):
         processor()
+
+
+def test_two_dimensional_grayscale_arrays_are_images(processor):
+    gray = red_image("L")
+    from_pil = processor(images=[gray])["pixel_values"]
+    array = np.asarray(gray)
+    assert array.ndim == 2
+    torch.testing.assert_close(processor(images=[array])["pixel_values"], from_pil)
+    torch.testing.assert_close(processor(images=torch.from_numpy(array.copy()))["pixel_values"], from_pil)
+
+
+def test_the_forward_pass_names_the_missing_side(model, processor):
+    with pytest.raises(ValueError, match=r"images \(`pixel_values`\) are missing"):
+        model(**processor(text=CAPTIONS))
+    with pytest.raises(ValueError, match="captions .* are missing"):
+        model(**processor(images=[red_image()]))
+
+
+def test_an_empty_caption_embeds_the_template_alone(model, processor):
+    """`""` is the tokenizer's special tokens (and template) alone; under a tokenizer that adds nothing around text it
+    has no token at all, and the model reads its EOS token alone instead of failing on an empty sequence."""
+    tokenizer = processor.tokenizer
+    assert processor(text="")["input_ids"].tolist() == [[tokenizer.bos_token_id, tokenizer.eos_token_id]]
+    eos = model.config.text_config.eos_token_id
+    with torch.inference_mode():
+        assert torch.isfinite(model.get_text_features(**processor(text="")).pooler_output).all()
+        alone = model.get_text_features(torch.tensor([[eos]]), torch.ones(1, 1, dtype=torch.long)).pooler_output
+        no_tokens = model.get_text_features(torch.zeros(1, 0, dtype=torch.long), torch.zeros(1, 0, dtype=torch.long))
+        batch = tokenizer(["a dog", ""], add_special_tokens=False, padding=True, return_tensors="pt")
+        in_a_batch = model.get_text_features(batch["input_ids"], batch["attention_mask"]).pooler_output
+    assert batch["attention_mask"][1].sum() == 0  # the empty caption is all padding here
+    torch.testing.assert_close(no_tokens.pooler_output, alone)
+    torch.testing.assert_close(in_a_batch[1:], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_the_pipeline_refuses_no_labels_and_templates_without_one_placeholder(tiny_proclip_dir):
+    classifier = pipeline("zero-shot-image-classification", model=str(tiny_proclip_dir), trust_remote_code=True)
+    assert type(classifier).__name__ == "ProCLIPZeroShotImageClassificationPipeline"
+    with pytest.raises(ValueError, match="No candidate labels"):
+        classifier(red_image(), candidate_labels=[])
+    for template in ("a photo", "{} and {}"):
+        with pytest.raises(ValueError, match="exactly one '{}'"):
+            classifier(red_image(), candidate_labels=["cat"], hypothesis_template=template)
+    as_string = classifier(red_image(), candidate_labels="red circle, blue square")
+    as_list = classifier(red_image(), candidate_labels=["red circle", "blue square"])
+    assert as_string == as_list
+
+
+def test_encode_text_and_image_batch_in_any_order_and_size(model, processor, tmp_path):
+    captions = CAPTIONS + ["", "a very long caption " * 20]
+    with torch.inference_mode():
+        expected = model.get_text_features(**processor(text=captions)).pooler_output
+    for batch_size in (1, 2, 32):
+        torch.testing.assert_close(model.encode_text(captions, batch_size=batch_size, normalize=False,
+                                                     processor=processor), expected, atol=1e-5, rtol=1e-5)
+    unit = model.encode_text(captions, processor=processor)
+    torch.testing.assert_close(unit, torch.nn.functional.normalize(expected, dim=-1), atol=1e-5, rtol=1e-5)
+    short = model.encode_text(captions[0], truncate_dim=4, processor=processor, convert_to_numpy=True)
+    assert short.shape == (4,) and abs(np.linalg.norm(short) - 1) < 1e-5
+    with pytest.raises(ValueError, match="list of texts is empty"):
+        model.encode_text([], processor=processor)
+
+    images = [red_image(), red_image("L", (20, 50)), red_image("RGBA")]
+    with torch.inference_mode():
+        expected = model.get_image_features(**processor(images=images)).pooler_output
+    path = tmp_path / "gray.png"
+    images[1].save(path)
+    buffer = io.BytesIO()
+    images[2].save(buffer, format="PNG")
+    sources = [images[0], str(path), "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()]
+    got = model.encode_image(sources, batch_size=2, normalize=False, processor=processor)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_encode_image_fetches_urls_within_its_timeout(model, processor):
+    """A real HTTP server on loopback: one image served, and one request that never answers."""
+    buffer = io.BytesIO()
+    red_image().save(buffer, format="PNG")
+    body, release = buffer.getvalue(), threading.Event()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/slow.png":
+                release.wait(10)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    try:
+        got = model.encode_image(f"{url}/red.png", processor=processor)
+        torch.testing.assert_close(got, model.encode_image(red_image(), processor=processor))
+        start = time.perf_counter()
+        with pytest.raises(OSError):  # socket timeout (URLError / TimeoutError)
+            model.encode_image(f"{url}/slow.png", processor=processor, url_timeout=0.5)
+        assert time.perf_counter() - start < 5
+    finally:
+        release.set()
+        server.shutdown()
+
+
+def test_encode_loads_the_saved_processor_when_given_none(tiny_proclip_dir):
+    model = ProCLIPModel.from_pretrained(tiny_proclip_dir).eval()
+    processor = ProCLIPProcessor.from_pretrained(tiny_proclip_dir)
+    torch.testing.assert_close(model.encode_text(CAPTIONS), model.encode_text(CAPTIONS, processor=processor))
+    assert isinstance(model.encoding_processor(), ProCLIPProcessor)
+    built = ProCLIPModel(model.config)
+    built.name_or_path = ""
+    with pytest.raises(ValueError, match="pass `processor=`"):
+        built.encode_text(CAPTIONS)
 
 
 def test_vision_must_be_a_clip_checkpoint(tiny_llm_dir):

@@ -97,17 +97,17 @@ def test_push_refuses_a_folder_whose_remote_code_does_not_load(pushable, tmp_pat
     allowed here, so that the isolated load is reached)."""
     broken = _copy(pushable, tmp_path)
     modeling = broken / "modeling_proclip.py"
-    modeling.write_text(modeling.read_text().replace(
-        "from .processing_proclip import configure_text_tokenizer\n",
-        "from .processing_proclip import configure_text_tokenizer\nfrom proclip_train.evaluation.metrics import recall_at_k\n",
-    ))  # fmt: skip
+    source = modeling.read_text()
+    anchor = next(line for line in source.splitlines(keepends=True) if line.startswith("from .processing_proclip"))
+    modeling.write_text(source.replace(anchor, anchor + "from proclip_train.evaluation.metrics import recall_at_k\n"))
     with pytest.raises(SystemExit) as refused:
         cli.main(["push", "--model", str(broken), "--repo-id", REPO_ID, "--dry-run", "--allow-modified-code"])
-    message = capsys.readouterr()
-    assert refused.value.code == 2 and message.err.startswith("proclip push: refused:")
-    assert "does not load through remote code" in message.err
-    assert "No module named 'proclip_train' (blocked" in message.err  # the subprocess's stderr tail
-    assert "dry run: would upload" not in message.out
+    output = capsys.readouterr()
+    message = output.err
+    assert refused.value.code == 2 and message.startswith("proclip push: error: refused:")
+    assert "does not load through remote code" in message
+    assert "No module named 'proclip_train' (blocked" in message  # the subprocess's stderr tail
+    assert "dry run: would upload" not in output.out
 
 
 def test_push_refuses_missing_files_and_cards_that_are_not_ours(pushable, tmp_path):

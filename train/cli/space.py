@@ -1,11 +1,12 @@
 """`proclip space`: write a Gradio Space for a saved ProCLIP folder (see `proclip_train.hub.space`)."""
 
 import argparse
-import sys
 from pathlib import Path
 
 from ..hub import space as hub_space
 from ..hub.space import GALLERY_DIR, SpaceOptions, run_instructions, write_space
+from .errors import UsageError
+from .flags import add_caption_column_argument
 
 
 def run_space(args: argparse.Namespace) -> dict:
@@ -14,8 +15,7 @@ def run_space(args: argparse.Namespace) -> dict:
     try:
         config = write_space(args.model, args.out, options)
     except (ValueError, FileNotFoundError) as error:  # SpaceError, and the data loader's refusals
-        print(f"proclip space: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise UsageError(str(error)) from error
     print(f"wrote the Space for {args.model} to {args.out}: {len(config['classify_examples'])} zero-shot examples, "
           f"{len(config['search_examples'])} search examples, a gallery read from {args.out}/{GALLERY_DIR}")
     print(run_instructions(args.model, args.out))
@@ -40,9 +40,8 @@ def add_space_parser(subparsers) -> argparse.ArgumentParser:
                         "(default: every results file in --model)")
     parser.add_argument("--gallery-size", type=int, default=SpaceOptions.gallery_size,
                         help="the most gallery images (default: %(default)s)")
-    parser.add_argument("--caption-column", action="append", metavar="COLUMN",
-                        help="a caption column of the retrieval data for the search examples; repeat (default: the "
-                        "columns the results scored)")
+    add_caption_column_argument(parser, "A caption column of the retrieval data for the search examples.",
+                                "the columns the results scored")
     parser.add_argument("--title", help="the Space's title (default: ProCLIP <repo or folder name>)")
     parser.set_defaults(func=run_space)
     return parser

@@ -11,32 +11,34 @@ one message, and saves nothing.
 
 `proclip train` parses `ProCLIPTrainingArguments` (every stage option beside transformers' `TrainingArguments`) with
 `HfArgumentParser`, so every Trainer flag works; `--config` reads the same flags from a YAML or JSON file, and flags
-given on the command line win. The output folder is Hub-ready: `model.save_pretrained` + `processor.save_pretrained`,
-with the remote code, plus `training_report.json` and `training_args.json`. It runs as is under `torchrun` and
-`accelerate launch`.
+given on the command line win; `--help` lists ProCLIP's own options first, then TrainingArguments'. The output
+folder is Hub-ready: `model.save_pretrained` + `processor.save_pretrained`, with the remote code, plus
+`training_report.json` and `training_args.json`. It runs as is under `torchrun` and `accelerate launch`.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
+import typing
 from pathlib import Path
 
-import yaml
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_proclip import ProCLIPModel, ProCLIPProcessor
 
+from ..demo.run import resolve_text_tower
 from ..training.arguments import ProCLIPTrainingArguments
 from ..training.cache import EmbeddingCache, default_cache_dir, shard_paths
 from ..training.checkpoints import CheckpointMismatchError, NonFiniteWeightsError
 from ..training.data import load_image_text_dataset
 from ..training.stage0 import train_stage0
 from ..training.trainer import NonFiniteLossError, NoSamplesTrainedError, ProCLIPTrainer
+from .errors import UsageError
+from .flags import read_config_file
 
 TRAIN_DESCRIPTION = (
     "Train one ProCLIP stage: 0 = caption-contrastive fine-tuning of the LLM (LLM2CLIP, optional), 1 = representation "
@@ -47,25 +49,33 @@ REQUIRED_OPTIONS = {"caption-contrastive": ("text", "data", "output_dir"), "inhe
                     "contrastive": ("model", "data", "output_dir")}
 
 
-def _normalise_key(key: str) -> str:
-    return key.lstrip("-").replace("-", "_")
+class TrainArgumentParser(HfArgumentParser):
+    """`HfArgumentParser` whose `--help` shows the ProCLIP options (the `ProCLIPTrainingArguments` fields that
+    `TrainingArguments` does not have) in a group of their own, before transformers' 600 lines."""
+
+    def _add_dataclass_arguments(self, dtype):
+        inherited = {field.name for field in dataclasses.fields(TrainingArguments)}
+        groups = {
+            True: self.add_argument_group("ProCLIP options", "The curriculum, its data and its losses "
+                                          "(training/arguments.py). Dashes or underscores alike."),
+            False: self.add_argument_group("TrainingArguments options", "transformers' Trainer flags, with the "
+                                           "recipe's defaults where ProCLIP changes them."),
+        }
+        type_hints = typing.get_type_hints(dtype)
+        for field in dataclasses.fields(dtype):
+            if field.init:
+                field.type = type_hints[field.name]
+                self._parse_dataclass_field(groups[field.name not in inherited], field)
 
 
-def read_config_file(path: str | os.PathLike) -> dict:
-    """Flags from a YAML (`.yaml`/`.yml`) or JSON file: `{flag: value}`, dashes or underscores (`out` = output_dir)."""
-    path = Path(path)
-    text = path.read_text()
-    values = (yaml.safe_load(text) or {}) if path.suffix in (".yaml", ".yml") else json.loads(text)
-    if not isinstance(values, dict):
-        raise ValueError(f"{path} must hold a mapping of flag names to values.")
-    values = {_normalise_key(k): v for k, v in values.items()}
-    if "out" in values:
-        values["output_dir"] = values.pop("out")
-    return values
+TRAIN_USAGE = """proclip train --stage 1|2 --model DIR --data SPEC --out DIR [options]
+       proclip train --stage 0 --text LLM --data SPEC --caption-column A --caption-column B --out DIR [options]
+       proclip train --config run.yaml [options]"""
 
 
 def build_train_argument_parser() -> HfArgumentParser:
-    return HfArgumentParser(ProCLIPTrainingArguments, prog="proclip train", description=TRAIN_DESCRIPTION)
+    return TrainArgumentParser(ProCLIPTrainingArguments, prog="proclip train", usage=TRAIN_USAGE,
+                               description=TRAIN_DESCRIPTION)
 
 
 def parse_train_args(argv: list[str]) -> ProCLIPTrainingArguments:
@@ -80,7 +90,10 @@ def parse_train_args(argv: list[str]) -> ProCLIPTrainingArguments:
         parser.error(f"unknown option(s) in {known.config}: {', '.join(unknown)}")
     list_values = {k: config.pop(k) for k in list(config) if isinstance(config[k], list)}
     parser.set_defaults(**config)
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    try:
+        (args,) = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as error:  # `ProCLIPTrainingArguments.__post_init__` and TrainingArguments' own refusals
+        parser.error(str(error))
     changes = {key: value for key, value in list_values.items() if getattr(args, key) in (None, [])}
     if changes:  # a list flag on the command line replaces the file's list
         args = dataclasses.replace(args, **changes)
@@ -95,25 +108,20 @@ def parse_train_args(argv: list[str]) -> ProCLIPTrainingArguments:
 
 def checkpoint_to_resume(args: ProCLIPTrainingArguments) -> str | None:
     """The folder `--resume_from_checkpoint` names: a path as given, or for `True` (the flag without a value) the
-    latest `checkpoint-*` folder in `--output_dir`, as transformers' example scripts resolve it. Exits with code 2 and
-    one line when there is none."""
+    latest `checkpoint-*` folder in `--output_dir`, as transformers' example scripts resolve it."""
     value = args.resume_from_checkpoint
     if value is None or str(value).lower() == "false":
         return None
     if str(value).lower() != "true":
         if not os.path.isdir(value):
-            _fail(f"--resume_from_checkpoint {value}: no such folder; name a checkpoint-* folder of an earlier run.")
+            raise UsageError(f"--resume_from_checkpoint {value}: no such folder.",
+                             "Name a checkpoint-* folder of an earlier run.")
         return str(value)
     latest = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
     if latest is None:
-        _fail(f"--resume_from_checkpoint: no checkpoint-* folder in {args.output_dir} to resume from; start without "
-              "the flag, or name a checkpoint folder.")
+        raise UsageError(f"--resume_from_checkpoint: no checkpoint-* folder in {args.output_dir} to resume from.",
+                         "Start without the flag, or name a checkpoint folder.")
     return latest
-
-
-def _fail(message: str, code: int = 2) -> None:
-    print(f"proclip train: error: {message}", file=sys.stderr)
-    raise SystemExit(code)
 
 
 def embedding_cache_for(args: ProCLIPTrainingArguments) -> EmbeddingCache | None:
@@ -125,31 +133,33 @@ def embedding_cache_for(args: ProCLIPTrainingArguments) -> EmbeddingCache | None
         try:
             cache = EmbeddingCache(folder)
         except ValueError as error:  # a damaged shard, or one of another format or model: the message says what to do
-            print(f"proclip train: error: {error}", file=sys.stderr)
-            raise SystemExit(2) from error
+            raise UsageError(str(error)) from error
         print(f"Using the embedding cache {cache}")
         return cache
     if args.cache_dir:
-        raise SystemExit(f"--cache_dir {args.cache_dir} holds no embedding cache; run `proclip embed` first.")
+        raise UsageError(f"--cache_dir {args.cache_dir} holds no embedding cache.",
+                         f"Fill it first: proclip embed --model {args.model} --data {args.data} --cache-dir {args.cache_dir}")
     return None
 
 
 def run_train(args: ProCLIPTrainingArguments) -> ProCLIPTrainer:
-    """Load the model, data, cache and teacher; train stage 1 or 2; save the Hub-ready folder. Returns the trainer."""
+    """Load the data, cache, model and teacher; train stage 1 or 2; save the Hub-ready folder. Returns the trainer."""
+    try:  # the data first: a wrong column or split fails before any tower loads
+        dataset = load_image_text_dataset(
+            args.data,
+            split=args.split,
+            streaming=args.streaming,
+            image_column=args.image_column if args.stage == "contrastive" else None,
+            caption_columns=args.caption_columns,
+            noise_caption_column=args.noise_caption_column,
+            allow_paths_outside_data=args.allow_paths_outside_data,
+        )
+    except (FileNotFoundError, ValueError) as error:
+        raise UsageError(str(error)) from error
+    cache = embedding_cache_for(args)
     processor = ProCLIPProcessor.from_pretrained(args.model)
     model = ProCLIPModel.from_pretrained(args.model)
-    dataset = load_image_text_dataset(
-        args.data,
-        split=args.split,
-        streaming=args.streaming,
-        image_column=args.image_column if args.stage == "contrastive" else None,
-        caption_columns=args.caption_columns,
-        noise_caption_column=args.noise_caption_column,
-        allow_paths_outside_data=args.allow_paths_outside_data,
-    )
-    trainer = ProCLIPTrainer(
-        model, args, train_dataset=dataset, processing_class=processor, embedding_cache=embedding_cache_for(args)
-    )
+    trainer = ProCLIPTrainer(model, args, train_dataset=dataset, processing_class=processor, embedding_cache=cache)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model(args.output_dir)
     return trainer
@@ -160,13 +170,15 @@ def train_command(argv: list[str]) -> None:
     args = dataclasses.replace(args, resume_from_checkpoint=checkpoint_to_resume(args))
     try:
         if args.stage == "caption-contrastive":
+            args.text = resolve_text_tower(args.text)  # `smollm2` / `minilm` name the packaged real models
             train_stage0(args)
         else:
             run_train(args)
     except CheckpointMismatchError as error:  # the wrong --model or stage for this checkpoint: the user's to fix
-        _fail(str(error))
+        raise UsageError(str(error)) from error
     except (NonFiniteLossError, NonFiniteWeightsError, NoSamplesTrainedError) as error:  # a failed run, explained
-        _fail(str(error), code=1)
+        print(f"proclip train: error: {error}", file=sys.stderr)
+        raise SystemExit(1) from error
 
 
 def add_train_parser(subparsers) -> None:
