@@ -103,6 +103,18 @@ class ProCLIPTrainingArguments(TrainingArguments):
     mntp_steps: int = _option(0, "Stage 0: steps of masked next-token prediction before the contrastive phase.")
     mntp_probability: float = _option(0.2, "Stage 0: fraction of tokens masked in MNTP.")
 
+    # -- speed: optimiser precision, memory (training/optimization.py; measured by bench/bench_adapter_step.py) -----
+    bf16_master_weights: bool = _option(
+        True, "With --bf16 (without FSDP / DeepSpeed, which keep masters of their own): the trainable matrices train "
+        "as bfloat16 working weights (no per-step casts), and the optimiser updates float32 master copies, which "
+        "checkpoints and the final model hold. False: bfloat16 autocast over float32 weights.",
+    )
+    keep_freed_memory: bool = _option(
+        True, "On a CPU with glibc: malloc keeps freed blocks for reuse instead of unmapping them, so each step's "
+        "large tensors (gradients, activations) are not page-faulted in again. Process-wide; the resident size stays "
+        "at its peak.",
+    )
+
     # -- the recipe's defaults where they differ from TrainingArguments' --------------------------------------------
     learning_rate: float | None = _option(None, f"Peak learning rate (default: {DEFAULT_LEARNING_RATE:g}; stage 0 "
                                           f"{STAGE_LEARNING_RATES['caption-contrastive']:g}, LLM2Vec's).")

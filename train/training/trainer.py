@@ -41,6 +41,7 @@ from transformers.utils import logging
 from .arguments import ProCLIPTrainingArguments
 from .cache import EmbeddingCache
 from .data import SKIPPED_KEY, SkipCounter
+from .optimization import RestoreMasterWeights, prepare_optimizer
 from .stages import STAGES, TrainingStage
 
 logger = logging.get_logger(__name__)
@@ -199,6 +200,16 @@ class ProCLIPTrainer(Trainer):
     def get_decay_parameter_names(self, model) -> list[str]:
         """Weight decay on matrices only: no decay on biases, norms and other 1-d parameters (incl. logit_scale)."""
         return [name for name, p in model.named_parameters() if p.ndim >= 2]
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimiser with the run's speed options: `optimization.prepare_optimizer`."""
+        created = self.optimizer is None
+        optimizer = super().create_optimizer(model)
+        if created:
+            master_weights = prepare_optimizer(self.model if model is None else model, optimizer, self.args)
+            if master_weights is not None:
+                self.add_callback(RestoreMasterWeights(master_weights))
+        return optimizer
 
     # -- logging -------------------------------------------------------------------------------------------------------
 
