@@ -11,6 +11,10 @@ What is checked:
   run ends;
 - stage 2 under master weights starts with a zero self-distillation term (the student's forward equals the EMA
   teacher's under autocast, as without master weights) and ends with float32 weights;
+- `MasterWeightAdamW` takes torch's AdamW step: its compiled one-pass update and its eager update (torch's fused
+  AdamW on the masters) both equal `torch.optim.AdamW` on float32 copies of the weights and gradients, clipping
+  included; its state survives `state_dict()` / `load_state_dict()` in float32;
+- `bf16_master_weights` refuses optimisers other than AdamW, and stands aside without bf16;
 - `keep_freed_memory` makes a freed 256 MiB tensor's pages come back without page faults (a fresh process).
 """
 
@@ -22,10 +26,11 @@ import datasets
 import pytest
 import torch
 from proclip_train.training.arguments import ProCLIPTrainingArguments
-from proclip_train.training.optimization import uses_master_weights
+from proclip_train.training.optimization import MasterWeightAdamW, uses_master_weights
 from proclip_train.training.trainer import ProCLIPTrainer
 from safetensors.torch import load_file
 from test_trainer import captions_split, image_dataset, training_args
+from torch import nn
 from transformers import TrainerCallback
 
 from modeling_proclip import ProCLIPModel
@@ -126,13 +131,56 @@ def test_stage2_master_weights_start_at_the_ema_teacher(tmp_path, processor, loa
     assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
-def test_master_weights_need_bf16_and_stand_aside_for_fsdp_and_deepspeed():
+@pytest.mark.parametrize("master_update", ["eager", "compiled"])
+def test_master_weight_adamw_takes_torchs_adamw_step(master_update):
+    torch.manual_seed(0)
+    shapes = [(48, 32), (32,), (7, 5)]
+    start = [torch.randn(shape) for shape in shapes]
+    hyper = dict(lr=1e-2, betas=(0.9, 0.98), eps=1e-6)
+    # Working weights: the matrices (in bfloat16); the bias stays float32. Two groups, as the Trainer makes.
+    params = [nn.Parameter(value.clone()) for value in start]
+    optimizer = MasterWeightAdamW(
+        [{"params": [params[0], params[2]], "weight_decay": 0.05}, {"params": [params[1]], "weight_decay": 0.0}],
+        [params[0], params[2]], master_update=master_update, **hyper,
+    )
+    reference = [nn.Parameter(value.clone()) for value in start]
+    torch_adamw = torch.optim.AdamW(
+        [{"params": [reference[0], reference[2]], "weight_decay": 0.05}, {"params": [reference[1]], "weight_decay": 0.0}],
+        **hyper,
+    )
+    assert [p.dtype for p in params] == [torch.bfloat16, torch.float32, torch.bfloat16]
+    for step in range(3):
+        grads = [torch.randn(shape).to(p.dtype) for shape, p in zip(shapes, params)]
+        for parameter, ref, grad in zip(params, reference, grads):
+            parameter.grad, ref.grad = grad.clone(), grad.float()
+        norm = optimizer.clip_grad_norm_(1.0)
+        torch.testing.assert_close(norm, torch.nn.utils.clip_grad_norm_(reference, 1.0), rtol=1e-5, atol=0)
+        optimizer.step()
+        torch_adamw.step()
+        for parameter, ref in zip(params, reference):
+            master = optimizer.state[parameter].get("master", parameter)
+            torch.testing.assert_close(master, ref.detach(), rtol=1e-5, atol=1e-6)
+            assert torch.equal(parameter.detach(), master.to(parameter.dtype))  # the weight is its rounded master
+
+    saved = optimizer.state_dict()
+    fresh = [nn.Parameter(value.clone()) for value in start]
+    restored = MasterWeightAdamW([{"params": [fresh[0], fresh[2]]}, {"params": [fresh[1]]}], [fresh[0], fresh[2]])
+    restored.load_state_dict(saved)
+    for parameter, original in zip(fresh, params):
+        for key, value in optimizer.state[original].items():
+            assert restored.state[parameter][key].dtype == value.dtype and torch.equal(restored.state[parameter][key], value)
+
+
+def test_master_weights_need_bf16_adamw_and_stand_aside_for_fsdp_and_deepspeed():
     def args(**kwargs):
         return ProCLIPTrainingArguments(output_dir="unused", stage=1, use_cpu=True, **kwargs)
 
     assert uses_master_weights(args(bf16=True))
     assert not uses_master_weights(args(bf16=True, bf16_master_weights=False))
     assert not uses_master_weights(args())
+    with pytest.raises(ValueError, match="bf16_master_weights trains with AdamW"):
+        args(bf16=True, optim="sgd")
+    assert args(bf16=True, optim="sgd", bf16_master_weights=False).optim == "sgd"
 
 
 FAULTS_SCRIPT = """

@@ -41,7 +41,7 @@ from transformers.utils import logging
 from .arguments import ProCLIPTrainingArguments
 from .cache import EmbeddingCache
 from .data import SKIPPED_KEY, SkipCounter
-from .optimization import RestoreMasterWeights, prepare_optimizer
+from .optimization import MasterWeightAdamW, RestoreFloat32Weights, prepare_optimizer
 from .stages import STAGES, TrainingStage
 
 logger = logging.get_logger(__name__)
@@ -202,14 +202,20 @@ class ProCLIPTrainer(Trainer):
         return [name for name, p in model.named_parameters() if p.ndim >= 2]
 
     def create_optimizer(self, model=None):
-        """The Trainer's optimiser with the run's speed options: `optimization.prepare_optimizer`."""
-        created = self.optimizer is None
-        optimizer = super().create_optimizer(model)
-        if created:
-            master_weights = prepare_optimizer(self.model if model is None else model, optimizer, self.args)
-            if master_weights is not None:
-                self.add_callback(RestoreMasterWeights(master_weights))
-        return optimizer
+        """The Trainer's optimiser, through `optimization.prepare_optimizer` (bf16 master weights, the allocator)."""
+        if self.optimizer is None:
+            super().create_optimizer(model)
+            self.optimizer = prepare_optimizer(self.model if model is None else model, self.optimizer, self.args)
+            if isinstance(self.optimizer, MasterWeightAdamW):
+                self.add_callback(RestoreFloat32Weights(self.optimizer))
+        return self.optimizer
+
+    def _clip_grad_norm(self, model):
+        # With master weights the optimiser applies the clipping factor inside its update (no pass of its own).
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # inside accelerate's wrapper
+        if isinstance(optimizer, MasterWeightAdamW):
+            return optimizer.clip_grad_norm_(self.args.max_grad_norm)
+        return super()._clip_grad_norm(model)
 
     # -- logging -------------------------------------------------------------------------------------------------------
 
