@@ -118,8 +118,8 @@ def test_resume_from_checkpoint_without_a_value_takes_the_latest(tmp_path, tiny_
             main([*command, "--max_steps", "1", *flag])
         assert exit.value.code == 2
         assert capsys.readouterr().err.strip() == (
-            f"proclip train: error: --resume_from_checkpoint: no checkpoint-* folder in {out} to resume from; start "
-            "without the flag, or name a checkpoint folder."
+            f"proclip train: error: --resume_from_checkpoint: no checkpoint-* folder in {out} to resume from.\n"
+            "Start without the flag, or name a checkpoint folder."
         )
 
     main([*command, "--max_steps", "2"])

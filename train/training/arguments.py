@@ -21,6 +21,7 @@ from transformers import TrainingArguments
 from configuration_proclip import POOLING_MODES
 
 from .losses import REDUCTIONS, STRUCTURE_FORMS
+from .optimization import MASTER_UPDATES, MASTER_WEIGHT_OPTIMIZERS, uses_master_weights
 
 # `--stage` values: the curriculum's numbers and the stages' names (`stages.STAGES`).
 STAGE_ALIASES = {"0": "caption-contrastive", "1": "inheritance", "2": "contrastive"}
@@ -115,6 +116,24 @@ class ProCLIPTrainingArguments(TrainingArguments):
     mntp_steps: int = _option(0, "Stage 0: steps of masked next-token prediction before the contrastive phase.")
     mntp_probability: float = _option(0.2, "Stage 0: fraction of tokens masked in MNTP.")
 
+    # -- speed: optimiser precision, memory (training/optimization.py; measured by bench/bench_adapter_step.py) -----
+    bf16_master_weights: bool = _option(
+        True, "With --bf16 (without FSDP / DeepSpeed, which keep masters of their own): the trainable matrices train "
+        "as bfloat16 working weights (no per-step casts), and the optimiser updates float32 master copies, which "
+        "checkpoints and the final model hold. False: bfloat16 autocast over float32 weights.",
+    )
+    master_update: str = _option(
+        "auto", "With bf16 master weights: the update of a bfloat16 weight (clipping, AdamW on its master, rounding) "
+        "as one torch.compile'd pass per tensor (compiled; ~20 s to compile once per process, needs a C++ compiler "
+        "on a CPU) or three eager passes (eager); auto compiles from 16 M elements of such weights.",
+        choices=list(MASTER_UPDATES),
+    )
+    keep_freed_memory: bool = _option(
+        True, "On a CPU with glibc: malloc keeps freed blocks for reuse instead of unmapping them, so each step's "
+        "large tensors (gradients, activations) are not page-faulted in again. Process-wide; the resident size stays "
+        "at its peak.",
+    )
+
     # -- the recipe's defaults where they differ from TrainingArguments' --------------------------------------------
     learning_rate: float | None = _option(None, f"Peak learning rate (default: {DEFAULT_LEARNING_RATE:g}; stage 0 "
                                           f"{STAGE_LEARNING_RATES['caption-contrastive']:g}, LLM2Vec's).")
@@ -155,6 +174,12 @@ class ProCLIPTrainingArguments(TrainingArguments):
             problems.append(f"mntp_probability={self.mntp_probability} must lie in (0, 1)")
         if self.mntp_steps < 0:
             problems.append(f"mntp_steps={self.mntp_steps} must be >= 0")
+        if self.master_update not in MASTER_UPDATES:
+            problems.append(f"master_update={self.master_update!r} must be one of {MASTER_UPDATES}")
+        optim = str(getattr(self.optim, "value", self.optim))
+        if uses_master_weights(self) and optim not in MASTER_WEIGHT_OPTIMIZERS:
+            problems.append(f"bf16_master_weights trains with AdamW ({' or '.join(MASTER_WEIGHT_OPTIMIZERS)}), not "
+                            f"optim={optim!r}: pass --bf16_master_weights false to use {optim} under bf16 autocast")
         if self.stage == "contrastive" and self.noise_caption_column is not None:
             problems.append("noise_caption_column is a stage-1 option; stage 2 draws among its caption columns")
         return problems

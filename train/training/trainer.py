@@ -68,6 +68,7 @@ from .checkpoints import (
 )
 from .collators import RANDOM_STATE_KEY, SOURCES_KEY
 from .data import SKIPPED_KEY, SkipCounter
+from .optimization import MasterWeightAdamW, RestoreFloat32Weights, prepare_optimizer
 from .stages import STAGES, TrainingStage, batch_size_of
 
 logger = logging.get_logger(__name__)
@@ -355,6 +356,22 @@ class ProCLIPTrainer(Trainer):
             f"{head} Check those rows (a cached embedding: run `proclip embed` again), lower --learning_rate, or pass "
             "--skip_nonfinite_steps to skip and count such steps."
         )
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimiser, through `optimization.prepare_optimizer` (bf16 master weights, the allocator)."""
+        if self.optimizer is None:
+            super().create_optimizer(model)
+            self.optimizer = prepare_optimizer(self.model if model is None else model, self.optimizer, self.args)
+            if isinstance(self.optimizer, MasterWeightAdamW):
+                self.add_callback(RestoreFloat32Weights(self.optimizer))
+        return self.optimizer
+
+    def _clip_grad_norm(self, model):
+        # With master weights the optimiser applies the clipping factor inside its update (no pass of its own).
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # inside accelerate's wrapper
+        if isinstance(optimizer, MasterWeightAdamW):
+            return optimizer.clip_grad_norm_(self.args.max_grad_norm)
+        return super()._clip_grad_norm(model)
 
     # -- logging -------------------------------------------------------------------------------------------------------
 
