@@ -57,7 +57,7 @@ from ..training.cache import EmbeddingCache, build_embedding_cache
 from ..training.stage0 import STAGE0_REPORT_FILE, run_stage0
 from ..training.stages import load_clip_text_teacher
 from ..training.trainer import ProCLIPTrainer
-from .assets import minilm_dir, smollm2_dir
+from .assets import resolve_text_tower
 from .report import (
     STAGE0_PREFIX,
     STAGE0_TOWER_RUNS,
@@ -211,15 +211,6 @@ def write_done(folder: Path, record: dict) -> dict:
     tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
     tmp.rename(folder / DONE_FILE)
     return record
-
-
-def resolve_text_tower(text: str | None) -> str:
-    """The text embedder's folder or Hub id: SmolLM2 by default, `minilm` for the MiniLM package."""
-    if text is None or text.lower() in ("smollm2", "smollm2-135m-instruct"):
-        return str(smollm2_dir())
-    if text.lower() in ("minilm", "all-minilm-l6-v2"):
-        return str(minilm_dir())
-    return text
 
 
 def log(message: str) -> None:
