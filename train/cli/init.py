@@ -2,6 +2,7 @@
 
 import argparse
 
+from ..demo.assets import resolve_text_tower
 from ..hub.init import build_checkpoint
 
 
@@ -14,7 +15,8 @@ def add_init_parser(subparsers) -> None:
         "prompt themselves; the flags below override them.",
     )
     parser.add_argument("--vision", required=True, help="CLIP checkpoint: Hub id or folder")
-    parser.add_argument("--text", required=True, help="text embedder (LLM or encoder): Hub id or folder")
+    parser.add_argument("--text", required=True, help="text embedder (LLM or encoder): Hub id or folder, or a packaged "
+                        "real model by name: smollm2, gemma3, minilm")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--pooling", choices=["mean", "last_token", "cls"])
     parser.add_argument("--bidirectional", action=argparse.BooleanOptionalAction, default=None,
@@ -32,8 +34,8 @@ def add_init_parser(subparsers) -> None:
 
 def _run_init(args) -> None:
     out = build_checkpoint(
-        args.vision, args.text, args.out, dtype=args.dtype, pooling=args.pooling, bidirectional=args.bidirectional,
-        prompt_template=args.prompt_template, instruction=args.instruction, padding_side=args.padding_side,
+        args.vision, resolve_text_tower(args.text), args.out, dtype=args.dtype, pooling=args.pooling,
+        bidirectional=args.bidirectional, prompt_template=args.prompt_template, instruction=args.instruction, padding_side=args.padding_side,
         adapter_blocks=args.adapter_blocks, adapter_expansion=args.adapter_expansion,
         adapter_normalize_input=args.adapter_normalize_input, max_text_length=args.max_text_length,
     )
