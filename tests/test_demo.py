@@ -1,18 +1,33 @@
-"""`proclip demo --quick` end to end: world, teacher, SmolLM2, both stages, every variant, the Hub-ready folder."""
+"""`proclip demo --quick` end to end: world, teacher, SmolLM2, both stages, every variant, the Hub-ready folder, the
+environment and the figure; the translated zero-shot prompts; a text-anchor sweep setting; the comparison over
+teachers (`--combine`)."""
 
+import copy
 import json
 import time
 
 import pytest
+import torch
+import transformers
 from proclip_train.cli import build_parser
+from proclip_train.demo.languages import noun_phrase
 from proclip_train.demo.report import (
+    FIGURE_FILE,
     STAGE0_TOWER_RUNS,
     STAGE1_RUNS,
     STAGE2_RUNS,
+    combine_results,
+    combined_markdown,
     results_markdown,
 )
-from proclip_train.demo.run import Demo, DemoConfig, Stage0DemoConfig
-from proclip_train.demo.world import read_metadata
+from proclip_train.demo.run import Demo, DemoConfig, Stage0DemoConfig, Stage2Setting
+from proclip_train.demo.scores import (
+    LANGUAGES,
+    translated_zero_shot_prompts,
+    zero_shot_prompts,
+)
+from proclip_train.demo.teacher import ZERO_SHOT_TEMPLATES
+from proclip_train.demo.world import WorldConfig, read_metadata
 from proclip_train.evaluation.tasks import text_tower_caption_retrieval_accuracy
 
 pytestmark = pytest.mark.real_weights
@@ -29,6 +44,51 @@ def test_cli_wires_demo():
     assert args.func.__name__ == "run_demo"
 
 
+def test_translated_prompts_are_the_templates_realised_by_the_lexicon():
+    """Every translated prompt is one of the English templates' frames around the lexicon's noun phrase of its class
+    (German: dative after "von", nominative alone), and the lexicon's English realisation is the English prompt."""
+    classes = WorldConfig().classes
+    assert translated_zero_shot_prompts(classes, "en") == zero_shot_prompts(classes)
+    frames = {"de": ("ein Foto von ", "ein Bild von ", "eine Abbildung von ", "eine Zeichnung von ", ""),
+              "fr": ("une photo d'", "une illustration d'", "une image d'", "un dessin d'", ""),
+              "es": ("una foto de ", "una ilustración de ", "una imagen de ", "un dibujo de ", "")}
+    for lang in LANGUAGES:
+        prompts = translated_zero_shot_prompts(classes, lang)
+        assert len(prompts) == len(classes) * len(ZERO_SHOT_TEMPLATES) == len(set(prompts))
+        for c, name in enumerate(classes):
+            colour, shape = name.split(" ")
+            for t, frame in enumerate(frames[lang]):
+                case = "dat" if lang == "de" and frame else "nom"
+                phrase = noun_phrase(lang, colour, shape, case=case)
+                expected = frame + (phrase if frame else phrase[:1].lower() + phrase[1:]) + "."
+                assert prompts[c * len(ZERO_SHOT_TEMPLATES) + t] == expected
+    assert translated_zero_shot_prompts(["red circle"], "de")[0] == "ein Foto von einem roten Kreis."
+    assert translated_zero_shot_prompts(["green star"], "fr")[4] == "une étoile verte."
+
+
+def test_sweep_settings_parse_and_keep_their_folder_names():
+    assert Stage2Setting.parse("10,1,mean").name == "sweep-lambda10-momentum1-mean"
+    assert Stage2Setting.parse("0,1,mean,0.001").name == "sweep-lambda0-momentum1-mean-lr0.001"
+    setting = Stage2Setting.parse("10,1,mean,0.001,stage1,30")
+    assert setting.text_anchor_weight == 30 and setting.name == "sweep-lambda10-momentum1-mean-lr0.001-anchor30"
+    assert Stage2Setting.parse("0,1,mean,,fresh").start == "fresh"
+    with pytest.raises(ValueError, match="stage1 or fresh"):
+        Stage2Setting.parse("0,1,mean,,elsewhere")
+
+
+def test_cli_wires_the_new_options():
+    from proclip_train.cli.demo import demo_config
+
+    args = build_parser().parse_args(["demo", "--teacher-seed", "1", "--text", "gemma3", "--mu", "3", "--stage0",
+                                      "--stage0-attention", "causal", "--stage0-pairs", "shuffled",
+                                      "--adapter-blocks", "2", "--sweep", "10,1,mean,0.001,stage1,30"])
+    config = demo_config(args)
+    assert config.teacher.seed == 1 and config.text == "gemma3" and config.text_anchor_weight == 3
+    assert config.stage0.bidirectional is False and config.stage0.pairs == "shuffled" and config.adapter_blocks == 2
+    assert config.sweep[-1] == Stage2Setting(10.0, 1.0, "mean", 0.001, "stage1", 30.0)
+    assert config.stage0.description() == "60 steps, causal, shuffled pairs"
+
+
 def test_every_artefact_exists(demo):
     out, _ = demo
     assert (out / "world" / ".world-complete").is_file()
@@ -43,6 +103,18 @@ def test_every_artefact_exists(demo):
                  "eval_retrieval.json", "processor_config.json"):
         assert (final / name).is_file(), name
     assert (out / "results.json").is_file() and (out / "results.md").is_file()
+    assert (out / FIGURE_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_results_record_the_environment(demo):
+    _, results = demo
+    environment = results["environment"]
+    assert environment["packages"]["torch"] == torch.__version__.split("+")[0] or environment["packages"]["torch"] == torch.__version__
+    assert environment["packages"]["transformers"] == transformers.__version__
+    assert environment["packages"]["tokenizers"] and environment["packages"]["numpy"] and environment["cpu"]
+    assert environment["torch_threads"] == 1
+    markdown = results_markdown(results)
+    assert f"transformers {transformers.__version__}" in markdown and environment["cpu"] in markdown
 
 
 def test_final_folder_loads_through_remote_code_and_the_pipeline(demo):
@@ -70,8 +142,14 @@ def test_table_has_every_row_and_column(demo):
     _, results = demo
     assert [r["row"] for r in results["table"]] == ["teacher", "stage1", *STAGE2_RUNS]
     markdown = results_markdown(results)
-    for header in ("ZS top-1 seen", "ZS top-1 held-out", "short I→T", "long T→I", "de T→I", "es T→I"):
+    for header in ("ZS top-1 seen", "ZS top-1 held-out", "short I→T", "long T→I", "de T→I", "es T→I",
+                   "ZS translated (de/fr/es mean)", "de ZS", "fr ZS", "es ZS", "es colour / shape right"):
         assert header in markdown
+    for row in results["runs"]["proclip"]:
+        for lang in LANGUAGES:
+            translated = row["test"]["zeroshot_translated"][lang]
+            assert 0 <= translated["top1"] <= translated["colour_correct"] <= 1
+            assert translated["num_images"] == row["test"]["zeroshot"]["num_images"]
     assert "proclip demo --quick" in markdown
 
 
@@ -87,6 +165,42 @@ def test_another_config_in_the_same_folder_is_refused(demo):
     out, _ = demo
     with pytest.raises(FileExistsError):
         Demo(out, DemoConfig.quick(distill_weight=0.5), progress=False).run()
+
+
+def test_a_text_anchor_setting_joins_the_sweep_of_the_finished_demo(demo):
+    out, results = demo
+    setting = Stage2Setting(10.0, lr=1e-3, text_anchor_weight=10.0)
+    again = Demo(out, DemoConfig.quick(sweep=[setting]), progress=False, command="proclip demo --quick").run()
+    assert again["runs"]["proclip"] == results["runs"]["proclip"]  # reused
+    record = again["sweep"][0]
+    assert record["text_anchor_weight"] == 10.0 and record["lr"] == 1e-3 and record["starts_from"] == "stage1"
+    assert record["last_loss_components"]["text_anchor"] >= 0
+    report = json.loads((out / "runs" / "seed0" / setting.name / "trainer" / "training_report.json").read_text())
+    assert report["embedding_cache"]["anchor_llm_misses"] == 0 and report["embedding_cache"]["anchor_llm_hits"] > 0
+    assert "| mu |" in results_markdown(again) and "| mean | 10 |" in results_markdown(again)
+
+
+def test_combine_pools_teachers_and_seeds_and_marks_robust_differences(demo, tmp_path):
+    _, results = demo
+    other = copy.deepcopy(results)
+    other["config"]["teacher"]["seed"] = 1
+    for records in other["runs"].values():
+        for record in records:
+            record["test"]["zeroshot"]["top1_held_out"] += 0.5  # the second teacher's runs: far better on held-out
+    combined = combine_results([results, other])
+    proclip = next(row for row in combined["table"] if row["row"] == "proclip")
+    assert proclip["zs_held"]["n"] == 2 and next(r for r in combined["table"] if r["row"] == "teacher")["zs_seen"]["n"] == 2
+    first = results["runs"]["proclip"][0]["test"]["zeroshot"]["top1_held_out"]
+    assert proclip["zs_held"]["mean"] == pytest.approx(first + 0.25)
+    held = next(d for d in combined["differences"] if (d["a"], d["b"], d["column"]) == ("teacher", "proclip", "zs_held"))
+    assert held["robust"] == (held["min"] > 0 or held["max"] < 0)
+    assert held["max"] - held["min"] == pytest.approx(0.5)
+    markdown = combined_markdown(combined)
+    assert "teacher seed 0" in markdown and "teacher seed 1" in markdown and "robust" in markdown
+    mismatched = copy.deepcopy(other)
+    mismatched["config"]["seeds"] = 7
+    with pytest.raises(ValueError, match="differ only in the teacher"):
+        combine_results([results, mismatched])
 
 
 # --- `--stage0`: LLM2CLIP's stage 0 on SmolLM2, then ProCLIP on the tuned LLM, added to the finished demo -----------

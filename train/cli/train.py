@@ -30,7 +30,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_proclip import ProCLIPModel, ProCLIPProcessor
 
-from ..demo.run import resolve_text_tower
+from ..demo.assets import resolve_text_tower
 from ..training.arguments import ProCLIPTrainingArguments
 from ..training.cache import EmbeddingCache, default_cache_dir, shard_paths
 from ..training.checkpoints import CheckpointMismatchError, NonFiniteWeightsError

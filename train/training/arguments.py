@@ -9,7 +9,8 @@ differ from `TrainingArguments`'.
                                    `--temperature`, `--mntp_steps`, the text-tower settings)
     stage 1  inheritance           the adapter distils CLIP's text encoder (`--teacher`, `--reduction`,
                                    `--structure_form`, `--structure_weight`, `--noise_caption_column`)
-    stage 2  contrastive           InfoNCE + self-distillation of the image tower (`--distill_weight`, `--ema_momentum`)
+    stage 2  contrastive           InfoNCE + self-distillation of the image tower (`--distill_weight`, `--ema_momentum`);
+                                   optionally a text anchor on the adapter (`--text_anchor_weight`, `--text_anchor_*`)
 """
 
 from __future__ import annotations
@@ -99,6 +100,20 @@ class ProCLIPTrainingArguments(TrainingArguments):
     distill_weight: float = _option(1.0, "Stage 2: lambda, the weight of the self-distillation term.", aliases=["--lambda"])
     ema_momentum: float = _option(0.999, "Stage 2: momentum of the EMA image teacher (1.0 = a frozen copy).")
 
+    # -- stage 2: text anchor (beyond the paper: self-distillation anchors only the image tower) ---------------------
+    text_anchor_weight: float = _option(
+        0.0, "Stage 2: mu, the weight of the text anchor: each step a batch of --text_anchor_data captions (text only) "
+        "goes through the adapter and is pulled towards the frozen starting adapter's outputs (stage 1's instance "
+        "term, --reduction); 0 = off.",
+    )
+    text_anchor_data: str | None = _option(None, "Stage 2: the text anchor's captions (e.g. the stage-1 corpus), in "
+                                           "any --data format; their LLM embeddings are read from the embedding cache "
+                                           "when it has them.")
+    text_anchor_caption_column: str | None = _option(None, "Stage 2: the caption column of --text_anchor_data "
+                                                     "(default: the first --caption_column).")
+    text_anchor_batch_size: int | None = _option(None, "Stage 2: anchor captions per micro-batch (default: "
+                                                 "--per_device_train_batch_size).")
+
     # -- stage 0: the text tower it trains and exports ---------------------------------------------------------------
     pooling: str | None = _option(None, "Stage 0: pooling (default: the LLM's preset, else mean).",
                                   choices=list(POOLING_MODES))
@@ -180,6 +195,15 @@ class ProCLIPTrainingArguments(TrainingArguments):
         if uses_master_weights(self) and optim not in MASTER_WEIGHT_OPTIMIZERS:
             problems.append(f"bf16_master_weights trains with AdamW ({' or '.join(MASTER_WEIGHT_OPTIMIZERS)}), not "
                             f"optim={optim!r}: pass --bf16_master_weights false to use {optim} under bf16 autocast")
+        if self.text_anchor_weight < 0:
+            problems.append(f"text_anchor_weight={self.text_anchor_weight} must be >= 0")
+        if self.text_anchor_weight > 0 and self.text_anchor_data is None:
+            problems.append("text_anchor_weight > 0 needs --text_anchor_data, the captions the adapter is anchored on")
+        if self.text_anchor_weight > 0 and self.stage not in (None, "contrastive"):
+            problems.append("text_anchor_weight is a stage-2 option: the other stages have no starting adapter to "
+                            "anchor to")
+        if self.text_anchor_batch_size is not None and self.text_anchor_batch_size < 1:
+            problems.append(f"text_anchor_batch_size={self.text_anchor_batch_size} must be >= 1")
         if self.stage == "contrastive" and self.noise_caption_column is not None:
             problems.append("noise_caption_column is a stage-1 option; stage 2 draws among its caption columns")
         return problems

@@ -8,8 +8,9 @@ A stage says what is trained and how the loss is formed (open_clip's `task/` spl
     "masked-next-token"    the causal LM, LoRA    LoRA adapters (stage 0's MNTP phase)  -
     "inheritance"          ProCLIPModel         text_adapter (stage 1)                  CLIP text encoder + projection
     "contrastive"          ProCLIPModel         text_adapter, vision_model,             EMA of vision_model +
-                                                visual_projection, logit_scale          visual_projection
-                                                (logit scale clamped to [0, ln 100] after each step) (stage 2)
+                                                visual_projection, logit_scale          visual_projection; with a
+                                                (logit scale clamped to [0, ln 100]     text anchor, a frozen copy
+                                                after each step) (stage 2)              of the starting text_adapter
 
 In stages 1 and 2 the LLM (`text_model`) never trains and stays in eval mode. A new stage is a `TrainingStage`
 subclass added to `STAGES`.
@@ -39,19 +40,26 @@ from .arguments import ProCLIPTrainingArguments
 from .cache import EmbeddingCache, teacher_identity, text_tower_identity
 from .collators import (
     CachedEmbeddingCollator,
+    CaptionCollator,
     CaptionPairCollator,
     ContrastiveCollator,
     InheritanceCollator,
     MNTPCollator,
     mntp_mask_token_id,
 )
-from .data import CLIPImageTransform
-from .losses import ContrastiveDistillationLoss, ContrastiveLoss, InheritanceLoss
+from .data import SKIPPED_KEY, CLIPImageTransform, load_image_text_dataset
+from .losses import (
+    ContrastiveDistillationLoss,
+    ContrastiveLoss,
+    InheritanceLoss,
+    instance_alignment,
+)
 
 LOGIT_SCALE_MAX = math.log(100.0)
 STAGE_STATE_FILE = "stage_state.safetensors"
 # Stage 0 trains the LLM into an LLM2Vec-style embedder: mean pooling over bidirectional attention by default.
 STAGE0_TOWER_DEFAULTS = {"bidirectional": True}
+TEXT_ANCHOR_PREFIX = "anchor_"  # batch keys of the text anchor's captions: anchor_captions, anchor_llm_embeds, ...
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -174,6 +182,36 @@ def cached_or_computed(
     merged = cached.clone()
     merged[~found] = computed.to(merged.dtype)
     return merged
+
+
+class TextAnchorCollator(CaptionCollator):
+    """Adds a batch of anchor captions (text only) to every stage-2 batch, for the text anchor of `ContrastiveStage`.
+
+    Each call draws `batch_size` rows of `anchor_rows` at random (with replacement, from this process's generator) and
+    runs `anchor_collator` (stage 1's caption collator, reading the embedding cache when there is one) on them; its
+    outputs join the batch under `TEXT_ANCHOR_PREFIX`: `anchor_captions` (A), `anchor_llm_embeds` (A, H) and
+    `anchor_llm_embeds_found` (A,) from the cache, or `anchor_input_ids` / `anchor_attention_mask` (A, L) where a
+    caption is missing from it. The anchor's cache hits and misses are counted as `anchor_llm_hits` / `_misses`.
+    """
+
+    def __init__(self, collator, anchor_rows, anchor_collator, batch_size: int, seed: int):
+        super().__init__(None, None, seed)
+        self.collator = collator
+        self.anchor_rows = anchor_rows
+        self.anchor_collator = anchor_collator
+        self.batch_size = batch_size
+
+    def __call__(self, rows):
+        batch = self.collator(rows)
+        drawn = torch.randint(len(self.anchor_rows), (self.batch_size,), generator=self.generator).tolist()
+        anchor = self.anchor_collator([self.anchor_rows[i] for i in drawn])
+        anchor.pop(SKIPPED_KEY, None)  # anchor rows are not training samples: their skips are not the data's
+        stats = anchor.pop("cache_stats", {})
+        if stats:
+            batch["cache_stats"] = {**batch.get("cache_stats", {}),
+                                    **{TEXT_ANCHOR_PREFIX + key: value for key, value in stats.items()}}
+        batch.update({TEXT_ANCHOR_PREFIX + key: value for key, value in anchor.items()})
+        return batch
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -355,10 +393,16 @@ class InheritanceStage(_ProCLIPStage):
 
 
 class ContrastiveStage(_ProCLIPStage):
-    """Stage 2, contrastive tuning with self-distillation (METHOD.md §4).
+    """Stage 2, contrastive tuning with self-distillation (METHOD.md §4), and optionally a text anchor.
 
     Reads `args.distill_weight` (lambda; 0 trains with InfoNCE alone and builds no EMA teacher), `ema_momentum`
     (1.0 = a frozen copy of the starting image tower), `reduction`, `structure_form`, `structure_weight`.
+
+    Text anchor (beyond the paper; `args.text_anchor_weight` mu > 0): self-distillation anchors only the image tower,
+    and the adapter may drift on text it never sees with images. Each micro-batch then also carries a batch of
+    `args.text_anchor_data` captions (`TextAnchorCollator`); they go through the trainable adapter (s) and through a
+    frozen copy of the adapter as stage 2 started (t), and `mu * L_ins(s, t)` (stage 1's instance term, `reduction`)
+    joins the loss. Only the adapter receives its gradient.
     """
 
     name = "contrastive"
@@ -367,6 +411,7 @@ class ContrastiveStage(_ProCLIPStage):
     def __init__(self, args):
         super().__init__(args)
         self.distill_weight = args.distill_weight
+        self.text_anchor_weight = args.text_anchor_weight
         if self.distill_weight == 0:
             self.loss = ContrastiveLoss()
         else:
@@ -374,11 +419,15 @@ class ContrastiveStage(_ProCLIPStage):
                 self.distill_weight, args.reduction, args.structure_form, args.structure_weight
             )
         self.ema: EMATeacher | None = None
-        self.state_file = STAGE_STATE_FILE if self.distill_weight > 0 else None  # no teacher, no state
+        self.anchor_adapter: nn.Module | None = None
+        has_state = self.distill_weight > 0 or self.text_anchor_weight > 0
+        self.state_file = STAGE_STATE_FILE if has_state else None  # no teacher, no state
 
     def setup(self, model, device, processing_class=None):
         if self.distill_weight > 0:
             self.ema = EMATeacher(model, self.args.ema_momentum).to(device)
+        if self.text_anchor_weight > 0:
+            self.anchor_adapter = freeze(copy.deepcopy(model.text_adapter).float()).to(device)
 
     def make_collator(self, processing_class, cache):
         max_length = processing_class.tokenizer.model_max_length
@@ -390,9 +439,23 @@ class ContrastiveStage(_ProCLIPStage):
             max_length=max_length,
             seed=self.seed,
         )
-        if cache is None:
+        if cache is not None:
+            collator = CachedEmbeddingCollator(collator, cache, processing_class.tokenizer, max_length)
+        if self.text_anchor_weight == 0:
             return collator
-        return CachedEmbeddingCollator(collator, cache, processing_class.tokenizer, max_length)
+        return self.text_anchor_collator(collator, processing_class, cache)
+
+    def text_anchor_collator(self, collator, processing_class, cache) -> TextAnchorCollator:
+        """`collator` with a batch of `args.text_anchor_data` captions added to each of its batches."""
+        column = self.args.text_anchor_caption_column or self.args.caption_columns[0]
+        rows = load_image_text_dataset(self.args.text_anchor_data, caption_columns=(column,)).select_columns([column])
+        max_length = processing_class.tokenizer.model_max_length
+        anchor = InheritanceCollator(tokenizer=None if cache is not None else processing_class.tokenizer,
+                                     caption_columns=(column,), max_length=max_length, seed=self.seed)
+        if cache is not None:
+            anchor = CachedEmbeddingCollator(anchor, cache, processing_class.tokenizer, max_length)
+        batch_size = self.args.text_anchor_batch_size or self.args.per_device_train_batch_size
+        return TextAnchorCollator(collator, rows, anchor, batch_size, self.seed + 1)
 
     def compute(self, model, inputs):
         inputs = self.equalise_ranks(inputs, inputs["pixel_values"].device)
@@ -404,8 +467,20 @@ class ContrastiveStage(_ProCLIPStage):
             out = self.loss(image, text, model.logit_scale)
         else:
             out = self.loss(image, text, model.logit_scale, self.ema(inputs["pixel_values"]))
+        if self.anchor_adapter is not None:
+            out["text_anchor"] = self.text_anchor_loss(model, inputs)
+            out["loss"] = out["loss"] + self.text_anchor_weight * out["text_anchor"]
         out["logit_scale"] = model.logit_scale.detach().float()  # log space, clamped to [0, ln 100]
         return out
+
+    def text_anchor_loss(self, model, inputs) -> torch.Tensor:
+        """L_ins between the trainable adapter's and the frozen starting adapter's outputs on the batch's anchor
+        captions (`anchor_llm_embeds` (A, H) -> (A, D) each); a scalar."""
+        embeds = self.llm_embeddings(model, inputs, TEXT_ANCHOR_PREFIX)
+        student = model.get_text_features(llm_embeds=embeds).pooler_output
+        with torch.no_grad():
+            target = self.anchor_adapter(embeds)
+        return instance_alignment(student, target, self.args.reduction)
 
     def after_optimizer_step(self, model, full_parameters=contextlib.nullcontext):
         with torch.no_grad():
@@ -415,12 +490,20 @@ class ContrastiveStage(_ProCLIPStage):
                 self.ema.update(model)
 
     def state_dict(self):
-        if self.ema is None:
-            return {}
-        return {f"ema.{k}": v.detach().contiguous() for k, v in self.ema.state_dict().items()}
+        state = {}
+        if self.ema is not None:
+            state.update({f"ema.{k}": v.detach().contiguous() for k, v in self.ema.state_dict().items()})
+        if self.anchor_adapter is not None:
+            state.update({f"anchor.{k}": v.detach().contiguous() for k, v in self.anchor_adapter.state_dict().items()})
+        return state
 
     def load_state_dict(self, state):
-        self.ema.load_state_dict({k.removeprefix("ema."): v for k, v in state.items()})
+        if self.ema is not None:
+            self.ema.load_state_dict({k.removeprefix("ema."): v for k, v in state.items() if k.startswith("ema.")})
+        if self.anchor_adapter is not None:
+            self.anchor_adapter.load_state_dict(
+                {k.removeprefix("anchor."): v for k, v in state.items() if k.startswith("anchor.")}
+            )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -526,6 +609,7 @@ __all__ = [
     "EMATeacher",
     "InheritanceStage",
     "MaskedNextTokenStage",
+    "TextAnchorCollator",
     "TrainingStage",
     "load_clip_text_teacher",
     "zero_loss",
