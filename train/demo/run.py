@@ -138,12 +138,15 @@ def fresh_model(base, seed: int, start_state: dict | None = None):
 def training_arguments(out: Path, stage_name: str, stage: StageConfig, seed: int, progress: bool,
                        **options) -> ProCLIPTrainingArguments:
     """The arguments of one demo run: the stage's steps, batch and learning rate over the recipe's defaults, on the
-    CPU, no checkpoints; `options` are other `ProCLIPTrainingArguments` fields (reduction, lambda, ...)."""
+    CPU, no checkpoints; `options` are other `ProCLIPTrainingArguments` fields (reduction, lambda, ...).
+
+    bf16 is autocast over float32 weights here (`bf16_master_weights=False`): BENCHMARKS.md's tables were measured
+    that way, and the demo's adapter is too small for bfloat16 working weights to save time."""
     return ProCLIPTrainingArguments(
         output_dir=str(out), stage=stage_name, max_steps=stage.steps, per_device_train_batch_size=stage.batch_size,
         learning_rate=stage.lr, warmup_steps=max(1, int(stage.warmup_ratio * stage.steps)),
-        weight_decay=stage.weight_decay, bf16=stage.bf16, use_cpu=True, seed=seed, data_seed=seed,
-        logging_steps=max(1, stage.steps // 10), save_strategy="no", dataloader_num_workers=0,
+        weight_decay=stage.weight_decay, bf16=stage.bf16, bf16_master_weights=False, use_cpu=True, seed=seed,
+        data_seed=seed, logging_steps=max(1, stage.steps // 10), save_strategy="no", dataloader_num_workers=0,
         disable_tqdm=not progress, **options,
     )
 
