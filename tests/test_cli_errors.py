@@ -132,6 +132,18 @@ def test_a_real_push_without_network_fails_at_once(tiny_proclip_dir, tmp_path):
     assert_explained(result, seconds, "Cannot reach the Hub", "--dry-run")
 
 
+def test_a_recorded_teacher_out_of_reach_asks_for_teacher(tiny_proclip_dir, data, tmp_path):
+    """A folder built from a relative --vision path elsewhere: stage 1 (and embed) cannot find the teacher it records."""
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_proclip_dir, moved)
+    config = json.loads((moved / "config.json").read_text())
+    (moved / "config.json").write_text(json.dumps({**config, "vision_name_or_path": "elsewhere/teacher"}))
+    for verb in (["train", "--stage", "1", "--out", tmp_path / "out"], ["embed"]):
+        result, seconds = proclip(*verb, "--model", moved, "--data", data / "pairs.jsonl", "--caption-column", "text")
+        assert_explained(result, seconds, "recorded teacher CLIP (vision_name_or_path) elsewhere/teacher",
+                         "--teacher FOLDER_OR_HUB_ID")
+
+
 def test_missing_files_and_unknown_commands(tiny_proclip_dir, data, tmp_path):
     cases = [
         (["train", "--stage", "1", "--model", tiny_proclip_dir, "--data", data / "pair.jsonl", "--out", tmp_path],

@@ -10,16 +10,21 @@ A command line runs in two steps, so that a mistake costs a second rather than a
    import of this package made at call time (every module imports at its top).
 
 A user error, found in either step, prints what is wrong and how to fix it (one or two lines) and exits with code 2,
-no traceback; `--debug` anywhere on the line shows the traceback instead (`errors.py`).
+no traceback; `--debug` anywhere on the line shows the traceback instead (`errors.py`). `--no-progress` anywhere on
+the line silences every progress bar: ours, transformers' weight loading, datasets' and the Hub's.
 """
 
 import importlib
+import os
 import sys
 
-from .checks import check_command_line
 from .errors import reported
 
 DEBUG_FLAG = "--debug"
+NO_PROGRESS_FLAG = "--no-progress"
+# tqdm (>= 4.66) reads TQDM_* variables as its defaults, which covers transformers' and our own bars.
+QUIET_PROGRESS_ENVIRONMENT = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+                              "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
 
 
 def build_parser():
@@ -31,10 +36,30 @@ def main(argv: list[str] | None = None) -> None:
     words = list(sys.argv[1:] if argv is None else argv)
     debug = DEBUG_FLAG in words
     words = [word for word in words if word != DEBUG_FLAG]
+    if {NO_PROGRESS_FLAG, "--no_progress"} & set(words):
+        words = _without_progress_bars(words)
     with reported(words[0] if words and not words[0].startswith("-") else None, debug):
-        check_command_line(words)
+        _checks().check_command_line(words)
         args = build_parser().parse_args(words)
         args.func(args)
+
+
+def _without_progress_bars(words: list[str]) -> list[str]:
+    """Silence every progress bar of this process and of those it starts (before tqdm is imported: it reads its
+    environment once); returns the line for the verb:
+    `proclip demo` keeps the flag (it passes it on), `proclip train` gets `--disable_tqdm true`, others drop it."""
+    os.environ.update(QUIET_PROGRESS_ENVIRONMENT)
+    verb = words[0] if words else None
+    if verb == "demo":
+        return words
+    words = [word for word in words if word not in (NO_PROGRESS_FLAG, "--no_progress")]
+    return [*words, "--disable_tqdm", "true"] if verb == "train" else words
+
+
+def _checks():
+    """The fast checks; loaded by name, after `--no-progress` has set the environment that the Hub and tqdm read
+    once, at import."""
+    return importlib.import_module(f"{__name__}.checks")
 
 
 def _commands():

@@ -327,6 +327,7 @@ def check_embed(flags) -> None:
     require_data(flags.data, _caption_columns(flags.caption_column) + _noise_column(flags.noise_caption_column))
     if not flags.no_teacher:
         require_clip(flags.teacher, "--teacher")
+        require_recorded_teacher(flags.model, flags.teacher)
 
 
 def check_train(flags) -> None:
@@ -351,6 +352,22 @@ def check_train(flags) -> None:
         require_data(values["data"], (image if stage == "contrastive" else []) + captions
                      + _noise_column(values["noise_caption_column"]))
         require_clip(values["teacher"], "--teacher")
+        if stage == "inheritance":
+            require_recorded_teacher(values["model"], values["teacher"])
+
+
+def require_recorded_teacher(model: str | None, teacher: str | None) -> None:
+    """Without `--teacher`, stage 1's teacher CLIP is the one the model's config records (`vision_name_or_path`, set
+    by `proclip init`): it must be in reach from here."""
+    if teacher is not None or model is None:
+        return
+    recorded = (model_config(model, "--model") or {}).get("vision_name_or_path")
+    if recorded is None:  # the stage itself asks for --teacher
+        return
+    try:
+        require_clip(recorded, "the model's recorded teacher CLIP (vision_name_or_path)")
+    except UsageError as error:
+        raise UsageError(error.problem, "Give the teacher CLIP with --teacher FOLDER_OR_HUB_ID.") from None
 
 
 def check_eval(flags) -> None:

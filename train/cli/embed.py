@@ -21,7 +21,11 @@ from ..training.cache import build_embedding_cache, default_cache_dir
 from ..training.data import iter_captions, load_image_text_dataset
 from ..training.stages import load_clip_text_teacher
 from .errors import UsageError
-from .flags import DEFAULT_CAPTION_COLUMN, add_caption_column_argument
+from .flags import (
+    DEFAULT_CAPTION_COLUMN,
+    add_caption_column_argument,
+    progress_bars_enabled,
+)
 
 EMBED_DESCRIPTION = "Store the frozen LLM's pooled caption embeddings (and the stage-1 teacher's) for training."
 
@@ -72,7 +76,7 @@ def _embed(args) -> None:
     path = build_embedding_cache(
         model, processor.tokenizer, captions, cache_dir, teacher=teacher, teacher_tokenizer=teacher_tokenizer,
         batch_size=args.batch_size, dtype=getattr(torch, args.dtype), bf16=args.bf16, rank=rank,
-        world_size=world_size, progress=rank == 0,
+        world_size=world_size, progress=rank == 0 and progress_bars_enabled(),
     )
     print(f"Wrote {path}" if path else f"Every caption is already in {cache_dir}.")
 
@@ -86,7 +90,9 @@ def add_embed_parser(subparsers) -> None:
     add_caption_column_argument(parser, "A caption column to embed.")
     parser.add_argument("--noise-caption-column", help="Stage 1's second caption view, embedded too.")
     parser.add_argument("--split", default="train")
-    parser.add_argument("--cache-dir", help="Cache folder (default: proclip_embedding_cache/ next to the data).")
+    parser.add_argument("--cache-dir", help="cache folder (default: proclip_embedding_cache/ inside a data folder, or in "
+                        "the folder of a data file: --data pairs/ -> pairs/proclip_embedding_cache/, --data "
+                        "dir/captions.jsonl -> dir/proclip_embedding_cache/); `proclip train` looks there too")
     parser.add_argument("--teacher", help="Stage-1 teacher CLIP checkpoint (default: the model's vision_name_or_path).")
     parser.add_argument("--no-teacher", action="store_true", help="Store the LLM embeddings only (stage 2 needs no more).")
     parser.add_argument("--batch-size", type=int, default=64)

@@ -36,6 +36,11 @@ class FlagParser(argparse.ArgumentParser):
         return candidate if candidate.partition("=")[0] in self._option_string_actions else word
 
 
+def progress_bars_enabled() -> bool:
+    """False under `--no-progress` (which sets tqdm's TQDM_DISABLE for the whole process, `cli.main`)."""
+    return os.environ.get("TQDM_DISABLE") != "1"
+
+
 def dashed_flag(word: str) -> str:
     """`--max_steps` -> `--max-steps`, `--caption_column=a_b` -> `--caption-column=a_b`; other words unchanged."""
     if not word.startswith("--"):

@@ -1,6 +1,7 @@
 """`proclip init`: build an untrained ProCLIP checkpoint folder from a CLIP checkpoint and a text embedder."""
 
 import argparse
+from pathlib import Path
 
 from ..demo.assets import resolve_text_tower
 from ..hub.init import build_checkpoint
@@ -41,6 +42,9 @@ def add_init_parser(subparsers) -> None:
 
 def _run_init(args) -> None:
     vision, text = str(demo_teacher(args.vision) or args.vision), resolve_text_tower(args.text)
+    # Local towers are recorded by absolute path, so that stage 1 finds its teacher from any working directory (model
+    # cards name them by folder name only).
+    vision, text = (str(Path(tower).resolve()) if Path(tower).is_dir() else tower for tower in (vision, text))
     try:
         out = build_checkpoint(
             vision, text, args.out, dtype=args.dtype, pooling=args.pooling, bidirectional=args.bidirectional,

@@ -31,8 +31,14 @@ from transformers.trainer_utils import get_last_checkpoint
 from modeling_proclip import ProCLIPModel, ProCLIPProcessor
 
 from ..demo.assets import resolve_text_tower
+from ..hub.init import has_untrained_adapter
 from ..training.arguments import ProCLIPTrainingArguments
-from ..training.cache import EmbeddingCache, default_cache_dir, shard_paths
+from ..training.cache import (
+    DEFAULT_CACHE_FOLDER,
+    EmbeddingCache,
+    default_cache_dir,
+    shard_paths,
+)
 from ..training.checkpoints import CheckpointMismatchError, NonFiniteWeightsError
 from ..training.data import load_image_text_dataset
 from ..training.stage0 import train_stage0
@@ -138,8 +144,34 @@ def embedding_cache_for(args: ProCLIPTrainingArguments) -> EmbeddingCache | None
         return cache
     if args.cache_dir:
         raise UsageError(f"--cache_dir {args.cache_dir} holds no embedding cache.",
-                         f"Fill it first: proclip embed --model {args.model} --data {args.data} --cache-dir {args.cache_dir}")
+                         f"Fill it first: {embed_command_line(args)} --cache-dir {args.cache_dir}")
+    if folder is not None:
+        print(no_cache_note(folder, args), file=sys.stderr)
     return None
+
+
+def caches_near(folder: Path) -> list[Path]:
+    """Embedding caches (folders with shards) that `proclip embed` on a neighbouring data path would have written:
+    in the data folder's parent and in its subfolders."""
+    base = folder.parent
+    candidates = [base.parent / DEFAULT_CACHE_FOLDER, *sorted(base.glob(f"*/{DEFAULT_CACHE_FOLDER}"))]
+    return [candidate for candidate in candidates if candidate != folder and shard_paths(candidate)]
+
+
+def no_cache_note(folder: Path, args: ProCLIPTrainingArguments) -> str:
+    """Two lines: where the cache was looked for (nothing there), what that costs, and the command that fixes it."""
+    head = (f"proclip train: note: no embedding cache in {folder}, where `proclip embed --data {args.data}` writes "
+            "one: the frozen text tower embeds every caption at every step (for an LLM, most of each step's time).")
+    nearby = caches_near(folder)
+    if nearby:
+        return f"{head}\nA cache exists in {nearby[0]}: pass --cache-dir {nearby[0]} if it holds these captions."
+    return f"{head}\nBuild it first: {embed_command_line(args)}"
+
+
+def embed_command_line(args: ProCLIPTrainingArguments) -> str:
+    """The `proclip embed` line that caches this run's captions."""
+    columns = "".join(f" --caption-column {column}" for column in args.caption_columns or [])
+    return f"proclip embed --model {args.model} --data {args.data}{columns}"
 
 
 def run_train(args: ProCLIPTrainingArguments) -> ProCLIPTrainer:
@@ -156,6 +188,10 @@ def run_train(args: ProCLIPTrainingArguments) -> ProCLIPTrainer:
         )
     except (FileNotFoundError, ValueError) as error:
         raise UsageError(str(error)) from error
+    if args.stage == "contrastive" and not args.from_scratch_adapter and has_untrained_adapter(args.model):
+        print(f"proclip train: warning: the adapter in {args.model} never had stage 1, so this stage 2 is direct "
+              "alignment (LLM2CLIP's), which loses held-out classes in the demo (BENCHMARKS.md).\nRun `proclip train "
+              "--stage 1` on it first, or pass --from-scratch-adapter if direct alignment is meant.", file=sys.stderr)
     cache = embedding_cache_for(args)
     processor = ProCLIPProcessor.from_pretrained(args.model)
     model = ProCLIPModel.from_pretrained(args.model)

@@ -51,7 +51,7 @@ from modeling_proclip import ProCLIPModel, ProCLIPProcessor
 from ..evaluation.tasks import evaluate_retrieval, evaluate_zeroshot
 from ..hub.card import write_model_card
 from ..hub.init import build_checkpoint
-from ..hub.push import check_remote_code_loads
+from ..hub.push import check_remote_code_loads, human_size
 from ..hub.space import SpaceOptions, run_instructions, write_space
 from ..training.arguments import ProCLIPTrainingArguments
 from ..training.cache import EmbeddingCache, build_embedding_cache
@@ -224,7 +224,19 @@ class Demo:
             log(f"{name} ...")
             step()
         bar.close()
+        print(self.final_model_summary())
         return json.loads((self.out / "results.json").read_text())
+
+    def final_model_summary(self) -> str:
+        """Where the trained model is, its size, and the three lines that load it."""
+        size = sum(path.stat().st_size for path in self.final_dir.rglob("*") if path.is_file())
+        folder = str(self.final_dir.resolve())
+        return (
+            f"\nThe trained ProCLIP model (seed 0) is in {folder} ({human_size(size)}). Load it with:\n\n"
+            "    from transformers import AutoModel, AutoProcessor\n"
+            f"    model = AutoModel.from_pretrained({folder!r}, trust_remote_code=True)\n"
+            f"    processor = AutoProcessor.from_pretrained({folder!r}, trust_remote_code=True)\n"
+        )
 
     def _timed(self, folder: Path, fn) -> dict:
         done = read_done(folder)

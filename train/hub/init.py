@@ -1,10 +1,19 @@
 """Build an untrained ProCLIP checkpoint folder from a CLIP checkpoint and a text embedder (`proclip init`)."""
 
+import json
 from pathlib import Path
 
 import torch
 
 from modeling_proclip import ProCLIPModel, ProCLIPProcessor
+
+# Written beside an untrained folder's weights (and by nothing else): stage 2 from such a folder is direct alignment.
+UNTRAINED_ADAPTER_FILE = "untrained_adapter.json"
+
+
+def has_untrained_adapter(folder: str | Path) -> bool:
+    """Whether `folder` is a `proclip init` output that no stage has trained since (trainers write their own folders)."""
+    return (Path(folder) / UNTRAINED_ADAPTER_FILE).is_file()
 
 
 def build_checkpoint(vision: str, text: str, out_dir: str | Path, dtype: str | None = None, **options) -> Path:
@@ -20,6 +29,8 @@ def build_checkpoint(vision: str, text: str, out_dir: str | Path, dtype: str | N
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
+    marker = {"adapter": "freshly initialised by `proclip init`; train stage 1 (proclip train --stage 1) on it first"}
+    (out_dir / UNTRAINED_ADAPTER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
     return out_dir
 
 

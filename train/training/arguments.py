@@ -76,6 +76,10 @@ class ProCLIPTrainingArguments(TrainingArguments):
         False, "Read image paths that leave the data folder (absolute paths elsewhere, ../); by default those rows are "
         "skipped and counted.",
     )
+    from_scratch_adapter: bool = _option(
+        False, "Stage 2: start from an adapter that never had stage 1 on purpose (direct alignment, as LLM2CLIP); "
+        "without it, such a start is warned about.",
+    )
     embedding_cache: bool = _option(True, "Stages 1-2: use the embedding cache when one exists (see `proclip embed`).")
     skip_nonfinite_steps: bool = _option(
         False, "Skip an optimizer step whose loss or gradient is NaN or infinite (on every rank alike; counted in "
@@ -85,7 +89,12 @@ class ProCLIPTrainingArguments(TrainingArguments):
         None, "A checkpoint folder to resume from; without a value (or `True`), the latest checkpoint-* folder in "
         "--output_dir.", nargs="?", const="True",
     )
-    cache_dir: str | None = _option(None, "Embedding cache folder (default: proclip_embedding_cache/ next to the data).")
+    cache_dir: str | None = _option(
+        None, "Embedding cache folder (default: proclip_embedding_cache/ inside a data folder, or in the folder of a "
+        "data file: --data pairs/ -> pairs/proclip_embedding_cache/, --data dir/captions.jsonl -> "
+        "dir/proclip_embedding_cache/; none for a Hub dataset). `proclip embed` and `proclip train` must find the same "
+        "one.",
+    )
 
     # -- stages 1 and 2: alignment terms -----------------------------------------------------------------------------
     teacher: str | None = _option(None, "Stage 1: the CLIP checkpoint whose text encoder is the teacher (default: the "

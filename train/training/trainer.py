@@ -248,6 +248,7 @@ class ProCLIPTrainer(Trainer):
         self._component_sums: dict[str, torch.Tensor] = {}
         self._component_batches = 0
         self.last_components: dict[str, float] = {}
+        self._cache_use_checked = False
 
     # -- the loss ------------------------------------------------------------------------------------------------------
 
@@ -260,6 +261,8 @@ class ProCLIPTrainer(Trainer):
         if model.training:
             self.skip_counter.update(skipped or {})
             self.cache_counter.update(cache_stats or {})
+            if cache_stats and not self._cache_use_checked:
+                self._warn_on_cache_misses()
             if random_state is not None and self.data_randomness is not None:
                 self.data_randomness.trained(random_state)
         unwrapped = self.accelerator.unwrap_model(model)
@@ -393,6 +396,18 @@ class ProCLIPTrainer(Trainer):
         if means:
             self.last_components = means
         return means
+
+    def _warn_on_cache_misses(self) -> None:
+        """After the first micro-batch that looked captions up: warn when the cache answered under half of them."""
+        self._cache_use_checked = True
+        hits, misses = self.cache_counter.get("llm_hits", 0), self.cache_counter.get("llm_misses", 0)
+        if misses > hits and self.args.should_log:
+            logger.warning(
+                f"The embedding cache in {self.embedding_cache.folder} holds {hits} of the first {hits + misses} "
+                "captions: the others go through the frozen text tower at every step (for an LLM, most of each step's "
+                "time). Was it built from other data or caption columns? `proclip embed` with this run's --data and "
+                "--caption-column adds the missing ones."
+            )
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Training logs get the mean of each loss component since the last log (over micro-batches and ranks)."""
