@@ -386,5 +386,6 @@ def test_a_real_full_disk_fails_before_embedding_and_leaves_nothing(tmp_path, ti
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["exit=2"]  # and `ls -A` of the full tmpfs printed nothing
-    error = (tmp_path / "stderr").read_text().strip().splitlines()[-1]
+    error, fix = (tmp_path / "stderr").read_text().strip().splitlines()[-2:]
+    assert fix == "Free some space, or give --cache-dir on another disk."
     assert error.startswith(f"proclip embed: error: [Errno {errno.ENOSPC}] No space left in {tmp_path / 'cache'}")

@@ -94,6 +94,10 @@ def test_a_plain_clip_folder_as_model_says_how_to_build_one(tiny_clip_dir, data,
     result, seconds = proclip("train", "--stage", "1", "--model", tiny_clip_dir, "--data", data / "pairs.jsonl",
                               "--caption-column", "text", "--out", tmp_path / "out")
     assert_explained(result, seconds, "is a CLIP checkpoint", "not a ProCLIP folder", "proclip init --vision")
+    readme = tiny_clip_dir / "README.md"
+    result, seconds = proclip("card", "--model", tiny_clip_dir)  # refused, and no card is written into it
+    assert_explained(result, seconds, "is a CLIP checkpoint", "not a ProCLIP folder")
+    assert not readme.exists()
 
 
 def test_a_missing_local_text_folder_is_a_missing_folder(tiny_clip_dir, tmp_path):

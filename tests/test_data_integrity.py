@@ -87,8 +87,8 @@ def test_the_commands_refuse_such_files_with_exit_code_2(tmp_path, tiny_proclip_
               "--caption-column", "caption"])  # fmt: skip
     assert embed_exit.value.code == eval_exit.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert lines[-2].startswith(f"proclip embed: error: {path}, line 1: byte 17 (0xe9) is not UTF-8")
-    assert lines[-1].startswith(f"proclip eval: error: {empty} holds no rows")
+    assert lines[-3].startswith(f"proclip embed: error: {path}, line 1: byte 17 (0xe9) is not UTF-8")
+    assert lines[-2].startswith(f"proclip eval: error: --data {empty} holds no rows: {empty} is empty")
 
 
 # -- image paths -------------------------------------------------------------------------------------------------------

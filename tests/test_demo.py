@@ -143,7 +143,7 @@ def test_table_has_every_row_and_column(demo):
     assert [r["row"] for r in results["table"]] == ["teacher", "stage1", *STAGE2_RUNS]
     markdown = results_markdown(results)
     for header in ("ZS top-1 seen", "ZS top-1 held-out", "short I→T", "long T→I", "de T→I", "es T→I",
-                   "ZS translated (de/fr/es mean)", "de ZS", "fr ZS", "es ZS", "es colour / shape right"):
+                   "ZS translated (de/fr/es mean)", "de ZS", "fr ZS", "es ZS", "es colour right", "es shape right"):
         assert header in markdown
     for row in results["runs"]["proclip"]:
         for lang in LANGUAGES:

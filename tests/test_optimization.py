@@ -205,10 +205,15 @@ print(json.dumps({"default": default, "applied": applied, "kept": kept}))
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_keep_freed_memory_reuses_pages_without_faults():
-    result = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    faults = json.loads(result.stdout.strip().splitlines()[-1])
+    """Two tries: on a loaded machine the kernel's proactive reclaim (DAMON, kswapd) can take kept pages back between
+    two steps, which faults them in again; an allocator that does not keep them never passes either try."""
     pages = 256 * 2**20 // 4096
-    assert faults["applied"]
-    assert faults["default"] > 0.9 * pages, faults  # every page of every fresh 256 MiB block faults
+    for _ in range(2):
+        result = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        faults = json.loads(result.stdout.strip().splitlines()[-1])
+        assert faults["applied"]
+        assert faults["default"] > 0.9 * pages, faults  # every page of every fresh 256 MiB block faults
+        if faults["kept"] < 0.01 * pages:
+            break
     assert faults["kept"] < 0.01 * pages, faults

@@ -74,7 +74,7 @@ def test_a_tampered_code_file_is_refused_before_it_runs(folder, tmp_path, capsys
     with open(tampered / "modeling_proclip.py", "a") as f:
         f.write(f"\nopen({str(ran)!r}, 'w').close()\n")
     error = _refusal(capsys, tampered)
-    assert error.startswith(f"proclip push: refused: {tampered} holds code that is not this installed ProCLIP's")
+    assert error.startswith(f"proclip push: error: refused: {tampered} holds code that is not this installed ProCLIP's")
     assert "modeling_proclip.py: differs from the installed package's copy (+2 -0 lines)" in error
     assert "--allow-modified-code" in error and "copy_remote_code" in error
     assert not ran.exists()

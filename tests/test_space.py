@@ -152,7 +152,7 @@ def test_pyproject_pins_the_gradio_the_tests_drive():
 
 def test_space_command_refuses_what_it_cannot_use(tmp_path, capsys, tiny_clip_dir, tiny_proclip_dir, evaluated):
     cases = [
-        (["--model", str(tiny_clip_dir)], "is not a saved ProCLIP folder"),
+        (["--model", str(tiny_clip_dir)], "not a ProCLIP folder"),
         (["--model", str(evaluated), "--repo-id", "not a repo!"], "is not a Hub repo id"),
         (["--model", str(tiny_proclip_dir)], "no retrieval results with data on this machine"),
         (["--model", str(evaluated), "--results", str(tmp_path / "missing.json")], "missing.json"),

@@ -203,6 +203,9 @@ def require_data(spec: str | None, columns: list[tuple[str, str, str]]) -> None:
         hub_repo_in_reach(name, "dataset", "--data")
         return
     available = available_columns(spec)
+    if available == set() and files:
+        what = f"{files[0]} is empty" if len(files) == 1 else f"its {len(files)} files are empty"
+        raise UsageError(f"--data {spec} holds no rows: {what}.", "Give a data file with rows.")
     missing = [(flag, role, name) for flag, role, name in columns if available is not None and name not in available]
     if not missing:
         return

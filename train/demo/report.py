@@ -93,7 +93,7 @@ COLUMNS = (  # (key, header, getter on a `score` result)
 )
 MULTILINGUAL_COLUMNS = (  # zero-shot with the class prompts translated, per language, and translated-caption retrieval
     *[(f"{lang}_zs", f"{lang} ZS", lambda r, lang=lang: r["zeroshot_translated"][lang]["top1"]) for lang in LANGUAGES],
-    *[(f"{lang}_zs_{attribute}", f"{lang} colour / shape right", lambda r, lang=lang, attribute=attribute:
+    *[(f"{lang}_zs_{attribute}", f"{lang} {attribute} right", lambda r, lang=lang, attribute=attribute:
        r["zeroshot_translated"][lang][f"{attribute}_correct"]) for lang in LANGUAGES for attribute in ("colour", "shape")],
     ("en_zs_colour", "en colour right", lambda r: r["zeroshot"]["colour_correct"]),
     ("en_zs_shape", "en shape right", lambda r: r["zeroshot"]["shape_correct"]),
