@@ -22,6 +22,7 @@ from ..demo.run import (
     Stage2Setting,
 )
 from ..demo.teacher import TeacherConfig
+from .errors import UsageError
 
 
 def demo_config(args: argparse.Namespace) -> DemoConfig:
@@ -64,9 +65,13 @@ def combine_demos(folders: list[str], out: str) -> dict:
     for folder in folders:
         path = Path(folder) / "results.json"
         if not path.is_file():
-            raise FileNotFoundError(f"{folder} holds no results.json: run `proclip demo --out {folder}` to the end first")
+            raise UsageError(f"--combine {folder} holds no results.json.",
+                             f"Run `proclip demo --out {folder}` to the end first.")
         results.append(json.loads(path.read_text()))
-    combined = combine_results(results)
+    try:
+        combined = combine_results(results)
+    except ValueError as error:  # demos of different worlds, towers or recipes
+        raise UsageError(f"--combine {' '.join(folders)}: {error}.", "Combine demos that differ only in --teacher-seed.")
     target = Path(out)
     target.mkdir(parents=True, exist_ok=True)
     (target / "results.json").write_text(json.dumps(combined, indent=2, ensure_ascii=False) + "\n")
