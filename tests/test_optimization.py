@@ -204,9 +204,11 @@ print(json.dumps({"default": default, "applied": applied, "kept": kept}))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+@pytest.mark.slow
 def test_keep_freed_memory_reuses_pages_without_faults():
-    """Two tries: on a loaded machine the kernel's proactive reclaim (DAMON, kswapd) can take kept pages back between
-    two steps, which faults them in again; an allocator that does not keep them never passes either try."""
+    """Two tries: the kernel's proactive reclaim (DAMON, kswapd) can take kept pages back between two steps, which
+    faults them in again; an allocator that does not keep them never passes either try. Opt-in (`-m slow`): on this
+    project's VM it passed alone and failed within the full suite, so it measures the host as much as the code."""
     pages = 256 * 2**20 // 4096
     for _ in range(2):
         result = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT], capture_output=True, text=True, timeout=120)
