@@ -15,27 +15,14 @@ import socket
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from proclip_train.cli import main
 from safetensors.torch import load_file
-from test_trainer import COLOURS
+from test_trainer import flat_colour_images
 
 FSDP_CONFIG = {"transformer_layer_cls_to_wrap": ["CLIPEncoderLayer", "ProCLIPAdapterBlock"],
                "state_dict_type": "FULL_STATE_DICT"}
-
-
-def flat_colour_images(folder):
-    """Flat-colour images (random crops leave them unchanged) with captions of different lengths."""
-    folder.mkdir()
-    metadata = []
-    for i, rgb in enumerate(COLOURS.values()):
-        Image.fromarray(np.full((40, 40, 3), rgb, np.uint8)).save(folder / f"{i}.png")
-        metadata.append({"file_name": f"{i}.png", "caption": f"colour number {i} " * (i % 3 + 1)})
-    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(m) for m in metadata))
-    return folder
 
 
 def free_port() -> int:

@@ -44,6 +44,17 @@ ADAPTER = ("text_adapter",)
 STAGE2_TRAINABLE = ("text_adapter", "vision_model", "visual_projection", "logit_scale")
 
 
+def flat_colour_images(folder):
+    """An imagefolder of flat-colour images (random crops leave them unchanged), captions of different lengths."""
+    folder.mkdir()
+    metadata = []
+    for i, rgb in enumerate(COLOURS.values()):
+        Image.fromarray(np.full((40, 40, 3), rgb, np.uint8)).save(folder / f"{i}.png")
+        metadata.append({"file_name": f"{i}.png", "caption": f"colour number {i} " * (i % 3 + 1)})
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(m) for m in metadata))
+    return folder
+
+
 @pytest.fixture
 def load_model(tiny_proclip_dir):
     return lambda: ProCLIPModel.from_pretrained(tiny_proclip_dir)
@@ -400,13 +411,7 @@ def test_torchrun_two_processes_take_the_same_step_as_one_process_on_the_whole_b
     from proclip_train.cli import main
     from safetensors.torch import load_file
 
-    data = tmp_path / "flat"
-    data.mkdir()
-    metadata = []
-    for i, rgb in enumerate(COLOURS.values()):
-        Image.fromarray(np.full((40, 40, 3), rgb, np.uint8)).save(data / f"{i}.png")
-        metadata.append({"file_name": f"{i}.png", "caption": f"colour number {i} " * (i % 3 + 1)})
-    (data / "metadata.jsonl").write_text("\n".join(json.dumps(m) for m in metadata))
+    data = flat_colour_images(tmp_path / "flat")
     common = [
         "train", "--stage", "2", "--model", str(tiny_proclip_dir), "--data", str(data), "--max_steps", "1",
         "--optim", "sgd", "--learning_rate", "0.5", "--max_grad_norm", "0", "--weight_decay", "0", "--warmup_steps", "0",
