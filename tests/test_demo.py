@@ -4,6 +4,8 @@ teachers (`--combine`)."""
 
 import copy
 import json
+import shutil
+import statistics
 import time
 
 import pytest
@@ -87,6 +89,25 @@ def test_cli_wires_the_new_options():
     assert config.stage0.bidirectional is False and config.stage0.pairs == "shuffled" and config.adapter_blocks == 2
     assert config.sweep[-1] == Stage2Setting(10.0, 1.0, "mean", 0.001, "stage1", 30.0)
     assert config.stage0.description() == "60 steps, causal, shuffled pairs"
+
+
+def test_runs_and_sweep_seeds_are_wired_and_checked():
+    from proclip_train.cli.demo import demo_config
+    from proclip_train.cli.errors import UsageError
+
+    config = demo_config(build_parser().parse_args(["demo", "--runs", "proclip, direct", "--sweep-seeds", "2"]))
+    assert config.runs == ["proclip", "direct"] and config.sweep_seeds == 2
+    for runs, message in (("proclip,stage2", "stage2 is not a row"), ("stage0-proclip", "Add --stage0")):
+        with pytest.raises(UsageError, match=message):
+            demo_config(build_parser().parse_args(["demo", "--runs", runs]))
+    with pytest.raises(UsageError, match="--sweep-seeds 4"):
+        demo_config(build_parser().parse_args(["demo", "--seeds", "3", "--sweep-seeds", "4"]))
+    # a kept stage-2 row brings the stage-1 run it starts from, a sweep from stage 1 brings stage1
+    demo = Demo("unused", DemoConfig.quick(runs=["proclip-nostruct", "direct"], stage0=Stage0DemoConfig.quick()))
+    assert demo.stage1_runs() == ["stage1-nostruct"] and demo.stage2_runs() == ["direct", "proclip-nostruct"]
+    demo = Demo("unused", DemoConfig.quick(runs=["stage0-proclip"], stage0=Stage0DemoConfig.quick(),
+                                           sweep=[Stage2Setting(1.0)]))
+    assert demo.stage1_runs() == ["stage1", "stage0-stage1"] and demo.stage2_runs() == ["stage0-proclip"]
 
 
 def test_every_artefact_exists(demo):
@@ -180,6 +201,29 @@ def test_a_text_anchor_setting_joins_the_sweep_of_the_finished_demo(demo):
     assert "| mu |" in results_markdown(again) and "| mean | 10 |" in results_markdown(again)
 
 
+def test_chosen_rows_and_a_sweep_over_two_seeds_extend_a_copy_of_the_demo(demo, tmp_path):
+    """`--runs proclip --seeds 2 --sweep-seeds 2` on a finished demo trains seed 1's stage1 and proclip and the
+    sweep setting on seed 1, nothing else; the sweep table gives mean +- sd over both seeds."""
+    source, out = demo[0], tmp_path / "demo"
+    for part in ("world", "teacher", "embedding_cache", "steps", "runs/seed0"):
+        shutil.copytree(source / part, out / part)
+    shutil.copy(source / "demo_config.json", out)
+    (out / "init").symlink_to(source / "init")  # read only (the final folder's step is done: not copied)
+    setting = Stage2Setting(10.0, lr=1e-3)
+    config = DemoConfig.quick(seeds=2, runs=["proclip"], sweep=[setting], sweep_seeds=2)
+    results = Demo(out, config, progress=False, command="proclip demo --quick").run()
+    assert sorted(path.name for path in (out / "runs" / "seed1").iterdir()) == sorted(["stage1", "proclip", setting.name])
+    assert [r["row"] for r in results["table"]] == ["teacher", "stage1", "proclip"]
+    assert results["runs"]["proclip"][0] == demo[1]["runs"]["proclip"][0]  # seed 0 reused
+    records = results["sweep_runs"][setting.name]
+    assert [r["seed"] for r in records] == [0, 1] and records[1]["starts_from"] == "stage1"
+    markdown = results_markdown(results)
+    assert "Stage-2 settings on seeds 0–1 (mean ± sd)" in markdown
+    held = [100 * r["val"]["zeroshot"]["top1_held_out"] for r in records]
+    row = next(line for line in markdown.splitlines() if line.startswith("| stage1 | 0.001 | 10 |"))
+    assert f"{statistics.fmean(held):.1f} ± {statistics.stdev(held):.1f}" in row
+
+
 def test_combine_pools_teachers_and_seeds_and_marks_robust_differences(demo, tmp_path):
     _, results = demo
     other = copy.deepcopy(results)
@@ -233,7 +277,10 @@ def test_stage0_rows_join_the_finished_demo(demo, demo_with_stage0):
     assert json.loads((out / "init-stage0" / "config.json").read_text())["bidirectional"] is True
     assert json.loads((out / "init" / "config.json").read_text())["bidirectional"] is False
     markdown = (out / "results.md").read_text()
-    assert "ProCLIP on the stage-0 LLM" in markdown and "LLM after stage 0" in markdown
+    assert "ProCLIP on the stage-0 LLM" in markdown and "LLM after stage 0 (mean, bidirectional" in markdown
+    causal = copy.deepcopy(results)
+    causal["config"]["stage0"]["bidirectional"] = False
+    assert "LLM after stage 0 (mean, causal" in results_markdown(causal)
 
 
 def test_text_tower_caption_retrieval_matches_the_llm_itself(demo_with_stage0):

@@ -10,6 +10,8 @@ from pathlib import Path
 from ..demo import run as demo_run
 from ..demo.report import (
     FIGURE_FILE,
+    RUN_NAMES,
+    STAGE0_TOWER_RUNS,
     combine_results,
     combined_markdown,
     plot_comparison,
@@ -29,7 +31,7 @@ def demo_config(args: argparse.Namespace) -> DemoConfig:
     """The `DemoConfig` the flags describe: `--quick` or the full demo, with the given overrides."""
     overrides = {}
     for name in ("text", "seeds", "distill_weight", "ema_momentum", "reduction", "text_anchor_weight",
-                 "adapter_blocks", "adapter_expansion"):
+                 "adapter_blocks", "adapter_expansion", "sweep_seeds"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.stage0:
@@ -43,10 +45,29 @@ def demo_config(args: argparse.Namespace) -> DemoConfig:
     if args.no_sweep:
         config.sweep = []
     config.sweep += [Stage2Setting.parse(text) for text in args.sweep or []]
+    if not 1 <= config.sweep_seeds <= config.seeds:
+        raise UsageError(f"--sweep-seeds {config.sweep_seeds}: the sweep runs on some of the demo's {config.seeds} "
+                         "seed(s).", f"Pass --sweep-seeds between 1 and {config.seeds}, or raise --seeds.")
+    if args.runs:
+        config.runs = chosen_runs(args.runs, args.stage0)
     for stage, steps in (("stage1", args.stage1_steps), ("stage2", args.stage2_steps)):
         if steps is not None:
             getattr(config, stage).steps = steps
     return config
+
+
+def chosen_runs(text: str, stage0: bool) -> list[str]:
+    """`--runs a,b`: the demo's rows to train, checked against the rows it has."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in RUN_NAMES]
+    if unknown or not names:
+        raise UsageError(f"--runs {text}: {', '.join(unknown) or 'no row'} is not a row of the demo.",
+                         f"Choose among {', '.join(RUN_NAMES)}.")
+    needs_stage0 = [name for name in names if name in STAGE0_TOWER_RUNS]
+    if needs_stage0 and not stage0:
+        raise UsageError(f"--runs {text}: {', '.join(needs_stage0)} is trained on the stage-0 LLM.",
+                         "Add --stage0, or leave those rows out.")
+    return names
 
 
 def run_demo(args: argparse.Namespace) -> dict:
@@ -103,7 +124,9 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--text-anchor-weight", "--mu", dest="text_anchor_weight", type=float,
                         help="stage 2's text anchor mu on the stage-1 captions (default 0 = off)")
     parser.add_argument("--sweep", action="append", metavar="LAMBDA,MOMENTUM,REDUCTION[,LR[,stage1|fresh[,MU]]]",
-                        help="an extra stage-2 setting trained on seed 0 and reported on val and test; repeat")
+                        help="an extra stage-2 setting trained on the first --sweep-seeds seeds and reported on "
+                        "val and test; repeat")
+    parser.add_argument("--sweep-seeds", type=int, help="seeds each sweep setting is trained on (default 1)")
     parser.add_argument("--no-sweep", action="store_true", help="leave out the full demo's default settings sweep "
                         "(the --sweep settings still run)")
     parser.add_argument("--adapter-blocks", type=int, help="adapter residual blocks (default 1)")
@@ -118,6 +141,9 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--stage0-pairs", choices=["matched", "shuffled"],
                         help="stage 0's positive pairs (default matched: a scene's short and long caption; shuffled: "
                         "long captions permuted among scenes, an ablation)")
+    parser.add_argument("--runs", metavar="ROW[,ROW...]",
+                        help=f"train only these rows (default: all; a stage-2 row brings its stage-1 run): "
+                        f"{', '.join(RUN_NAMES)}")
     parser.add_argument("--stage1-steps", type=int, help="override the stage-1 steps")
     parser.add_argument("--stage2-steps", type=int, help="override the stage-2 steps")
     parser.add_argument("--threads", type=int, default=1,

@@ -25,7 +25,7 @@ class StageConfig:
 
 @dataclass
 class Stage2Setting:
-    """A stage-2 setting of the settings sweep, trained on the first seed and reported on val (where settings are
+    """A stage-2 setting of the settings sweep, trained on the first seed(s) and reported on val (where settings are
     chosen) and test.
 
     Args:
@@ -61,7 +61,7 @@ class Stage2Setting:
 
     @property
     def name(self) -> str:
-        """The run's folder name under `runs/seed0/`."""
+        """The run's folder name under `runs/seed<N>/`."""
         name = f"sweep-lambda{self.distill_weight:g}-momentum{self.ema_momentum:g}-{self.reduction}"
         name += f"-lr{self.lr:g}" if self.lr is not None else ""
         name += "-fresh" if self.start == "fresh" else ""
@@ -128,7 +128,9 @@ class DemoConfig:
             momentum (1.0 = a frozen copy of the start).
         text_anchor_weight: stage 2's mu, the text anchor on the stage-1 caption corpus (0 = off: the val sweep in
             BENCHMARKS.md did not justify it at the default learning rate).
-        sweep: extra stage-2 settings (`Stage2Setting`) trained on the first seed.
+        sweep: extra stage-2 settings (`Stage2Setting`), trained on the first `sweep_seeds` seeds.
+        sweep_seeds: seeds each sweep setting is trained on (1: a lead; more: mean +- sd in the sweep table).
+        runs: the rows to train (`None`: all of them); a stage-2 row brings the stage-1 run it starts from.
         stage0: `None`, or stage 0 on the LLM followed by ProCLIP on the tuned LLM (extra rows; `--stage0`).
     """
 
@@ -149,6 +151,8 @@ class DemoConfig:
     ema_momentum: float = 1.0
     text_anchor_weight: float = 0.0
     sweep: list[Stage2Setting] = field(default_factory=list)
+    sweep_seeds: int = 1
+    runs: list[str] | None = None
     stage0: Stage0DemoConfig | None = None
 
     @classmethod

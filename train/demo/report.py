@@ -27,6 +27,21 @@ STAGE2_RUNS = {
 # Runs on the stage-0 LLM (`--stage0`): "stage0-" + the name of the run it repeats on that text tower.
 STAGE0_PREFIX = "stage0-"
 STAGE0_TOWER_RUNS = {STAGE0_PREFIX + name: name for name in ("stage1", "proclip")}
+RUN_NAMES = (*STAGE1_RUNS, *STAGE2_RUNS, *STAGE0_TOWER_RUNS)
+
+
+def stage1_start(name: str) -> str | None:
+    """The stage-1 run a stage-2 run (or its stage-0 LLM repeat) starts from; `None` for a fresh adapter or a
+    stage-1 run."""
+    start = STAGE2_RUNS.get(STAGE0_TOWER_RUNS.get(name, name), (None,))[0]
+    return (STAGE0_PREFIX + start if name in STAGE0_TOWER_RUNS else start) if start else None
+
+
+def runs_with_starts(names) -> set[str]:
+    """`names` and the stage-1 runs their stage-2 runs start from: what training `names` needs."""
+    return {*names, *filter(None, map(stage1_start, names))}
+
+
 ROW_LABELS = {
     "teacher": "Teacher CLIP (trained on the whole world)",
     "stage1": "After stage 1 only (teacher's image tower, inherited adapter)",
@@ -40,7 +55,7 @@ ROW_LABELS = {
 TOWER_LABELS = {  # rows of the text towers' caption retrieval table
     "teacher": "Teacher CLIP text encoder (32 tokens, projected)",
     "llm": "LLM, pooled hidden states as shipped (mean, causal)",
-    "stage0": "LLM after stage 0 (mean, bidirectional, LoRA merged)",
+    "stage0": "LLM after stage 0 (mean, {attention}, LoRA merged)",
 }
 
 
@@ -175,6 +190,41 @@ def table_markdown(rows: list[dict], columns, time_column: bool = False) -> list
     return lines
 
 
+SWEEP_COLUMNS = (  # (split, header, value of a `score` result)
+    ("val", "ZS seen", lambda r: r["zeroshot"]["top1_seen"]),
+    ("val", "ZS held-out", lambda r: r["zeroshot"]["top1_held_out"]),
+    ("val", "short T→I", lambda r: r["retrieval"]["short"]["t2i_R@1"]),
+    ("test", "ZS seen", lambda r: r["zeroshot"]["top1_seen"]),
+    ("test", "ZS held-out", lambda r: r["zeroshot"]["top1_held_out"]),
+    ("test", "short T→I", lambda r: r["retrieval"]["short"]["t2i_R@1"]),
+    ("test", "ZS translated", translated_zeroshot),
+)
+
+
+def sweep_markdown(results: dict) -> list[str]:
+    """The stage-2 settings sweep beside the demo's ProCLIP, over the seeds the sweep ran on (mean +- sd)."""
+    settings = results.get("sweep_runs") or {f"setting {i}": [r] for i, r in enumerate(results.get("sweep") or [])}
+    settings = {name: [r for r in records if r] for name, records in settings.items()}
+    settings = {name: records for name, records in settings.items() if records}
+    if not settings:
+        return []
+    n = max(len(records) for records in settings.values())
+    main = [r for r in results["runs"].get("proclip", [])[:n] if r]
+    seeds = "seed 0" if n == 1 else f"seeds 0–{n - 1} (mean ± sd)"
+    lines = ["", f"Stage-2 settings on {seeds} (choose on val; test shown for reference; mu = text anchor):", "",
+             "| starts from | lr | lambda | EMA momentum | reduction | mu | "
+             + " | ".join(f"{split} {header}" for split, header, _ in SWEEP_COLUMNS) + " |",
+             "|---" * (6 + len(SWEEP_COLUMNS)) + "|"]
+    stage2_lr = results["config"]["stage2"]["lr"]
+    for records in ([main] if main else []) + list(settings.values()):
+        r = records[0]
+        cells = [format_stat(_stats([get(record[split]) for record in records])) for split, _, get in SWEEP_COLUMNS]
+        lines.append(f"| {r['starts_from'] or 'fresh adapter'} | {r.get('lr', stage2_lr):g} | {r['distill_weight']:g} "
+                     f"| {r['ema_momentum']:g} | {r['reduction']} | {r.get('text_anchor_weight', 0.0):g} | "
+                     + " | ".join(cells) + " |")
+    return lines
+
+
 def results_markdown(results: dict) -> str:
     config = results["config"]
     seeds = config["seeds"]
@@ -193,24 +243,7 @@ def results_markdown(results: dict) -> str:
         "", "Retrieval split by scenes with / without a held-out colour × shape (short and long captions):", "",
         *table_markdown(results["table"], HELD_COLUMNS),
     ]
-    sweep = [r for r in results.get("sweep") or [] if r]
-    if sweep:
-        main = next(r for r in results["runs"]["proclip"] if r)
-        lines += ["", "Stage-2 settings on seed 0 (choose on val; test shown for reference; mu = text anchor):", "",
-                  "| starts from | lr | lambda | EMA momentum | reduction | mu | val ZS seen | val ZS held-out | "
-                  "val short T→I | test ZS seen | test ZS held-out | test short T→I | test ZS translated |",
-                  "|---" * 13 + "|"]
-        stage2_lr = results["config"]["stage2"]["lr"]
-        for r in [main, *sweep]:
-            v, t = r["val"], r["test"]
-            lines.append(
-                f"| {r['starts_from'] or 'fresh adapter'} | {r.get('lr', stage2_lr):g} | "
-                f"{r['distill_weight']:g} | {r['ema_momentum']:g} | {r['reduction']} | "
-                f"{r.get('text_anchor_weight', 0.0):g} | "
-                f"{100 * v['zeroshot']['top1_seen']:.1f} | {100 * v['zeroshot']['top1_held_out']:.1f} | "
-                f"{100 * v['retrieval']['short']['t2i_R@1']:.1f} | {100 * t['zeroshot']['top1_seen']:.1f} | "
-                f"{100 * t['zeroshot']['top1_held_out']:.1f} | {100 * t['retrieval']['short']['t2i_R@1']:.1f} | "
-                f"{100 * translated_zeroshot(t):.1f} |")
+    lines += sweep_markdown(results)
     steps = results["steps"]
     lines += ["", "Wall time per step (s): " + ", ".join(
         f"{name} {record['wall_seconds']:.0f}" for name, record in steps.items() if record)]
@@ -227,9 +260,11 @@ def results_markdown(results: dict) -> str:
                   "short caption queries among the long captions; chance "
                   f"{100 / n:.1f} %; the CRA column above is the same in each model's joint space):", "",
                   "| Text tower | CRA short→long |", "|---|---|"]
+        stage0 = results["config"].get("stage0") or {}
+        attention = "bidirectional" if stage0.get("bidirectional", True) else "causal"
         for tower, label in TOWER_LABELS.items():
             if tower in towers:
-                lines.append(f"| {label} | {100 * towers[tower]['short_to_long']:.1f} |")
+                lines.append(f"| {label.format(attention=attention)} | {100 * towers[tower]['short_to_long']:.1f} |")
     return "\n".join(lines) + "\n"
 
 

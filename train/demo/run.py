@@ -62,7 +62,6 @@ from .assets import resolve_text_tower
 from .config import DemoConfig, Stage0DemoConfig, Stage2Setting, StageConfig
 from .report import (
     FIGURE_FILE,
-    STAGE0_PREFIX,
     STAGE0_TOWER_RUNS,
     STAGE1_RUNS,
     STAGE2_RUNS,
@@ -70,6 +69,8 @@ from .report import (
     environment_description,
     plot_comparison,
     results_markdown,
+    runs_with_starts,
+    stage1_start,
 )
 from .scores import (
     LANGUAGES,
@@ -197,9 +198,9 @@ class Demo:
         self.out.mkdir(parents=True, exist_ok=True)
         config_file = self.out / "demo_config.json"
         if config_file.is_file():
-            # More seeds or sweep settings reuse every finished run; anything else would mix two experiments.
+            # More seeds, rows or sweep settings reuse every finished run; anything else would mix two experiments.
             def fixed(values):
-                return {k: v for k, v in values.items() if k not in ("seeds", "sweep", "stage0")}
+                return {k: v for k, v in values.items() if k not in ("seeds", "sweep", "sweep_seeds", "runs", "stage0")}
 
             if fixed(json.loads(config_file.read_text())) != fixed(self.config.to_dict()):
                 raise FileExistsError(f"{self.out} holds a demo of another configuration; pick another --out or "
@@ -215,8 +216,9 @@ class Demo:
                       for name in self.stage1_runs()]
             steps += [(f"seed {seed}: {name}", lambda s=seed, n=name: self.step_stage2(s, n))
                       for name in self.stage2_runs()]
-            if seed == 0:  # the settings sweep runs on seed 0, before the other seeds
-                steps += [(f"seed 0: {c.name}", lambda c=c: self.step_sweep(c)) for c in self.config.sweep]
+            if seed < self.config.sweep_seeds:  # the settings sweep, on the first seed(s)
+                steps += [(f"seed {seed}: {c.name}", lambda s=seed, c=c: self.step_stage2(s, c.name, c))
+                          for c in self.config.sweep]
         steps += [("final", self.step_final), ("report", self.step_report)]
         bar = tqdm(steps, desc="proclip demo", unit="step", disable=not self.progress, position=0)
         for name, step in bar:
@@ -345,10 +347,17 @@ class Demo:
         return self._caches[tower]
 
     def stage1_runs(self) -> list[str]:
-        return [*STAGE1_RUNS, *self.stage0_runs_of(STAGE1_RUNS)]
+        return self.kept([*STAGE1_RUNS, *self.stage0_runs_of(STAGE1_RUNS)])
 
     def stage2_runs(self) -> list[str]:
-        return [*STAGE2_RUNS, *self.stage0_runs_of(STAGE2_RUNS)]
+        return self.kept([*STAGE2_RUNS, *self.stage0_runs_of(STAGE2_RUNS)])
+
+    def kept(self, names: list[str]) -> list[str]:
+        """`names` that `config.runs` asks for, with the stage-1 runs they (and the sweep) start from; all without it."""
+        if self.config.runs is None:
+            return names
+        needed = runs_with_starts(self.config.runs) | {"stage1" for s in self.config.sweep if s.start == "stage1"}
+        return [name for name in names if name in needed]
 
     def stage0_runs_of(self, runs) -> list[str]:
         """The stage-0 LLM's repeats of `runs` (none without `--stage0`)."""
@@ -436,9 +445,6 @@ class Demo:
 
         return self._timed(folder, build)
 
-    def step_sweep(self, setting: Stage2Setting):
-        return self.step_stage2(0, setting.name, setting)
-
     def run_setting(self, name: str) -> Stage2Setting:
         """The stage-2 setting of one of `STAGE2_RUNS` (or its stage-0 LLM repeat): the demo's lambda, momentum,
         reduction and mu unless the run fixes them."""
@@ -456,8 +462,7 @@ class Demo:
             stage = dataclasses.replace(self.config.stage2, lr=run.lr or self.config.stage2.lr)
             start = None
             if run.start == "stage1":
-                start = STAGE2_RUNS[STAGE0_TOWER_RUNS.get(name, name)][0] if setting is None else "stage1"
-                start = STAGE0_PREFIX + start if tower == "stage0" else start
+                start = stage1_start(name) if setting is None else "stage1"
             base, processor = self.base(tower)
             state = load_file(str(self.run_dir(seed, start) / "weights.safetensors")) if start else None
             model = fresh_model(base, seed, state)
@@ -577,6 +582,8 @@ class Demo:
             "runs": runs,
             "steps": steps,
             "sweep": [read_done(self.run_dir(0, c.name)) for c in self.config.sweep],
+            "sweep_runs": {c.name: [read_done(self.run_dir(seed, c.name)) for seed in range(self.config.sweep_seeds)]
+                           for c in self.config.sweep},
             "text_tower_caption_retrieval": text_towers,
             "table": comparison_rows(teacher, runs, (steps["teacher"] or {}).get("teacher_train_seconds"),
                                      (steps.get("stage0") or {}).get("train_seconds"),
