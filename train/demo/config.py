@@ -11,6 +11,9 @@ from .teacher import TeacherConfig
 from .world import WorldConfig
 
 STAGE0_PAIRS = ("matched", "shuffled")
+# `DemoConfig` fields a finished demo can grow by (more rows, sweep settings and their seeds, stage 0) without
+# retraining what it holds: two configs that differ only here describe one experiment.
+ADDITIVE_FIELDS = ("sweep", "sweep_seeds", "runs", "stage0")
 
 
 @dataclass
@@ -181,4 +184,4 @@ class DemoConfig:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
-__all__ = ["DemoConfig", "STAGE0_PAIRS", "Stage0DemoConfig", "Stage2Setting", "StageConfig"]
+__all__ = ["ADDITIVE_FIELDS", "DemoConfig", "STAGE0_PAIRS", "Stage0DemoConfig", "Stage2Setting", "StageConfig"]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .config import ADDITIVE_FIELDS
 from .scores import LANGUAGES
 from .teacher import ZERO_SHOT_TEMPLATES
 
@@ -328,9 +329,9 @@ def combine_results(results: list[dict]) -> dict:
     """The comparison over several demos that differ only in their teacher's seed (same world, recipe, text tower):
     every row's mean and sd over all teachers x seeds, and each headline difference A - B per (teacher, seed) pair,
     called robust when it has the same sign on every pair."""
-    configs = [{k: v for k, v in r["config"].items() if k not in ("teacher", "sweep", "stage0")} for r in results]
+    configs = [{k: v for k, v in r["config"].items() if k not in ("teacher", *ADDITIVE_FIELDS)} for r in results]
     if any(config != configs[0] for config in configs):
-        raise ValueError("combine_results takes demos that differ only in the teacher (and sweep / stage 0)")
+        raise ValueError("combine_results takes demos that differ only in the teacher (and sweep, rows, stage 0)")
     teachers = [r["teacher"] for r in results]
     runs = {}
     for r in results:

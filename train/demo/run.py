@@ -59,7 +59,13 @@ from ..training.stage0 import STAGE0_REPORT_FILE, run_stage0
 from ..training.stages import load_clip_text_teacher
 from ..training.trainer import ProCLIPTrainer
 from .assets import resolve_text_tower
-from .config import DemoConfig, Stage0DemoConfig, Stage2Setting, StageConfig
+from .config import (
+    ADDITIVE_FIELDS,
+    DemoConfig,
+    Stage0DemoConfig,
+    Stage2Setting,
+    StageConfig,
+)
 from .report import (
     FIGURE_FILE,
     STAGE0_TOWER_RUNS,
@@ -200,7 +206,7 @@ class Demo:
         if config_file.is_file():
             # More seeds, rows or sweep settings reuse every finished run; anything else would mix two experiments.
             def fixed(values):
-                return {k: v for k, v in values.items() if k not in ("seeds", "sweep", "sweep_seeds", "runs", "stage0")}
+                return {k: v for k, v in values.items() if k not in ("seeds", *ADDITIVE_FIELDS)}
 
             if fixed(json.loads(config_file.read_text())) != fixed(self.config.to_dict()):
                 raise FileExistsError(f"{self.out} holds a demo of another configuration; pick another --out or "
