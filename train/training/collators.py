@@ -55,6 +55,7 @@ from .data import (
 logger = logging.getLogger(__name__)
 
 SOURCES_KEY = "sources"
+CACHE_STATS_KEY = "cache_stats"  # hit and miss counts of the embedding cache for this batch
 RANDOM_STATE_KEY = "random_state"
 
 
@@ -488,7 +489,7 @@ class CachedEmbeddingCollator:
                     batch, captions, TEACHER_TABLE, f"{view}teacher_embeds", self.teacher_tokenizer, None,
                     f"{view}teacher_", stats,
                 )
-        batch["cache_stats"] = dict(stats)
+        batch[CACHE_STATS_KEY] = dict(stats)
         return batch
 
     def resume_random_state(self, starts) -> None:

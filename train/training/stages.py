@@ -39,6 +39,7 @@ from modeling_proclip import (
 from .arguments import ProCLIPTrainingArguments
 from .cache import EmbeddingCache, teacher_identity, text_tower_identity
 from .collators import (
+    CACHE_STATS_KEY,
     CachedEmbeddingCollator,
     CaptionCollator,
     CaptionPairCollator,
@@ -206,9 +207,9 @@ class TextAnchorCollator(CaptionCollator):
         drawn = torch.randint(len(self.anchor_rows), (self.batch_size,), generator=self.generator).tolist()
         anchor = self.anchor_collator([self.anchor_rows[i] for i in drawn])
         anchor.pop(SKIPPED_KEY, None)  # anchor rows are not training samples: their skips are not the data's
-        stats = anchor.pop("cache_stats", {})
+        stats = anchor.pop(CACHE_STATS_KEY, {})
         if stats:
-            batch["cache_stats"] = {**batch.get("cache_stats", {}),
+            batch[CACHE_STATS_KEY] = {**batch.get(CACHE_STATS_KEY, {}),
                                     **{TEXT_ANCHOR_PREFIX + key: value for key, value in stats.items()}}
         batch.update({TEXT_ANCHOR_PREFIX + key: value for key, value in anchor.items()})
         return batch

@@ -66,7 +66,7 @@ from .checkpoints import (
     save_data_random_states,
     save_lean_weights,
 )
-from .collators import RANDOM_STATE_KEY, SOURCES_KEY
+from .collators import CACHE_STATS_KEY, RANDOM_STATE_KEY, SOURCES_KEY
 from .data import SKIPPED_KEY, SkipCounter
 from .optimization import MasterWeightAdamW, RestoreFloat32Weights, prepare_optimizer
 from .stages import STAGES, TrainingStage, batch_size_of
@@ -76,7 +76,6 @@ logger = logging.get_logger(__name__)
 COUNTERS_FILE = "proclip_counters.json"
 REPORT_FILE = "training_report.json"
 ARGS_FILE = "training_args.json"
-CACHE_STATS_KEY = "cache_stats"
 SHOWN_ROWS = 8  # rows of a bad micro-batch named in a message
 
 
