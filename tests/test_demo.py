@@ -218,7 +218,7 @@ def test_chosen_rows_and_a_sweep_over_two_seeds_extend_a_copy_of_the_demo(demo, 
     records = results["sweep_runs"][setting.name]
     assert [r["seed"] for r in records] == [0, 1] and records[1]["starts_from"] == "stage1"
     markdown = results_markdown(results)
-    assert "Stage-2 settings on seeds 0–1 (mean ± sd)" in markdown
+    assert "Stage-2 settings on seeds 0–1, mean ± sd (choose on val" in markdown
     held = [100 * r["val"]["zeroshot"]["top1_held_out"] for r in records]
     row = next(line for line in markdown.splitlines() if line.startswith("| stage1 | 0.001 | 10 |"))
     assert f"{statistics.fmean(held):.1f} ± {statistics.stdev(held):.1f}" in row

@@ -211,7 +211,7 @@ def sweep_markdown(results: dict) -> list[str]:
         return []
     n = max(len(records) for records in settings.values())
     main = [r for r in results["runs"].get("proclip", [])[:n] if r]
-    seeds = "seed 0" if n == 1 else f"seeds 0–{n - 1} (mean ± sd)"
+    seeds = "seed 0" if n == 1 else f"seeds 0–{n - 1}, mean ± sd"
     lines = ["", f"Stage-2 settings on {seeds} (choose on val; test shown for reference; mu = text anchor):", "",
              "| starts from | lr | lambda | EMA momentum | reduction | mu | "
              + " | ".join(f"{split} {header}" for split, header, _ in SWEEP_COLUMNS) + " |",
