@@ -239,6 +239,8 @@ def test_combine_pools_teachers_and_seeds_and_marks_robust_differences(demo, tmp
     held = next(d for d in combined["differences"] if (d["a"], d["b"], d["column"]) == ("teacher", "proclip", "zs_held"))
     assert held["robust"] == (held["min"] > 0 or held["max"] < 0)
     assert held["max"] - held["min"] == pytest.approx(0.5)
+    # the quick demo has no stage-0 rows yet: no stage-0 difference, and none made up from the teacher's scores
+    assert not any(d["a"] == "stage0-proclip" for d in combined["differences"])
     markdown = combined_markdown(combined)
     assert "teacher seed 0" in markdown and "teacher seed 1" in markdown and "robust" in markdown
     mismatched = copy.deepcopy(other)
@@ -281,6 +283,13 @@ def test_stage0_rows_join_the_finished_demo(demo, demo_with_stage0):
     causal = copy.deepcopy(results)
     causal["config"]["stage0"]["bidirectional"] = False
     assert "LLM after stage 0 (mean, causal" in results_markdown(causal)
+    other = copy.deepcopy(results)
+    other["config"]["teacher"]["seed"] = 1
+    stage0_gain = [d for d in combine_results([results, other])["differences"] if d["a"] == "stage0-proclip"]
+    expected = (results["runs"]["stage0-proclip"][0]["test"]["retrieval"]["long"]["t2i_R@1"]
+                - results["runs"]["proclip"][0]["test"]["retrieval"]["long"]["t2i_R@1"])
+    long = next(d for d in stage0_gain if d["column"] == "long_t2i")
+    assert long["b"] == "proclip" and long["n"] == 2 and long["mean"] == pytest.approx(expected)
 
 
 def test_text_tower_caption_retrieval_matches_the_llm_itself(demo_with_stage0):

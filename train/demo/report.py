@@ -321,8 +321,16 @@ def plot_comparison(rows: list[dict], path: str | Path, title: str) -> Path:
 
 # (row A, row B): A - B per teacher and seed, on the headline columns.
 DIFFERENCES = (("proclip", "direct"), ("proclip", "proclip-nodistill"), ("proclip", "proclip-nostruct"),
-               ("proclip", "stage1"), ("teacher", "proclip"))
+               ("proclip", "stage1"), ("teacher", "proclip"), ("stage0-proclip", "proclip"))
 DIFFERENCE_COLUMNS = ("zs_seen", "zs_held", "short_t2i", "long_t2i", "zs_translated")
+
+
+def seed_records(result: dict, row: str) -> list[dict | None]:
+    """A row's score records per seed in one demo's results (the teacher's one model stands for every seed; a row
+    the demo did not train has none)."""
+    if row == "teacher":
+        return [result["teacher"]] * result["config"]["seeds"]
+    return result["runs"].get(row) or []
 
 
 def combine_results(results: list[dict]) -> dict:
@@ -343,7 +351,7 @@ def combine_results(results: list[dict]) -> dict:
         for key in DIFFERENCE_COLUMNS:
             values = []
             for r in results:
-                pairs = zip(r["runs"].get(a) or [r["teacher"]] * r["config"]["seeds"], r["runs"].get(b) or [])
+                pairs = zip(seed_records(r, a), seed_records(r, b))
                 values += [columns[key](x["test"]) - columns[key](y["test"]) for x, y in pairs if x and y]
             if values:
                 stats = _stats(values)
