@@ -17,7 +17,8 @@ Steps (each writes a `done.json` in its folder, so a rerun skips what is finishe
                  proclip-nostruct   stage1-nostruct, then stage 2 with self-distillation
                  proclip-nodistill  stage 1, then stage 2 without self-distillation (lambda = 0)
                each run is scored on the test split right after training (zero-shot on single-object images, seen
-               and held-out classes apart; 1:1 retrieval with short, long and translated captions)
+               and held-out classes apart; 1:1 retrieval with short, long and translated captions); `--runs` keeps
+               some of these rows, `--sweep` adds stage-2 settings on the first `--sweep-seeds` seeds
     stage0     with `--stage0` only: LLM2CLIP's caption-contrastive LoRA fine-tuning of the LLM on the stage-1
                caption corpus (`stage0.py`), then `init`, `embed` and per seed `stage0-stage1` / `stage0-proclip` again
                on that LLM: the "ProCLIP on the stage-0 LLM" row
