@@ -191,14 +191,13 @@ def table_markdown(rows: list[dict], columns, time_column: bool = False) -> list
     return lines
 
 
-SWEEP_COLUMNS = (  # (split, header, value of a `score` result)
-    ("val", "ZS seen", lambda r: r["zeroshot"]["top1_seen"]),
-    ("val", "ZS held-out", lambda r: r["zeroshot"]["top1_held_out"]),
-    ("val", "short T→I", lambda r: r["retrieval"]["short"]["t2i_R@1"]),
-    ("test", "ZS seen", lambda r: r["zeroshot"]["top1_seen"]),
-    ("test", "ZS held-out", lambda r: r["zeroshot"]["top1_held_out"]),
-    ("test", "short T→I", lambda r: r["retrieval"]["short"]["t2i_R@1"]),
-    ("test", "ZS translated", translated_zeroshot),
+COLUMN_VALUES = {key: get for key, _, get in COLUMNS}
+SWEEP_COLUMNS = tuple(  # (split, header, value of a `score` result): `COLUMNS` entries on val and test
+    (split, header, COLUMN_VALUES[key])
+    for split, header, key in (("val", "ZS seen", "zs_seen"), ("val", "ZS held-out", "zs_held"),
+                               ("val", "short T→I", "short_t2i"), ("test", "ZS seen", "zs_seen"),
+                               ("test", "ZS held-out", "zs_held"), ("test", "short T→I", "short_t2i"),
+                               ("test", "ZS translated", "zs_translated"))
 )
 
 
