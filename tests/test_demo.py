@@ -12,7 +12,9 @@ import pytest
 import torch
 import transformers
 from proclip_train.cli import build_parser
+from proclip_train.cli.errors import UsageError
 from proclip_train.demo.languages import noun_phrase
+from proclip_train.demo.parallel import LOG_FILE, default_jobs
 from proclip_train.demo.report import (
     FIGURE_FILE,
     STAGE0_TOWER_RUNS,
@@ -222,6 +224,39 @@ def test_chosen_rows_and_a_sweep_over_two_seeds_extend_a_copy_of_the_demo(demo, 
     held = [100 * r["val"]["zeroshot"]["top1_held_out"] for r in records]
     row = next(line for line in markdown.splitlines() if line.startswith("| stage1 | 0.001 | 10 |"))
     assert f"{statistics.fmean(held):.1f} ± {statistics.stdev(held):.1f}" in row
+
+
+def test_runs_trained_in_two_worker_processes_are_the_same_bytes(demo, tmp_path):
+    """`--jobs 2` retrains seed 0's stage1, direct and proclip (which waits for stage1) of a copy of the demo in two
+    worker processes: the same weights byte for byte, the same table; each run's trainer output is in its log."""
+    source, out = demo[0], tmp_path / "demo"
+    for part in ("world", "teacher", "embedding_cache", "steps", "runs/seed0"):
+        shutil.copytree(source / part, out / part)
+    shutil.copy(source / "demo_config.json", out)
+    (out / "init").symlink_to(source / "init")
+    retrained = ("stage1", "direct", "proclip")
+    for name in retrained:
+        shutil.rmtree(out / "runs" / "seed0" / name)
+    results = Demo(out, DemoConfig.quick(), progress=False, command="proclip demo --quick", jobs=2).run()
+    for name in retrained:
+        folder, before = out / "runs" / "seed0" / name, source / "runs" / "seed0" / name
+        assert (folder / "weights.safetensors").read_bytes() == (before / "weights.safetensors").read_bytes(), name
+        assert "train_runtime" in (folder / LOG_FILE).read_text()
+    proclip = results["runs"]["proclip"][0]
+    assert proclip["starts_from"] == "stage1" and proclip["test"] == demo[1]["runs"]["proclip"][0]["test"]
+
+    def scores(table):
+        return [{k: v for k, v in row.items() if k != "stage_seconds"} for row in table]
+
+    assert scores(results["table"]) == scores(demo[1]["table"])
+
+
+def test_jobs_are_checked():
+    from proclip_train.cli.demo import run_demo
+
+    assert build_parser().parse_args(["demo", "--quick"]).jobs == default_jobs() >= 1
+    with pytest.raises(UsageError, match="--jobs 0"):
+        run_demo(build_parser().parse_args(["demo", "--quick", "--jobs", "0"]))
 
 
 def test_combine_pools_teachers_and_seeds_and_marks_robust_differences(demo, tmp_path):

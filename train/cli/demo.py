@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ..demo import run as demo_run
+from ..demo.parallel import default_jobs
 from ..demo.report import (
     FIGURE_FILE,
     RUN_NAMES,
@@ -76,7 +77,11 @@ def run_demo(args: argparse.Namespace) -> dict:
     config = demo_config(args)
     out = args.out or ("proclip_demo_quick" if args.quick else "proclip_demo")
     command = "proclip demo " + shlex.join(sys.argv[2:]) if sys.argv[1:2] == ["demo"] else shlex.join(sys.argv)
-    return Demo(out, config, progress=not args.no_progress, command=command, threads=args.threads).run()
+    if args.jobs < 1:
+        raise UsageError(f"--jobs {args.jobs}: at least one process has to train the runs.",
+                         "Pass --jobs 1 to train them one after another in this process.")
+    return Demo(out, config, progress=not args.no_progress, command=command, threads=args.threads,
+                jobs=args.jobs).run()
 
 
 def combine_demos(folders: list[str], out: str) -> dict:
@@ -149,6 +154,9 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1: fastest for these small towers on a shared machine; "
                         "0 keeps torch's default)")
+    parser.add_argument("--jobs", type=int, default=default_jobs(),
+                        help="training runs trained at once, each in its own process on --threads threads (default: "
+                        f"the CPUs here, at most 4; now {default_jobs()}); the numbers do not depend on it")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--combine", nargs="+", metavar="DEMO_DIR",
                         help="instead of running: combine finished demos that differ only in --teacher-seed into one "

@@ -18,7 +18,9 @@ Steps (each writes a `done.json` in its folder, so a rerun skips what is finishe
                  proclip-nodistill  stage 1, then stage 2 without self-distillation (lambda = 0)
                each run is scored on the test split right after training (zero-shot on single-object images, seen
                and held-out classes apart; 1:1 retrieval with short, long and translated captions); `--runs` keeps
-               some of these rows, `--sweep` adds stage-2 settings on the first `--sweep-seeds` seeds
+               some of these rows, `--sweep` adds stage-2 settings on the first `--sweep-seeds` seeds; `--jobs N`
+               trains N runs at a time in worker processes (`parallel.py`), one thread each: the same numbers, bit
+               for bit
     stage0     with `--stage0` only: LLM2CLIP's caption-contrastive LoRA fine-tuning of the LLM on the stage-1
                caption corpus (`stage0.py`), then `init`, `embed` and per seed `stage0-stage1` / `stage0-proclip` again
                on that LLM: the "ProCLIP on the stage-0 LLM" row
@@ -67,6 +69,7 @@ from .config import (
     Stage2Setting,
     StageConfig,
 )
+from .parallel import LOG_FILE, RunTask, train_in_workers
 from .report import (
     FIGURE_FILE,
     STAGE0_TOWER_RUNS,
@@ -173,9 +176,10 @@ def train_stage(model, processor, dataset, cache, args: ProCLIPTrainingArguments
 
 class Demo:
     def __init__(self, out: str | Path, config: DemoConfig, progress: bool = True, command: str | None = None,
-                 threads: int | None = 1):
+                 threads: int | None = 1, jobs: int = 1):
         self.out = Path(out).resolve()
         self.threads = threads
+        self.jobs = jobs
         self.config = config
         self.progress = progress
         self.command = command or "proclip demo"
@@ -184,7 +188,7 @@ class Demo:
         self.stage0_dir = self.out / "stage0"
         self.final_dir = self.out / "final"
         self.space_dir = self.out / "space"
-        self._bases, self._caches = {}, {}
+        self._bases, self._caches, self._datasets = {}, {}, {}
         self._test = self._val = None
 
     # -- steps ---------------------------------------------------------------------------------------------------
@@ -218,23 +222,57 @@ class Demo:
         if self.config.stage0:
             steps += [("stage0", self.step_stage0), ("init-stage0", lambda: self.step_init("stage0")),
                       ("embed-stage0", lambda: self.step_embed("stage0"))]
-        for seed in range(self.config.seeds):
-            steps += [(f"seed {seed}: {name}", lambda s=seed, n=name: self.step_stage1(s, n))
-                      for name in self.stage1_runs()]
-            steps += [(f"seed {seed}: {name}", lambda s=seed, n=name: self.step_stage2(s, n))
-                      for name in self.stage2_runs()]
-            if seed < self.config.sweep_seeds:  # the settings sweep, on the first seed(s)
-                steps += [(f"seed {seed}: {c.name}", lambda s=seed, c=c: self.step_stage2(s, c.name, c))
-                          for c in self.config.sweep]
-        steps += [("final", self.step_final), ("report", self.step_report)]
-        bar = tqdm(steps, desc="proclip demo", unit="step", disable=not self.progress, position=0)
-        for name, step in bar:
-            bar.set_postfix_str(name)
-            log(f"{name} ...")
-            step()
+        tasks = self.run_tasks()
+        closing = [("final", self.step_final), ("report", self.step_report)]
+        bar = tqdm(total=len(steps) + len(tasks) + len(closing), desc="proclip demo", unit="step",
+                   disable=not self.progress, position=0)
+        for name, step in steps:
+            self._step(bar, name, step)
+        self.train_runs(tasks, bar)
+        for name, step in closing:
+            self._step(bar, name, step)
         bar.close()
         print(self.final_model_summary())
         return json.loads((self.out / "results.json").read_text())
+
+    @staticmethod
+    def _step(bar, name: str, step) -> None:
+        bar.set_postfix_str(name)
+        log(f"{name} ...")
+        step()
+        bar.update()
+
+    def run_tasks(self) -> list[RunTask]:
+        """The training runs, seed by seed: the stage-1 runs, the stage-2 rows, then the sweep on the first seeds."""
+        tasks = []
+        for seed in range(self.config.seeds):
+            tasks += [RunTask(seed, name, stage=1) for name in self.stage1_runs()]
+            tasks += [RunTask(seed, name, stage=2, after=self.start_run(name)) for name in self.stage2_runs()]
+            if seed < self.config.sweep_seeds:
+                tasks += [RunTask(seed, s.name, stage=2, setting=s, after=self.start_run(s.name, s))
+                          for s in self.config.sweep]
+        return tasks
+
+    def train_runs(self, tasks: list[RunTask], bar) -> None:
+        """Train the runs not finished yet: in this process with `jobs=1`, else in `jobs` worker processes
+        (`parallel.py`; the same numbers, bit for bit)."""
+        done = {(t.seed, t.name) for t in tasks if read_done(self.run_dir(t.seed, t.name)) is not None}
+        todo = [t for t in tasks if (t.seed, t.name) not in done]
+        bar.update(len(done))
+        if done:
+            log(f"{len(done)} run(s) done before, skipped")
+        if self.jobs <= 1 or len(todo) <= 1:
+            for task in todo:
+                self._step(bar, task.label, lambda t=task: t.train(self))
+            return
+        log(f"{len(todo)} runs in {self.jobs} worker processes (each run's log: runs/seedN/RUN/{LOG_FILE})")
+
+        def finished(task: RunTask, record: dict) -> None:
+            log(f"{task.label} finished in {record['wall_seconds']:.0f} s")
+            bar.set_postfix_str(task.label)
+            bar.update()
+
+        train_in_workers(self, todo, self.jobs, finished, done)
 
     def final_model_summary(self) -> str:
         """Where the trained model is, its size, and the three lines that load it."""
@@ -387,15 +425,21 @@ class Demo:
         return {"test": score(model, self.test_set(), cache), "val": score(model, self.val_set(), cache)}
 
     def stage1_dataset(self):
-        return load_world_split(self.world_dir, "stage1-captions").select_columns([STAGE1_CAPTION_COLUMN])
+        if "stage1" not in self._datasets:  # loaded once: resolving a world split's files takes seconds
+            self._datasets["stage1"] = load_world_split(self.world_dir, "stage1-captions").select_columns(
+                [STAGE1_CAPTION_COLUMN])
+        return self._datasets["stage1"]
 
     def stage2_dataset(self):
         """align-train with its short captions, and the long captions of the first `n_long_train` rows (blank
-        elsewhere, so the collator draws the short one there)."""
-        data = load_world_split(self.world_dir, "align-train").select_columns(["image", "caption_short", "caption_long"])
-        n = self.config.n_long_train
-        long = [c if i < n else "" for i, c in enumerate(data["caption_long"])]
-        return data.remove_columns("caption_long").add_column("caption_long", long)
+        elsewhere, so the collator draws the short one there). Loaded once."""
+        if "stage2" not in self._datasets:
+            data = load_world_split(self.world_dir, "align-train").select_columns(
+                ["image", "caption_short", "caption_long"])
+            n = self.config.n_long_train
+            long = [c if i < n else "" for i, c in enumerate(data["caption_long"])]
+            self._datasets["stage2"] = data.remove_columns("caption_long").add_column("caption_long", long)
+        return self._datasets["stage2"]
 
     def step_embed(self, tower: str = "llm"):
         cache_dir = self.tower_dirs(tower)[1]
@@ -460,6 +504,12 @@ class Demo:
                              self.config.reduction, start="stage1" if start else "fresh",
                              text_anchor_weight=self.config.text_anchor_weight if start else 0.0)
 
+    def start_run(self, name: str, setting: Stage2Setting | None = None) -> str | None:
+        """The stage-1 run a stage-2 run starts from (`None`: a fresh adapter)."""
+        if (setting or self.run_setting(name)).start != "stage1":
+            return None
+        return stage1_start(name) if setting is None else "stage1"
+
     def step_stage2(self, seed: int, name: str, setting: Stage2Setting | None = None):
         folder = self.run_dir(seed, name)
 
@@ -467,9 +517,7 @@ class Demo:
             tower = self.tower_of(name)
             run = setting or self.run_setting(name)
             stage = dataclasses.replace(self.config.stage2, lr=run.lr or self.config.stage2.lr)
-            start = None
-            if run.start == "stage1":
-                start = stage1_start(name) if setting is None else "stage1"
+            start = self.start_run(name, setting)
             base, processor = self.base(tower)
             state = load_file(str(self.run_dir(seed, start) / "weights.safetensors")) if start else None
             model = fresh_model(base, seed, state)
