@@ -251,10 +251,11 @@ def test_runs_trained_in_two_worker_processes_are_the_same_bytes(demo, tmp_path)
     assert scores(results["table"]) == scores(demo[1]["table"])
 
 
-def test_jobs_are_checked():
+def test_jobs_are_checked_and_the_teacher_flag_wired():
     from proclip_train.cli.demo import run_demo
 
-    assert build_parser().parse_args(["demo", "--quick"]).jobs == default_jobs() >= 1
+    args = build_parser().parse_args(["demo", "--quick", "--train-teacher"])
+    assert args.train_teacher and args.jobs == default_jobs() >= 1
     with pytest.raises(UsageError, match="--jobs 0"):
         run_demo(build_parser().parse_args(["demo", "--quick", "--jobs", "0"]))
 

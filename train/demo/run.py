@@ -6,7 +6,9 @@ Steps (each writes a `done.json` in its folder, so a rerun skips what is finishe
 
     world      a seeded synthetic world of coloured shapes (`synthetic_world.py`); some colour x shape combinations
                are held out of the stage-2 image-text data, but not of the teacher's data nor of stage 1's captions
-    teacher    a small CLIP trained on the whole world (`teacher.py`): the stand-in for OpenAI's CLIP
+    teacher    a small CLIP trained on the whole world (`teacher.py`): the stand-in for OpenAI's CLIP. For the default
+               world and recipe the package ships it (`release.py`: what this step trains, 29 min on one core), as
+               ProCLIP starts from a released CLIP; `--train-teacher` trains it anyway
     init       `build.build_checkpoint(teacher, LLM)`: a ProCLIP folder with a fresh adapter
     embed      every caption the demo uses, through the frozen LLM and the teacher's text tower, once (`cache.py`)
     runs       per seed, with `ProCLIPTrainer` on the cached embeddings:
@@ -70,6 +72,7 @@ from .config import (
     StageConfig,
 )
 from .parallel import LOG_FILE, RunTask, train_in_workers
+from .release import install_released_teacher, released_teacher
 from .report import (
     FIGURE_FILE,
     STAGE0_TOWER_RUNS,
@@ -176,10 +179,11 @@ def train_stage(model, processor, dataset, cache, args: ProCLIPTrainingArguments
 
 class Demo:
     def __init__(self, out: str | Path, config: DemoConfig, progress: bool = True, command: str | None = None,
-                 threads: int | None = 1, jobs: int = 1):
+                 threads: int | None = 1, jobs: int = 1, train_teacher: bool = False):
         self.out = Path(out).resolve()
         self.threads = threads
         self.jobs = jobs
+        self.train_teacher = train_teacher
         self.config = config
         self.progress = progress
         self.command = command or "proclip demo"
@@ -304,10 +308,18 @@ class Demo:
         return self._timed(self.out / "steps" / "world", build)
 
     def step_teacher(self):
+        """The released teacher when it is the one this world and recipe ask for (`release.py`), unless
+        `train_teacher`; else the teacher trained here."""
+
         def build():
-            train_teacher(self.world_dir, self.teacher_dir, self.config.teacher, progress=self.progress)
+            release = None if self.train_teacher else released_teacher(self.world_dir, self.config.teacher)
+            if release is not None:
+                install_released_teacher(release, self.teacher_dir)
+            else:
+                train_teacher(self.world_dir, self.teacher_dir, self.config.teacher, progress=self.progress)
             info = json.loads((self.teacher_dir / "teacher_info.json").read_text())
-            return {"teacher_train_seconds": info["train_seconds"], "parameters": info["parameters"]}
+            return {"teacher_train_seconds": info["train_seconds"], "parameters": info["parameters"],
+                    "source": "released" if release is not None else "trained"}
 
         return self._timed(self.out / "steps" / "teacher", build)
 
