@@ -72,9 +72,9 @@ def _train_in_worker(task: RunTask, log_path: str) -> dict:
         try:
             return task.train(_WORKER_DEMO)
         finally:
-            for stream in (1, 2):
-                os.dup2(saved[stream - 1], stream)
-                os.close(saved[stream - 1])
+            for stream, original in zip((1, 2), saved):
+                os.dup2(original, stream)
+                os.close(original)
 
 
 def default_jobs() -> int:
@@ -115,7 +115,5 @@ def train_in_workers(demo, tasks: list[RunTask], jobs: int, on_finished: Callabl
                     finished.add((task.seed, task.name))
                     on_finished(task, future.result())
         except BaseException:
-            for future in running:
-                future.cancel()
-            pool.shutdown(wait=True, cancel_futures=True)
+            pool.shutdown(wait=True, cancel_futures=True)  # the runs not started yet never start
             raise

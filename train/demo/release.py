@@ -16,11 +16,12 @@ Refresh it after a change to the teacher's recipe or format (its hash then no lo
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
+from ..training.shards import data_sha256
 from .report import environment_description
 from .teacher import (
     COMPLETE_MARKER,
@@ -37,11 +38,8 @@ TEACHER_FILES = ("config.json", "model.safetensors", "processor_config.json", "t
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return data_sha256(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
 
 
 def release_record(folder: Path = RELEASED_TEACHER_DIR) -> dict | None:
