@@ -185,9 +185,13 @@ def test_rerun_skips_finished_steps(demo):
 
 
 def test_another_config_in_the_same_folder_is_refused(demo):
+    from proclip_train.cli.demo import run_demo
+
     out, _ = demo
     with pytest.raises(FileExistsError):
         Demo(out, DemoConfig.quick(distill_weight=0.5), progress=False).run()
+    with pytest.raises(UsageError, match="holds a demo of another configuration; pick another --out"):  # 2 lines
+        run_demo(build_parser().parse_args(["demo", "--quick", "--out", str(out), "--lambda", "0.5"]))
 
 
 def test_a_text_anchor_setting_joins_the_sweep_of_the_finished_demo(demo):

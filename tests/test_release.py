@@ -71,3 +71,6 @@ def test_demo_teacher_step_installs_the_release(tmp_path):
     record = demo.step_teacher()
     assert record["source"] == "released" and record["teacher_train_seconds"] == release_record()["train_seconds"]
     assert (demo.teacher_dir / "model.safetensors").read_bytes() == (RELEASED_TEACHER_DIR / "model.safetensors").read_bytes()
+    # --train-teacher on that folder would otherwise skip the finished step and keep the released teacher
+    with pytest.raises(FileExistsError, match="released teacher.*--train-teacher"):
+        Demo(demo.out, DemoConfig.full(), progress=False, train_teacher=True).step_teacher()

@@ -80,8 +80,11 @@ def run_demo(args: argparse.Namespace) -> dict:
     if args.jobs < 1:
         raise UsageError(f"--jobs {args.jobs}: at least one process has to train the runs.",
                          "Pass --jobs 1 to train them one after another in this process.")
-    return Demo(out, config, progress=not args.no_progress, command=command, threads=args.threads,
-                jobs=args.jobs, train_teacher=args.train_teacher).run()
+    try:
+        return Demo(out, config, progress=not args.no_progress, command=command, threads=args.threads,
+                    jobs=args.jobs, train_teacher=args.train_teacher).run()
+    except FileExistsError as error:  # --out holds another demo's world, teacher or stage 0: the message says which
+        raise UsageError(str(error)) from None
 
 
 def combine_demos(folders: list[str], out: str) -> dict:

@@ -311,6 +311,11 @@ class Demo:
         """The released teacher when it is the one this world and recipe ask for (`release.py`), unless
         `train_teacher`; else the teacher trained here."""
 
+        done = read_done(self.out / "steps" / "teacher")
+        if self.train_teacher and done is not None and done.get("source") == "released":
+            raise FileExistsError(f"{self.teacher_dir} holds the package's released teacher, not one trained here; "
+                                  "pick another --out for --train-teacher")
+
         def build():
             release = None if self.train_teacher else released_teacher(self.world_dir, self.config.teacher)
             if release is not None:
