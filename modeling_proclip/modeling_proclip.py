@@ -627,11 +627,14 @@ CUSTOM_PIPELINES = {
 }
 
 
-# sentence-transformers (>= 5) reads a folder through its generic `Transformer` module: text goes through
+# sentence-transformers (>= 6) reads a folder through its generic `Transformer` module: text goes through
 # `get_text_features`, images through `get_image_features`; `SentenceTransformer(folder, trust_remote_code=True)`.
+# A `Normalize` module follows (as in normalised ST models: no folder of its own, its defaults), so that `encode`
+# gives what `encode_text` / `encode_image` give by default: unit-length embeddings.
 SENTENCE_TRANSFORMERS_FILES = {
     "modules.json": [
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.base.modules.transformer.Transformer"}
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.base.modules.transformer.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Normalize", "type": "sentence_transformers.base.modules.normalize.Normalize"},
     ],
     "sentence_bert_config.json": {
         "transformer_task": "feature-extraction",

@@ -150,9 +150,8 @@ def pipeline_on_a_batch_of_images():
 def sentence_transformers():
     from sentence_transformers import SentenceTransformer
     st = SentenceTransformer(folder, trust_remote_code=True, device="cpu")
-    return {"text_diff": max_diff(torch.as_tensor(st.encode(captions)), default_text),
-            "image_diff": max_diff(torch.as_tensor(st.encode(images)),
-                                   model.get_image_features(**processor(images=images)).pooler_output)}
+    return {"text_diff": max_diff(torch.as_tensor(st.encode(captions)), model.encode_text(captions)),
+            "image_diff": max_diff(torch.as_tensor(st.encode(images)), model.encode_image(images))}
 
 
 @idiom

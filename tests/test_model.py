@@ -304,15 +304,17 @@ def test_remote_code_pipeline_scores_equal_softmax_of_the_models_own_logits(tiny
     assert result["pipeline"] == pytest.approx(result["model"], abs=1e-5)
 
 
-def test_sentence_transformers_encodes_captions_and_images(tiny_proclip_dir, model, processor):
+def test_sentence_transformers_default_equals_encode_text_and_encode_image(tiny_proclip_dir, model, processor):
+    """`SentenceTransformer(folder).encode` with no options gives what `encode_text` / `encode_image` give: unit-length
+    embeddings (the folder's modules.json ends in a `Normalize` module, as normalised sentence-transformers models do)."""
     from sentence_transformers import SentenceTransformer
 
     st = SentenceTransformer(str(tiny_proclip_dir), trust_remote_code=True, device="cpu")
-    with torch.inference_mode():
-        expected_text = model.get_text_features(**processor(text=CAPTIONS)).pooler_output
-        expected_image = model.get_image_features(processor(images=[red_image()])["pixel_values"]).pooler_output
-    torch.testing.assert_close(torch.as_tensor(st.encode(CAPTIONS)), expected_text, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(torch.as_tensor(st.encode([red_image()])), expected_image, atol=1e-5, rtol=1e-4)
+    images = [red_image(), red_image("L", (50, 20))]
+    text, image = torch.as_tensor(st.encode(CAPTIONS)), torch.as_tensor(st.encode(images))
+    torch.testing.assert_close(text, model.encode_text(CAPTIONS, processor=processor), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(image, model.encode_image(images, processor=processor), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(text.norm(dim=-1), torch.ones(len(CAPTIONS)))
 
 
 def test_endpoint_handler_scores_a_base64_png(tiny_proclip_dir, model, processor):
