@@ -26,9 +26,9 @@ from .processing_proclip import (
     ProCLIPProcessor,
     ProCLIPZeroShotImageClassificationPipeline,
     configure_text_tokenizer,
-    open_image,
     zero_shot_labels,
 )
+from .images_proclip import ImagePolicy, UnreadableImage, open_image, to_rgb
 
 # Saved folders name these classes in `auto_map` (remote code); with the package installed, the Auto classes also
 # know them directly, so `AutoModel.from_pretrained(folder)` works without `trust_remote_code`.
@@ -47,6 +47,9 @@ __all__ = [
     "ProCLIPZeroShotImageClassificationPipeline",
     "configure_text_tokenizer",
     "open_image",
+    "ImagePolicy",
+    "UnreadableImage",
+    "to_rgb",
     "zero_shot_labels",
     "config_from_towers",
     "contrastive_loss",

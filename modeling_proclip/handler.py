@@ -25,22 +25,18 @@ A request that breaks a rule or a limit raises `ValueError` naming the problem (
 Limits (`Limits`) are read from `PROCLIP_<NAME>` environment variables, e.g. `PROCLIP_MAX_LABELS=1000`.
 
 Standalone on purpose: Inference Endpoints imports this file on its own, so it imports only the standard library,
-torch, PIL and transformers, and loads the model through remote code.
+torch, PIL and transformers, and loads the model and the image opener (`images_proclip.py`, shipped beside it)
+through remote code.
 """
 
-import base64
-import binascii
 import dataclasses
-import io
 import os
 import threading
-import urllib.error
-import urllib.parse
-import urllib.request
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from transformers import AutoModel, AutoProcessor
+from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 DEFAULT_TEMPLATE = "This is a photo of {}."  # the zero-shot pipeline's default
 PARAMETERS = ("candidate_labels", "hypothesis_template")
@@ -86,69 +82,31 @@ class Limits:
                 values[field.name] = type(field.default)(text)
         return cls(**values)
 
-
-def _megabytes(size: int) -> str:
-    return f"{size / 2**20:.1f} MB"
-
-
-class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        raise ValueError(f"image URL {req.full_url} redirects to {newurl}; give the final URL")
+    def image_policy(self):
+        """The `ImagePolicy` of these limits: no local paths, URLs only to `image_url_hosts`, bounded sizes."""
+        return ImagePolicy(allow_paths=False, url_hosts=self.image_url_hosts, url_timeout=self.url_timeout,
+                           max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
 
 
-def fetch_image_url(url: str, limits: Limits) -> bytes:
-    """The bytes at an `http(s)://` URL whose host is in `limits.image_url_hosts`, at most `max_image_bytes`."""
-    parsed = urllib.parse.urlsplit(url)
-    host = (parsed.hostname or "").lower()
-    if not limits.image_url_hosts:
-        raise ValueError("image URLs are not accepted by this endpoint (PROCLIP_IMAGE_URL_HOSTS is empty); "
-                         "send the image as base64")
-    if host not in limits.image_url_hosts:
-        raise ValueError(f"image URL host {host!r} is not allowed; allowed: {', '.join(limits.image_url_hosts)}")
-    opener = urllib.request.build_opener(_NoRedirects)
-    try:
-        with opener.open(url, timeout=limits.url_timeout) as response:
-            content = response.read(limits.max_image_bytes + 1)
-    except urllib.error.HTTPError as error:
-        raise ValueError(f"image URL {url} answered HTTP {error.code}") from error
-    except (urllib.error.URLError, OSError) as error:
-        raise ValueError(f"image URL {url} could not be fetched: {getattr(error, 'reason', error)}") from error
-    if len(content) > limits.max_image_bytes:
-        raise ValueError(f"image URL {url} holds more than {_megabytes(limits.max_image_bytes)}, the limit")
-    return content
+def _checkpoint_code(name: str):
+    """`images_proclip.<name>` from the folder this file ships in, imported as transformers imports remote code
+    (Endpoints import this file on its own, not as part of a package)."""
+    return get_class_from_dynamic_module(f"images_proclip.{name}", os.path.dirname(os.path.abspath(__file__)))
+
+
+ImagePolicy, open_image = _checkpoint_code("ImagePolicy"), _checkpoint_code("open_image")
 
 
 def decode_image(inputs, limits: Limits = Limits()) -> Image.Image:
     """An RGB PIL image from a PIL image, raw bytes, a base64 string (a `data:` URL prefix is allowed) or an allowed
-    http(s) URL. Raises `ValueError` naming what is wrong."""
-    if isinstance(inputs, Image.Image):
-        return inputs.convert("RGB")
-    if isinstance(inputs, str):
-        if inputs.startswith(("http://", "https://")):
-            inputs = fetch_image_url(inputs, limits)
-        else:
-            text = inputs.split(",", 1)[-1] if inputs.startswith("data:") else inputs
-            if len(text) * 3 // 4 > limits.max_image_bytes:  # refused before decoding
-                raise ValueError(f"the image is about {_megabytes(len(text) * 3 // 4)}; the limit is "
-                                 f"{_megabytes(limits.max_image_bytes)}")
-            try:
-                inputs = base64.b64decode(text, validate=True)
-            except (binascii.Error, ValueError) as error:
-                raise ValueError(f"the image is not valid base64 ({error})") from error
-    if not isinstance(inputs, (bytes, bytearray)):
+    http(s) URL, read by the checkpoint's `images_proclip.open_image` within `limits`. Raises `ValueError` naming
+    what is wrong."""
+    if isinstance(inputs, str) and inputs.startswith(("http://", "https://")) and not limits.image_url_hosts:
+        raise ValueError("image URLs are not accepted by this endpoint (PROCLIP_IMAGE_URL_HOSTS is empty); "
+                         "send the image as base64")
+    if not isinstance(inputs, (str, bytes, bytearray, Image.Image)):
         raise ValueError(f"an image must be a base64 string or an image URL, not {type(inputs).__name__}")
-    if len(inputs) > limits.max_image_bytes:
-        raise ValueError(f"the image is {_megabytes(len(inputs))}; the limit is {_megabytes(limits.max_image_bytes)}")
-    try:
-        image = Image.open(io.BytesIO(inputs))
-        width, height = image.size
-        if width * height > limits.max_image_pixels:
-            raise ValueError(f"the image is {width} x {height} pixels; the limit is {limits.max_image_pixels} pixels")
-        image.load()
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as error:
-        detail = "" if isinstance(error, UnidentifiedImageError) else f" ({error})"  # its text is a BytesIO repr
-        raise ValueError(f"the data is not an image PIL can read{detail}") from error
-    return image.convert("RGB")
+    return open_image(inputs, limits.image_policy())
 
 
 def candidate_labels(parameters: dict, limits: Limits = Limits()) -> list[str]:

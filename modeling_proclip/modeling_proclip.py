@@ -1,7 +1,7 @@
 """ProCLIP: a CLIP image tower and an LLM-based text embedder joined by an adapter (arXiv 2510.18795).
 
-Shipped as is inside every exported checkpoint folder (Hub remote code), next to `configuration_proclip.py` and
-`processing_proclip.py`: it imports only those two, the standard library, torch and transformers.
+Shipped as is inside every exported checkpoint folder (Hub remote code), next to `configuration_proclip.py`,
+`processing_proclip.py` and `images_proclip.py`: it imports only those, the standard library, torch and transformers.
 
 Data flow, text:  input_ids -> text_model (LLM, frozen) -> pooling -> text_adapter -> text embedding (D)
 Data flow, image: pixel_values -> vision_model (CLIP ViT) -> visual_projection -> image embedding (D)
@@ -38,7 +38,8 @@ except ImportError:  # the installed package
         ProCLIPConfig,
         TextTowerSettings,
     )
-from .processing_proclip import ProCLIPProcessor, configure_text_tokenizer, open_image
+from .images_proclip import ImagePolicy, open_image
+from .processing_proclip import ProCLIPProcessor, configure_text_tokenizer
 
 logger = logging.get_logger(__name__)
 
@@ -496,14 +497,15 @@ class ProCLIPModel(ProCLIPPreTrainedModel):
         show_progress_bar: bool = False,
         convert_to_numpy: bool = False,
         processor: ProCLIPProcessor | None = None,
-        url_timeout: float = 10.0,
+        image_policy: ImagePolicy = ImagePolicy(),
     ):
         """Embed images in batches, in inference mode, on the model's device and dtype.
 
         Args:
-            images: one image or a list: PIL images, local paths, http(s) URLs (fetched with `urllib`, one request
-                each, within `url_timeout` seconds, no retries), `data:image/...;base64,` URIs, or encoded bytes.
-                They are opened a batch at a time.
+            images: one image or a list: PIL images, local paths, http(s) URLs (one request each, no retries),
+                `data:image/...;base64,` URIs or base64 strings, or encoded bytes. They are opened a batch at a time by
+                `images_proclip.open_image`, which raises `UnreadableImage` (an `OSError`) for one it cannot read.
+            image_policy: what may be read and how large (default: paths and any URL, 10 s per URL, no size bound).
             batch_size, normalize, truncate_dim, show_progress_bar, convert_to_numpy, processor: as in `encode_text`.
         Returns:
             float32 `(len(images), D)` embeddings in the order given (`(D,)` for one image), on the model's device,
@@ -514,7 +516,7 @@ class ProCLIPModel(ProCLIPPreTrainedModel):
         image_processor = (processor or self.encoding_processor()).image_processor
 
         def embed(batch: list) -> torch.Tensor:
-            pixels = image_processor([open_image(item, url_timeout) for item in batch], return_tensors="pt")
+            pixels = image_processor([open_image(item, image_policy) for item in batch], return_tensors="pt")
             return self.get_image_features(pixels["pixel_values"].to(self.device, self.dtype)).pooler_output
 
         embeds = self._embed_in_batches(items, list(range(len(items))), embed, batch_size, show_progress_bar, "images")
@@ -689,7 +691,9 @@ def config_from_towers(
     return config
 
 
-REMOTE_CODE_FILES = ("configuration_proclip.py", "modeling_proclip.py", "processing_proclip.py")
+REMOTE_CODE_FILES = (
+    "configuration_proclip.py", "modeling_proclip.py", "processing_proclip.py", "images_proclip.py"
+)
 ENDPOINT_HANDLER_FILE = "handler.py"
 
 

@@ -1,8 +1,8 @@
 """ProCLIP processor: the CLIP image processor and the LLM embedder's tokenizer, behind one call.
 
 Shipped as is inside every exported checkpoint folder (Hub remote code): it imports only the standard library,
-torch, PIL, tokenizers (a transformers dependency) and transformers. Besides the processor it holds what else turns
-user inputs into model inputs: `open_image` (paths, URLs, data URIs) and the zero-shot pipeline's input checks.
+torch, tokenizers (a transformers dependency) and transformers. Besides the processor it holds the zero-shot
+pipeline's input checks (images are opened by `images_proclip.open_image`).
 
 The text side of ProCLIP must give one embedding per caption whoever tokenizes it — the zero-shot pipeline (which
 calls the tokenizer directly), this processor, training, or the embedding cache. So everything that shapes the token
@@ -10,12 +10,6 @@ ids (prompt wrapping, instruction, EOS, padding side, the length limit) is writt
 `configure_text_tokenizer`, never left to caller code.
 """
 
-import base64
-import io
-import os
-import urllib.request
-
-import PIL.Image
 import torch
 from tokenizers import processors
 from transformers import (
@@ -174,28 +168,6 @@ def _with_channels(image):
     return image[..., None].repeat(3, axis=-1)  # numpy
 
 
-def open_image(source, url_timeout: float) -> PIL.Image.Image:
-    """A PIL image from a PIL image, a local path, an http(s) URL (urllib, within `url_timeout` s), a base64
-    `data:` URI or encoded bytes."""
-    if isinstance(source, PIL.Image.Image):
-        return source
-    if isinstance(source, str) and source.startswith("data:"):
-        header, _, payload = source.partition(",")
-        if not header.endswith(";base64"):
-            raise ValueError(f"Only base64 data URIs are images here; got one starting {source[:40]!r}.")
-        source = base64.b64decode(payload)
-    elif isinstance(source, str) and source.startswith(("http://", "https://")):
-        with urllib.request.urlopen(source, timeout=url_timeout) as response:
-            source = response.read()
-    if isinstance(source, (bytes, bytearray)):
-        source = io.BytesIO(source)
-    elif not isinstance(source, (str, os.PathLike)):
-        raise TypeError(f"Cannot read an image from a {type(source).__name__}.")
-    image = PIL.Image.open(source)
-    image.load()
-    return image
-
-
 class ProCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipeline):
     """transformers' zero-shot image classification pipeline, with its inputs checked first.
 
@@ -231,6 +203,5 @@ __all__ = [
     "ProCLIPProcessor",
     "ProCLIPZeroShotImageClassificationPipeline",
     "configure_text_tokenizer",
-    "open_image",
     "zero_shot_labels",
 ]

@@ -25,9 +25,10 @@ from proclip_train.training.data import (
     load_image_text_dataset,
     longest_first_batches,
     split_names,
-    to_rgb,
 )
 from transformers import CLIPImageProcessor
+
+from modeling_proclip import to_rgb
 
 datasets.disable_progress_bars()
 

@@ -25,6 +25,7 @@ from transformers import AutoModel, AutoTokenizer, CLIPModel, pipeline
 
 from configuration_proclip import ProCLIPConfig, text_tower_preset
 from modeling_proclip import (
+    ImagePolicy,
     ProCLIPAdapter,
     ProCLIPModel,
     ProCLIPProcessor,
@@ -508,7 +509,7 @@ def test_encode_image_fetches_urls_within_its_timeout(model, processor):
         torch.testing.assert_close(got, model.encode_image(red_image(), processor=processor))
         start = time.perf_counter()
         with pytest.raises(OSError):  # socket timeout (URLError / TimeoutError)
-            model.encode_image(f"{url}/slow.png", processor=processor, url_timeout=0.5)
+            model.encode_image(f"{url}/slow.png", processor=processor, image_policy=ImagePolicy(url_timeout=0.5))
         assert time.perf_counter() - start < 5
     finally:
         release.set()
@@ -578,8 +579,8 @@ def test_proclip_init_writes_a_loadable_folder(tmp_path, tiny_clip_dir, tiny_llm
           "--pooling", "last_token", "--adapter-blocks", "2", "--adapter-expansion", "1"])
     model = ProCLIPModel.from_pretrained(tmp_path)
     assert (model.config.pooling, model.config.adapter_blocks, len(model.text_adapter.blocks)) == ("last_token", 2, 2)
-    for name in ("configuration_proclip.py", "modeling_proclip.py", "processing_proclip.py", "handler.py",
-                 "model.safetensors", "processor_config.json", "tokenizer.json", "modules.json"):
+    for name in ("configuration_proclip.py", "modeling_proclip.py", "processing_proclip.py", "images_proclip.py",
+                 "handler.py", "model.safetensors", "processor_config.json", "tokenizer.json", "modules.json"):
         assert (tmp_path / name).is_file(), name
 
 

@@ -31,6 +31,7 @@ from transformers import (
     AutoProcessor,
     pipeline,
 )
+from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_TEMPLATE = "This is a photo of {}."  # the zero-shot pipeline's
@@ -99,21 +100,6 @@ def unreadable(name: str) -> gr.Error:
     return gr.Error(f"{name} is not an image this app can read (PNG, JPEG, WebP, GIF, …).")
 
 
-def open_image(path: str | None) -> Image.Image:
-    """The uploaded file as a loaded PIL image, or a message saying why not. Not converted: the pipeline applies
-    the EXIF orientation and converts to RGB itself, as it does for a file."""
-    if not path:
-        raise gr.Error("Upload an image first.")
-    try:
-        image = Image.open(path)
-        if image.width * image.height > MAX_IMAGE_PIXELS:
-            raise gr.Error(f"The image is {image.width} × {image.height} pixels: at most {MAX_IMAGE_PIXELS} pixels.")
-        image.load()
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as error:
-        raise unreadable(Path(path).name) from error
-    return image
-
-
 class ImageInput(gr.Image):
     """`gr.Image` that answers an upload it cannot open (a text file named .png) with a message in the page, where
     `gr.Image` shows a bare "Error"."""
@@ -153,6 +139,10 @@ class ProCLIPSpace:
         name = model_id(config)
         self.model = AutoModel.from_pretrained(name, trust_remote_code=True).eval()
         self.processor = AutoProcessor.from_pretrained(name, trust_remote_code=True)
+        # The checkpoint's own image opener (`images_proclip.py`), as its model code is loaded.
+        self.image_policy = get_class_from_dynamic_module("images_proclip.ImagePolicy", name)(
+            max_pixels=MAX_IMAGE_PIXELS)
+        self.read_image = get_class_from_dynamic_module("images_proclip.open_image", name)
         # As loading through AutoModelForZeroShotImageClassification would: the pipeline then knows the class.
         AutoModelForZeroShotImageClassification.register(type(self.model.config), type(self.model), exist_ok=True)
         self.classifier = pipeline("zero-shot-image-classification", model=self.model,
@@ -189,9 +179,20 @@ class ProCLIPSpace:
         logger.warning("gallery: %d images embedded, saved to %s", len(embeds), cache)
         return embeds
 
+    def open_image(self, path: str | None) -> Image.Image:
+        """The uploaded file as a loaded RGB PIL image, or a message saying why not."""
+        if not path:
+            raise gr.Error("Upload an image first.")
+        try:
+            return self.read_image(path, self.image_policy)
+        except OSError as error:  # `UnreadableImage`: a refusal by the policy, or PIL's failure (its cause)
+            if error.__cause__ is None:
+                raise gr.Error(f"{str(error)[0].upper()}{str(error)[1:]}.") from error
+            raise unreadable(Path(path).name) from error
+
     def classify(self, image: str | None, labels: str, template: str) -> dict[str, float]:
         """Zero-shot scores of comma-separated `labels` for the image file `image`: the pipeline's answer."""
-        picture, names, template = open_image(image), split_labels(labels), check_template(template)
+        picture, names, template = self.open_image(image), split_labels(labels), check_template(template)
         results = self.classifier(picture, candidate_labels=names, hypothesis_template=template)
         return {result["label"]: result["score"] for result in results}
 
@@ -211,7 +212,7 @@ class ProCLIPSpace:
 
     def rank(self, image: str | None, captions: str) -> dict[str, float]:
         """The captions (one per line) scored against the image: the pipeline with the template "{}"."""
-        picture, lines = open_image(image), split_captions(captions)
+        picture, lines = self.open_image(image), split_captions(captions)
         results = self.classifier(picture, candidate_labels=lines, hypothesis_template="{}")
         return {result["label"]: result["score"] for result in results}
 

@@ -39,6 +39,9 @@ import torch
 from datasets.packaged_modules.folder_based_builder.folder_based_builder import (
     FolderBasedBuilder,
 )
+from datasets.utils.file_utils import xopen
+
+from modeling_proclip import ImagePolicy, open_image, to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +52,9 @@ TOO_FEW_CAPTIONS = "too_few_captions"  # stage 0: a row without two different ca
 PATH_OUTSIDE_DATA = "path_outside_data"  # an image path (absolute, or with ../) that leaves the data folder
 SKIP_REASONS = (CORRUPT_IMAGE, EMPTY_CAPTION)
 SKIPPED_KEY = "skipped"
+# Data images: local files and embedded bytes; remote files are read by `datasets` (`decode_image`), never fetched
+# as URLs by the opener.
+DATA_IMAGES = ImagePolicy(url_hosts=())
 
 # File suffix -> `datasets` builder. Compression suffixes (.gz, .zst, ...) are looked through.
 _BUILDER_BY_SUFFIX = {
@@ -457,32 +463,20 @@ def _rows_inside_folder(dataset, image_column: str, root: str):
 
 
 def decode_image(value: Any) -> PIL.Image.Image:
-    """A dataset image value (`{"bytes", "path"}`, a path, bytes or a PIL image) -> a loaded RGB PIL image.
+    """A dataset image value (`{"bytes", "path"}`, a path, bytes or a PIL image) -> a loaded RGB PIL image, read by
+    the one image opener (`modeling_proclip.open_image`); remote paths (`hf://`, `https://`, ...) are read through
+    `datasets`' fsspec opener, as `datasets.Image` decodes them.
 
-    Raises whatever decoding raises (`OSError`, `ValueError`, `PIL.UnidentifiedImageError`, ...); EXIF orientation is
-    applied as `datasets` does.
+    Raises `UnreadableImage` (an `OSError`) for a missing file or undecodable bytes, `ValueError` for no image.
     """
-    if isinstance(value, (bytes, bytearray)):
-        value = {"bytes": bytes(value), "path": None}
-    elif isinstance(value, str):
-        value = {"bytes": None, "path": value}
+    if isinstance(value, Mapping):
+        value = value.get("bytes") if value.get("bytes") is not None else value.get("path")
     if value is None:
         raise ValueError("no image")
-    image = datasets.Image().decode_example(value) if isinstance(value, (dict, str)) else value
-    if not isinstance(image, PIL.Image.Image):
-        raise TypeError(f"expected an image, got {type(image).__name__}")
-    return to_rgb(image)
-
-
-def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
-    """Grayscale, palette, CMYK, ... -> RGB; transparency is composited on white, as `CLIPImageProcessor` does."""
-    if image.mode == "RGB":
-        return image
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        image = image.convert("RGBA")
-        background = PIL.Image.new("RGBA", image.size, (255, 255, 255, 255))
-        return PIL.Image.alpha_composite(background, image).convert("RGB")
-    return image.convert("RGB")
+    if isinstance(value, str) and "://" in value:
+        with xopen(value, "rb") as f:
+            return open_image(f.read(), DATA_IMAGES)
+    return open_image(value, DATA_IMAGES)
 
 
 def _size_field(size, key):
@@ -702,5 +696,4 @@ __all__ = [
     "load_image_text_dataset",
     "longest_first_batches",
     "split_names",
-    "to_rgb",
 ]
