@@ -42,7 +42,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
-from proclip_train.demo.teacher import train_tokenizer
+from proclip_train.training.bpe import train_tokenizer
 from proclip_train.training.arguments import ProCLIPTrainingArguments
 from proclip_train.training.cache import EmbeddingCache, build_embedding_cache
 from proclip_train.training.losses import InheritanceLoss

@@ -2,7 +2,7 @@
 
     python bench/bench_checkpoints.py [--steps 4] [--threads 2] [--out FILE.json]
 
-A stage-2 run of `ProCLIPTrainer` on the real SmolLM2-135M-Instruct (`demo/assets.py smollm2_dir()`, float32, the
+A stage-2 run of `ProCLIPTrainer` on the real SmolLM2-135M-Instruct (`training/packaged_towers.py`, float32, the
 frozen LLM) and a small CLIP image tower built from a config (4 layers, width 256, 224 px, patch 32, random weights),
 a checkpoint after every step, twice in one process, runs alternating: `lean_checkpoints = False` (the whole model in
 every checkpoint, as before) and `True` (the trained tensors, a hash reference to the frozen LLM, the same optimizer,
@@ -23,7 +23,7 @@ import datasets
 import numpy as np
 import torch
 from PIL import Image
-from proclip_train.demo.assets import smollm2_dir
+from proclip_train.training.packaged_towers import packaged_tower_dir
 from proclip_train.training.arguments import ProCLIPTrainingArguments
 from proclip_train.training.trainer import ProCLIPTrainer
 from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
@@ -36,7 +36,7 @@ BUDGET = 1.2  # a lean checkpoint's bytes / (trained parameters' bytes + optimiz
 def build_model_folder(workdir: Path) -> Path:
     """ProCLIP from a config-built CLIP (small ViT; a 1-layer text side, unused by ProCLIP) and the real SmolLM2."""
     torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
+    tokenizer = AutoTokenizer.from_pretrained(packaged_tower_dir("smollm2"))
     clip_config = CLIPConfig(
         text_config=dict(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                          num_attention_heads=2, max_position_embeddings=77),
@@ -47,9 +47,10 @@ def build_model_folder(workdir: Path) -> Path:
     CLIPModel(clip_config).save_pretrained(workdir / "clip")
     CLIPImageProcessor().save_pretrained(workdir / "clip")
     tokenizer.save_pretrained(workdir / "clip")
-    model = ProCLIPModel.from_towers(vision=workdir / "clip", text=smollm2_dir(), pooling="mean")
+    smollm2 = packaged_tower_dir("smollm2")
+    model = ProCLIPModel.from_towers(vision=workdir / "clip", text=smollm2, pooling="mean")
     model.save_pretrained(workdir / "proclip")
-    ProCLIPProcessor.from_towers(workdir / "clip", smollm2_dir(), model.config).save_pretrained(workdir / "proclip")
+    ProCLIPProcessor.from_towers(workdir / "clip", smollm2, model.config).save_pretrained(workdir / "proclip")
     return workdir / "proclip"
 
 

@@ -33,7 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import datasets  # noqa: E402
 import torch  # noqa: E402
-from proclip_train.demo.assets import minilm_dir, smollm2_dir  # noqa: E402
+from proclip_train.training.packaged_towers import packaged_tower_dir  # noqa: E402
 from proclip_train.demo.scores import LANGUAGES  # noqa: E402
 from proclip_train.demo.teacher import ZERO_SHOT_TEMPLATES, class_prompt  # noqa: E402
 from proclip_train.demo.world import read_metadata  # noqa: E402
@@ -198,10 +198,10 @@ def main() -> None:
             clip = CLIPModel(CLIPConfig(vision_config=dict(image_size=224, patch_size=32), projection_dim=512))
             clip.save_pretrained(work / "clip")
             CLIPImageProcessor().save_pretrained(work / "clip")
-            minilm = build_folder(work / "minilm", work / "clip", minilm_dir())
+            minilm = build_folder(work / "minilm", work / "clip", packaged_tower_dir("minilm"))
             results["image_vit_b32_8x224"] = bench_image(minilm, args.threads, args.repeats)
             results["text_minilm_256"] = bench_text(minilm, args.threads, args.repeats)
-            smollm2 = build_folder(work / "smollm2", work / "clip", smollm2_dir(), **SMOLLM2_SETTINGS)
+            smollm2 = build_folder(work / "smollm2", work / "clip", packaged_tower_dir("smollm2"), **SMOLLM2_SETTINGS)
             results["text_smollm2_256"] = bench_text(smollm2, args.threads, args.repeats)
         for name in ("image_vit_b32_8x224", "text_minilm_256", "text_smollm2_256"):
             r = results[name]

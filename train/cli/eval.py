@@ -35,13 +35,9 @@ from ..evaluation.tasks import (
 from ..evaluation.templates import OPENAI_IMAGENET_TEMPLATES, load_templates
 from ..evaluation.text_towers import load_text_tower
 from ..training.data import DataSpec
+from ..training.registry import DEFAULT_CAPTION_COLUMN, DEFAULT_IMAGE_COLUMN, DEFAULT_LABEL_COLUMN
 from .errors import UsageError
-from .flags import (
-    DEFAULT_CAPTION_COLUMN,
-    DEFAULT_IMAGE_COLUMN,
-    DEFAULT_LABEL_COLUMN,
-    add_caption_column_argument,
-)
+from .flags import add_caption_column_argument
 
 
 def _version(package: str) -> str | None:

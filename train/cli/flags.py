@@ -15,9 +15,7 @@ from pathlib import Path
 
 import yaml
 
-DEFAULT_IMAGE_COLUMN = "image"
-DEFAULT_CAPTION_COLUMN = "caption"
-DEFAULT_LABEL_COLUMN = "label"
+from ..training.registry import DEFAULT_CAPTION_COLUMN
 
 
 class FlagParser(argparse.ArgumentParser):

@@ -3,9 +3,9 @@
 import argparse
 from pathlib import Path
 
-from ..demo.assets import resolve_text_tower
 from ..hub.init import build_checkpoint
-from .checks import demo_teacher
+from ..training.packaged_towers import resolve_text_tower
+from ..training.registry import teacher_in
 from .errors import UsageError
 
 
@@ -41,7 +41,7 @@ def add_init_parser(subparsers) -> None:
 
 
 def _run_init(args) -> None:
-    vision, text = str(demo_teacher(args.vision) or args.vision), resolve_text_tower(args.text)
+    vision, text = str(teacher_in(args.vision) or args.vision), resolve_text_tower(args.text)
     # Local towers are recorded by absolute path, so that stage 1 finds its teacher from any working directory (model
     # cards name them by folder name only).
     vision, text = (str(Path(tower).resolve()) if Path(tower).is_dir() else tower for tower in (vision, text))

@@ -30,7 +30,6 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_proclip import ProCLIPModel, ProCLIPProcessor
 
-from ..demo.assets import resolve_text_tower
 from ..hub.init import has_untrained_adapter
 from ..training.arguments import ProCLIPTrainingArguments
 from ..training.cache import (
@@ -41,6 +40,7 @@ from ..training.cache import (
 )
 from ..training.checkpoints import CheckpointMismatchError, NonFiniteWeightsError
 from ..training.data import load_image_text_dataset
+from ..training.packaged_towers import resolve_text_tower
 from ..training.stage0 import train_stage0
 from ..training.trainer import NonFiniteLossError, NoSamplesTrainedError, ProCLIPTrainer
 from .errors import UsageError

@@ -60,10 +60,11 @@ from ..hub.push import check_remote_code_loads, human_size
 from ..hub.space import SpaceOptions, run_instructions, write_space
 from ..training.arguments import ProCLIPTrainingArguments
 from ..training.cache import EmbeddingCache, build_embedding_cache
+from ..training.packaged_towers import resolve_text_tower
+from ..training.registry import TEACHER_SUBFOLDER
 from ..training.stage0 import STAGE0_REPORT_FILE, run_stage0
-from ..training.stages import load_clip_text_teacher
+from ..training.stages import ContrastiveStage, load_clip_text_teacher
 from ..training.trainer import ProCLIPTrainer
-from .assets import resolve_text_tower
 from .config import (
     ADDITIVE_FIELDS,
     DemoConfig,
@@ -131,12 +132,11 @@ def log(message: str) -> None:
 # Training one stage with ProCLIPTrainer
 # ---------------------------------------------------------------------------------------------------------------------
 
-TRAINABLE = ("text_adapter", "vision_model", "visual_projection", "logit_scale")
-
-
 def trainable_state(model) -> dict[str, torch.Tensor]:
-    """What the stages change (the frozen LLM left out): saved per run, a few MB instead of the LLM's hundreds."""
-    return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items() if k.split(".")[0] in TRAINABLE}
+    """What the stages change (stage 2's trainable parts, a superset of stage 1's; the frozen LLM left out): saved per
+    run, a few MB instead of the LLM's hundreds."""
+    trainable = ContrastiveStage.trainable
+    return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items() if k.split(".")[0] in trainable}
 
 
 def fresh_model(base, seed: int, start_state: dict | None = None):
@@ -188,7 +188,7 @@ class Demo:
         self.progress = progress
         self.command = command or "proclip demo"
         self.world_dir = self.out / "world"
-        self.teacher_dir = self.out / "teacher"
+        self.teacher_dir = self.out / TEACHER_SUBFOLDER  # `proclip init --vision OUT` finds it
         self.stage0_dir = self.out / "stage0"
         self.final_dir = self.out / "final"
         self.space_dir = self.out / "space"

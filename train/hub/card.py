@@ -27,7 +27,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from ..evaluation.tasks import class_names_and_labels, load_eval_dataset
-from ..training.arguments import STAGE_ALIASES
+from ..training.registry import STAGE_NUMBERS
 from ..training.cache import read_safetensors_header
 from ..training.data import decode_image
 from .results import (
@@ -261,7 +261,7 @@ STAGE_TITLES = {
 
 def stage_title(stage) -> str:
     """The card's section title of a stage as a run records it (`2`, `"2"`, `"contrastive"`, ...)."""
-    return STAGE_TITLES.get(STAGE_ALIASES.get(str(stage), str(stage)), f"Stage {stage}")
+    return STAGE_TITLES.get(STAGE_NUMBERS.get(str(stage), str(stage)), f"Stage {stage}")
 
 
 def _flatten(value, prefix: str = "", max_items: int = 8) -> list[tuple[str, str]]:
@@ -331,7 +331,7 @@ def read_training_run(folder: Path, max_rows: int = 48) -> dict | None:
     args, state, report = (records[name] or {} for name in TRAINING_FILES)
 
     stage = next((r["stage"] for r in (report, args) if r.get("stage") is not None), None)
-    names = [*RUN_ARGS, *STAGE_ARGS.get(STAGE_ALIASES.get(str(stage), str(stage)), ()), *OPTIMISATION_ARGS]
+    names = [*RUN_ARGS, *STAGE_ARGS.get(STAGE_NUMBERS.get(str(stage), str(stage)), ()), *OPTIMISATION_ARGS]
     rows = [(key, format_value(args[key])) for key in names if args.get(key) not in (None, "", [])]
     rows += _trainer_state_rows(state)
     seen = {name for name, _ in rows}

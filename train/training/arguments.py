@@ -23,24 +23,17 @@ from configuration_proclip import POOLING_MODES
 
 from .losses import REDUCTIONS, STRUCTURE_FORMS
 from .optimization import MASTER_UPDATES, MASTER_WEIGHT_OPTIMIZERS, uses_master_weights
+from .registry import (
+    CURRICULUM_STAGES,
+    DEFAULT_CAPTION_COLUMN,
+    DEFAULT_IMAGE_COLUMN,
+    STAGE_NUMBERS,
+    canonical_stage,
+)
 
-# `--stage` values: the curriculum's numbers and the stages' names (`stages.STAGES`).
-STAGE_ALIASES = {"0": "caption-contrastive", "1": "inheritance", "2": "contrastive"}
-CURRICULUM_STAGES = ("caption-contrastive", "inheritance", "contrastive")
 # Learning rates where a stage's recipe differs from TrainingArguments' 5e-5: LLM2Vec's LoRA rate for stage 0.
 STAGE_LEARNING_RATES = {"caption-contrastive": 2e-4}
 DEFAULT_LEARNING_RATE = 5e-5
-
-
-def canonical_stage(stage: str | int | None) -> str | None:
-    """`0`/`1`/`2` or a stage's name -> the stage's name (`None` stays `None`); other values raise `ValueError`."""
-    if stage is None:
-        return None
-    name = STAGE_ALIASES.get(str(stage), str(stage))
-    if name not in CURRICULUM_STAGES and name != "masked-next-token":
-        known = ", ".join([*STAGE_ALIASES, *CURRICULUM_STAGES])
-        raise ValueError(f"Unknown stage {stage!r}; choose one of {known}.")
-    return name
 
 
 def _option(default, help: str, **metadata):
@@ -54,7 +47,7 @@ class ProCLIPTrainingArguments(TrainingArguments):
     # -- what runs, on what ------------------------------------------------------------------------------------------
     stage: str | None = _option(
         None, "Curriculum stage: 0 / caption-contrastive, 1 / inheritance, 2 / contrastive.",
-        choices=[*STAGE_ALIASES, *CURRICULUM_STAGES],
+        choices=[*STAGE_NUMBERS, *CURRICULUM_STAGES],
     )
     model: str | None = _option(None, "Stages 1-2: the ProCLIP folder or Hub id to start from (`proclip init`, or "
                                 "stage 1's output).")
@@ -65,9 +58,9 @@ class ProCLIPTrainingArguments(TrainingArguments):
     output_dir: str | None = _option(None, "Where the trained model goes.", aliases=["--out"])
     split: str = _option("train", "Dataset split (slicing such as train[:10000] works).")
     streaming: bool = _option(False, "Stream the dataset (then set --max_steps).")
-    image_column: str = _option("image", "Stage 2: the image column.")
+    image_column: str = _option(DEFAULT_IMAGE_COLUMN, "Stage 2: the image column.")
     caption_column: list[str] | None = _option(
-        None, "Caption column(s); repeat the flag or list several (default: caption). Stages 1-2 draw one caption per "
+        None, f"Caption column(s); repeat the flag or list several (default: {DEFAULT_CAPTION_COLUMN}). Stages 1-2 draw one caption per "
         "sample; stage 0 draws two different ones as a positive pair.", action="extend",
     )
     noise_caption_column: str | None = _option(None, "Stage 1: a second caption view per sample that adds its own "
@@ -220,7 +213,7 @@ class ProCLIPTrainingArguments(TrainingArguments):
     @property
     def caption_columns(self) -> list[str]:
         """The caption columns to read (`caption` when none is given)."""
-        return list(self.caption_column or ["caption"])
+        return list(self.caption_column or [DEFAULT_CAPTION_COLUMN])
 
 
-__all__ = ["STAGE_ALIASES", "CURRICULUM_STAGES", "ProCLIPTrainingArguments", "canonical_stage"]
+__all__ = ["ProCLIPTrainingArguments"]
