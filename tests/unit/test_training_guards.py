@@ -11,73 +11,30 @@
 
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 
 import datasets
-import numpy as np
 import pytest
 import torch
 from proclip_train.cli import main
-from proclip_train.training.cache import (
-    EmbeddingCache,
-    caption_key,
-    read_safetensors_header,
-    shard_paths,
-)
 from proclip_train.training.checkpoints import NonFiniteWeightsError
 from proclip_train.training.trainer import (
     NonFiniteLossError,
     NoSamplesTrainedError,
     ProCLIPTrainer,
 )
-from safetensors import safe_open
 from safetensors.torch import load_file
-from test_trainer import image_dataset, image_rows, snapshot, training_args
+from training_data import (
+    COMMON,
+    image_dataset,
+    image_folder,
+    poison_cached_row,
+    snapshot,
+    training_args,
+)
 
 from modeling_proclip import ProCLIPModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-COMMON = ["--use_cpu", "--disable_tqdm", "true", "--report_to", "none", "--logging_steps", "1", "--seed", "0"]
-
-
-def image_folder(folder, n: int):
-    """An imagefolder of `n` noisy single-colour PNGs with a `caption` column; returns the captions."""
-    folder.mkdir()
-    rows = image_rows(n)
-    metadata = []
-    for i, (image, caption) in enumerate(zip(rows["image"], rows["caption"])):
-        image.save(folder / f"{i}.png")
-        metadata.append({"file_name": f"{i}.png", "caption": caption})
-    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(m) for m in metadata))
-    return rows["caption"]
-
-
-def poison_cached_row(cache_dir, caption: str) -> None:
-    """Write NaN over the cached LLM embedding of `caption`, in place in its shard, after the cache has checked and
-    stamped the file and keeping its modification time: damage the cache's once-per-file check cannot see (bit rot,
-    another tool), so the NaN reaches the trainer as a cache hit and the trainer's own guard must catch it."""
-    EmbeddingCache(cache_dir)  # the first open checks every shard whole and stamps it
-    for path in shard_paths(cache_dir):
-        stat = os.stat(path)
-        with safe_open(str(path), "pt") as shard:
-            keys = shard.get_tensor("keys").numpy()
-        rows = np.nonzero((keys == np.frombuffer(caption_key(caption), np.uint8)).all(1))[0]
-        if len(rows):
-            header, data_start = read_safetensors_header(path)
-            info = header["llm"]
-            assert info["dtype"] == "F32"
-            width = info["shape"][1]
-            with open(path, "r+b") as f:
-                f.seek(data_start + info["data_offsets"][0] + int(rows[0]) * width * 4)
-                f.write(np.full(width, np.nan, np.float32).tobytes())
-            os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-            return
-    raise AssertionError(f"{caption!r} is not in the cache")
-
 
 def run_train(argv, capsys) -> tuple[int, str]:
     """`proclip train ...` in this process: (exit code, stderr)."""
@@ -178,33 +135,3 @@ def test_proclip_train_on_bad_rows_exits_1_and_saves_nothing(tmp_path, tiny_proc
     assert not (out / "model.safetensors").exists() and not (out / "training_report.json").exists()
 
 
-def test_under_ddp_every_rank_stops_or_skips_alike(tmp_path, tiny_proclip_dir):
-    """Two gloo ranks, the NaN row on one of them: both stop with the message (naming the rank), or with
-    --skip_nonfinite_steps both skip that step, so the ranks' weights never part."""
-    captions = image_folder(tmp_path / "data", 32)
-    main(["embed", "--model", str(tiny_proclip_dir), "--data", str(tmp_path / "data"), "--no-teacher"])
-    poison_cached_row(tmp_path / "data" / "proclip_embedding_cache", captions[13])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-
-    def torchrun(out, *flags):
-        return subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-             "-m", "proclip_train.cli", "train", "--stage", "2", "--model", str(tiny_proclip_dir), "--data",
-             str(tmp_path / "data"), "--out", str(tmp_path / out), "--per_device_train_batch_size", "4",
-             "--max_steps", "4", "--learning_rate", "1e-3", "--save_strategy", "no", *COMMON, *flags],
-            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )  # fmt: skip
-
-    stopped = torchrun("stopped")
-    assert stopped.returncode != 0
-    assert stopped.stderr.count("Non-finite loss (nan) at step") == 2  # each rank says it, alike
-    assert "on rank" in stopped.stderr and f"{captions[13]!r} (llm_embeds)" in stopped.stderr
-    assert not (tmp_path / "stopped" / "model.safetensors").exists()
-
-    skipped = torchrun("skipped", "--skip_nonfinite_steps")
-    assert skipped.returncode == 0, skipped.stderr[-3000:]
-    report = json.loads((tmp_path / "skipped" / "training_report.json").read_text())
-    assert (report["steps_skipped_nonfinite"], report["samples_trained"]) == (1, 3 * 8)
-    assert all(torch.isfinite(t).all() for t in load_file(tmp_path / "skipped" / "model.safetensors").values())

@@ -27,11 +27,6 @@ CAPTIONS = [f"a {c} {s} on a {b} background" for c in ("red", "blue", "green", "
 
 
 @pytest.fixture(scope="module")
-def model(tiny_proclip_dir):
-    return ProCLIPModel.from_pretrained(tiny_proclip_dir).eval()
-
-
-@pytest.fixture(scope="module")
 def teacher(tiny_clip_dir):
     from transformers import AutoTokenizer
 

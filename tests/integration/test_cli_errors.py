@@ -19,7 +19,10 @@ from conftest import minilm_folder
 from PIL import Image
 from proclip_train.cli import build_parser
 from proclip_train.cli.train import build_train_argument_parser, parse_train_args
-from proclip_train.training.packaged_towers import packaged_tower_dir, resolve_text_tower
+from proclip_train.training.packaged_towers import (
+    packaged_tower_dir,
+    resolve_text_tower,
+)
 from proclip_train.training.registry import MINILM
 
 SECONDS = 5.0  # the most a refused command line may take, interpreter start included

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import require_module
 from PIL import Image
 
-pytest.importorskip("onnxruntime")
-pytest.importorskip("onnxscript")
+require_module("onnxruntime")
+require_module("onnxscript")
 
 from proclip_train.cli import main  # noqa: E402
 from proclip_train.hub.card import build_model_card  # noqa: E402
@@ -29,7 +30,7 @@ from proclip_train.hub.push import files_to_upload  # noqa: E402
 
 from modeling_proclip import ProCLIPModel, ProCLIPProcessor  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
 # Text settings that exercise the checkpoint's own pooling: a decoder run bidirectionally, mean pooling with the
 # instruction's tokens left out, a chat template around the caption, left padding; and last-token pooling.

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TRAIN = ROOT / "train"
 PACKAGE = "proclip_train"
 # Floors, highest first: a module imports its own floor and those below it, never one above.

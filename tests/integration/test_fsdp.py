@@ -19,7 +19,7 @@ import pytest
 import torch
 from proclip_train.cli import main
 from safetensors.torch import load_file
-from test_trainer import flat_colour_images
+from training_data import flat_colour_images
 
 FSDP_CONFIG = {"transformer_layer_cls_to_wrap": ["CLIPEncoderLayer", "ProCLIPAdapterBlock"],
                "state_dict_type": "FULL_STATE_DICT"}

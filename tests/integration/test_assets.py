@@ -6,7 +6,7 @@ import time
 
 import pytest
 import torch
-from conftest import require_package
+from conftest import require_module, require_package
 from proclip_train.training import packaged_towers
 from proclip_train.training.registry import GEMMA3, MINILM, SMOLLM2
 from transformers import AutoModel, AutoTokenizer
@@ -45,7 +45,7 @@ def test_converted_smollm2_loads_offline_with_auto_classes(smollm2_folder):
 @needs_smollm2
 def test_converted_weights_are_the_gguf_blocks_dequantised(smollm2_folder):
     """Checked against the `gguf` package's own dequantiser, on tensors llama.cpp stores unpermuted."""
-    gguf = pytest.importorskip("gguf")
+    gguf = require_module("gguf")
     from gguf.quants import dequantize
     from safetensors import safe_open
 

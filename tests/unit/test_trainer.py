@@ -13,101 +13,36 @@ What is checked:
 - `proclip train` (with a --config file) writes a loadable, Hub-ready folder.
 """
 
-import itertools
 import json
 import math
-import random
 
 import datasets
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from proclip_train.training.arguments import ProCLIPTrainingArguments
 from proclip_train.training.data import load_image_text_dataset
 from proclip_train.training.losses import InheritanceLoss
 from proclip_train.training.registry import canonical_stage
 from proclip_train.training.stages import LOGIT_SCALE_MAX, ContrastiveStage
 from proclip_train.training.trainer import ProCLIPTrainer
+from training_data import (
+    captions_split,
+    changed_tensors,
+    image_dataset,
+    image_rows,
+    snapshot,
+    tensors_under,
+    training_args,
+)
 from transformers import TrainerCallback
 
 from modeling_proclip import ProCLIPModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-COLOURS = {
-    "red": (230, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 230), "yellow": (240, 230, 30),
-    "black": (10, 10, 10), "white": (245, 245, 245), "purple": (130, 20, 150), "orange": (250, 140, 20),
-}
-SHAPES = ("circle", "square", "star", "triangle", "cross", "heart")
 ADAPTER = ("text_adapter",)
 STAGE2_TRAINABLE = ("text_adapter", "vision_model", "visual_projection", "logit_scale")
-
-
-def flat_colour_images(folder):
-    """An imagefolder of flat-colour images (random crops leave them unchanged), captions of different lengths."""
-    folder.mkdir()
-    metadata = []
-    for i, rgb in enumerate(COLOURS.values()):
-        Image.fromarray(np.full((40, 40, 3), rgb, np.uint8)).save(folder / f"{i}.png")
-        metadata.append({"file_name": f"{i}.png", "caption": f"colour number {i} " * (i % 3 + 1)})
-    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(m) for m in metadata))
-    return folder
-
-
-@pytest.fixture
-def load_model(tiny_proclip_dir):
-    return lambda: ProCLIPModel.from_pretrained(tiny_proclip_dir)
-
-
-def captions_split():
-    """Compositional captions, shuffled: 512 to train on, 64 held out."""
-    captions = [
-        f"a {c} {s} above a {c2} {s2}"
-        for c, s, c2, s2 in itertools.product(COLOURS, SHAPES, COLOURS, SHAPES)
-        if (c, s) != (c2, s2)
-    ]
-    random.Random(0).shuffle(captions)
-    return captions[:512], captions[-64:]
-
-
-def image_rows(n: int, seed: int = 0) -> dict:
-    """n noisy single-colour 40x40 images, captioned with their colour."""
-    rng = np.random.default_rng(seed)
-    images, captions = [], []
-    for i in range(n):
-        name, rgb = list(COLOURS.items())[i % len(COLOURS)]
-        pixels = np.clip(np.array(rgb)[None, None] + rng.integers(-30, 30, (40, 40, 3)), 0, 255).astype(np.uint8)
-        images.append(Image.fromarray(pixels))
-        captions.append(f"a {name} picture, number {i}")
-    return {"image": images, "caption": captions}
-
-
-def image_dataset(n: int, seed: int = 0) -> datasets.Dataset:
-    return datasets.Dataset.from_dict(image_rows(n, seed)).cast_column("image", datasets.Image())
-
-
-def training_args(tmp_path, **overrides) -> ProCLIPTrainingArguments:
-    values = dict(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, max_steps=4, learning_rate=1e-3,
-        lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
-        disable_tqdm=True, seed=0,
-    )
-    values.update(overrides)
-    return ProCLIPTrainingArguments(**values)
-
-
-def snapshot(model) -> dict[str, torch.Tensor]:
-    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
-
-
-def changed_tensors(before: dict, after: dict) -> set[str]:
-    return {name for name in before if not torch.equal(before[name], after[name])}
-
-
-def tensors_under(model, prefixes) -> set[str]:
-    return {name for name in model.state_dict() if name.split(".")[0] in prefixes}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -401,39 +336,3 @@ def test_proclip_train_command_writes_a_hub_ready_folder(tmp_path, tiny_proclip_
     assert torch.equal(trained.vision_model.post_layernorm.weight, start.vision_model.post_layernorm.weight)
 
 
-def test_torchrun_two_processes_take_the_same_step_as_one_process_on_the_whole_batch(tmp_path, tiny_proclip_dir):
-    """Stage 2 through the Trainer under DDP (gloo): 2 ranks x 4 pairs with negatives gathered across ranks make the
-    same SGD step as 1 process x 8 pairs. Flat-colour images make the random crops irrelevant."""
-    import os
-    import socket
-    import subprocess
-    import sys
-
-    from proclip_train.cli import main
-    from safetensors.torch import load_file
-
-    data = flat_colour_images(tmp_path / "flat")
-    common = [
-        "train", "--stage", "2", "--model", str(tiny_proclip_dir), "--data", str(data), "--max_steps", "1",
-        "--optim", "sgd", "--learning_rate", "0.5", "--max_grad_norm", "0", "--weight_decay", "0", "--warmup_steps", "0",
-        "--distill_weight", "0", "--lr_scheduler_type", "constant", "--save_strategy", "no", "--use_cpu",
-        "--disable_tqdm", "true", "--logging_steps", "1",
-    ]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-         "-m", "proclip_train.cli", *common, "--out", str(tmp_path / "two"), "--per_device_train_batch_size", "4"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    main([*common, "--out", str(tmp_path / "one"), "--per_device_train_batch_size", "8"])
-
-    one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
-    start = load_file(tiny_proclip_dir / "model.safetensors")
-    assert max((one[k] - start[k]).abs().max().item() for k in one) > 0.1  # the step is not a no-op
-    for name in one:
-        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-5, msg=name)
-    losses = [json.loads((tmp_path / run / "training_report.json").read_text())["last_loss_components"] for run in ("one", "two")]
-    assert losses[1]["contrastive"] == pytest.approx(losses[0]["contrastive"], rel=1e-5)

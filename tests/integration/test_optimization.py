@@ -30,20 +30,13 @@ from proclip_train.training.checkpoints import TRAINED_WEIGHTS_FILE
 from proclip_train.training.optimization import MasterWeightAdamW, uses_master_weights
 from proclip_train.training.trainer import ProCLIPTrainer
 from safetensors.torch import load_file
-from test_trainer import captions_split, image_dataset, training_args
 from torch import nn
+from training_data import captions_split, image_dataset, training_args
 from transformers import TrainerCallback
-
-from modeling_proclip import ProCLIPModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 UPDATE_TOLERANCE = 0.03  # relative L2 distance between a bf16 run's update of a tensor and the float32 run's
-
-
-@pytest.fixture
-def load_model(tiny_proclip_dir):
-    return lambda: ProCLIPModel.from_pretrained(tiny_proclip_dir)
 
 
 def caption_dataset() -> datasets.Dataset:

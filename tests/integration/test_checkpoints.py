@@ -31,8 +31,13 @@ from proclip_train.training.checkpoints import (
 from proclip_train.training.stage0 import run_stage0
 from proclip_train.training.trainer import ProCLIPTrainer
 from safetensors.torch import load_file
-from test_trainer import captions_split, image_dataset, tensors_under, training_args
-from test_training_guards import image_folder
+from training_data import (
+    captions_split,
+    image_dataset,
+    image_folder,
+    tensors_under,
+    training_args,
+)
 
 from modeling_proclip import ProCLIPModel
 

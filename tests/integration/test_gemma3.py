@@ -10,9 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import require_package
+from conftest import require_module, require_package
 from proclip_train.cli import main
-from proclip_train.training.packaged_towers import packaged_tower_dir, resolve_text_tower
+from proclip_train.training.packaged_towers import (
+    packaged_tower_dir,
+    resolve_text_tower,
+)
 from proclip_train.training.registry import GEMMA3
 from safetensors import safe_open
 from transformers import AutoModel, AutoTokenizer
@@ -39,7 +42,7 @@ def test_converted_gemma3_is_a_plain_float32_text_model(gemma3_folder):
 
 def test_converted_weights_are_the_gguf_blocks_dequantised(gemma3_folder):
     """Against the `gguf` package's own dequantiser, on tensors stored without permutation or norm offsets."""
-    gguf = pytest.importorskip("gguf")
+    gguf = require_module("gguf")
     from gguf.quants import dequantize
 
     package = importlib.import_module(GEMMA3.package)

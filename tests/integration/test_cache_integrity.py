@@ -13,6 +13,7 @@ import textwrap
 import datasets
 import pytest
 import torch
+from conftest import missing_requirement
 from proclip_train.cli import main
 from proclip_train.training import shards
 from proclip_train.training.cache import (
@@ -35,11 +36,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 CAPTIONS = [f"a {c} {s} on a {b} background" for c in ("red", "blue", "green", "white") for s in ("cat", "dog", "car", "tree") for b in ("grey", "black")]  # fmt: skip
 REFUSAL = "Delete it and run `proclip embed` again"
-
-
-@pytest.fixture(scope="module")
-def model(tiny_proclip_dir):
-    return ProCLIPModel.from_pretrained(tiny_proclip_dir).eval()
 
 
 @pytest.fixture(scope="module")
@@ -374,7 +370,7 @@ def test_a_real_full_disk_fails_before_embedding_and_leaves_nothing(tmp_path, ti
     """A 4 KiB tmpfs, mounted in a user + mount namespace: `proclip embed` into it exits 2 naming the folder, and
     the tmpfs is empty afterwards."""
     if shutil.which("unshare") is None or subprocess.run(["unshare", "-Urm", "true"], check=False).returncode != 0:
-        pytest.skip("no unprivileged user namespaces here to mount a small tmpfs")
+        missing_requirement("no unprivileged user namespaces here to mount a small tmpfs")
     data = tmp_path / "captions.jsonl"
     datasets.Dataset.from_dict({"caption": CAPTIONS}).to_json(data)
     (tmp_path / "cache").mkdir()

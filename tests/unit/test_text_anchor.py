@@ -20,7 +20,7 @@ from proclip_train.training.arguments import ProCLIPTrainingArguments
 from proclip_train.training.cache import EmbeddingCache, build_embedding_cache
 from proclip_train.training.stages import TEXT_ANCHOR_PREFIX, ContrastiveStage
 from proclip_train.training.trainer import ProCLIPTrainer
-from test_trainer import COLOURS, SHAPES, image_dataset, training_args
+from training_data import COLOURS, SHAPES, image_dataset, training_args
 
 from modeling_proclip import ProCLIPModel
 

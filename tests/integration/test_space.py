@@ -15,6 +15,7 @@ import gradio
 import pytest
 import tomllib
 import torch
+from conftest import missing_requirement, require_module
 from huggingface_hub import SpaceCard
 from PIL import Image, ImageDraw
 from proclip_train import cli
@@ -37,14 +38,6 @@ SHAPES = {"circle": "Kreis", "square": "Würfel"}
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
-
-
-def require(condition: bool, reason: str) -> None:
-    """Skip without `condition`; in CI (CI=true) fail instead, since setup.sh installs what the tests need."""
-    if not condition:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{reason} (CI installs it with scripts/setup.sh)")
-        pytest.skip(reason)
 
 
 # -- a checkpoint with evaluation results, and its Space ------------------------------------------------------------
@@ -142,7 +135,7 @@ def test_gallery_and_examples_come_from_the_evaluation_data(space, evaluated, ev
 
 
 def test_pyproject_pins_the_gradio_the_tests_drive():
-    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
     assert f"gradio=={GRADIO_VERSION}" in extras["space"]
     included = {name.strip() for entry in extras["test"] if entry.startswith("proclip[")
@@ -352,11 +345,9 @@ def demo_app(quick_demo, tmp_path_factory):
 def browser_page(tmp_path):
     """A Chromium page (Debian's chromium, fresh profile) that only reaches 127.0.0.1; yields `(page, blocked)`,
     `blocked` being the URLs of any other request the page tried (aborted)."""
-    require(Path(CHROMIUM).is_file(), f"{CHROMIUM} is missing (apt-get install chromium)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        require(False, "playwright is not installed (pip install playwright)")
+    if not Path(CHROMIUM).is_file():
+        missing_requirement(f"{CHROMIUM} is missing (apt-get install chromium, as scripts/setup.sh does)")
+    sync_playwright = require_module("playwright.sync_api").sync_playwright
     blocked = []
 
     def only_loopback(route):

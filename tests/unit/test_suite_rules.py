@@ -1,0 +1,35 @@
+"""Rules of the test suite itself: the tiers hold what they say, and nothing can skip silently in CI.
+
+- An optional package is asked for through `conftest.require_module` / `require_package` (skip locally, fail under
+  `CI=true`), never through `pytest.importorskip` or a bare `pytest.skip`, which would let CI pass having tested
+  nothing.
+- `tests/unit` runs in one process: no subprocess, no torchrun, no server, no demo; those belong to
+  `tests/integration`.
+"""
+
+import re
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parents[1]
+SKIPS = re.compile(r"\bimportorskip\(|\bpytest\.skip\(")
+OUT_OF_PROCESS = re.compile(
+    r"\bsubprocess\b|\bPopen\b|\bmp\.spawn\b|torch\.distributed\.run|run_without_project|\bquick_demo\b|\bDemo\("
+)
+
+
+def test_optional_packages_are_required_through_conftest():
+    offenders = [
+        f"{path.relative_to(TESTS)}:{number}"
+        for path in sorted(TESTS.rglob("*.py")) if path.name != "conftest.py"
+        for number, line in enumerate(path.read_text().splitlines(), 1) if SKIPS.search(line)
+    ]
+    assert offenders == [], "use conftest.require_module / require_package instead: " + ", ".join(offenders)
+
+
+def test_the_unit_tier_stays_in_process():
+    offenders = [
+        f"{path.name}:{number}"
+        for path in sorted((TESTS / "unit").glob("test_*.py")) if path.name != Path(__file__).name
+        for number, line in enumerate(path.read_text().splitlines(), 1) if OUT_OF_PROCESS.search(line)
+    ]
+    assert offenders == [], "move these tests to tests/integration: " + ", ".join(offenders)
