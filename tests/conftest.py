@@ -230,3 +230,39 @@ def processor(tiny_proclip_dir):
     from modeling_proclip import ProCLIPProcessor
 
     return ProCLIPProcessor.from_pretrained(tiny_proclip_dir)
+
+
+@pytest.fixture
+def counting_image_server(tmp_path_factory):
+    """An HTTP server on 127.0.0.1 that serves one 8x8 PNG at any path and records each path asked for:
+    `(base URL, list of requested paths)`. What a table's image URL would reach."""
+    import http.server
+    import io
+    import threading
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(buffer, format="PNG")
+    png, requested = buffer.getvalue(), []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            requested.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(png)))
+            self.end_headers()
+
+        def do_GET(self):
+            self.do_HEAD()
+            self.wfile.write(png)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", requested
+    server.shutdown()
+    server.server_close()

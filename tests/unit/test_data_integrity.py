@@ -1,11 +1,13 @@
-"""Data files that cannot be trusted (issue 12, "Also"): bad text encodings and empty files are refused in one line
-naming the file and line; image paths that leave the data folder are skipped and counted unless allowed."""
+"""Data files that cannot be trusted (issue 12, "Also"; issue 25 item 1): bad text encodings and empty files are
+refused in one line naming the file and line; image paths that leave the data folder, and image URLs, are skipped and
+counted unless allowed, and nothing is fetched offline."""
 
 import json
 import logging
 import os
 
 import datasets
+import huggingface_hub
 import numpy as np
 import pandas as pd
 import PIL.Image
@@ -14,6 +16,8 @@ from proclip_train.cli import main
 from proclip_train.cli.train import parse_train_args
 from proclip_train.training.data import (
     PATH_OUTSIDE_DATA,
+    REMOTE_IMAGE,
+    decode_image,
     image_path_inside,
     load_image_text_dataset,
 )
@@ -94,6 +98,12 @@ def test_the_commands_refuse_such_files_with_exit_code_2(tmp_path, tiny_proclip_
 # -- image paths -------------------------------------------------------------------------------------------------------
 
 
+def go_online(monkeypatch):
+    """Lift, for one test, the HF_HUB_OFFLINE=1 that conftest sets for the session (read by both libraries at import)."""
+    for module in (datasets.config, huggingface_hub.constants):
+        monkeypatch.setattr(module, "HF_HUB_OFFLINE", False)
+
+
 @pytest.fixture
 def tables(tmp_path):
     """`data/pairs.csv` listing two images inside `data/` and four that leave it; `secret.png` lies beside `data/`."""
@@ -117,27 +127,30 @@ def tables(tmp_path):
     return data
 
 
-KEPT = ["inside", "inside, normalised", "inside through a link", "a URL"]
+KEPT = ["inside", "inside, normalised", "inside through a link"]
 
 
 @pytest.mark.parametrize("table", ["pairs.csv", "pairs.jsonl"])
-def test_image_paths_leaving_the_data_folder_are_skipped_and_counted(tables, tmp_path, table, caplog):
+def test_image_paths_leaving_the_data_folder_are_skipped_and_counted(tables, tmp_path, table, caplog, monkeypatch):
     with caplog.at_level(logging.WARNING):
         dataset = load_image_text_dataset(
             str(tables / table), image_column="image", caption_columns="caption", cache_dir=str(tmp_path / "hf")
         )
     assert dataset["caption"] == KEPT
     summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Skipped")]
-    assert summary == [(
-        f"Skipped 4 of 8 rows ({PATH_OUTSIDE_DATA}): their image path leaves the data folder {tables} (an absolute "
-        "path elsewhere, or ../). Pass --allow-paths-outside-data to read them."
-    )]
+    assert sorted(summary) == [
+        f"Skipped 2 of 8 rows ({REMOTE_IMAGE}): their image is a URL (http://, s3://, file://, local://, ...); pass "
+        "--allow-remote-images to fetch them.",
+        f"Skipped 3 of 8 rows ({PATH_OUTSIDE_DATA}): their image path leaves the data folder {tables} (an absolute "
+        "path elsewhere, or ../); pass --allow-paths-outside-data to read them.",
+    ]
 
-    allowed = load_image_text_dataset(
-        str(tables / table), image_column="image", caption_columns="caption", cache_dir=str(tmp_path / "hf"),
-        allow_paths_outside_data=True,
-    )
-    assert len(allowed) == 8
+    go_online(monkeypatch)
+    load = dict(image_column="image", caption_columns="caption", cache_dir=str(tmp_path / "hf"))
+    assert len(load_image_text_dataset(str(tables / table), allow_paths_outside_data=True, **load)) == 6
+    assert len(load_image_text_dataset(str(tables / table), allow_remote_images=True, **load)) == 5
+    both = load_image_text_dataset(str(tables / table), allow_paths_outside_data=True, allow_remote_images=True, **load)
+    assert len(both) == 8
 
 
 def test_streaming_drops_them_as_it_reads(tables, tmp_path):
@@ -151,15 +164,17 @@ def test_streaming_drops_them_as_it_reads(tables, tmp_path):
 def test_image_path_inside():
     root = "/data/set"
     assert image_path_inside("/data/set/a.png", root) and image_path_inside("a/../b.png", root)
-    assert image_path_inside(None, root) and image_path_inside("s3://bucket/a.png", root)
+    assert image_path_inside(None, root)
     assert not image_path_inside("/data/settings/a.png", root)  # a sibling sharing the prefix
     assert not image_path_inside("../set2/a.png", root) and not image_path_inside("file:///etc/passwd", root)
+    for url in ("s3://bucket/a.png", "local://a.png", "file:///data/set/a.png", "zip://a.png::local://b.zip"):
+        assert not image_path_inside(url, root), url  # fsspec resolves these, not against root
 
 
 def test_every_row_outside_is_an_error_and_the_flag_reaches_train_and_eval(tables, tmp_path, tiny_proclip_dir, capsys):
     outside = tables / "outside.csv"
     outside.write_text(f"image,caption\n../secret.png,a\n{tmp_path / 'secret.png'},b\n")
-    with pytest.raises(ValueError, match="holds no rows once the 2 rows whose image lies outside the data folder"):
+    with pytest.raises(ValueError, match="holds no rows once the 2 rows whose image path leaves the data folder"):
         load_image_text_dataset(str(outside), image_column="image", caption_columns="caption")
 
     args = parse_train_args(["--stage", "2", "--model", "m", "--data", "d", "--out", "o", "--allow_paths_outside_data"])
@@ -175,3 +190,67 @@ def test_every_row_outside_is_an_error_and_the_flag_reaches_train_and_eval(table
     main([*command, "--allow-paths-outside-data"])
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["data"]["num_rows"] == 2
+
+
+# -- image URLs (issue 25 item 1) ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def url_table(tmp_path, monkeypatch, counting_image_server):
+    """`data/urls.csv` (one image inside the folder, then four URLs) run from `tmp_path`, beside `outside/secret.png`:
+    `local://` and `file://` rows that fsspec resolves against the working directory or as absolute paths, and an
+    http URL to a loopback server that records what it is asked."""
+    base, _ = counting_image_server
+    for path in (tmp_path / "data" / "a.png", tmp_path / "outside" / "secret.png"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        PIL.Image.fromarray(np.full((8, 8, 3), 200, dtype=np.uint8)).save(path)
+    monkeypatch.chdir(tmp_path)
+    rows = [("a.png", "inside"), ("local://outside/secret.png", "local, relative to the working directory"),
+            (f"local://{tmp_path}/outside/secret.png", "local, absolute"),
+            (f"file://{tmp_path}/outside/secret.png", "file URL"), (f"{base}/x.png", "http")]  # fmt: skip
+    pd.DataFrame(rows, columns=["image", "caption"]).to_csv(tmp_path / "data" / "urls.csv", index=False)
+    return tmp_path / "data" / "urls.csv"
+
+
+def test_image_urls_are_neither_read_nor_fetched_unless_allowed(url_table, counting_image_server, caplog, monkeypatch):
+    """Old code: the `local://` rows read `outside/secret.png` and the http row was fetched, without a word."""
+    _, requested = counting_image_server
+    load = dict(image_column="image", caption_columns="caption")
+    with caplog.at_level(logging.WARNING):
+        dataset = load_image_text_dataset(str(url_table), **load)
+    assert dataset["caption"] == ["inside"]
+    assert f"Skipped 4 of 5 rows ({REMOTE_IMAGE})" in caplog.text and "--allow-remote-images" in caplog.text
+    streamed = load_image_text_dataset(str(url_table), streaming=True, **load)
+    assert [row["caption"] for row in streamed] == ["inside"]
+    assert requested == []
+
+    go_online(monkeypatch)
+    allowed = load_image_text_dataset(str(url_table), allow_remote_images=True, **load)
+    assert len(allowed) == 5
+    assert decode_image(allowed[4]["image"]).size == (8, 8) and set(requested) == {"/x.png"}
+
+
+def test_offline_nothing_is_fetched_even_when_allowed(url_table, counting_image_server, monkeypatch):
+    _, requested = counting_image_server
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # what HF_DATASETS_OFFLINE=1 sets at import
+    load = dict(image_column="image", caption_columns="caption", allow_remote_images=True)
+    assert load_image_text_dataset(str(url_table), **load)["caption"] == ["inside"]
+    only_urls = url_table.with_name("only_urls.csv")
+    only_urls.write_text("\n".join(url_table.read_text().splitlines()[:1] + url_table.read_text().splitlines()[2:]))
+    with pytest.raises(ValueError, match="once the 4 rows whose image is a URL .* are left out "
+                       r"\(HF_DATASETS_OFFLINE / HF_HUB_OFFLINE is set, and nothing is fetched offline\)"):
+        load_image_text_dataset(str(only_urls), **load)
+    assert requested == []
+
+
+def test_the_space_gallery_copies_no_image_from_outside_the_data(url_table, counting_image_server, tmp_path):
+    """`proclip space` publishes the images of the data a results file scored: only those inside its folder."""
+    from proclip_train.hub.space import write_gallery
+
+    record = {"task": "retrieval", "source": "results.json", "metrics": {"caption": {}},
+              "data": {"spec": str(url_table), "split": "train", "image_column": "image", "caption_columns": ["caption"]}}
+    rows = write_gallery(record, tmp_path / "space", size=8, caption_columns=None)
+    assert [row["captions"]["caption"] for row in rows] == ["inside"]
+    assert sorted(p.name for p in (tmp_path / "space" / "gallery").iterdir()) == ["000.png", "metadata.jsonl"]
+    assert counting_image_server[1] == []

@@ -37,7 +37,7 @@ from ..evaluation.text_towers import load_text_tower
 from ..training.data import DataSpec
 from ..training.registry import DEFAULT_CAPTION_COLUMN, DEFAULT_IMAGE_COLUMN, DEFAULT_LABEL_COLUMN
 from .errors import UsageError
-from .flags import add_caption_column_argument
+from .flags import add_caption_column_argument, add_image_source_arguments
 
 
 def _version(package: str) -> str | None:
@@ -59,7 +59,7 @@ def run_eval(args: argparse.Namespace) -> dict:
     try:
         dataset, split, num_rows = load_eval_dataset(
             args.data, args.split, args.streaming, args.max_samples, **columns,
-            allow_paths_outside_data=args.allow_paths_outside_data,
+            allow_paths_outside_data=args.allow_paths_outside_data, allow_remote_images=args.allow_remote_images,
         )
     except (FileNotFoundError, ValueError) as error:  # a wrong path, format, split or column: the user's to fix
         raise UsageError(str(error)) from error
@@ -134,9 +134,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--streaming", action="store_true",
                         help="read the split as a stream, only as far as --max-samples rows (all without it)")
     parser.add_argument("--image-column", default=DEFAULT_IMAGE_COLUMN)
-    parser.add_argument("--allow-paths-outside-data", action="store_true",
-                        help="read image paths that leave the data folder (absolute paths elsewhere, ../); by default "
-                        "those rows are skipped and counted")
+    add_image_source_arguments(parser)
     add_caption_column_argument(
         parser, "retrieval: a column of captions (a string or a list of strings per row); several are scored (e.g. "
         "short, long, per language) against the same image embeddings. caption-retrieval: two columns (the first's "

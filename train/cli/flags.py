@@ -55,6 +55,17 @@ def add_caption_column_argument(parser: argparse.ArgumentParser, help: str, defa
     )
 
 
+def add_image_source_arguments(parser: argparse.ArgumentParser):
+    """`--allow-paths-outside-data` and `--allow-remote-images`: the opt-ins to images that are not plain paths inside
+    the data folder (`training.data.ImageSourceRule`), alike in every command that reads images."""
+    parser.add_argument("--allow-paths-outside-data", action="store_true",
+                        help="read image paths that leave the data folder (absolute paths elsewhere, ../); by default "
+                        "those rows are skipped and counted")
+    parser.add_argument("--allow-remote-images", action="store_true",
+                        help="fetch images given as URLs (http://, s3://, file://, local://, ...); by default, and "
+                        "always with HF_DATASETS_OFFLINE or HF_HUB_OFFLINE set, those rows are skipped and counted")
+
+
 def flag_key(name: str) -> str:
     """`--max-steps` / `max_steps` / `max-steps` -> `max_steps`, the attribute a flag fills."""
     return name.lstrip("-").replace("-", "_")

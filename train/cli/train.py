@@ -185,6 +185,7 @@ def run_train(args: ProCLIPTrainingArguments) -> ProCLIPTrainer:
             caption_columns=args.caption_columns,
             noise_caption_column=args.noise_caption_column,
             allow_paths_outside_data=args.allow_paths_outside_data,
+            allow_remote_images=args.allow_remote_images,
         )
     except (FileNotFoundError, ValueError) as error:
         raise UsageError(str(error)) from error

@@ -61,6 +61,7 @@ def load_eval_dataset(
     caption_columns: Sequence[str] = (),
     label_column: str | None = None,
     allow_paths_outside_data: bool = False,
+    allow_remote_images: bool = False,
 ) -> tuple[datasets.Dataset, str, int | None]:
     """Load the rows to evaluate, through the loader training uses (`load_image_text_dataset`): any spec
     `proclip train --data` reads, images left undecoded, relative image paths resolved against their data file.
@@ -73,7 +74,8 @@ def load_eval_dataset(
             memory: a slice of a Hub dataset without downloading the rest.
         max_samples: evaluate only the first N rows.
         image_column, caption_columns, label_column: columns that must exist (the error lists the available ones).
-        allow_paths_outside_data: keep rows whose image path leaves the data folder (`load_image_text_dataset`).
+        allow_paths_outside_data, allow_remote_images: keep rows whose image path leaves the data folder, or is a URL
+            (`load_image_text_dataset`).
 
     Returns:
         `(dataset, split, num_rows)`: the rows to evaluate, the split's name, and how many rows the split holds
@@ -83,6 +85,7 @@ def load_eval_dataset(
     dataset = load_image_text_dataset(
         spec, split=split, streaming=streaming, image_column=image_column, caption_columns=caption_columns,
         label_column=label_column, allow_paths_outside_data=allow_paths_outside_data,
+        allow_remote_images=allow_remote_images,
     )
     if streaming:
         rows = dataset if max_samples is None else dataset.take(max_samples)

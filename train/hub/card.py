@@ -353,8 +353,11 @@ def read_training_run(folder: Path, max_rows: int = 48) -> dict | None:
 # -- the example: an image and labels from the model's own zero-shot data ------------------------------------------
 
 
-def load_record_data(record: dict):
-    """The dataset a record scored (images undecoded, paths resolved), when it is on this machine; else None.
+def load_record_data(record: dict, image_column: str):
+    """The dataset a record scored, when it is on this machine and has `image_column`; else None (with a warning when
+    it is here but unusable). Images stay undecoded and are checked as any data's are (`load_image_text_dataset`'s
+    defaults): rows whose image leaves the data folder or is a URL are left out, so nothing from elsewhere is
+    published and nothing is fetched.
 
     `data.path` (a folder holding exactly the scored split, as the demo records it) wins over `data.spec` (what
     `proclip eval --data` was given, read at the recorded split).
@@ -362,7 +365,11 @@ def load_record_data(record: dict):
     data = record.get("data") if isinstance(record.get("data"), dict) else {}
     for key, split in (("path", None), ("spec", data.get("split"))):
         if data.get(key) and Path(data[key]).exists():
-            return load_eval_dataset(str(data[key]), split)[0]
+            try:
+                return load_eval_dataset(str(data[key]), split, image_column=image_column)[0]
+            except ValueError as error:  # no such column, or no row left once outside paths and URLs are left out
+                logger.warning("Not showing images from the data of %s: %s", record.get("source"), error)
+                return None
     return None
 
 
@@ -373,9 +380,9 @@ def write_example_image(results: list[str | os.PathLike], folder: Path) -> list[
         for record in _records_of(path):
             if infer_task(record.get("task"), record.get("protocol"), record.get("metrics") or {}) != "zeroshot":
                 continue
-            dataset = load_record_data(record)
             data = record.get("data") or {}
             image_column, label_column = data.get("image_column", "image"), data.get("label_column", "label")
+            dataset = load_record_data(record, image_column)
             if dataset is None or not {image_column, label_column} <= set(dataset.column_names):
                 continue
             names, labels = class_names_and_labels(dataset, label_column)

@@ -112,12 +112,12 @@ def first_caption(cell) -> str:
 def write_gallery(record: dict, out: Path, size: int, caption_columns: list[str] | None) -> list[dict]:
     """Copy up to `size` images of the retrieval data of `record`, evenly spread, into `out/gallery` as PNG, with
     `metadata.jsonl` (`file_name`, `captions` by column). Returns the metadata rows."""
-    dataset = load_record_data(record)
+    image_column = record["data"].get("image_column", "image")
+    dataset = load_record_data(record, image_column)
     if dataset is None:
         return []
-    image_column = record["data"].get("image_column", "image")
     columns = caption_columns or record["data"].get("caption_columns") or list(record["metrics"])
-    missing = [c for c in [image_column, *columns] if c not in dataset.column_names]
+    missing = [c for c in columns if c not in dataset.column_names]
     if missing:
         raise SpaceError(f"the data of {record['source']} has no column {', '.join(missing)}; it has "
                          f"{', '.join(dataset.column_names)}")
@@ -138,10 +138,10 @@ def write_gallery(record: dict, out: Path, size: int, caption_columns: list[str]
 def write_classify_examples(record: dict, out: Path, count: int) -> list[dict]:
     """Zero-shot examples from the data of a zero-shot `record`: one image for each of `count` classes spread over
     the class list, saved into `out/examples`, with up to `MAX_EXAMPLE_LABELS` class names as candidate labels."""
-    dataset = load_record_data(record)
+    image_column = record["data"].get("image_column", "image")
+    dataset = load_record_data(record, image_column)
     if dataset is None:
         return []
-    image_column = record["data"].get("image_column", "image")
     label_column = record["data"].get("label_column", "label")
     if image_column not in dataset.column_names or label_column not in dataset.column_names:
         return []

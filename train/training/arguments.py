@@ -69,6 +69,10 @@ class ProCLIPTrainingArguments(TrainingArguments):
         False, "Read image paths that leave the data folder (absolute paths elsewhere, ../); by default those rows are "
         "skipped and counted.",
     )
+    allow_remote_images: bool = _option(
+        False, "Fetch images given as URLs (http://, s3://, file://, local://, ...); by default, and always with "
+        "HF_DATASETS_OFFLINE or HF_HUB_OFFLINE set, those rows are skipped and counted.",
+    )
     from_scratch_adapter: bool = _option(
         False, "Stage 2: start from an adapter that never had stage 1 on purpose (direct alignment, as LLM2CLIP); "
         "without it, such a start is warned about.",

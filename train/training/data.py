@@ -8,7 +8,7 @@
    a corrupt file never breaks loading or iteration; `decode_image` decodes one value where it is used. A data file
    that is not UTF-8, holds a lone surrogate or no rows is refused in one line naming the file and line (bad text is
    a property of how the file was written, often all of it: skipping such rows would silently drop the non-ASCII
-   captions); image paths that leave the local data folder are dropped and counted unless allowed.
+   captions); image paths that leave the local data folder, and image URLs, are dropped and counted unless allowed.
 2. `CLIPImageTransform` turns a PIL image into `pixel_values` with PIL and torch only: the eval transform mirrors
    `CLIPImageProcessor` (resize the shortest side, center crop, rescale, normalise), the train transform replaces
    resize + crop by RandomResizedCrop(scale 0.9-1.0, bicubic). Size, mean and std come from the model's processor.
@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import datasets
+import huggingface_hub
 import numpy as np
 import PIL.Image
 import pyarrow as pa
@@ -50,6 +51,7 @@ CORRUPT_IMAGE = "corrupt_image"  # missing file, undecodable bytes, or a failed 
 EMPTY_CAPTION = "empty_caption"  # no caption column value, or only an empty / whitespace-only string
 TOO_FEW_CAPTIONS = "too_few_captions"  # stage 0: a row without two different captions gives no positive pair
 PATH_OUTSIDE_DATA = "path_outside_data"  # an image path (absolute, or with ../) that leaves the data folder
+REMOTE_IMAGE = "remote_image"  # an image given as a URL (any `scheme://`: http(s), s3, hf, file, local, zip, ...)
 SKIP_REASONS = (CORRUPT_IMAGE, EMPTY_CAPTION)
 SKIPPED_KEY = "skipped"
 # Data images: local files and embedded bytes; remote files are read by `datasets` (`decode_image`), never fetched
@@ -72,6 +74,7 @@ _TEXT_BUILDERS = ("csv", "json", "text")
 # One backslash escape of a JSON string: `\uXXXX`, or a backslash and one character (`\\`, `\n`, ...).
 _JSON_ESCAPE = re.compile(r"\\(u[0-9a-fA-F]{4}|.)", re.DOTALL)
 _MAX_LOGGED_PATHS = 5
+_PATH_BATCH_ROWS = 10_000
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -304,6 +307,7 @@ def load_image_text_dataset(
     label_column: str | None = None,
     cache_dir: str | None = None,
     allow_paths_outside_data: bool = False,
+    allow_remote_images: bool = False,
     **load_kwargs,
 ) -> datasets.Dataset | datasets.IterableDataset:
     """Load one split of image-text data with its images left undecoded: what training and evaluation read.
@@ -325,6 +329,10 @@ def load_image_text_dataset(
         allow_paths_outside_data: keep rows whose image path leaves the local data folder (`DataSpec.root`): an
             absolute path elsewhere, or `../` out of it. By default such rows are dropped and counted in a warning,
             so a table cannot make training or evaluation read any file the user can read.
+        allow_remote_images: keep rows whose image is a URL (any `scheme://`, `file://` and fsspec's `local://`
+            included: fsspec resolves those against the working directory, not the data folder); they are fetched
+            when decoded. By default, and always when offline (`HF_DATASETS_OFFLINE` / `HF_HUB_OFFLINE`), such rows
+            are dropped and counted in a warning, so a table cannot make a run fetch what it names.
         **load_kwargs: passed to `datasets.load_dataset` (e.g. `revision`, `token`, `num_proc`, `delimiter`).
 
     Returns:
@@ -391,37 +399,86 @@ def load_image_text_dataset(
         to_cast.append(image_column)
     for name in to_cast:
         dataset = dataset.cast_column(name, datasets.Image(decode=False))
-    outside = 0
-    if image_column is not None and spec.root is not None and not allow_paths_outside_data:
-        dataset, outside = _rows_inside_folder(dataset, image_column, spec.root)
+    refused: Counter = Counter()
+    rule = ImageSourceRule(spec.root, allow_paths_outside_data, allow_remote_images)
+    if image_column is not None and not rule.allows_everything:
+        dataset, refused = _rows_with_allowed_images(dataset, image_column, rule)
     if not streaming and len(dataset) == 0:
-        why = (f" once the {outside} rows whose image lies outside the data folder are left out (pass "
-               "--allow-paths-outside-data to read them)") if outside else ""
+        why = "".join(f" once the {count} rows whose {rule.why(reason)} are left out ({rule.fix(reason)})"
+                      for reason, count in refused.items() if count)
         raise ValueError(f"{spec.source!r} (split {split!r}) holds no rows{why}: give data with at least one row.")
     return dataset
 
 
+def is_url(path: str | None) -> bool:
+    """Whether an image value's path is a URL (`scheme://...`, fsspec's `a::b` chains included), which `datasets`
+    opens through fsspec (`http`, `s3`, `hf`, `zip`, and `file` / `local`, which it resolves against the working
+    directory) rather than as a path on this disk."""
+    return bool(path) and "://" in path
+
+
 def image_path_inside(path: str | None, root: str) -> bool:
     """Whether a local image path stays inside the folder `root` once made absolute against it and normalised (`..`
-    resolved lexically; symlinks inside the folder are the folder owner's and are followed). A missing path and a
-    URL (fetched, not read from this disk) count as inside; `file://` URLs are paths."""
+    resolved lexically; symlinks inside the folder are the folder owner's and are followed). A missing path counts
+    as inside (it fails to decode and is counted then); a URL never does (`is_url`)."""
     if not path:
         return True
-    if path.startswith("file://"):
-        path = path[len("file://") :]
-    elif "://" in path:
-        return True
+    if is_url(path):
+        return False
     full = os.path.normpath(os.path.join(root, path))
     return full == root or full.startswith(root.rstrip(os.sep) + os.sep)
 
 
-class _InsideFolder:
-    """Filter predicate over a batch of image values (`{"bytes", "path"}` dicts, path strings, or an arrow column of
-    the dicts): keep those with embedded bytes or a path inside `root`; log the first refused paths."""
+def offline() -> bool:
+    """Whether this process must not use the network: `HF_DATASETS_OFFLINE` or `HF_HUB_OFFLINE` is set."""
+    return bool(datasets.config.HF_HUB_OFFLINE or huggingface_hub.constants.HF_HUB_OFFLINE)
 
-    def __init__(self, root: str):
-        self.root = root
-        self.logged = 0
+
+@dataclass(frozen=True)
+class ImageSourceRule:
+    """Which image values a run may read: embedded bytes always; a plain path when it stays inside `root` (the local
+    data folder; `None` for a Hub dataset, whose paths are its own cache) or `allow_outside`; a URL only when
+    `allow_remote` and not `offline()`."""
+
+    root: str | None
+    allow_outside: bool = False
+    allow_remote: bool = False
+
+    @property
+    def allows_everything(self) -> bool:
+        return (self.allow_outside or self.root is None) and self.allow_remote and not offline()
+
+    def refusal(self, path: str | None, has_bytes: bool) -> str | None:
+        """Why an image value is not read (`PATH_OUTSIDE_DATA`, `REMOTE_IMAGE`), or `None` when it may be."""
+        if has_bytes:
+            return None
+        if is_url(path):
+            return None if self.allow_remote and not offline() else REMOTE_IMAGE
+        inside = self.allow_outside or self.root is None or image_path_inside(path, self.root)
+        return None if inside else PATH_OUTSIDE_DATA
+
+    def why(self, reason: str) -> str:
+        """What the rows refused for `reason` have, in words for the user."""
+        if reason == PATH_OUTSIDE_DATA:
+            return f"image path leaves the data folder {self.root} (an absolute path elsewhere, or ../)"
+        return "image is a URL (http://, s3://, file://, local://, ...)"
+
+    def fix(self, reason: str) -> str:
+        """How to read the rows refused for `reason`, in words for the user."""
+        if reason == PATH_OUTSIDE_DATA:
+            return "pass --allow-paths-outside-data to read them"
+        if self.allow_remote:
+            return "HF_DATASETS_OFFLINE / HF_HUB_OFFLINE is set, and nothing is fetched offline"
+        return "pass --allow-remote-images to fetch them"
+
+
+class _AllowedImages:
+    """Filter predicate over a batch of image values (`{"bytes", "path"}` dicts, path strings, or an arrow column of
+    the dicts): keep those `rule` allows; count the others by reason and log the first ones."""
+
+    def __init__(self, rule: ImageSourceRule):
+        self.rule = rule
+        self.refused: Counter = Counter()
 
     def __call__(self, column) -> list[bool] | pa.Array:
         if isinstance(column, pa.ChunkedArray):  # arrow batches: read the paths without touching any image bytes
@@ -430,31 +487,32 @@ class _InsideFolder:
         else:
             paths = [value.get("path") if isinstance(value, Mapping) else value for value in column]
             embedded = [isinstance(value, Mapping) and value.get("bytes") is not None for value in column]
-        keep = [has_bytes or image_path_inside(path, self.root) for path, has_bytes in zip(paths, embedded)]
-        for path, kept in zip(paths, keep):
-            if not kept and self.logged < _MAX_LOGGED_PATHS:
-                self.logged += 1
-                logger.warning(
-                    "Skipping a sample (%s): %s is outside the data folder %s", PATH_OUTSIDE_DATA, path, self.root
-                )
+        reasons = [self.rule.refusal(path, has_bytes) for path, has_bytes in zip(paths, embedded)]
+        for path, reason in zip(paths, reasons):
+            if reason is not None and self.refused.total() < _MAX_LOGGED_PATHS:
+                logger.warning("Skipping a sample (%s): %s", reason, path)
+            self.refused[reason] += reason is not None
+        keep = [reason is None for reason in reasons]
         return pa.array(keep) if isinstance(column, pa.ChunkedArray) else keep
 
 
-def _rows_inside_folder(dataset, image_column: str, root: str):
-    """`(dataset without the rows whose image path leaves root, how many were left out)`; a streaming dataset drops
-    them as it reads (count `None`: unknown until read)."""
+def _rows_with_allowed_images(dataset, image_column: str, rule: ImageSourceRule):
+    """`(dataset without the rows whose image `rule` refuses, Counter of refused rows by reason)`; a streaming dataset
+    drops them as it reads (the counter is empty: unknown until read). The paths are read in arrow batches, without
+    decoding or copying any image, and counted here rather than by a cached `filter`, so every run warns."""
+    predicate = _AllowedImages(rule)
     if isinstance(dataset, datasets.IterableDataset):
-        return dataset.filter(_InsideFolder(root), batched=True, input_columns=[image_column]), None
-    kept = dataset.with_format("arrow").filter(
-        _InsideFolder(root), batched=True, input_columns=[image_column], desc="Checking image paths"
-    ).with_format(None)
-    outside = len(dataset) - len(kept)
-    if outside:
-        logger.warning(
-            "Skipped %d of %d rows (%s): their image path leaves the data folder %s (an absolute path elsewhere, or "
-            "../). Pass --allow-paths-outside-data to read them.", outside, len(dataset), PATH_OUTSIDE_DATA, root,
-        )
-    return kept, outside
+        return dataset.filter(predicate, batched=True, input_columns=[image_column]), Counter()
+    keep = []
+    for batch in dataset.select_columns([image_column]).with_format("arrow").iter(batch_size=_PATH_BATCH_ROWS):
+        keep += predicate(batch.column(image_column)).to_pylist()
+    if predicate.refused.total():
+        dataset = dataset.select([row for row, kept in enumerate(keep) if kept])
+    for reason, count in predicate.refused.items():
+        if count:
+            logger.warning("Skipped %d of %d rows (%s): their %s; %s.", count, len(keep), reason, rule.why(reason),
+                           rule.fix(reason))
+    return dataset, predicate.refused
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -681,16 +739,19 @@ __all__ = [
     "CORRUPT_IMAGE",
     "EMPTY_CAPTION",
     "PATH_OUTSIDE_DATA",
+    "REMOTE_IMAGE",
     "SKIP_REASONS",
     "SKIPPED_KEY",
     "TOO_FEW_CAPTIONS",
     "CLIPImageTransform",
     "DataSpec",
+    "ImageSourceRule",
     "SkipCounter",
     "caption_candidates",
     "data_file_problem",
     "decode_image",
     "image_path_inside",
+    "is_url",
     "iter_captions",
     "iter_row_captions",
     "load_image_text_dataset",
