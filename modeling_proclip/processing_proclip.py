@@ -10,6 +10,8 @@ ids (prompt wrapping, instruction, EOS, padding side, the length limit) is writt
 `configure_text_tokenizer`, never left to caller code.
 """
 
+from typing import Unpack
+
 import torch
 from tokenizers import processors
 from transformers import (
@@ -18,7 +20,9 @@ from transformers import (
     ZeroShotImageClassificationPipeline,
 )
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.processing_utils import ProcessorMixin
+from transformers.image_utils import ImageInput
+from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
+from transformers.tokenization_utils_base import PreTokenizedInput, TextInput
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -130,7 +134,12 @@ class ProCLIPProcessor(ProcessorMixin):
         configure_text_tokenizer(tokenizer, config)
         return cls(image_processor=image_processor, tokenizer=tokenizer)
 
-    def __call__(self, images=None, text=None, **kwargs) -> BatchFeature:
+    def __call__(
+        self,
+        images: ImageInput | None = None,
+        text: TextInput | PreTokenizedInput | list[TextInput] | list[PreTokenizedInput] | None = None,
+        **kwargs: Unpack[ProcessingKwargs],
+    ) -> BatchFeature:
         """Prepare images and/or captions for [`ProCLIPModel`].
 
         Args:
