@@ -214,7 +214,11 @@ def with_a_token_per_row(
 
 
 def embed_token_ids(
-    text_model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, settings: TextTowerSettings
+    text_model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    settings: TextTowerSettings,
+    **tower_kwargs,
 ) -> BaseModelOutputWithPooling:
     """Run a text tower as an embedder: the one text path of ProCLIP (the model, stage 0, the embedding cache and
     caption-retrieval evaluation all embed through it).
@@ -227,9 +231,10 @@ def embed_token_ids(
         text_model: the text tower (any `AutoModel` text model, possibly peft-wrapped).
         input_ids, attention_mask (`torch.Tensor` of shape `(batch_size, seq_len)`), either padding side.
         settings: pooling, attention and lengths (`ProCLIPConfig.text_settings`, or a bare LLM's settings).
+        tower_kwargs: passed to the tower (`output_hidden_states`, `output_attentions`, ...).
     Returns:
-        `BaseModelOutputWithPooling` with the tower's `last_hidden_state` (batch_size, seq_len', hidden_size) and
-        the pooled `pooler_output` (batch_size, hidden_size).
+        `BaseModelOutputWithPooling` with the tower's `last_hidden_state` (batch_size, seq_len', hidden_size), the
+        pooled `pooler_output` (batch_size, hidden_size), and the tower's `hidden_states` / `attentions` when asked.
     """
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -241,14 +246,35 @@ def embed_token_ids(
             input_ids, attention_mask, settings.max_text_length, settings.text_suffix_length
         )
     kwargs = text_tower_kwargs(text_model, attention_mask, settings.bidirectional)
-    hidden_states = text_model(input_ids=input_ids, **kwargs).last_hidden_state
-    pooled = pool_hidden_states(hidden_states, attention_mask, settings.pooling, settings.instruction_length)
-    return BaseModelOutputWithPooling(last_hidden_state=hidden_states, pooler_output=pooled)
+    outputs = text_model(input_ids=input_ids, **kwargs, **tower_kwargs, return_dict=True)
+    pooled = pool_hidden_states(outputs.last_hidden_state, attention_mask, settings.pooling, settings.instruction_length)
+    return BaseModelOutputWithPooling(
+        last_hidden_state=outputs.last_hidden_state,
+        pooler_output=pooled,
+        hidden_states=outputs.get("hidden_states"),
+        attentions=outputs.get("attentions"),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The adapter (upstream `TextProj`)
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def init_joint_space_module(module: nn.Module, initializer=nn.init) -> None:
+    """The documented init of one module ProCLIP owns (the adapter's layers, the visual projection): Linear weights
+    normal(0, fan_in^-1/2), biases zero, LayerNorms unit; other modules are left alone.
+
+    `initializer` is a module with `normal_`, `zeros_`, `ones_`: torch's `nn.init`, or transformers' own
+    (`ProCLIPPreTrainedModel._init_weights`), which leaves loaded tensors alone.
+    """
+    if isinstance(module, nn.Linear):
+        initializer.normal_(module.weight, std=module.in_features**-0.5)
+        if module.bias is not None:
+            initializer.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        initializer.ones_(module.weight)
+        initializer.zeros_(module.bias)
 
 
 class ProCLIPAdapterBlock(nn.Module):
@@ -277,18 +303,11 @@ class ProCLIPAdapter(nn.Module):
         self.final_norm = nn.LayerNorm(hidden_size)
         self.proj = nn.Linear(hidden_size, config.projection_dim)
 
-    def reset_parameters(self, initializer=nn.init) -> None:
-        """Fresh weights: normal(0, fan_in^-1/2) matrices, zero biases, unit LayerNorms (a seeded start for a new run).
-
-        `initializer` is a module with `normal_`, `zeros_`, `ones_` (torch's `nn.init`; transformers' loading passes
-        its own, which leaves loaded tensors alone).
-        """
-        for linear in [m for m in self.modules() if isinstance(m, nn.Linear)]:
-            initializer.normal_(linear.weight, std=linear.in_features**-0.5)
-            initializer.zeros_(linear.bias)
-        for norm in [m for m in self.modules() if isinstance(m, nn.LayerNorm)]:
-            initializer.ones_(norm.weight)
-            initializer.zeros_(norm.bias)
+    def reset_parameters(self) -> None:
+        """Fresh weights, `init_joint_space_module` on every layer (a seeded start for a new run): what a ProCLIP
+        model built from a config, or loaded from a folder without adapter weights, starts from."""
+        for module in self.modules():
+            init_joint_space_module(module)
 
     def forward(self, llm_embeds: torch.Tensor) -> torch.Tensor:
         """(batch_size, H) pooled LLM embeddings -> (batch_size, D) unnormalised ProCLIP text embeddings."""
@@ -312,15 +331,38 @@ class ProCLIPPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _supports_sdpa = True
-    _no_split_modules = ["CLIPEncoderLayer", "ProCLIPAdapterBlock"]
+    _no_split_modules = ["CLIPEncoderLayer", "ProCLIPAdapterBlock"]  # and each tower's own (transformers adds them)
+    # Checkpoints saved before towers were built without their unused pooler (`without_unused_heads`).
+    _keys_to_ignore_on_load_unexpected = [r"^text_model\.pooler\."]
+
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """`False`, so that transformers initialises every weight through `_init_weights` (5.x).
+
+        For custom code, transformers 5 treats a module whose own parameters are all loaded as initialised, in case its
+        `_init_weights` writes tensors without `transformers.initialization` (which skips loaded tensors itself). That
+        also holds, vacuously, for a module without parameters of its own: it skipped the adapter (whose missing
+        weights then kept uninitialised memory) and CLIP's attention and MLP init. ProCLIP initialises only through
+        `transformers.initialization`, and the towers are transformers' own classes.
+        """
+        return False
 
     @torch.no_grad()
     def _init_weights(self, module):
-        if isinstance(module, ProCLIPAdapter):
-            module.reset_parameters(initializer=init)
-        elif isinstance(module, ProCLIPModel):
+        """The init of what ProCLIP owns (the towers are initialised by their own classes): `init_joint_space_module`
+        for the adapter and the visual projection, `config.logit_scale_init` for the temperature."""
+        init_joint_space_module(module, initializer=init)
+        if isinstance(module, ProCLIPModel):
             init.constant_(module.logit_scale, self.config.logit_scale_init)
-            init.normal_(module.visual_projection.weight, std=module.visual_projection.in_features**-0.5)
+
+
+def without_unused_heads(text_model: nn.Module) -> nn.Module:
+    """The text tower without a pooler ProCLIP never reads (BERT-style encoders build one unless
+    `add_pooling_layer=False`): unused parameters get no gradient, which DDP without `find_unused_parameters` refuses
+    when the text tower trains (stage 0)."""
+    if "add_pooling_layer" in inspect.signature(type(text_model).__init__).parameters:
+        text_model.pooler = None
+    return text_model
 
 
 class ProCLIPModel(ProCLIPPreTrainedModel):
@@ -335,7 +377,7 @@ class ProCLIPModel(ProCLIPPreTrainedModel):
         super().__init__(config)
         self.vision_model = vision_model or CLIPVisionModel._from_config(config.vision_config)
         self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=False)
-        self.text_model = text_model or AutoModel.from_config(config.text_config)
+        self.text_model = without_unused_heads(text_model or AutoModel.from_config(config.text_config))
         self.text_adapter = ProCLIPAdapter(config)
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init))
         self._encoding_processor = None  # `encoding_processor()` loads it on first use
@@ -353,12 +395,14 @@ class ProCLIPModel(ProCLIPPreTrainedModel):
         """
         return embed_token_ids(self.text_model, input_ids, attention_mask, self.config.text_settings).pooler_output
 
+    @can_return_tuple
     def get_text_features(
         self,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         llm_embeds: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
+        **kwargs,
     ) -> BaseModelOutputWithPooling:
         """Text embeddings in the joint space.
 
@@ -367,33 +411,43 @@ class ProCLIPModel(ProCLIPPreTrainedModel):
             llm_embeds (`torch.Tensor` of shape `(batch_size, text_hidden_size)`): cached `get_llm_embeddings`.
             token_type_ids: accepted because BERT-style tokenizers return it; single-segment captions ignore it, so
                 the tokenizer path and the cached path give the same embedding.
+            kwargs: passed to the text tower, as in `CLIPModel` (`output_hidden_states`, `output_attentions`);
+                `return_dict=False` (or `config.return_dict=False`) returns a tuple.
         Returns:
             `BaseModelOutputWithPooling` whose `pooler_output` (batch_size, projection_dim) is the unnormalised
-            embedding; `last_hidden_state` holds the LLM's token states (batch_size, seq_len, text_hidden_size),
-            or `None` when the embedding started from cached `llm_embeds`.
+            embedding; `last_hidden_state` (batch_size, seq_len, text_hidden_size), `hidden_states` and `attentions`
+            are the text tower's, or `None` when the embedding started from cached `llm_embeds`.
         """
-        hidden_states = None
         if llm_embeds is None:
             if input_ids is None:
                 raise ValueError("get_text_features needs `input_ids` or cached `llm_embeds`.")
-            text_outputs = embed_token_ids(self.text_model, input_ids, attention_mask, self.config.text_settings)
-            hidden_states, llm_embeds = text_outputs.last_hidden_state, text_outputs.pooler_output
+            outputs = embed_token_ids(self.text_model, input_ids, attention_mask, self.config.text_settings, **kwargs)
         elif llm_embeds.shape[-1] != self.config.text_hidden_size:
             raise ValueError(
                 f"llm_embeds have size {llm_embeds.shape[-1]} but this model's text tower gives "
                 f"{self.config.text_hidden_size}; they were computed with another LLM."
             )
-        return BaseModelOutputWithPooling(last_hidden_state=hidden_states, pooler_output=self.text_adapter(llm_embeds))
+        else:
+            outputs = BaseModelOutputWithPooling(pooler_output=llm_embeds)
+        outputs.pooler_output = self.text_adapter(outputs.pooler_output)
+        return outputs
 
-    def get_image_features(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> BaseModelOutputWithPooling:
+    @can_return_tuple
+    def get_image_features(
+        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, **kwargs
+    ) -> BaseModelOutputWithPooling:
         """Image embeddings in the joint space, exactly as `CLIPModel.get_image_features` computes them.
 
         Args:
             pixel_values (`torch.Tensor` of shape `(batch_size, 3, image_size, image_size)`).
+            kwargs: passed to the image tower (`output_hidden_states`, `output_attentions`); `return_dict` as in
+                `get_text_features`.
         Returns:
             `BaseModelOutputWithPooling` whose `pooler_output` (batch_size, projection_dim) is unnormalised.
         """
-        outputs = self.vision_model(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        outputs = self.vision_model(
+            pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **kwargs
+        )
         outputs.pooler_output = self.visual_projection(outputs.pooler_output)
         return outputs
 
@@ -416,7 +470,9 @@ class ProCLIPModel(ProCLIPPreTrainedModel):
             pixel_values (`(image_batch_size, 3, image_size, image_size)`).
             return_loss: add the symmetric InfoNCE of matching pairs (needs equal batch sizes).
             token_type_ids: ignored, as in `get_text_features`.
-            return_dict: `False` returns the fields as a tuple, as `CLIPModel` does.
+            kwargs: passed to both towers (`output_hidden_states`, `output_attentions`); their outputs are
+                `text_model_output` and `vision_model_output`. `return_dict=False` returns the fields as a tuple,
+                as `CLIPModel` does.
         """
         if pixel_values is None or (input_ids is None and llm_embeds is None):
             missing = "images (`pixel_values`)" if pixel_values is None else "captions (`input_ids` or `llm_embeds`)"
@@ -424,8 +480,8 @@ class ProCLIPModel(ProCLIPPreTrainedModel):
                 f"ProCLIPModel scores images against captions and needs both; {missing} are missing. Pass "
                 "`processor(text=..., images=...)`, or embed one side with `get_text_features` / `get_image_features`."
             )
-        text_outputs = self.get_text_features(input_ids, attention_mask, llm_embeds)
-        vision_outputs = self.get_image_features(pixel_values, interpolate_pos_encoding)
+        text_outputs = self.get_text_features(input_ids, attention_mask, llm_embeds, return_dict=True, **kwargs)
+        vision_outputs = self.get_image_features(pixel_values, interpolate_pos_encoding, return_dict=True, **kwargs)
         text = F.normalize(text_outputs.pooler_output, dim=-1)
         image = F.normalize(vision_outputs.pooler_output, dim=-1)
         logits_per_text = self.logit_scale.exp() * text @ image.to(text.dtype).t()
@@ -438,6 +494,22 @@ class ProCLIPModel(ProCLIPPreTrainedModel):
             text_model_output=text_outputs,
             vision_model_output=vision_outputs,
         )
+
+    # -- the text tower's token embeddings (adding tokens) -----------------------------------------------------------
+
+    def get_input_embeddings(self) -> nn.Module:
+        """The text tower's token embeddings."""
+        return self.text_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.text_model.set_input_embeddings(value)
+
+    def resize_token_embeddings(self, *args, **kwargs) -> nn.Embedding:
+        """Resize the text tower's token embeddings (its own `resize_token_embeddings`, with its init for new rows)
+        and record the new vocabulary size in `config.text_config`, so that the saved folder loads."""
+        embeddings = self.text_model.resize_token_embeddings(*args, **kwargs)
+        self.config.text_config.vocab_size = embeddings.num_embeddings
+        return embeddings
 
     # -- lists of captions and images in, embeddings out (jina-clip's `encode_text` / `encode_image`) ------------------
 
@@ -537,6 +609,22 @@ class ProCLIPModel(ProCLIPPreTrainedModel):
         return embeds
 
     # -- building and saving ---------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, *args, output_loading_info: bool = False, **kwargs):
+        """transformers' `from_pretrained`, with one warning more: the ProCLIP parts (adapter, visual projection,
+        temperature) whose weights the checkpoint lacks, or whose shapes it mismatches under
+        `ignore_mismatched_sizes=True`, start from `_init_weights` (the documented init), that is untrained."""
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        fresh = set(info["missing_keys"]) | {key for key, *_shapes in info["mismatched_keys"]}
+        untrained = sorted({key.split(".")[0] for key in fresh} & {"text_adapter", "visual_projection", "logit_scale"})
+        if untrained:
+            logger.warning(
+                f"{model.name_or_path} has no trained weights for {', '.join(untrained)}: they start from ProCLIP's "
+                "documented init (Linear weights normal(0, fan_in^-1/2), zero biases, unit LayerNorms), so its "
+                "embeddings are untrained. Load a trained ProCLIP checkpoint, or train this one (`proclip train`)."
+            )
+        return (model, info) if output_loading_info else model
 
     @classmethod
     def from_towers(
