@@ -247,10 +247,10 @@ def embed_token_ids(
         )
     kwargs = text_tower_kwargs(text_model, attention_mask, settings.bidirectional)
     outputs = text_model(input_ids=input_ids, **kwargs, **tower_kwargs, return_dict=True)
-    pooled = pool_hidden_states(outputs.last_hidden_state, attention_mask, settings.pooling, settings.instruction_length)
+    hidden_states = outputs.last_hidden_state
     return BaseModelOutputWithPooling(
-        last_hidden_state=outputs.last_hidden_state,
-        pooler_output=pooled,
+        last_hidden_state=hidden_states,
+        pooler_output=pool_hidden_states(hidden_states, attention_mask, settings.pooling, settings.instruction_length),
         hidden_states=outputs.get("hidden_states"),
         attentions=outputs.get("attentions"),
     )

@@ -135,7 +135,7 @@ def assert_documented_adapter_init(adapter: ProCLIPAdapter) -> None:
             assert torch.equal(module.bias, torch.zeros_like(module.bias))
 
 
-# -- save / load --------------------------------------------------------------------------------------------------
+# -- save / load -------------------------------------------------------------------------------------------------------
 
 
 def test_save_load_round_trip(tester, tmp_path):
@@ -150,7 +150,7 @@ def test_save_load_round_trip(tester, tmp_path):
         assert torch.equal(ours, theirs)
 
 
-# -- init -------------------------------------------------------------------------------------------------------------
+# -- init --------------------------------------------------------------------------------------------------------------
 
 
 def test_a_model_built_from_its_config_has_the_documented_init(tester):
@@ -215,7 +215,7 @@ def test_meta_device_init(tester):
     assert torch.isfinite(text).all() and torch.isfinite(image).all()
 
 
-# -- attention and batching -----------------------------------------------------------------------------------------
+# -- attention and batching --------------------------------------------------------------------------------------------
 
 
 def test_eager_and_sdpa_agree_on_either_padding_side(tester):
@@ -242,7 +242,7 @@ def test_batching_equivalence(tester):
         torch.testing.assert_close(image_alone[0], image[row], atol=1e-5, rtol=1e-5)
 
 
-# -- training -------------------------------------------------------------------------------------------------------
+# -- training ----------------------------------------------------------------------------------------------------------
 
 
 def gradients(model: ProCLIPModel, inputs: dict) -> dict[str, torch.Tensor]:
@@ -269,7 +269,8 @@ def test_a_bert_tower_is_built_without_its_pooler_and_old_checkpoints_still_load
     model = bert.load()
     assert model.text_model.pooler is None
     assert not any("pooler" in name for name, _ in model.named_parameters())
-    old_pooler = {"text_model.pooler.dense.weight": torch.zeros(32, 32), "text_model.pooler.dense.bias": torch.zeros(32)}
+    old_pooler = {"text_model.pooler.dense.weight": torch.zeros(32, 32),
+                  "text_model.pooler.dense.bias": torch.zeros(32)}
     old = copy_of(bert.folder, tmp_path / "old", extra=old_pooler)
     loaded, info = ProCLIPModel.from_pretrained(old, output_loading_info=True)
     assert not info["unexpected_keys"] and not info["missing_keys"]
@@ -277,7 +278,7 @@ def test_a_bert_tower_is_built_without_its_pooler_and_old_checkpoints_still_load
         assert torch.equal(ours, theirs)
 
 
-# -- dtypes, device maps ----------------------------------------------------------------------------------------------
+# -- dtypes, device maps -----------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -306,7 +307,7 @@ def test_device_map_auto_offloads_to_cpu_and_disk_without_splitting_a_layer(test
         torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-6)
 
 
-# -- outputs ------------------------------------------------------------------------------------------------------------
+# -- outputs -----------------------------------------------------------------------------------------------------------
 
 
 def test_hidden_states_and_attentions(tester):
@@ -339,7 +340,8 @@ def test_return_dict_false_everywhere(tester):
         image = model.get_image_features(inputs["pixel_values"], return_dict=False)
         as_tuple = model(**inputs, return_loss=True, return_dict=False)
         model.config.return_dict = False
-        from_config = (model(**inputs), model.get_text_features(*captions), model.get_image_features(inputs["pixel_values"]))
+        from_config = (model(**inputs), model.get_text_features(*captions),
+                       model.get_image_features(inputs["pixel_values"]))
     assert all(isinstance(output, tuple) for output in (text, image, as_tuple, *from_config))
     assert torch.equal(text[1], as_object.text_model_output.pooler_output)
     assert torch.equal(image[1], as_object.vision_model_output.pooler_output)
@@ -348,7 +350,7 @@ def test_return_dict_false_everywhere(tester):
     assert torch.equal(as_tuple[5][1], text[1]) and torch.equal(as_tuple[6][1], image[1])
 
 
-# -- token embeddings -------------------------------------------------------------------------------------------------
+# -- token embeddings --------------------------------------------------------------------------------------------------
 
 
 def test_resized_token_embeddings_work_and_survive_save_load(tester, tmp_path):
