@@ -266,3 +266,16 @@ def counting_image_server(tmp_path_factory):
     yield f"http://127.0.0.1:{server.server_address[1]}", requested
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture
+def online(monkeypatch):
+    """Call it to lift, for one test, the HF_HUB_OFFLINE=1 set above for the session (both libraries read it once)."""
+    import datasets
+    import huggingface_hub
+
+    def lift():
+        for module in (datasets.config, huggingface_hub.constants):
+            monkeypatch.setattr(module, "HF_HUB_OFFLINE", False)
+
+    return lift

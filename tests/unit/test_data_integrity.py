@@ -7,7 +7,6 @@ import logging
 import os
 
 import datasets
-import huggingface_hub
 import numpy as np
 import pandas as pd
 import PIL.Image
@@ -17,7 +16,6 @@ from proclip_train.cli.train import parse_train_args
 from proclip_train.training.data import (
     PATH_OUTSIDE_DATA,
     REMOTE_IMAGE,
-    decode_image,
     image_path_inside,
     load_image_text_dataset,
 )
@@ -98,12 +96,6 @@ def test_the_commands_refuse_such_files_with_exit_code_2(tmp_path, tiny_proclip_
 # -- image paths -------------------------------------------------------------------------------------------------------
 
 
-def go_online(monkeypatch):
-    """Lift, for one test, the HF_HUB_OFFLINE=1 that conftest sets for the session (read by both libraries at import)."""
-    for module in (datasets.config, huggingface_hub.constants):
-        monkeypatch.setattr(module, "HF_HUB_OFFLINE", False)
-
-
 @pytest.fixture
 def tables(tmp_path):
     """`data/pairs.csv` listing two images inside `data/` and four that leave it; `secret.png` lies beside `data/`."""
@@ -131,7 +123,7 @@ KEPT = ["inside", "inside, normalised", "inside through a link"]
 
 
 @pytest.mark.parametrize("table", ["pairs.csv", "pairs.jsonl"])
-def test_image_paths_leaving_the_data_folder_are_skipped_and_counted(tables, tmp_path, table, caplog, monkeypatch):
+def test_image_paths_leaving_the_data_folder_are_skipped_and_counted(tables, tmp_path, table, caplog, online):
     with caplog.at_level(logging.WARNING):
         dataset = load_image_text_dataset(
             str(tables / table), image_column="image", caption_columns="caption", cache_dir=str(tmp_path / "hf")
@@ -145,7 +137,7 @@ def test_image_paths_leaving_the_data_folder_are_skipped_and_counted(tables, tmp
         "path elsewhere, or ../); pass --allow-paths-outside-data to read them.",
     ]
 
-    go_online(monkeypatch)
+    online()
     load = dict(image_column="image", caption_columns="caption", cache_dir=str(tmp_path / "hf"))
     assert len(load_image_text_dataset(str(tables / table), allow_paths_outside_data=True, **load)) == 6
     assert len(load_image_text_dataset(str(tables / table), allow_remote_images=True, **load)) == 5
@@ -191,66 +183,3 @@ def test_every_row_outside_is_an_error_and_the_flag_reaches_train_and_eval(table
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["data"]["num_rows"] == 2
 
-
-# -- image URLs (issue 25 item 1) ----------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def url_table(tmp_path, monkeypatch, counting_image_server):
-    """`data/urls.csv` (one image inside the folder, then four URLs) run from `tmp_path`, beside `outside/secret.png`:
-    `local://` and `file://` rows that fsspec resolves against the working directory or as absolute paths, and an
-    http URL to a loopback server that records what it is asked."""
-    base, _ = counting_image_server
-    for path in (tmp_path / "data" / "a.png", tmp_path / "outside" / "secret.png"):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        PIL.Image.fromarray(np.full((8, 8, 3), 200, dtype=np.uint8)).save(path)
-    monkeypatch.chdir(tmp_path)
-    rows = [("a.png", "inside"), ("local://outside/secret.png", "local, relative to the working directory"),
-            (f"local://{tmp_path}/outside/secret.png", "local, absolute"),
-            (f"file://{tmp_path}/outside/secret.png", "file URL"), (f"{base}/x.png", "http")]  # fmt: skip
-    pd.DataFrame(rows, columns=["image", "caption"]).to_csv(tmp_path / "data" / "urls.csv", index=False)
-    return tmp_path / "data" / "urls.csv"
-
-
-def test_image_urls_are_neither_read_nor_fetched_unless_allowed(url_table, counting_image_server, caplog, monkeypatch):
-    """Old code: the `local://` rows read `outside/secret.png` and the http row was fetched, without a word."""
-    _, requested = counting_image_server
-    load = dict(image_column="image", caption_columns="caption")
-    with caplog.at_level(logging.WARNING):
-        dataset = load_image_text_dataset(str(url_table), **load)
-    assert dataset["caption"] == ["inside"]
-    assert f"Skipped 4 of 5 rows ({REMOTE_IMAGE})" in caplog.text and "--allow-remote-images" in caplog.text
-    streamed = load_image_text_dataset(str(url_table), streaming=True, **load)
-    assert [row["caption"] for row in streamed] == ["inside"]
-    assert requested == []
-
-    go_online(monkeypatch)
-    allowed = load_image_text_dataset(str(url_table), allow_remote_images=True, **load)
-    assert len(allowed) == 5
-    assert decode_image(allowed[4]["image"]).size == (8, 8) and set(requested) == {"/x.png"}
-
-
-def test_offline_nothing_is_fetched_even_when_allowed(url_table, counting_image_server, monkeypatch):
-    _, requested = counting_image_server
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # what HF_DATASETS_OFFLINE=1 sets at import
-    load = dict(image_column="image", caption_columns="caption", allow_remote_images=True)
-    assert load_image_text_dataset(str(url_table), **load)["caption"] == ["inside"]
-    only_urls = url_table.with_name("only_urls.csv")
-    only_urls.write_text("\n".join(url_table.read_text().splitlines()[:1] + url_table.read_text().splitlines()[2:]))
-    with pytest.raises(ValueError, match="once the 4 rows whose image is a URL .* are left out "
-                       r"\(HF_DATASETS_OFFLINE / HF_HUB_OFFLINE is set, and nothing is fetched offline\)"):
-        load_image_text_dataset(str(only_urls), **load)
-    assert requested == []
-
-
-def test_the_space_gallery_copies_no_image_from_outside_the_data(url_table, counting_image_server, tmp_path):
-    """`proclip space` publishes the images of the data a results file scored: only those inside its folder."""
-    from proclip_train.hub.space import write_gallery
-
-    record = {"task": "retrieval", "source": "results.json", "metrics": {"caption": {}},
-              "data": {"spec": str(url_table), "split": "train", "image_column": "image", "caption_columns": ["caption"]}}
-    rows = write_gallery(record, tmp_path / "space", size=8, caption_columns=None)
-    assert [row["captions"]["caption"] for row in rows] == ["inside"]
-    assert sorted(p.name for p in (tmp_path / "space" / "gallery").iterdir()) == ["000.png", "metadata.jsonl"]
-    assert counting_image_server[1] == []

@@ -1,0 +1,114 @@
+"""Attacks on the command line (issue 25), run as a user runs them (a subprocess): what a table names outside its
+data folder is neither read nor fetched, poisoned (non-finite) weights are never scored or published, and a mistake
+ends in a sentence (exit 2), not a traceback."""
+
+import logging
+
+import datasets
+import numpy as np
+import pandas as pd
+import PIL.Image
+import pytest
+from proclip_train.training.data import (
+    REMOTE_IMAGE,
+    decode_image,
+    load_image_text_dataset,
+)
+from test_cli_errors import proclip
+
+# -- item 1: image URLs in a table ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def url_table(tmp_path, monkeypatch, counting_image_server):
+    """`data/urls.csv` (one image inside the folder, then four URLs) run from `tmp_path`, beside `outside/secret.png`:
+    `local://` and `file://` rows that fsspec resolves against the working directory or as absolute paths, and an
+    http URL to a loopback server that records what it is asked."""
+    base, _ = counting_image_server
+    for path in (tmp_path / "data" / "a.png", tmp_path / "outside" / "secret.png"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        PIL.Image.fromarray(np.full((8, 8, 3), 200, dtype=np.uint8)).save(path)
+    monkeypatch.chdir(tmp_path)
+    rows = [("a.png", "inside"), ("local://outside/secret.png", "local, relative to the working directory"),
+            (f"local://{tmp_path}/outside/secret.png", "local, absolute"),
+            (f"file://{tmp_path}/outside/secret.png", "file URL"), (f"{base}/x.png", "http")]  # fmt: skip
+    pd.DataFrame(rows, columns=["image", "caption"]).to_csv(tmp_path / "data" / "urls.csv", index=False)
+    return tmp_path / "data" / "urls.csv"
+
+
+def test_image_urls_are_neither_read_nor_fetched_unless_allowed(url_table, counting_image_server, caplog, online):
+    """Old code: the `local://` rows read `outside/secret.png` and the http row was fetched, without a word."""
+    _, requested = counting_image_server
+    load = dict(image_column="image", caption_columns="caption")
+    with caplog.at_level(logging.WARNING):
+        dataset = load_image_text_dataset(str(url_table), **load)
+    assert dataset["caption"] == ["inside"]
+    assert f"Skipped 4 of 5 rows ({REMOTE_IMAGE})" in caplog.text and "--allow-remote-images" in caplog.text
+    streamed = load_image_text_dataset(str(url_table), streaming=True, **load)
+    assert [row["caption"] for row in streamed] == ["inside"]
+    assert requested == []
+
+    online()
+    allowed = load_image_text_dataset(str(url_table), allow_remote_images=True, **load)
+    assert len(allowed) == 5
+    assert decode_image(allowed[4]["image"]).size == (8, 8) and set(requested) == {"/x.png"}
+
+
+def test_offline_nothing_is_fetched_even_when_allowed(url_table, counting_image_server, online, monkeypatch):
+    _, requested = counting_image_server
+    online()
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # what HF_DATASETS_OFFLINE=1 sets at import
+    load = dict(image_column="image", caption_columns="caption", allow_remote_images=True)
+    assert load_image_text_dataset(str(url_table), **load)["caption"] == ["inside"]
+    only_urls = url_table.with_name("only_urls.csv")
+    only_urls.write_text("\n".join(url_table.read_text().splitlines()[:1] + url_table.read_text().splitlines()[2:]))
+    with pytest.raises(ValueError, match="once the 4 rows whose image is a URL .* are left out "
+                       r"\(HF_DATASETS_OFFLINE / HF_HUB_OFFLINE is set, and nothing is fetched offline\)"):
+        load_image_text_dataset(str(only_urls), **load)
+    assert requested == []
+
+
+def test_the_space_gallery_copies_no_image_from_outside_the_data(url_table, counting_image_server, tmp_path):
+    """`proclip space` publishes the images of the data a results file scored: only those inside its folder."""
+    from proclip_train.hub.space import write_gallery
+
+    record = {"task": "retrieval", "source": "results.json", "metrics": {"caption": {}},
+              "data": {"spec": str(url_table), "split": "train", "image_column": "image", "caption_columns": ["caption"]}}
+    rows = write_gallery(record, tmp_path / "space", size=8, caption_columns=None)
+    assert [row["captions"]["caption"] for row in rows] == ["inside"]
+    assert sorted(p.name for p in (tmp_path / "space" / "gallery").iterdir()) == ["000.png", "metadata.jsonl"]
+    assert counting_image_server[1] == []
+
+
+@pytest.fixture
+def url_pairs(tmp_path, counting_image_server):
+    """`data/pairs.csv`: two rows whose image is an http URL to the loopback server."""
+    base, _ = counting_image_server
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "pairs.csv").write_text(f"image,caption\n{base}/a.png,a red square\n{base}/b.png,a cat\n")
+    return tmp_path / "data" / "pairs.csv"
+
+
+def assert_refused(result, *phrases: str) -> None:
+    """Exit code 2, no traceback, the last line naming the problem."""
+    error = result.stderr.strip()
+    assert result.returncode == 2, (result.returncode, error)
+    assert "Traceback" not in error, error
+    for phrase in phrases:
+        assert phrase in error.splitlines()[-1], (phrase, error)
+
+
+@pytest.mark.parametrize("environment", ["online", "HF_DATASETS_OFFLINE=1"])
+def test_eval_fetches_no_url_unless_allowed_and_never_offline(tiny_proclip_dir, url_pairs, counting_image_server,
+                                                              environment):
+    """Old code: `proclip eval` fetched both URLs, with HF_DATASETS_OFFLINE=1 too."""
+    _, requested = counting_image_server
+    command = ["eval", "--model", tiny_proclip_dir, "--task", "retrieval", "--data", url_pairs]
+    env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"{counting_image_server[0]}/hub"}  # the Hub is not asked either
+    if environment == "online":
+        result, _ = proclip(*command, env=env)
+        assert_refused(result, "2 rows whose image is a URL", "pass --allow-remote-images to fetch them")
+    else:
+        result, _ = proclip(*command, "--allow-remote-images", env={**env, "HF_DATASETS_OFFLINE": "1"})
+        assert_refused(result, "2 rows whose image is a URL", "nothing is fetched offline")
+    assert requested == []
