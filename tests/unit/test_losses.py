@@ -251,6 +251,27 @@ def test_contrastive_distillation_adds_weighted_self_distillation(pair, form, re
     assert close(out["loss"], info + 0.3 * (instance + structure), rel=1e-4)
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("distill_weight", [0.0, 0.3])
+def test_stage2_objective_adds_the_weighted_text_anchor(pair, reduction, distill_weight):
+    """The whole stage-2 sum in one module: InfoNCE + lambda * L_reg (when lambda > 0) + mu * L_ins(anchor)."""
+    image, text = pair
+    generator = torch.Generator().manual_seed(5)
+    teacher = image + 0.2 * torch.randn(6, 5, generator=generator)
+    anchor, target = torch.randn(4, 5, generator=generator), torch.randn(4, 5, generator=generator)
+    loss = ContrastiveDistillationLoss(distill_weight, reduction, text_anchor_weight=0.7)
+    out = loss(image, text, torch.tensor(2.0), teacher if distill_weight else None, anchor, target)
+    regulariser = hand_instance(image, teacher, reduction) + hand_structure(image, teacher, "upstream", reduction)
+    expected = hand_info_nce(image, text, 2.0) + distill_weight * regulariser + 0.7 * hand_instance(anchor, target,
+                                                                                                    reduction)
+    assert close(out["text_anchor"], hand_instance(anchor, target, reduction))
+    assert close(out["loss"], expected, rel=1e-4)
+    assert ("distillation" in out) == (distill_weight > 0)
+    plain = ContrastiveDistillationLoss(0.0)(image, text, torch.tensor(2.0))
+    assert set(plain) == {"loss", "contrastive"}
+    torch.testing.assert_close(plain["loss"], ContrastiveLoss()(image, text, torch.tensor(2.0))["loss"])
+
+
 def test_losses_run_in_float32_under_bf16_autocast(pair):
     image, text = pair
     teacher = image.flip(0)

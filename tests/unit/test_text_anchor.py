@@ -58,14 +58,14 @@ def test_the_anchor_gradient_reaches_only_the_adapter(tmp_path, processor, tiny_
     assert len(batch[TEXT_ANCHOR_PREFIX + "captions"]) == 16
     assert set(batch[TEXT_ANCHOR_PREFIX + "captions"]) <= set(ANCHOR_CAPTIONS)
 
-    at_start = stage.text_anchor_loss(model, batch)
+    at_start = stage.loss.text_anchor(*stage.text_anchor_embeddings(model, batch))
     assert at_start.item() == pytest.approx(0.0, abs=1e-10)  # the adapter is its own starting point
 
     with torch.no_grad():
         for parameter in model.text_adapter.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
     model.zero_grad()
-    stage.text_anchor_loss(model, batch).backward()
+    stage.loss.text_anchor(*stage.text_anchor_embeddings(model, batch)).backward()
     moved = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert moved and all(name.startswith("text_adapter.") for name in moved), moved
     assert {name for name, _ in model.text_adapter.named_parameters()} <= {n.removeprefix("text_adapter.") for n in moved}

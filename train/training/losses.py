@@ -3,8 +3,10 @@
 - Stage 1, representation inheritance: `InheritanceLoss` = instance alignment + structure alignment of
   the adapter's text embeddings (student) to CLIP's text encoder (teacher).
 - Stage 2, contrastive tuning: `ContrastiveLoss` (symmetric InfoNCE, negatives gathered from every
-  data-parallel rank) and `ContrastiveDistillationLoss`, which adds the self-distillation regulariser:
-  the same instance + structure alignment, between the image encoder and its EMA teacher.
+  data-parallel rank) and `ContrastiveDistillationLoss`, stage 2's whole objective assembled in one place (as
+  open_clip's `loss.py` does): InfoNCE + lambda * the self-distillation regulariser (the same instance + structure
+  alignment, between the image encoder and its EMA teacher) + mu * the text anchor (the instance term between the
+  adapter's and its frozen starting copy's embeddings of text-only captions).
 
 Every loss takes raw embeddings of shape (B, D) and L2-normalises them itself, so passing the model's
 unnormalised `pooler_output` or its already-normalised `image_embeds` / `text_embeds` gives the same value.
@@ -236,18 +238,23 @@ class ContrastiveLoss(nn.Module):
 
 
 class ContrastiveDistillationLoss(ContrastiveLoss):
-    """Stage 2 total: L = L_info + distill_weight * L_reg, with L_reg = L_ins + w * L_struct(image, EMA teacher image).
+    """Stage 2's objective: L = L_info + lambda * L_reg + mu * L_anchor, each weighted term only when its weight is
+    above 0 (`ContrastiveStage` computes the embeddings, this module every term and their sum).
 
-    L_reg is stage 1's alignment applied to the trainable image encoder's embeddings v and its EMA
-    teacher's u. It is computed on the local batch only, like upstream: on W ranks, `"sum"` adds up this
-    rank's B_local rows and B_local(B_local-1)/2 pairs, and the structure term never compares rows of two
-    ranks. With `"mean"`, the instance term averaged over ranks equals the single-process one; the structure
+    L_reg = L_ins(v, u) + w * L_struct(v, u) is stage 1's alignment applied to the trainable image encoder's
+    embeddings v and its EMA teacher's u. It is computed on the local batch only, like upstream: on W ranks, `"sum"`
+    adds up this rank's B_local rows and B_local(B_local-1)/2 pairs, and the structure term never compares rows of
+    two ranks. With `"mean"`, the instance term averaged over ranks equals the single-process one; the structure
     term is the mean over within-rank pairs.
 
+    L_anchor = L_ins(s, t) (beyond the paper: the text anchor) between the trainable adapter's embeddings s of a batch
+    of text-only captions and those of a frozen copy of the adapter as stage 2 started, t; local, `reduction` alike.
+
     Args:
-        distill_weight: lambda, the weight of L_reg.
+        distill_weight: lambda, the weight of L_reg (0: InfoNCE alone, no EMA teacher embeddings needed).
         reduction, structure_form, structure_weight: as for `InheritanceLoss`.
         rank, world_size: as for `ContrastiveLoss`.
+        text_anchor_weight: mu, the weight of L_anchor (0: no anchor embeddings needed).
     """
 
     def __init__(
@@ -258,33 +265,52 @@ class ContrastiveDistillationLoss(ContrastiveLoss):
         structure_weight: float = 1.0,
         rank: int | None = None,
         world_size: int | None = None,
+        text_anchor_weight: float = 0.0,
     ):
         super().__init__(rank=rank, world_size=world_size)
         self.distill_weight = distill_weight
         self.reduction = _checked(reduction, REDUCTIONS, "reduction")
         self.structure_form = _checked(structure_form, STRUCTURE_FORMS, "structure_form")
         self.structure_weight = structure_weight
+        self.text_anchor_weight = text_anchor_weight
 
     def forward(
-        self, image_embeds: Tensor, text_embeds: Tensor, logit_scale: Tensor, teacher_image_embeds: Tensor
+        self,
+        image_embeds: Tensor,
+        text_embeds: Tensor,
+        logit_scale: Tensor,
+        teacher_image_embeds: Tensor | None = None,
+        anchor_embeds: Tensor | None = None,
+        anchor_target_embeds: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """
         Args:
             image_embeds, text_embeds, logit_scale: as for `ContrastiveLoss`.
-            teacher_image_embeds: (B_local, D) the EMA teacher's embeddings of the same images.
+            teacher_image_embeds: (B_local, D) the EMA teacher's embeddings of the same images (lambda > 0).
+            anchor_embeds, anchor_target_embeds: (A, D) the trainable and the frozen starting adapter's embeddings of
+                the batch's text-anchor captions (mu > 0).
 
         Returns:
-            `{"loss", "contrastive", "instance", "structure", "distillation"}`: scalars, where
-            `distillation` = instance + structure_weight * structure and `loss` = contrastive + lambda * distillation.
+            `{"loss", "contrastive"}`, plus `"instance", "structure", "distillation"` when lambda > 0 and
+            `"text_anchor"` when mu > 0: scalars, where `distillation` = instance + structure_weight * structure and
+            `loss` = contrastive + lambda * distillation + mu * text_anchor.
         """
         out = super().forward(image_embeds, text_embeds, logit_scale)
-        out["instance"] = instance_alignment(image_embeds, teacher_image_embeds, self.reduction)
-        out["structure"] = structure_alignment(
-            image_embeds, teacher_image_embeds, self.structure_form, self.reduction
-        )
-        out["distillation"] = out["instance"] + self.structure_weight * out["structure"]
-        out["loss"] = out["contrastive"] + self.distill_weight * out["distillation"]
+        if self.distill_weight > 0:
+            out["instance"] = instance_alignment(image_embeds, teacher_image_embeds, self.reduction)
+            out["structure"] = structure_alignment(
+                image_embeds, teacher_image_embeds, self.structure_form, self.reduction
+            )
+            out["distillation"] = out["instance"] + self.structure_weight * out["structure"]
+            out["loss"] = out["contrastive"] + self.distill_weight * out["distillation"]
+        if self.text_anchor_weight > 0:
+            out["text_anchor"] = self.text_anchor(anchor_embeds, anchor_target_embeds)
+            out["loss"] = out["loss"] + self.text_anchor_weight * out["text_anchor"]
         return out
+
+    def text_anchor(self, anchor_embeds: Tensor, anchor_target_embeds: Tensor) -> Tensor:
+        """L_anchor: the instance term between the adapter's (A, D) anchor embeddings and their frozen targets."""
+        return instance_alignment(anchor_embeds, anchor_target_embeds, self.reduction)
 
 
 def _unit(x: Tensor) -> Tensor:

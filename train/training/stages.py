@@ -53,7 +53,6 @@ from .losses import (
     ContrastiveDistillationLoss,
     ContrastiveLoss,
     InheritanceLoss,
-    instance_alignment,
 )
 
 LOGIT_SCALE_MAX = math.log(100.0)
@@ -403,7 +402,7 @@ class ContrastiveStage(_ProCLIPStage):
     and the adapter may drift on text it never sees with images. Each micro-batch then also carries a batch of
     `args.text_anchor_data` captions (`TextAnchorCollator`); they go through the trainable adapter (s) and through a
     frozen copy of the adapter as stage 2 started (t), and `mu * L_ins(s, t)` (stage 1's instance term, `reduction`)
-    joins the loss. Only the adapter receives its gradient.
+    joins the loss. Only the adapter receives its gradient. `losses.ContrastiveDistillationLoss` sums every term.
     """
 
     name = "contrastive"
@@ -413,12 +412,10 @@ class ContrastiveStage(_ProCLIPStage):
         super().__init__(args)
         self.distill_weight = args.distill_weight
         self.text_anchor_weight = args.text_anchor_weight
-        if self.distill_weight == 0:
-            self.loss = ContrastiveLoss()
-        else:
-            self.loss = ContrastiveDistillationLoss(
-                self.distill_weight, args.reduction, args.structure_form, args.structure_weight
-            )
+        self.loss = ContrastiveDistillationLoss(
+            self.distill_weight, args.reduction, args.structure_form, args.structure_weight,
+            text_anchor_weight=self.text_anchor_weight,
+        )
         self.ema: EMATeacher | None = None
         self.anchor_adapter: nn.Module | None = None
         has_state = self.distill_weight > 0 or self.text_anchor_weight > 0
@@ -464,24 +461,20 @@ class ContrastiveStage(_ProCLIPStage):
             return {"loss": zero_loss(model)}
         image = model.get_image_features(inputs["pixel_values"]).pooler_output
         text = self.text_features(model, inputs)
-        if self.distill_weight == 0:
-            out = self.loss(image, text, model.logit_scale)
-        else:
-            out = self.loss(image, text, model.logit_scale, self.ema(inputs["pixel_values"]))
-        if self.anchor_adapter is not None:
-            out["text_anchor"] = self.text_anchor_loss(model, inputs)
-            out["loss"] = out["loss"] + self.text_anchor_weight * out["text_anchor"]
+        teacher = self.ema(inputs["pixel_values"]) if self.ema is not None else None
+        anchor = self.text_anchor_embeddings(model, inputs) if self.anchor_adapter is not None else (None, None)
+        out = self.loss(image, text, model.logit_scale, teacher, *anchor)
         out["logit_scale"] = model.logit_scale.detach().float()  # log space, clamped to [0, ln 100]
         return out
 
-    def text_anchor_loss(self, model, inputs) -> torch.Tensor:
-        """L_ins between the trainable adapter's and the frozen starting adapter's outputs on the batch's anchor
-        captions (`anchor_llm_embeds` (A, H) -> (A, D) each); a scalar."""
+    def text_anchor_embeddings(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """The trainable adapter's and the frozen starting adapter's outputs on the batch's anchor captions
+        (`anchor_llm_embeds` (A, H) -> (A, D) each; the second without gradient)."""
         embeds = self.llm_embeddings(model, inputs, TEXT_ANCHOR_PREFIX)
         student = model.get_text_features(llm_embeds=embeds).pooler_output
         with torch.no_grad():
             target = self.anchor_adapter(embeds)
-        return instance_alignment(student, target, self.args.reduction)
+        return student, target
 
     def after_optimizer_step(self, model, full_parameters=contextlib.nullcontext):
         with torch.no_grad():
