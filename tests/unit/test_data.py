@@ -16,16 +16,10 @@ import pytest
 import torch
 from conftest import tiny_llm_tokenizer
 from proclip_train.training.collators import ContrastiveCollator, InheritanceCollator
-from proclip_train.training.data import (
-    CORRUPT_IMAGE,
-    EMPTY_CAPTION,
-    CLIPImageTransform,
-    DataSpec,
-    SkipCounter,
-    load_image_text_dataset,
-    longest_first_batches,
-    split_names,
-)
+from proclip_train.training.captions import longest_first_batches
+from proclip_train.training.data import DataSpec, load_image_text_dataset, split_names
+from proclip_train.training.images import CLIPImageTransform
+from proclip_train.training.skips import CORRUPT_IMAGE, EMPTY_CAPTION, SkipCounter
 from transformers import CLIPImageProcessor
 
 from modeling_proclip import to_rgb

@@ -17,7 +17,7 @@ from PIL import Image
 from proclip_train import cli
 from proclip_train.evaluation.tasks import default_split, load_eval_dataset
 from proclip_train.evaluation.templates import OPENAI_IMAGENET_TEMPLATES
-from proclip_train.training.data import decode_image
+from proclip_train.training.images import decode_image
 
 from modeling_proclip import ProCLIPModel, ProCLIPProcessor
 

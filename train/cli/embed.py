@@ -18,7 +18,8 @@ from transformers import AutoTokenizer
 from modeling_proclip import ProCLIPModel, ProCLIPProcessor
 
 from ..training.cache import build_embedding_cache, default_cache_dir
-from ..training.data import iter_captions, load_image_text_dataset
+from ..training.captions import iter_captions
+from ..training.data import load_image_text_dataset
 from ..training.registry import DEFAULT_CAPTION_COLUMN
 from ..training.stages import load_clip_text_teacher
 from .errors import UsageError

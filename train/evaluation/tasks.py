@@ -18,14 +18,10 @@ from tqdm.auto import tqdm
 
 from modeling_proclip import ProCLIPModel, ProCLIPProcessor
 
-from ..training.data import (
-    TOO_FEW_CAPTIONS,
-    decode_image,
-    iter_row_captions,
-    load_image_text_dataset,
-    longest_first_batches,
-    split_names,
-)
+from ..training.captions import iter_row_captions, longest_first_batches
+from ..training.data import load_image_text_dataset, split_names
+from ..training.images import decode_image
+from ..training.skips import TOO_FEW_CAPTIONS
 from .metrics import (
     DEFAULT_CHUNK_SIZE,
     caption_retrieval_accuracy,

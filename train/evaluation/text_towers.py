@@ -26,7 +26,7 @@ from modeling_proclip import (
     embed_token_ids,
 )
 
-from ..training.data import longest_first_batches
+from ..training.captions import longest_first_batches
 from ..training.stages import load_clip_text_teacher
 
 

@@ -29,7 +29,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_N
 from ..evaluation.tasks import class_names_and_labels, load_eval_dataset
 from ..training.registry import STAGE_NUMBERS
 from ..training.cache import read_safetensors_header
-from ..training.data import decode_image
+from ..training.images import decode_image
 from .results import (
     TASKS,
     Evaluation,

@@ -32,7 +32,7 @@ from huggingface_hub import SpaceCard, SpaceCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from ..evaluation.tasks import class_names_and_labels
-from ..training.data import decode_image
+from ..training.images import decode_image
 from .card import load_record_data
 from .results import evaluations_from_record
 

@@ -35,7 +35,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data import DataSpec, longest_first_batches
+from .captions import longest_first_batches
+from .data import DataSpec
 from .shards import (
     CACHE_FORMAT,
     CACHE_VERSION,

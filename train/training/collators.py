@@ -42,14 +42,14 @@ from typing import Any, Callable
 import torch
 
 from .cache import LLM_TABLE, TEACHER_TABLE, EmbeddingCache
-from .data import (
+from .captions import caption_candidates
+from .images import decode_image
+from .skips import (
     CORRUPT_IMAGE,
     EMPTY_CAPTION,
     SKIP_REASONS,
     SKIPPED_KEY,
     TOO_FEW_CAPTIONS,
-    caption_candidates,
-    decode_image,
 )
 
 logger = logging.getLogger(__name__)

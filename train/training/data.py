@@ -1,30 +1,26 @@
-"""Image-text data for training and evaluation: load datasets, decode and transform images like CLIP, count skips.
+"""Image-text data for training and evaluation: load one split of a dataset, images left undecoded.
 
-1. `load_image_text_dataset(spec, ...)` reads anything `datasets.load_dataset` reads: a local folder (an imagefolder
+`load_image_text_dataset(spec, ...)` reads anything `datasets.load_dataset` reads: a local folder (an imagefolder
    with `metadata.jsonl` / `metadata.csv` or class subfolders, or a folder of csv / jsonl / parquet files), a file or
    glob (`.csv`, `.jsonl`, `.json`, `.parquet`, `.arrow`, `.txt` captions only, `.tar` webdataset shards), or a Hub
    dataset (`name` or `name:config`), in memory-mapped or streaming mode. `proclip train`, `proclip embed`, stage 0
    and `proclip eval` all load through it. Images stay undecoded in the dataset (`datasets.Image(decode=False)`), so
-   a corrupt file never breaks loading or iteration; `decode_image` decodes one value where it is used. A data file
-   that is not UTF-8, holds a lone surrogate or no rows is refused in one line naming the file and line (bad text is
-   a property of how the file was written, often all of it: skipping such rows would silently drop the non-ASCII
+   a corrupt file never breaks loading or iteration; `images.decode_image` decodes one value where it is used. A data
+   file that is not UTF-8, holds a lone surrogate or no rows is refused in one line naming the file and line (bad text
+   is a property of how the file was written, often all of it: skipping such rows would silently drop the non-ASCII
    captions); image paths that leave the local data folder, and image URLs, are dropped and counted unless allowed.
-2. `CLIPImageTransform` turns a PIL image into `pixel_values` with PIL and torch only: the eval transform mirrors
-   `CLIPImageProcessor` (resize the shortest side, center crop, rescale, normalise), the train transform replaces
-   resize + crop by RandomResizedCrop(scale 0.9-1.0, bicubic). Size, mean and std come from the model's processor.
-3. `SkipCounter` sums the per-reason counts of samples the collators (`collators.py`) dropped.
-4. `longest_first_batches` orders texts for embedding (the cache, evaluation and every text tower batch this way).
+
+The rest of the data path has a module each: `images` (decode, CLIP's transform), `captions` (a row's captions,
+texts in batches for embedding), `skips` (why a sample was dropped, and how many), `collators` (batches).
 """
 
 from __future__ import annotations
 
 import glob
 import logging
-import math
 import os
 import posixpath
 import re
-import threading
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,31 +28,17 @@ from typing import Any
 
 import datasets
 import huggingface_hub
-import numpy as np
-import PIL.Image
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 from datasets.packaged_modules.folder_based_builder.folder_based_builder import (
     FolderBasedBuilder,
 )
-from datasets.utils.file_utils import xopen
-
-from modeling_proclip import ImagePolicy, open_image, to_rgb
 
 logger = logging.getLogger(__name__)
 
-# Why a sample was dropped. Keys of `batch["skipped"]` and of `SkipCounter`.
-CORRUPT_IMAGE = "corrupt_image"  # missing file, undecodable bytes, or a failed conversion to RGB
-EMPTY_CAPTION = "empty_caption"  # no caption column value, or only an empty / whitespace-only string
-TOO_FEW_CAPTIONS = "too_few_captions"  # stage 0: a row without two different captions gives no positive pair
+# Why the loader drops a row (counted in its warning; `skips` holds the reasons the collators skip a sample for).
 PATH_OUTSIDE_DATA = "path_outside_data"  # an image path (absolute, or with ../) that leaves the data folder
 REMOTE_IMAGE = "remote_image"  # an image given as a URL (any `scheme://`: http(s), s3, hf, file, local, zip, ...)
-SKIP_REASONS = (CORRUPT_IMAGE, EMPTY_CAPTION)
-SKIPPED_KEY = "skipped"
-# Data images: local files and embedded bytes; remote files are read by `datasets` (`decode_image`), never fetched
-# as URLs by the opener.
-DATA_IMAGES = ImagePolicy(url_hosts=())
 
 # File suffix -> `datasets` builder. Compression suffixes (.gz, .zst, ...) are looked through.
 _BUILDER_BY_SUFFIX = {
@@ -515,246 +497,14 @@ def _rows_with_allowed_images(dataset, image_column: str, rule: ImageSourceRule)
     return dataset, predicate.refused
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Images
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def decode_image(value: Any) -> PIL.Image.Image:
-    """A dataset image value (`{"bytes", "path"}`, a path, bytes or a PIL image) -> a loaded RGB PIL image, read by
-    the one image opener (`modeling_proclip.open_image`); remote paths (`hf://`, `https://`, ...) are read through
-    `datasets`' fsspec opener, as `datasets.Image` decodes them.
-
-    Raises `UnreadableImage` (an `OSError`) for a missing file or undecodable bytes, `ValueError` for no image.
-    """
-    if isinstance(value, Mapping):
-        value = value.get("bytes") if value.get("bytes") is not None else value.get("path")
-    if value is None:
-        raise ValueError("no image")
-    if isinstance(value, str) and "://" in value:
-        with xopen(value, "rb") as f:
-            return open_image(f.read(), DATA_IMAGES)
-    return open_image(value, DATA_IMAGES)
-
-
-def _size_field(size, key):
-    return size.get(key) if isinstance(size, Mapping) else getattr(size, key, None)
-
-
-class CLIPImageTransform:
-    """PIL image -> `pixel_values` (3, H, W) float32, configured from a `CLIPImageProcessor`.
-
-    Eval (`train=False`): convert to RGB, resize so the shortest side is `size["shortest_edge"]` (bicubic, long side
-    `int(size * long / short)`), center crop to `crop_size`, rescale and normalise with the processor's mean / std:
-    the same numbers the processor gives. Train: convert to RGB, RandomResizedCrop to `crop_size` (area `scale`,
-    aspect `ratio`, bicubic; torchvision's sampling, drawn from the given `torch.Generator`), rescale, normalise.
-
-    Args:
-        image_processor: the model's image processor (`ProCLIPProcessor.image_processor`), or any object with
-            `size`, `crop_size`, `image_mean`, `image_std`, `rescale_factor`, `resample`.
-        train: random crop (train) or resize + center crop (eval).
-        scale, ratio: RandomResizedCrop's area fraction and aspect-ratio ranges.
-    """
-
-    def __init__(
-        self,
-        image_processor,
-        train: bool = True,
-        scale: tuple[float, float] = (0.9, 1.0),
-        ratio: tuple[float, float] = (3 / 4, 4 / 3),
-    ):
-        self.train = train
-        self.scale = tuple(scale)
-        self.ratio = tuple(ratio)
-        p = image_processor
-        size, crop = getattr(p, "size", None), getattr(p, "crop_size", None)
-        self.shortest_edge = _size_field(size, "shortest_edge") if size is not None else None
-        self.resize_hw = (_size_field(size, "height"), _size_field(size, "width")) if size is not None else None
-        self.do_resize = getattr(p, "do_resize", True)
-        self.do_center_crop = getattr(p, "do_center_crop", True) and crop is not None
-        if self.do_center_crop:
-            self.output_hw = (_size_field(crop, "height"), _size_field(crop, "width"))
-        elif self.resize_hw is not None and None not in self.resize_hw:
-            self.output_hw = self.resize_hw
-        else:
-            self.output_hw = (self.shortest_edge, self.shortest_edge)
-        self.resample = PIL.Image.Resampling(int(getattr(p, "resample", PIL.Image.Resampling.BICUBIC)))
-        self.rescale_factor = float(getattr(p, "rescale_factor", 1 / 255)) if getattr(p, "do_rescale", True) else 1.0
-        do_normalize = getattr(p, "do_normalize", True)
-        mean = getattr(p, "image_mean", None) if do_normalize else None
-        std = getattr(p, "image_std", None) if do_normalize else None
-        self.mean = torch.tensor(mean if mean is not None else [0.0] * 3, dtype=torch.float32).view(-1, 1, 1)
-        self.std = torch.tensor(std if std is not None else [1.0] * 3, dtype=torch.float32).view(-1, 1, 1)
-
-    def __call__(self, image: PIL.Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
-        image = to_rgb(image)
-        height, width = self.output_hw
-        if self.train:
-            top, left, h, w = self.random_resized_crop_box(image.width, image.height, generator)
-            image = image.crop((left, top, left + w, top + h)).resize((width, height), self.resample)
-        else:
-            if self.do_resize:
-                image = image.resize(self._resized_size(image.width, image.height), self.resample)
-            if self.do_center_crop:
-                top, left = (image.height - height) // 2, (image.width - width) // 2
-                image = image.crop((left, top, left + width, top + height))
-        pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float()
-        return (pixels * self.rescale_factor - self.mean) / self.std
-
-    def _resized_size(self, width: int, height: int) -> tuple[int, int]:
-        """(width, height) after resizing, as `transformers.image_transforms.get_resize_output_image_size`."""
-        if self.shortest_edge:
-            short, long = (width, height) if width <= height else (height, width)
-            new_short, new_long = self.shortest_edge, int(self.shortest_edge * long / short)
-            return (new_short, new_long) if width <= height else (new_long, new_short)
-        return self.resize_hw[1], self.resize_hw[0]
-
-    def random_resized_crop_box(
-        self, width: int, height: int, generator: torch.Generator | None = None
-    ) -> tuple[int, int, int, int]:
-        """(top, left, height, width) of a random crop, sampled as `torchvision.transforms.RandomResizedCrop`."""
-        area = height * width
-        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
-        for _ in range(10):
-            target_area = area * torch.empty(1).uniform_(*self.scale, generator=generator).item()
-            aspect = math.exp(torch.empty(1).uniform_(*log_ratio, generator=generator).item())
-            w = int(round(math.sqrt(target_area * aspect)))
-            h = int(round(math.sqrt(target_area / aspect)))
-            if 0 < w <= width and 0 < h <= height:
-                top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
-                left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
-                return top, left, h, w
-        in_ratio = width / height  # fallback: the largest center crop within the aspect-ratio range
-        if in_ratio < min(self.ratio):
-            w, h = width, int(round(width / min(self.ratio)))
-        elif in_ratio > max(self.ratio):
-            w, h = int(round(height * max(self.ratio))), height
-        else:
-            w, h = width, height
-        return (height - h) // 2, (width - w) // 2, h, w
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Skip counting
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-class SkipCounter:
-    """Totals of dropped samples per reason, fed from the `"skipped"` entry of each batch the collators make.
-
-    The training loop owns one counter and adds each batch's popped `batch["skipped"]` with `counter.update(...)` (in
-    the main process, after the DataLoader); at the end, `counter.all_reduce()` sums the ranks and `summary()` says
-    it in words. Updates take a lock, so threads may share a counter.
-    """
-
-    def __init__(self, counts: Mapping[str, int] | None = None):
-        self._lock = threading.Lock()
-        self._counts: Counter = Counter({reason: 0 for reason in SKIP_REASONS})
-        if counts:
-            self.update(counts)
-
-    def update(self, counts: Mapping[str, int]) -> None:
-        with self._lock:
-            for reason, n in counts.items():
-                self._counts[reason] += int(n)
-
-    def as_dict(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._counts)
-
-    def all_reduce(self) -> dict[str, int]:
-        """Totals summed over all `torch.distributed` ranks (this process's totals when not distributed)."""
-        counts = self.as_dict()
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return counts
-        gathered = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(gathered, counts)  # objects, not tensors: ranks may know other reasons
-        total = Counter()
-        for rank_counts in gathered:
-            total.update(rank_counts)
-        return dict(sorted(total.items()))
-
-    def summary(self, counts: Mapping[str, int] | None = None) -> str:
-        """E.g. `"skipped 2 samples: 1 corrupt_image, 1 empty_caption"`."""
-        counts = self.as_dict() if counts is None else dict(counts)
-        total = sum(counts.values())
-        if not total:
-            return "skipped no samples"
-        parts = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()) if n)
-        return f"skipped {total} sample{'s' if total != 1 else ''}: {parts}"
-
-    def __repr__(self) -> str:
-        return f"SkipCounter({self.as_dict()})"
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Texts
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def longest_first_batches(texts: Sequence[str], batch_size: int) -> list[list[int]]:
-    """Indices of `texts` in batches of `batch_size`, longest text first (by characters; ties keep their order).
-
-    Texts of similar length share a batch, so little padding is computed, and the largest batch comes first, so an
-    out-of-memory error shows at once. Whoever embeds with these batches puts each result back at its index.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive; got {batch_size}")
-    order = sorted(range(len(texts)), key=lambda index: -len(texts[index]))
-    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Captions of a row
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def caption_candidates(row: Mapping, columns: Sequence[str]) -> list[str]:
-    """The usable captions of a row: non-blank strings from the given columns (list-valued columns expanded)."""
-    candidates = []
-    for column in columns:
-        value = row.get(column)
-        for caption in value if isinstance(value, (list, tuple)) else [value]:
-            if isinstance(caption, str) and caption.strip():
-                candidates.append(caption)
-    return candidates
-
-
-def iter_row_captions(dataset, columns: Sequence[str], batch_size: int = 1000):
-    """Each row's `caption_candidates` across `columns`, reading the dataset in batches."""
-    columns = list(columns)
-    for rows in dataset.select_columns(columns).iter(batch_size=batch_size):
-        for i in range(len(rows[columns[0]])):
-            yield caption_candidates({c: rows[c][i] for c in columns}, columns)
-
-
-def iter_captions(dataset, caption_columns, noise_caption_column=None, batch_size: int = 1000):
-    """Every caption a collator could draw: non-blank strings of the caption columns (and the noise column)."""
-    columns = list(caption_columns) + ([noise_caption_column] if noise_caption_column else [])
-    for captions in iter_row_captions(dataset, columns, batch_size):
-        yield from captions
-
-
 __all__ = [
-    "CORRUPT_IMAGE",
-    "EMPTY_CAPTION",
     "PATH_OUTSIDE_DATA",
     "REMOTE_IMAGE",
-    "SKIP_REASONS",
-    "SKIPPED_KEY",
-    "TOO_FEW_CAPTIONS",
-    "CLIPImageTransform",
     "DataSpec",
     "ImageSourceRule",
-    "SkipCounter",
-    "caption_candidates",
     "data_file_problem",
-    "decode_image",
     "image_path_inside",
     "is_url",
-    "iter_captions",
-    "iter_row_captions",
     "load_image_text_dataset",
-    "longest_first_batches",
     "split_names",
 ]

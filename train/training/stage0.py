@@ -39,7 +39,8 @@ from configuration_proclip import TEXT_TOWER_SETTINGS_FILE, TextTowerSettings
 
 from .arguments import ProCLIPTrainingArguments
 from .checkpoints import require_finite
-from .data import SkipCounter, load_image_text_dataset
+from .data import load_image_text_dataset
+from .skips import SkipCounter
 from .trainer import ProCLIPTrainer
 
 STAGE0_REPORT_FILE = "stage0_report.json"

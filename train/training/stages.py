@@ -48,12 +48,14 @@ from .collators import (
     MNTPCollator,
     mntp_mask_token_id,
 )
-from .data import SKIPPED_KEY, CLIPImageTransform, load_image_text_dataset
+from .data import load_image_text_dataset
+from .images import CLIPImageTransform
 from .losses import (
     ContrastiveDistillationLoss,
     ContrastiveLoss,
     InheritanceLoss,
 )
+from .skips import SKIPPED_KEY
 
 LOGIT_SCALE_MAX = math.log(100.0)
 STAGE_STATE_FILE = "stage_state.safetensors"

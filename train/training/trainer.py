@@ -67,7 +67,7 @@ from .checkpoints import (
     save_lean_weights,
 )
 from .collators import CACHE_STATS_KEY, RANDOM_STATE_KEY, SOURCES_KEY
-from .data import SKIPPED_KEY, SkipCounter
+from .skips import SKIPPED_KEY, SkipCounter
 from .optimization import MasterWeightAdamW, RestoreFloat32Weights, prepare_optimizer
 from .stages import STAGES, TrainingStage, batch_size_of
 
