@@ -111,12 +111,13 @@ def test_every_kind_of_code_reference_is_checked(folder, tmp_path):
     config["custom_pipelines"] = {"zero-shot-image-classification": {"impl": "pipeline_x.Pipeline"}}
     (changed / "config.json").write_text(json.dumps(config))
     modules = json.loads((changed / "modules.json").read_text())
-    modules.append({"idx": 1, "name": "1", "path": "", "type": "custom_module.Layer"})
+    extra = len(modules)  # after the folder's own modules (Transformer, Normalize)
+    modules.append({"idx": extra, "name": str(extra), "path": "", "type": "custom_module.Layer"})
     (changed / "modules.json").write_text(json.dumps(modules))
     problems = sorted(d.problem.split(" points outside")[0] for d in code_differences(changed))
     assert problems == [
         "config.json: custom_pipelines.zero-shot-image-classification.impl -> pipeline_x.Pipeline",
-        "modules.json: 1.type -> custom_module.Layer",
+        f"modules.json: {extra}.type -> custom_module.Layer",
         "processor_config.json: image_processor.auto_map.AutoImageProcessor -> image_processing_x.Processor",
         "tokenizer_config.json: auto_map.AutoProcessor -> someone/repo--processing_proclip.ProCLIPProcessor",
         "tokenizer_config.json: auto_map.AutoTokenizer -> tokenization_x.Slow",
