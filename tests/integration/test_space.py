@@ -147,8 +147,9 @@ def test_space_command_refuses_what_it_cannot_use(tmp_path, capsys, tiny_clip_di
     cases = [
         (["--model", str(tiny_clip_dir)], "not a ProCLIP folder"),
         (["--model", str(evaluated), "--repo-id", "not a repo!"], "is not a Hub repo id"),
-        (["--model", str(tiny_proclip_dir)], "no retrieval results with data on this machine"),
         (["--model", str(evaluated), "--results", str(tmp_path / "missing.json")], "missing.json"),
+        (["--model", str(evaluated), "--images", str(tmp_path / "no-such-images")], "no such folder or file"),
+        (["--model", str(evaluated), "--caption-column", "nope"], "has no column nope"),  # found while writing
     ]
     for arguments, message in cases:
         with pytest.raises(SystemExit) as exit_info:
@@ -156,12 +157,53 @@ def test_space_command_refuses_what_it_cannot_use(tmp_path, capsys, tiny_clip_di
         assert exit_info.value.code == 2
         error = capsys.readouterr().err
         assert message in error and "Traceback" not in error and len(error.splitlines()) <= 2, error
+        assert not (tmp_path / "out").exists()  # a refused Space leaves no folder behind
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.txt").write_text("mine")
     with pytest.raises(SystemExit):
         cli.main(["space", "--model", str(evaluated), "--out", str(tmp_path / "taken")])
     assert "is not a Space written by `proclip space`" in capsys.readouterr().err
     assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
+
+
+@pytest.fixture(scope="module")
+def bare_space(tmp_path_factory, tiny_proclip_dir) -> Path:
+    """The Space of a folder with no evaluation results at all."""
+    out = tmp_path_factory.mktemp("spaces") / "bare-space"
+    cli.main(["space", "--model", str(tiny_proclip_dir), "--out", str(out)])
+    return out
+
+
+def test_any_proclip_folder_gets_a_space_without_search_when_nothing_to_search(bare_space):
+    config = read_config(bare_space)
+    assert config["gallery"] is None and not (bare_space / "gallery").exists()
+    assert config["classify_examples"] == config["search_examples"] == config["rank_examples"] == []
+    readme = (bare_space / "README.md").read_text()
+    assert "/classify" in readme and "/rank" in readme and "/search" not in readme
+    assert "any language" not in readme
+
+
+def test_images_flag_makes_the_gallery_of_a_folder_without_results(tmp_path, tiny_proclip_dir, eval_data):
+    rows = [json.loads(line) for line in (eval_data / "metadata.jsonl").read_text().splitlines()]
+    out = tmp_path / "space"
+    cli.main(["space", "--model", str(tiny_proclip_dir), "--out", str(out), "--images", str(eval_data),
+              "--gallery-size", "5"])
+    gallery = read_gallery(out)
+    assert len(gallery) == 5
+    assert gallery[0]["captions"] == {"label": rows[0]["label"], "caption": rows[0]["caption"],
+                                      "caption_de": rows[0]["caption_de"]}  # the metadata's text columns
+    assert pixels(out / "gallery" / gallery[0]["file_name"]) == pixels(eval_data / rows[0]["file_name"])
+    assert read_config(out)["search_examples"] and read_config(out)["rank_examples"]
+
+    plain = tmp_path / "plain"  # images alone, no metadata: a gallery without captions, searchable all the same
+    plain.mkdir()
+    for row in rows[:3]:
+        shutil.copy(eval_data / row["file_name"], plain / row["file_name"])
+    cli.main(["space", "--model", str(tiny_proclip_dir), "--out", str(tmp_path / "plain-space"), "--images",
+              str(plain)])
+    config = read_config(tmp_path / "plain-space")
+    assert config["gallery"] == "gallery" and len(read_gallery(tmp_path / "plain-space")) == 3
+    assert config["search_examples"] == config["rank_examples"] == []
 
 
 # -- app.py served, through gradio_client ----------------------------------------------------------------------------
@@ -212,8 +254,9 @@ def test_classify_endpoint_equals_the_pipeline(client, classifier, eval_data):
     image = eval_data / "blue-circle.png"
     typed = "blue circle, ein roter Kreis，猫、 red square ,blue circle"  # ASCII, fullwidth and ideographic commas
     labels = ["blue circle", "ein roter Kreis", "猫", "red square"]
-    for template in ("", "a drawing of {}."):
-        answer = client.predict(handle_file(image), typed, template, api_name="/classify")
+    for template in (None, "", "a drawing of {}."):  # None: not sent; the API's default is the pipeline's
+        arguments = (handle_file(image), typed) if template is None else (handle_file(image), typed, template)
+        answer = client.predict(*arguments, api_name="/classify")
         expected = classifier(str(image), candidate_labels=labels,
                               **({"hypothesis_template": template} if template else {}))
         assert answer["label"] == expected[0]["label"]
@@ -270,6 +313,27 @@ def test_bad_input_gets_a_readable_message_and_the_app_keeps_serving(client, eva
             client.predict(*arguments, api_name=endpoint)
     answer = client.predict(image, "red circle, blue square", "", api_name="/classify")
     assert set(confidences(answer)) == {"red circle", "blue square"}
+
+
+def test_a_space_without_gallery_serves_classify_and_rank_only(bare_space, tiny_proclip_dir, eval_data,
+                                                              tmp_path_factory):
+    from gradio_client import Client, handle_file
+    from transformers import pipeline
+
+    scratch, port = tmp_path_factory.mktemp("bare-app"), free_port()
+    url = f"http://127.0.0.1:{port}/"
+    with running(app_command(), url, app_env(tiny_proclip_dir, port, scratch), startup_timeout=180, cwd=bare_space):
+        client = Client(url, verbose=False)
+        assert set(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == {"/classify",
+                                                                                                  "/rank"}
+        image = eval_data / "red-square.png"
+        answer = client.predict(handle_file(image), "red square, blue circle", api_name="/classify")
+        ranked = client.predict(handle_file(image), "a red square\na blue circle", api_name="/rank")
+    classifier = pipeline("zero-shot-image-classification", model=str(tiny_proclip_dir), trust_remote_code=True)
+    expected = classifier(str(image), candidate_labels=["red square", "blue circle"])
+    assert confidences(answer) == pytest.approx({r["label"]: r["score"] for r in expected}, abs=1e-5)
+    expected = classifier(str(image), candidate_labels=["a red square", "a blue circle"], hypothesis_template="{}")
+    assert confidences(ranked) == pytest.approx({r["label"]: r["score"] for r in expected}, abs=1e-5)
 
 
 def load_app_module(space: Path):

@@ -88,6 +88,8 @@ def test_the_walkthrough_runs_as_written(walked):
     card = (root / "my-stage2" / "README.md").read_text()
     assert "image_to_text_R@1" in card and str(root) not in card  # the results are in, no machine path
     assert "dry run: would upload" in outputs["push"].stdout
+    space = json.loads((root / "my-space" / "space_config.json").read_text())
+    assert space["gallery"] == "gallery" and len(list((root / "my-space" / "gallery").glob("*.png"))) == 16
     assert not (root / "my-stage1" / UNTRAINED_ADAPTER_FILE).exists()
     for result in outputs.values():  # --no-progress: no bar, not even transformers' weight loading
         assert "Loading weights" not in result.stderr and "it/s]" not in result.stderr

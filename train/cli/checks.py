@@ -53,7 +53,7 @@ HELP_WORDS = {"-h", "--help"}
 # The flags the checks read: `--flag VALUE` ones, repeatable ones, and switches.
 _VALUE_FLAGS = ("--model", "--data", "--text", "--vision", "--teacher", "--checkpoint", "--vision-config", "--task",
                 "--stage", "--image-column", "--label-column", "--noise-caption-column", "--templates", "--template",
-                "--repo-id", "--config")
+                "--repo-id", "--config", "--images")
 _REPEATED_FLAGS = ("--results", "--run")
 _SWITCHES = ("--dry-run", "--no-teacher")
 
@@ -393,6 +393,9 @@ def check_space(flags) -> None:
     require_repo_id(flags.repo_id)
     for path in flags.results or []:
         require_file(path, "--results")
+    if flags.images is not None and not Path(flags.images).expanduser().exists():
+        raise UsageError(f"--images {flags.images}: no such folder or file.",
+                         did_you_mean(Path(flags.images).expanduser()))
 
 
 def check_serve(flags) -> None:

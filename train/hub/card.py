@@ -23,7 +23,7 @@ from functools import partial
 from pathlib import Path
 
 import jinja2
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import ModelCard, ModelCardData, try_to_load_from_cache
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from ..evaluation.tasks import class_names_and_labels, load_eval_dataset
@@ -230,6 +230,41 @@ def describe_model(folder: Path) -> dict:
     if counts:
         rows.append(("Parameters", ", ".join(f"{part} {_human_count(n)}" for part, n in counts.items())))
     return {"rows": rows, "towers": towers, "text_kind": kind}
+
+
+def tower_card_metadata(name_or_path) -> dict:
+    """The front matter of a tower's own model card (README.md) when it is on this machine: in the folder the tower
+    was built from, or in the Hub cache for a Hub id. `{}` when there is none."""
+    if not name_or_path:
+        return {}
+    readme = Path(str(name_or_path)) / "README.md"
+    if not readme.is_file() and hub_id(name_or_path):
+        cached = try_to_load_from_cache(str(name_or_path), "README.md")
+        readme = Path(cached) if isinstance(cached, str) else readme
+    try:
+        return ModelCard.load(readme, ignore_metadata_errors=True).data.to_dict() if readme.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def text_tower_languages(model_dir: str | os.PathLike) -> list[str]:
+    """The languages (ISO 639 codes) a ProCLIP folder's text tower reads, as the tower's own model card declares
+    them (its `language:` metadata); `[]` when that card is not on this machine or declares none: then nothing is
+    claimed."""
+    config = _read_json_object(Path(model_dir) / "config.json") or {}
+    languages = tower_card_metadata(config.get("text_name_or_path")).get("language") or []
+    return [languages] if isinstance(languages, str) else [str(code) for code in languages]
+
+
+LANGUAGE_NAMES = {"en": "English", "de": "German", "fr": "French", "es": "Spanish", "zh": "Chinese", "ja": "Japanese"}
+
+
+def languages_phrase(languages: list[str]) -> str:
+    """How a card or Space names the languages of `text_tower_languages`: "English", "English, German", or, when
+    unknown, what to look up."""
+    if not languages:
+        return "the languages its text tower was trained on (see the text tower's model card)"
+    return ", ".join(LANGUAGE_NAMES.get(code, code) for code in languages)
 
 
 # Recorded arguments worth a line in the card, in this order: what ran on what, the stage's own options, then the

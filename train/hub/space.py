@@ -1,24 +1,27 @@
 """`proclip space`: write a Gradio Space for a saved ProCLIP folder.
 
-    proclip space --model DIR --out SPACE_DIR [--repo-id ORG/NAME]
+    proclip space --model DIR --out SPACE_DIR [--repo-id ORG/NAME] [--results JSON] [--images DATA]
 
-What SPACE_DIR holds (upload it to a Gradio Space repo on the Hub, or run it locally):
+Any ProCLIP folder gets a Space: zero-shot classification and image -> text ranking always; text -> image search
+when there are images to search (the retrieval data the model was evaluated on, or --images), else that tab is left
+out. What SPACE_DIR holds (upload it to a Gradio Space repo on the Hub, or run it locally):
     app.py             this package's `space_app.py`, copied: zero-shot classification, text -> image search over
                        the gallery, image -> text ranking; loads the model with AutoModel / AutoProcessor
                        (trust_remote_code) from the repo id in space_config.json, or from $PROCLIP_MODEL
-    space_config.json  the model id, the examples, the model's evaluation scores shown on the page
-    gallery/           the images searched in the search tab, with their captions in metadata.jsonl
+    space_config.json  the model id, the languages its text tower reads, the examples, the evaluation scores shown
+    gallery/           the images searched in the search tab, with their captions in metadata.jsonl (if any)
     examples/          the zero-shot examples' images
     requirements.txt   what app.py imports, at the versions this project tests with
     README.md          the Space card: front matter (sdk: gradio, sdk_version, app_file, models, short_description,
                        tags) and how to use the Space
 
 The gallery and the examples come from the model's own evaluation data: the `proclip eval` results files in DIR
-(any *.json with `task` and `metrics`, or those given with --results) name the data they scored. The gallery is up
-to --gallery-size images of the retrieval data, spread evenly over it; the search examples are captions of a few of
-them, one per caption column (short, long, translated), each labelled with the model's text -> image R@1 on that
-column, so a visitor sees what the model is good and bad at; the zero-shot examples are images of the zero-shot data
-with its class names as candidate labels.
+(any *.json with `task` and `metrics`), or those given with --results (e.g. `proclip eval --out` outside DIR), name
+the data they scored. The gallery is up to --gallery-size images of the retrieval data (or of --images: a folder of
+images, with captions if it has a metadata.jsonl, or any data `proclip eval --data` reads), spread evenly over it;
+the search examples are captions of a few of them, one per caption column (short, long, translated), each labelled
+with the model's text -> image R@1 on that column, so a visitor sees what the model is good and bad at; the zero-shot
+examples are images of the zero-shot data with its class names as candidate labels.
 """
 
 import dataclasses
@@ -31,9 +34,9 @@ from pathlib import Path
 from huggingface_hub import SpaceCard, SpaceCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from ..evaluation.tasks import class_names_and_labels
+from ..evaluation.tasks import class_names_and_labels, load_eval_dataset
 from ..training.images import decode_image
-from .card import load_record_data
+from .card import languages_phrase, load_record_data, text_tower_languages
 from .results import evaluations_from_record
 
 SPACE_APP = Path(__file__).with_name("space_app.py")
@@ -65,6 +68,8 @@ class SpaceOptions:
         example_images: gallery images whose captions become search examples (one per caption column) and image ->
             text examples; the zero-shot examples are twice as many images of different classes.
         title: the Space's title (default: the repo or folder name).
+        images: data to build the search gallery from instead of the evaluated retrieval data: a folder of images
+            (captions from its metadata.jsonl, if any) or anything `proclip eval --data` reads.
     """
 
     repo_id: str | None = None
@@ -73,6 +78,7 @@ class SpaceOptions:
     caption_columns: list[str] | None = None
     example_images: int = 2
     title: str | None = None
+    images: Path | None = None
 
 
 # -- evaluation records and their data -----------------------------------------------------------------------------
@@ -109,18 +115,36 @@ def first_caption(cell) -> str:
     return next((c.strip() for c in captions if isinstance(c, str) and c.strip()), "")
 
 
-def write_gallery(record: dict, out: Path, size: int, caption_columns: list[str] | None) -> list[dict]:
-    """Copy up to `size` images of the retrieval data of `record`, evenly spread, into `out/gallery` as PNG, with
-    `metadata.jsonl` (`file_name`, `captions` by column). Returns the metadata rows."""
-    image_column = record["data"].get("image_column", "image")
-    dataset = load_record_data(record, image_column)
-    if dataset is None:
-        return []
-    columns = caption_columns or record["data"].get("caption_columns") or list(record["metrics"])
-    missing = [c for c in columns if c not in dataset.column_names]
+def gallery_source(records: list[dict], options: SpaceOptions) -> tuple | None:
+    """`(dataset, image column, caption columns, what it is)` of the gallery: `options.images` when given, else the
+    first retrieval record whose data is on this machine; None when there are no images to search."""
+    if options.images is not None:
+        if not Path(options.images).exists():
+            raise SpaceError(f"--images {options.images} does not exist; give a folder of images (with a "
+                             "metadata.jsonl for captions) or a data file")
+        try:  # images are checked as any data's are: none from outside the folder, no URLs fetched
+            dataset = load_eval_dataset(str(options.images), image_column="image")[0]
+        except ValueError as error:
+            raise SpaceError(f"--images {options.images}: {error}") from error
+        texts = [c for c, f in dataset.features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
+        return dataset, "image", options.caption_columns or texts, f"--images {options.images}"
+    for record in (r for r in records if r["task"] == "retrieval"):
+        image_column = record["data"].get("image_column", "image")
+        dataset = load_record_data(record, image_column)
+        if dataset is not None:
+            columns = options.caption_columns or record["data"].get("caption_columns") or list(record["metrics"])
+            return dataset, image_column, columns, f"the data of {record['source']}"
+    return None
+
+
+def write_gallery(source: tuple, out: Path, size: int) -> list[dict]:
+    """Copy up to `size` images of the gallery `source` (`gallery_source`), evenly spread over the rows whose caption
+    columns all hold a caption, into `out/gallery` as PNG, with `metadata.jsonl` (`file_name`, `captions` by
+    column). Returns the metadata rows."""
+    dataset, image_column, columns, what = source
+    missing = [c for c in [image_column, *columns] if c not in dataset.column_names]
     if missing:
-        raise SpaceError(f"the data of {record['source']} has no column {', '.join(missing)}; it has "
-                         f"{', '.join(dataset.column_names)}")
+        raise SpaceError(f"{what} has no column {', '.join(missing)}; it has {', '.join(dataset.column_names)}")
     captions = {c: [first_caption(cell) for cell in dataset[c]] for c in columns}
     usable = [row for row in range(len(dataset)) if all(captions[c][row] for c in columns)]
     folder = out / GALLERY_DIR
@@ -219,6 +243,8 @@ def search_examples(gallery: list[dict], records: list[dict], count: int) -> lis
 def rank_examples(gallery: list[dict], count: int) -> list[dict]:
     """Gallery images with their own captions (every column) after the first caption of another image."""
     examples = []
+    if not any(row["captions"] for row in gallery):
+        return examples
     for position in evenly_spaced(len(gallery), count):
         row, other = gallery[position], gallery[(position + len(gallery) // 2) % len(gallery)]
         captions = [next(iter(other["captions"].values())), *row["captions"].values()]
@@ -247,7 +273,7 @@ def requirements_text() -> str:
     return "\n".join(lines) + "\n"
 
 
-def space_card(title: str, model_dir: Path, options: SpaceOptions, notes: list[str]) -> SpaceCard:
+def space_card(title: str, model_dir: Path, options: SpaceOptions, config: dict) -> SpaceCard:
     """README.md of the Space: the Hub's front matter and how to use and run the Space."""
     data = SpaceCardData(
         title=title, sdk="gradio", sdk_version=installed_version("gradio") or GRADIO_VERSION, app_file="app.py",
@@ -256,22 +282,26 @@ def space_card(title: str, model_dir: Path, options: SpaceOptions, notes: list[s
         colorTo="blue", pinned=False,
     )
     model = options.repo_id or "the model in $PROCLIP_MODEL"
+    search = config["gallery"] is not None
     lines = [
         f"# {title}", "",
         f"A demo of the ProCLIP model [{model}]" + (f"(https://huggingface.co/{options.repo_id})" if options.repo_id
-                                                    else "") + ": an LLM text tower aligned to CLIP's image tower.",
-        "", "- **Zero-shot classification**: an image and candidate labels in any language, comma-separated.",
-        "- **Text → image search** over the example gallery (`gallery/`), with queries of any length.",
+                                                    else "") + ": an LLM text tower aligned to CLIP's image tower. "
+        f"Its text tower reads {config['text_languages']}.",
+        "", "- **Zero-shot classification**: an image and candidate labels, comma-separated.",
+        *(["- **Text → image search** over the example gallery (`gallery/`), with queries of any length."]
+          if search else []),
         "- **Image → text ranking** of captions, one per line.", "",
-        "## Scores of this model", "", *[f"- {note}" for note in notes or ["No evaluation results were found."]], "",
+        "## Scores of this model", "",
+        *[f"- {note}" for note in config["scores"] or ["No evaluation results were found."]], "",
         "## Run it locally", "", "```bash", "pip install -r requirements.txt",
         *([f"python app.py   # loads {options.repo_id}; http://127.0.0.1:7860 (GRADIO_SERVER_PORT sets the port)"]
           if options.repo_id else []),
         f"PROCLIP_MODEL={model_dir.resolve()} python app.py   # a local folder", "```", "",
         "## Call it from Python", "", "```python", "from gradio_client import Client, handle_file", "",
-        'client = Client("http://127.0.0.1:7860")  # or the Space\'s id', 
-        'scores = client.predict(handle_file("cat.png"), "cat, dog, Katze", "", api_name="/classify")',
-        'hits = client.predict("a red circle above a blue square", 8, api_name="/search")',
+        'client = Client("http://127.0.0.1:7860")  # or the Space\'s id',
+        'scores = client.predict(handle_file("cat.png"), "cat, dog", api_name="/classify")  # template optional',
+        *(['hits = client.predict("a red circle above a blue square", 8, api_name="/search")'] if search else []),
         'ranked = client.predict(handle_file("cat.png"), "a cat\\na dog", api_name="/rank")', "```", "",
         "Written by `proclip space` from the model's folder.", "",
     ]
@@ -305,8 +335,8 @@ def write_space(model_dir: str | os.PathLike, out: str | os.PathLike, options: S
         The Space's config (what `space_config.json` holds).
 
     Raises:
-        SpaceError: the folder is not a ProCLIP checkpoint, `out` is another folder's, a bad repo id or results file,
-            or no evaluation data to fill the gallery with.
+        SpaceError: the folder is not a ProCLIP checkpoint, `out` is another folder's, a bad repo id, results file
+            or --images; `out` is then left as it was (a new one is removed).
     """
     model_dir, out, options = Path(model_dir), Path(out), options or SpaceOptions()
     check_model_folder(model_dir)
@@ -318,32 +348,39 @@ def write_space(model_dir: str | os.PathLike, out: str | os.PathLike, options: S
     if options.gallery_size < 1:
         raise SpaceError(f"--gallery-size must be at least 1, not {options.gallery_size}")
     records = read_eval_records(model_dir, options.results)
+    created = not out.exists()
     prepare_out(out)
-    retrieval = [r for r in records if r["task"] == "retrieval"]
-    gallery = next((rows for r in retrieval if (rows := write_gallery(r, out, options.gallery_size,
-                                                                     options.caption_columns))), [])
-    if not gallery:
-        raise SpaceError(f"no retrieval results with data on this machine among "
-                         f"{', '.join(r['source'] for r in records) or f'the JSON files of {model_dir}'}: the search "
-                         "gallery is made of the images the model was evaluated on. Run `proclip eval --task "
-                         "retrieval --out DIR/eval_retrieval.json ...` first, or pass --results")
+    try:
+        return fill_space(model_dir, out, options, records)
+    except BaseException:
+        if created:  # a refused Space leaves no folder behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def fill_space(model_dir: Path, out: Path, options: SpaceOptions, records: list[dict]) -> dict:
+    """Write the gallery, the examples, app.py, its config, requirements and card into the prepared `out`."""
+    source = gallery_source(records, options)
+    gallery = write_gallery(source, out, options.gallery_size) if source else []
     classify = next((ex for r in records if r["task"] == "zeroshot"
                      if (ex := write_classify_examples(r, out, options.example_images * 2))), [])
     title = options.title or f"ProCLIP {(options.repo_id or model_dir.resolve().name).rsplit('/', 1)[-1]}"
-    notes = score_notes(records)
+    notes, languages = score_notes(records), text_tower_languages(model_dir)
     config = {
         "model": options.repo_id,
         "title": title,
-        "gallery": GALLERY_DIR,
+        "languages": languages,
+        "text_languages": languages_phrase(languages),
+        "gallery": GALLERY_DIR if gallery else None,
         "classify_examples": classify,
-        "search_examples": search_examples(gallery, records, options.example_images),
-        "rank_examples": rank_examples(gallery, options.example_images),
+        "search_examples": search_examples(gallery, records, options.example_images) if gallery else [],
+        "rank_examples": rank_examples(gallery, options.example_images) if gallery else [],
         "scores": notes,
     }
     shutil.copy(SPACE_APP, out / "app.py")
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (out / "requirements.txt").write_text(requirements_text(), encoding="utf-8")
-    space_card(title, model_dir, options, notes).save(out / "README.md")
+    space_card(title, model_dir, options, config).save(out / "README.md")
     return config
 
 

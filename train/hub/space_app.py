@@ -1,5 +1,5 @@
-"""A Gradio Space for a ProCLIP checkpoint: zero-shot image classification, text -> image search over a gallery,
-image -> text ranking.
+"""A Gradio Space for a ProCLIP checkpoint: zero-shot image classification, image -> text ranking, and text -> image
+search over a gallery when the Space has one.
 
 Written by `proclip space` as `app.py`, next to `space_config.json`, `gallery/` and `examples/`, which it reads.
 The model loads the Hub way, `AutoModel` / `AutoProcessor` with `trust_remote_code=True`, from the repo named in
@@ -12,7 +12,8 @@ The zero-shot tab runs transformers' zero-shot-image-classification pipeline on 
 the pipeline's. The gallery is embedded once at start-up and kept in `cache/` (`$PROCLIP_SPACE_CACHE`), reused
 while the same images and the same model give the same embedding of the first image.
 
-API endpoints (gradio_client): `/classify(image, labels, template)`, `/search(query, k)`, `/rank(image, captions)`.
+API endpoints (gradio_client): `/classify(image, labels, template="This is a photo of {}.")`, `/rank(image, captions)`,
+and `/search(query, k)` with a gallery.
 """
 
 import hashlib
@@ -147,11 +148,13 @@ class ProCLIPSpace:
         AutoModelForZeroShotImageClassification.register(type(self.model.config), type(self.model), exist_ok=True)
         self.classifier = pipeline("zero-shot-image-classification", model=self.model,
                                    tokenizer=self.processor.tokenizer, image_processor=self.processor.image_processor)
-        gallery_dir = HERE / config["gallery"]
-        with open(gallery_dir / "metadata.jsonl", encoding="utf-8") as f:
-            self.gallery = [json.loads(line) for line in f if line.strip()]
-        self.gallery_paths = [gallery_dir / row["file_name"] for row in self.gallery]
-        self.gallery_embeds = self.gallery_embeddings(cache_dir)
+        self.gallery, self.gallery_paths, self.gallery_embeds = [], [], None
+        if config.get("gallery"):
+            gallery_dir = HERE / config["gallery"]
+            with open(gallery_dir / "metadata.jsonl", encoding="utf-8") as f:
+                self.gallery = [json.loads(line) for line in f if line.strip()]
+            self.gallery_paths = [gallery_dir / row["file_name"] for row in self.gallery]
+            self.gallery_embeds = self.gallery_embeddings(cache_dir)
 
     @torch.inference_mode()
     def image_embeddings(self, paths: list[Path]) -> torch.Tensor:
@@ -221,19 +224,22 @@ class ProCLIPSpace:
 
 
 def build_demo(space: ProCLIPSpace, config: dict) -> gr.Blocks:
+    """The page: zero-shot classification, text -> image search (only with a gallery), image -> text ranking."""
     name = model_id(config)
     notes = "\n".join(f"- {note}" for note in config.get("scores", []))
+    languages = config.get("text_languages") or "the languages its text tower was trained on"
     with gr.Blocks(title=config["title"]) as demo:
         gr.Markdown(f"# {config['title']}\nModel: `{name}`, a ProCLIP model (an LLM text tower aligned to CLIP's "
-                    "image tower). Labels, queries and captions may be in any language and of any length."
+                    f"image tower). Its text tower reads {languages}; captions may be far longer than CLIP's."
                     + (f"\n\n**Its evaluation:**\n{notes}" if notes else ""))
         with gr.Tab("Zero-shot classification", id="classify"):
             with gr.Row():
                 with gr.Column():
                     image = ImageInput(type="filepath", label="Image", elem_id="classify-image", height=280)
-                    labels = gr.Textbox(label="Candidate labels (comma-separated, any language)",
-                                        placeholder="cat, dog, Katze", elem_id="classify-labels")
-                    template = gr.Textbox(label=f"Prompt template (optional, default “{DEFAULT_TEMPLATE}”)",
+                    labels = gr.Textbox(label="Candidate labels (comma-separated)",
+                                        placeholder="cat, dog", elem_id="classify-labels")
+                    # A value, not only a placeholder: the API then marks the template optional, with this default.
+                    template = gr.Textbox(DEFAULT_TEMPLATE, label="Prompt template ({} is where the label goes)",
                                           placeholder=DEFAULT_TEMPLATE, elem_id="classify-template")
                     button = gr.Button("Classify", variant="primary", elem_id="classify-button")
                 result = gr.Label(label="Scores", num_top_classes=10, elem_id="classify-result")
@@ -242,27 +248,28 @@ def build_demo(space: ProCLIPSpace, config: dict) -> gr.Blocks:
                 gr.Examples([[str(HERE / e["image"]), e["labels"]] for e in examples], [image, labels],
                             label="Examples from the model's zero-shot evaluation data")
             button.click(space.classify, [image, labels, template], result, api_name="classify")
-        with gr.Tab("Text → image search", id="search"):
-            with gr.Row():
-                query = gr.Textbox(label="Query (any language, any length)", lines=3, elem_id="search-query", scale=4)
-                with gr.Column(scale=1):
-                    k = gr.Slider(1, min(24, len(space.gallery)), value=min(8, len(space.gallery)), step=1,
-                                  label="Images to show", elem_id="search-k")
-                    button = gr.Button("Search", variant="primary", elem_id="search-button")
-            hits = gr.Gallery(label=f"Closest of the {len(space.gallery)} gallery images", columns=4,
-                              elem_id="search-results", object_fit="contain", height="auto")
-            examples = config.get("search_examples", [])
-            if examples:
-                gr.Examples([[e["query"]] for e in examples], [query], example_labels=[e["label"] for e in examples],
-                            label="Captions of gallery images (column → the image it describes, and the model's "
-                            "text → image R@1 on that column)")
-            button.click(space.search, [query, k], hits, api_name="search")
+        if space.gallery:  # images to search: the evaluated retrieval data or `proclip space --images`
+            with gr.Tab("Text → image search", id="search"):
+                with gr.Row():
+                    query = gr.Textbox(label="Query (any length)", lines=3, elem_id="search-query", scale=4)
+                    with gr.Column(scale=1):
+                        k = gr.Slider(1, min(24, len(space.gallery)), value=min(8, len(space.gallery)), step=1,
+                                      label="Images to show", elem_id="search-k")
+                        button = gr.Button("Search", variant="primary", elem_id="search-button")
+                hits = gr.Gallery(label=f"Closest of the {len(space.gallery)} gallery images", columns=4,
+                                  elem_id="search-results", object_fit="contain", height="auto")
+                examples = config.get("search_examples", [])
+                if examples:
+                    gr.Examples([[e["query"]] for e in examples], [query],
+                                example_labels=[e["label"] for e in examples],
+                                label="Captions of gallery images (column → the image it describes, and the model's "
+                                "text → image R@1 on that column)")
+                button.click(space.search, [query, k], hits, api_name="search")
         with gr.Tab("Image → text ranking", id="rank"):
             with gr.Row():
                 with gr.Column():
                     rank_image = ImageInput(type="filepath", label="Image", elem_id="rank-image", height=280)
-                    captions = gr.Textbox(label="Captions (one per line, any language)", lines=5,
-                                          elem_id="rank-captions")
+                    captions = gr.Textbox(label="Captions (one per line)", lines=5, elem_id="rank-captions")
                     button = gr.Button("Rank", variant="primary", elem_id="rank-button")
                 ranked = gr.Label(label="Captions by score", num_top_classes=10, elem_id="rank-result")
             examples = config.get("rank_examples", [])
@@ -279,8 +286,9 @@ def main() -> None:
     space = ProCLIPSpace(config, Path(os.environ.get("PROCLIP_SPACE_CACHE") or HERE / "cache"))
     demo = build_demo(space, config)
     demo.queue(default_concurrency_limit=1)  # one model call at a time: a fast tokenizer is not thread-safe
-    demo.launch(theme=THEME, css=CSS, allowed_paths=[str(HERE / config["gallery"]), str(HERE / "examples")],
-                max_file_size="20mb", footer_links=["api"])
+    folders = [folder for folder in (config.get("gallery"), "examples") if folder]
+    demo.launch(theme=THEME, css=CSS, allowed_paths=[str(HERE / folder) for folder in folders], max_file_size="20mb",
+                footer_links=["api"])
 
 
 if __name__ == "__main__":
