@@ -1,4 +1,5 @@
-"""ProCLIP model and processor (the installed face of the Hub files `modeling_proclip.py`, `processing_proclip.py`)."""
+"""ProCLIP model, processor and pipeline (the installed face of the Hub files `modeling_proclip.py`,
+`processing_proclip.py`, `pipeline_proclip.py`, ...)."""
 
 from transformers import (
     AutoConfig,
@@ -22,13 +23,9 @@ from .modeling_proclip import (
     text_tower_kwargs,
     truncate_text_inputs,
 )
-from .processing_proclip import (
-    ProCLIPProcessor,
-    ProCLIPZeroShotImageClassificationPipeline,
-    configure_text_tokenizer,
-    zero_shot_labels,
-)
 from .images_proclip import ImagePolicy, UnreadableImage, open_image, to_rgb
+from .pipeline_proclip import ProCLIPZeroShotImageClassificationPipeline, zero_shot_labels
+from .processing_proclip import ProCLIPProcessor, configure_text_tokenizer
 
 # Saved folders name these classes in `auto_map` (remote code); with the package installed, the Auto classes also
 # know them directly, so `AutoModel.from_pretrained(folder)` works without `trust_remote_code`.

@@ -1,17 +1,15 @@
 """ProCLIP: a CLIP image tower and an LLM-based text embedder joined by an adapter (arXiv 2510.18795).
 
 Shipped as is inside every exported checkpoint folder (Hub remote code), next to `configuration_proclip.py`,
-`processing_proclip.py` and `images_proclip.py`: it imports only those, the standard library, torch and transformers.
+`processing_proclip.py`, `images_proclip.py`, `pipeline_proclip.py` and `saving_proclip.py`: it imports only those,
+the standard library, torch and transformers.
 
 Data flow, text:  input_ids -> text_model (LLM, frozen) -> pooling -> text_adapter -> text embedding (D)
 Data flow, image: pixel_values -> vision_model (CLIP ViT) -> visual_projection -> image embedding (D)
 """
 
 import inspect
-import json
 import math
-import os
-import shutil
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +38,7 @@ except ImportError:  # the installed package
     )
 from .images_proclip import ImagePolicy, open_image
 from .processing_proclip import ProCLIPProcessor, configure_text_tokenizer
+from .saving_proclip import CUSTOM_PIPELINES, copy_remote_code, write_sentence_transformers_config
 
 logger = logging.get_logger(__name__)
 
@@ -677,7 +676,8 @@ class ProCLIPModel(ProCLIPPreTrainedModel):
         return model
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Save weights and config, plus the remote-code files that make the folder load without this package."""
+        """Save weights and config, plus the remote-code files that make the folder load without this package and the
+        files the pipeline and sentence-transformers read (`saving_proclip.py`)."""
         self.config.custom_pipelines = CUSTOM_PIPELINES
         super().save_pretrained(save_directory, *args, **kwargs)
         copy_remote_code(save_directory, extra_sources=[self.config.name_or_path])
@@ -705,44 +705,6 @@ def finish_embeddings(embeds: torch.Tensor, normalize: bool, truncate_dim: int |
     if single:
         embeds = embeds[0]
     return embeds.cpu().numpy() if to_numpy else embeds
-
-
-# transformers' `pipeline()` reads this from a folder's config.json and builds the class from the folder's code.
-CUSTOM_PIPELINES = {
-    "zero-shot-image-classification": {
-        "impl": "processing_proclip.ProCLIPZeroShotImageClassificationPipeline",
-        "pt": ["AutoModelForZeroShotImageClassification"],
-        "type": "multimodal",
-    }
-}
-
-
-# sentence-transformers (>= 6) reads a folder through its generic `Transformer` module: text goes through
-# `get_text_features`, images through `get_image_features`; `SentenceTransformer(folder, trust_remote_code=True)`.
-# A `Normalize` module follows (as in normalised ST models: no folder of its own, its defaults), so that `encode`
-# gives what `encode_text` / `encode_image` give by default: unit-length embeddings.
-SENTENCE_TRANSFORMERS_FILES = {
-    "modules.json": [
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.base.modules.transformer.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Normalize", "type": "sentence_transformers.base.modules.normalize.Normalize"},
-    ],
-    "sentence_bert_config.json": {
-        "transformer_task": "feature-extraction",
-        "modality_config": {
-            "text": {"method": "get_text_features", "method_output_name": "pooler_output"},
-            "image": {"method": "get_image_features", "method_output_name": "pooler_output"},
-        },
-        "module_output_name": "sentence_embedding",
-    },
-    "config_sentence_transformers.json": {"model_type": "SentenceTransformer", "similarity_fn_name": "cosine"},
-}
-
-
-def write_sentence_transformers_config(save_directory) -> None:
-    """Write the small JSON files that let sentence-transformers load a checkpoint folder."""
-    for name, content in SENTENCE_TRANSFORMERS_FILES.items():
-        with open(os.path.join(save_directory, name), "w") as f:
-            json.dump(content, f, indent=2)
 
 
 def config_from_towers(
@@ -777,34 +739,6 @@ def config_from_towers(
         AutoTokenizer.from_pretrained(text), config
     )
     return config
-
-
-REMOTE_CODE_FILES = (
-    "configuration_proclip.py", "modeling_proclip.py", "processing_proclip.py", "images_proclip.py"
-)
-ENDPOINT_HANDLER_FILE = "handler.py"
-
-
-def copy_remote_code(save_directory, extra_sources=()) -> None:
-    """Copy the flat Hub files (config, model, processor, Inference Endpoints handler) into a checkpoint folder.
-
-    They are found next to this file (a Hub folder, or the installed package with `configuration_proclip/` beside
-    it), or in `extra_sources` (the folder a remote-code model was loaded from: transformers' module cache holds
-    only the imported files, not `handler.py`).
-    """
-    here = os.path.dirname(os.path.abspath(__file__))
-    folders = [here, os.path.join(os.path.dirname(here), "configuration_proclip")]
-    folders += [str(d) for d in extra_sources if d and os.path.isdir(d)]
-    for name in REMOTE_CODE_FILES + (ENDPOINT_HANDLER_FILE,):
-        source = next((os.path.join(d, name) for d in folders if os.path.isfile(os.path.join(d, name))), None)
-        if source is None:
-            if name == ENDPOINT_HANDLER_FILE:
-                logger.warning(f"{name} not found; the saved folder will not serve on Inference Endpoints.")
-                continue
-            raise FileNotFoundError(f"Cannot find {name} to copy next to the checkpoint.")
-        target = os.path.join(save_directory, name)
-        if os.path.abspath(source) != os.path.abspath(target):
-            shutil.copyfile(source, target)
 
 
 __all__ = [

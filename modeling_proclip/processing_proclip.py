@@ -1,8 +1,8 @@
 """ProCLIP processor: the CLIP image processor and the LLM embedder's tokenizer, behind one call.
 
 Shipped as is inside every exported checkpoint folder (Hub remote code): it imports only the standard library,
-torch, tokenizers (a transformers dependency) and transformers. Besides the processor it holds the zero-shot
-pipeline's input checks (images are opened by `images_proclip.open_image`).
+torch, tokenizers (a transformers dependency) and transformers. Images are opened by `images_proclip.open_image`;
+the zero-shot pipeline is `pipeline_proclip.py`'s.
 
 The text side of ProCLIP must give one embedding per caption whoever tokenizes it — the zero-shot pipeline (which
 calls the tokenizer directly), this processor, training, or the embedding cache. So everything that shapes the token
@@ -14,11 +14,7 @@ from typing import Unpack
 
 import torch
 from tokenizers import processors
-from transformers import (
-    AutoImageProcessor,
-    AutoTokenizer,
-    ZeroShotImageClassificationPipeline,
-)
+from transformers import AutoImageProcessor, AutoTokenizer
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_utils import ImageInput
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
@@ -177,40 +173,7 @@ def _with_channels(image):
     return image[..., None].repeat(3, axis=-1)  # numpy
 
 
-class ProCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipeline):
-    """transformers' zero-shot image classification pipeline, with its inputs checked first.
-
-    Saved folders name it in `config.custom_pipelines`, so `pipeline("zero-shot-image-classification",
-    model=folder_or_repo, trust_remote_code=True)` builds it. It refuses what the stock pipeline mis-handles: no
-    candidate labels (an `IndexError` inside the tokenizer) and a hypothesis template without exactly one `{}` (every
-    label would read the same text); a string of labels is split on commas, as the Hub's inference API does.
-    """
-
-    def preprocess(self, image, candidate_labels=None, hypothesis_template="This is a photo of {}.", *args, **kwargs):
-        labels = zero_shot_labels(candidate_labels, hypothesis_template)
-        return super().preprocess(image, labels, hypothesis_template, *args, **kwargs)
-
-
-def zero_shot_labels(candidate_labels, hypothesis_template: str) -> list[str]:
-    """The candidate labels as a list (a string is split on commas), refused with a message when they or the template
-    cannot classify."""
-    if isinstance(candidate_labels, str):
-        candidate_labels = [label.strip() for label in candidate_labels.split(",") if label.strip()]
-    if not candidate_labels:
-        raise ValueError("No candidate labels: pass at least one, e.g. candidate_labels=['a cat', 'a dog'].")
-    if not all(isinstance(label, str) for label in candidate_labels):
-        raise ValueError(f"Candidate labels must be strings; got {candidate_labels!r}.")
-    if not isinstance(hypothesis_template, str) or hypothesis_template.count("{}") != 1:
-        raise ValueError(
-            f"hypothesis_template {hypothesis_template!r} must hold exactly one '{{}}', where each label goes, "
-            "e.g. 'This is a photo of {}.'"
-        )
-    return list(candidate_labels)
-
-
 __all__ = [
     "ProCLIPProcessor",
-    "ProCLIPZeroShotImageClassificationPipeline",
     "configure_text_tokenizer",
-    "zero_shot_labels",
 ]

@@ -40,7 +40,7 @@ from huggingface_hub.utils import (
     validate_repo_id,
 )
 
-from modeling_proclip.modeling_proclip import (
+from modeling_proclip.saving_proclip import (
     ENDPOINT_HANDLER_FILE,
     REMOTE_CODE_FILES,
     copy_remote_code,
@@ -376,7 +376,7 @@ def check_folder(folder: str | os.PathLike, timeout: float = 600, allow_modified
             f"{folder} holds code that is not this installed ProCLIP's, so it is not run and not pushed:\n"
             + "\n".join(f"  - {d.problem}" for d in differences)
             + "\nIf the change is yours and meant to ship, pass --allow-modified-code (the differences are then "
-            "listed); otherwise restore the package's files: python -c \"from modeling_proclip.modeling_proclip "
+            "listed); otherwise restore the package's files: python -c \"from modeling_proclip.saving_proclip "
             f"import copy_remote_code; copy_remote_code('{folder}')\" (and remove extra files and auto_map entries)."
         )
     check_remote_code_loads(folder, timeout=timeout)
