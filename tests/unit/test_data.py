@@ -15,8 +15,8 @@ import PIL.Image
 import pytest
 import torch
 from conftest import tiny_llm_tokenizer
-from proclip_train.training.collators import ContrastiveCollator, InheritanceCollator
 from proclip_train.training.captions import longest_first_batches
+from proclip_train.training.collators import ContrastiveCollator, InheritanceCollator
 from proclip_train.training.data import DataSpec, load_image_text_dataset, split_names
 from proclip_train.training.images import CLIPImageTransform
 from proclip_train.training.skips import CORRUPT_IMAGE, EMPTY_CAPTION, SkipCounter

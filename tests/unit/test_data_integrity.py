@@ -19,7 +19,6 @@ from proclip_train.training.data import (
     image_path_inside,
     load_image_text_dataset,
 )
-from proclip_train.training.images import decode_image
 
 datasets.disable_progress_bars()
 

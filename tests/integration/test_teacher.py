@@ -17,7 +17,6 @@ from proclip_train.demo.teacher import (
     train_teacher,
 )
 from proclip_train.demo.world import WorldConfig, read_metadata, write_world
-from proclip_train.training.bpe import learn_bpe_merges, train_tokenizer
 from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 
@@ -100,26 +99,6 @@ def test_tokenizer_is_english_and_the_long_caption_details_lie_beyond_its_window
         assert len(ids) == 32
         seen = set(re.findall(r"[a-z]+", tokenizer.decode(ids, skip_special_tokens=True)))
         assert not seen & attribute_words
-
-
-def test_bpe_merges_by_hand():
-    from collections import Counter
-
-    # "ab" x 5 is spelled [a, b</w>], "abc" x 2 [a, b, c</w>]: (a, b</w>) 5 wins; then (a, b) and (b, c</w>) tie at 2
-    # and the pair's text decides; then (ab, c</w>)
-    assert learn_bpe_merges(Counter({"ab": 5, "abc": 2}), 10) == [("a", "b</w>"), ("a", "b"), ("ab", "c</w>")]
-    assert learn_bpe_merges(Counter({"ab": 5, "abc": 2}), 1) == [("a", "b</w>")]
-
-
-def test_tokenizer_training_is_deterministic():
-    """`tokenizers`' trainer numbers symbols and breaks ties in hash-map order; two trainings must still agree, or a
-    rerun of the demo would train another teacher."""
-    captions = [f"A {size} {colour} {shape} left of a {colour} ring." for size in SIZES for colour in COLOURS
-                for shape in SHAPES]
-    first, second = train_tokenizer(captions, 1024, 32), train_tokenizer(captions, 1024, 32)
-    assert first.get_vocab() == second.get_vocab()
-    assert first.backend_tokenizer.to_str() == second.backend_tokenizer.to_str()
-    assert first.tokenize(captions[0]) == [w + "</w>" for w in captions[0].lower().rstrip(".").split()] + [".</w>"]
 
 
 def test_teacher_training_repeats_exactly(quick, tmp_path):
