@@ -47,6 +47,8 @@ class ImagePolicy:
         max_bytes: largest encoded image (bytes, file or URL body; base64 text is measured before decoding).
         max_pixels: largest width x height, checked from the header before decoding.
         max_side: largest width or height (bounds the aspect ratio of an image that passes `max_pixels`).
+        max_aspect_ratio: largest longer side / shorter side (CLIP's processor scales the shorter side to its input
+            size, so a 1 x 300000 image would be resized to 224 x 67 million pixels).
     """
 
     allow_paths: bool = True
@@ -55,6 +57,7 @@ class ImagePolicy:
     max_bytes: int | None = None
     max_pixels: int | None = None
     max_side: int | None = None
+    max_aspect_ratio: float | None = None
 
     def check_encoded_size(self, size: int, approximate: bool = False) -> None:
         """Refuse `size` encoded bytes over `max_bytes`."""
@@ -63,11 +66,15 @@ class ImagePolicy:
             raise UnreadableImage(f"the image is {about}{_megabytes(size)}; the limit is {_megabytes(self.max_bytes)}")
 
     def check_dimensions(self, width: int, height: int) -> None:
-        """Refuse a `width` x `height` image over `max_pixels` or `max_side`."""
+        """Refuse a `width` x `height` image over `max_pixels`, `max_side` or `max_aspect_ratio`."""
         if self.max_pixels is not None and width * height > self.max_pixels:
             raise UnreadableImage(f"the image is {width} x {height} pixels; the limit is {self.max_pixels} pixels")
         if self.max_side is not None and max(width, height) > self.max_side:
             raise UnreadableImage(f"the image is {width} x {height} pixels; the limit is {self.max_side} per side")
+        longer, shorter = max(width, height), max(min(width, height), 1)
+        if self.max_aspect_ratio is not None and longer > self.max_aspect_ratio * shorter:
+            raise UnreadableImage(f"the image is {width} x {height} pixels; the limit is an aspect ratio of "
+                                  f"{self.max_aspect_ratio:g} (longer side / shorter side)")
 
 
 def open_image(source, policy: ImagePolicy = ImagePolicy()) -> PIL.Image.Image:

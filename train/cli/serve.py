@@ -3,13 +3,18 @@
 import argparse
 
 from ..hub import serve as hub_serve
+from ..hub.endpoint_worker import HandlerLoadError
 from ..hub.serve import ServerConfig, serve_folder
+from .errors import UsageError
 
 
 def run_serve(args: argparse.Namespace) -> None:
     """Serve `--model` (`checks.check_serve` made sure it holds the handler)."""
     config = ServerConfig(args.host, args.port, int(args.max_body_mb * 2**20), args.max_pending, args.timeout)
-    serve_folder(args.model, config)
+    try:
+        serve_folder(args.model, config)
+    except HandlerLoadError as error:
+        raise UsageError(str(error), "Fix the folder (or the PROCLIP_* variable named) and serve it again.") from None
 
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
@@ -23,6 +28,6 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=ServerConfig.port)
     parser.add_argument("--max-body-mb", type=float, default=ServerConfig.max_body_bytes / 2**20)
     parser.add_argument("--max-pending", type=int, default=ServerConfig.max_pending)
-    parser.add_argument("--timeout", type=float, default=ServerConfig.timeout, help="seconds per request")
+    parser.add_argument("--timeout", type=float, default=ServerConfig.timeout, help="seconds the handler may spend on one request before it is answered 504 and restarted")
     parser.set_defaults(func=run_serve)
     return parser

@@ -1,18 +1,21 @@
-"""Serve a checkpoint folder's `handler.py` on this machine the way Inference Endpoints' custom-handler contract does:
-to try a handler before deploying it, and to load-test it.
+"""Serve a checkpoint folder's `handler.py` on this machine as Inference Endpoints serve it: to try a handler before
+deploying it, and to load-test it.
 
     proclip serve --model DIR [--host 127.0.0.1] [--port 8080]
 
-The server imports `DIR/handler.py` (the file that ships in the checkpoint, not this project's copy), builds
-`EndpointHandler(DIR)` once, and answers
-    POST /         a JSON request (see the handler's docstring) -> 200 with the handler's answer as JSON
-    GET  /health   200 {"status": "ok"}
-Errors are JSON `{"error": message}`: 400 for a body that is not JSON or is over `max_body_bytes`, and for a request
-the handler refuses (it raises `ValueError` naming the problem); 503 when `max_pending` requests already wait; 504
-when an answer takes over `timeout` s; 500 for anything else. After any of them the server goes on answering.
+A worker process (`proclip_train.hub.endpoint_worker`) imports `DIR/handler.py` (the file that ships in the checkpoint,
+not this project's copy), builds `EndpointHandler(DIR)` once and answers, as the Endpoints container does,
+    POST / (or /predict)   a JSON body, or an image body (`Content-Type: image/png` ..., labels in the query string)
+                           -> 200 with the handler's answer as JSON
+    GET  /health (or /)    200 {"status": "ok"}
+Errors are JSON `{"error": one line}`: 400 for a body the container cannot read and for a request the handler refuses
+(it raises `ValueError`); 413 for a body over `max_body_bytes` (refused from its Content-Length before it is read);
+503 when `max_pending` requests already wait; 504 when the handler spends over `timeout` s on one request: the worker
+process is killed, so the requests queued behind it go on, each after a fresh worker is built; 500 only for a bug.
+After any of them the server goes on answering.
 
-One worker thread runs the handler, so requests are answered one at a time in arrival order: on a CPU the model
-already uses every core for one request, and a fast tokenizer must not run in two threads at once.
+One worker process answers requests one at a time in arrival order: on a CPU the model already uses every core for
+one request, and a fast tokenizer must not run in two threads at once.
 
 The client side (`post_json`, `run_clients`, `zero_shot_workloads`) drives such a server for the load test
 (tests/integration/test_handler_server.py, bench/bench_handler_server.py); it only targets loopback addresses.
@@ -24,7 +27,6 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
-import importlib.util
 import io
 import ipaddress
 import json
@@ -46,9 +48,9 @@ from pathlib import Path
 
 from PIL import Image
 
-logger = logging.getLogger(__name__)
+from .endpoint_worker import HANDLER_FILE, EndpointAnswer, EndpointRequest, EndpointWorker
 
-HANDLER_FILE = "handler.py"
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -59,7 +61,7 @@ class ServerConfig:
         host, port: where to listen (loopback by default).
         max_body_bytes: the largest request body read; a 10 MB image is about 13.4 MB as base64.
         max_pending: requests waiting or running at once; more are answered 503 at once.
-        timeout: seconds a request may wait and run before it is answered 504.
+        timeout: seconds the handler may spend on one request; then it is answered 504 and the worker restarted.
     """
 
     host: str = "127.0.0.1"
@@ -67,15 +69,6 @@ class ServerConfig:
     max_body_bytes: int = 32 * 2**20
     max_pending: int = 64
     timeout: float = 120.0
-
-
-def load_handler(folder: str | os.PathLike):
-    """`EndpointHandler(folder)` from `folder/handler.py`, imported from that file as Inference Endpoints does."""
-    folder = Path(folder).resolve()
-    spec = importlib.util.spec_from_file_location("proclip_endpoint_handler", folder / HANDLER_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.EndpointHandler(str(folder))
 
 
 class RequestTooLarge(ValueError):
@@ -97,38 +90,33 @@ async def read_body(request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def build_app(handler, config: ServerConfig):
-    """The ASGI app (a `starlette.applications.Starlette`): `POST /` calls `handler(request JSON)` in one worker
-    thread, `GET /health` says it is up."""
+def build_app(worker: EndpointWorker, config: ServerConfig):
+    """The ASGI app (a `starlette.applications.Starlette`): `POST /` hands the request to `worker` (one thread talks
+    to it, so requests are answered in arrival order), `GET /health` says the server is up."""
     from starlette.applications import Starlette
-    from starlette.responses import JSONResponse
+    from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
-    def error_response(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status)
+    def respond(answer: EndpointAnswer) -> Response:
+        return Response(answer.body, status_code=answer.status, media_type="application/json")
 
-    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="endpoint-handler")
+    sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="endpoint-worker")
     pending = 0  # touched only on the event loop's thread
 
-    async def predict(request) -> JSONResponse:
+    async def predict(request) -> Response:
         nonlocal pending
         if pending >= config.max_pending:
-            return error_response(503, f"{pending} requests are already waiting; try again later")
+            return respond(EndpointAnswer.error(503, f"{pending} requests are already waiting; try again later"))
         pending += 1
         try:
-            data = json.loads(await read_body(request, config.max_body_bytes))
-            answer = await asyncio.wait_for(
-                asyncio.get_running_loop().run_in_executor(worker, handler, data), config.timeout
-            )
-            return JSONResponse(answer)
-        except ValueError as error:  # JSON, size and the handler's own refusals
-            message = f"the body is not JSON: {error}" if isinstance(error, json.JSONDecodeError) else str(error)
-            return error_response(400, message)
-        except TimeoutError:
-            return error_response(504, f"no answer within {config.timeout:.0f} s")
-        except Exception as error:  # the server must outlive a handler bug; the caller learns what broke
-            logger.exception("the handler failed")
-            return error_response(500, f"{type(error).__name__}: {error}")
+            body = await read_body(request, config.max_body_bytes)
+            call = EndpointRequest(body, request.headers.get("content-type"), tuple(request.query_params.multi_items()))
+            return respond(await asyncio.get_running_loop().run_in_executor(sender, worker.answer, call))
+        except RequestTooLarge as error:
+            return respond(EndpointAnswer.error(413, error))
+        except Exception as error:  # the server must outlive a worker that cannot start; the caller learns why
+            logger.exception("the handler's worker failed")
+            return respond(EndpointAnswer.error(500, f"{type(error).__name__}: {error}"))
         finally:
             pending -= 1
 
@@ -138,10 +126,11 @@ def build_app(handler, config: ServerConfig):
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
-        worker.shutdown(wait=False)
+        sender.shutdown(wait=False, cancel_futures=True)
+        worker.stop(grace=5)
 
-    return Starlette(routes=[Route("/", predict, methods=["POST"]), Route("/health", health, methods=["GET"])],
-                     lifespan=lifespan)
+    return Starlette(routes=[Route(path, predict, methods=["POST"]) for path in ("/", "/predict")]
+                     + [Route(path, health, methods=["GET"]) for path in ("/", "/health")], lifespan=lifespan)
 
 
 # -- client side ---------------------------------------------------------------------------------------------------
@@ -311,6 +300,12 @@ def serve_folder(folder: str | os.PathLike, config: ServerConfig) -> None:
     """Serve `folder`'s own `handler.py` with uvicorn until interrupted (`proclip serve`)."""
     import uvicorn
 
-    app = build_app(load_handler(folder), config)
-    print(f"serving {Path(folder) / HANDLER_FILE} on http://{config.host}:{config.port}/", flush=True)
-    uvicorn.run(app, host=config.host, port=config.port, log_level="warning", access_log=False)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    worker = EndpointWorker(folder, config.timeout)
+    worker.start()  # built before the port opens: a handler that cannot load stops here, with its reason
+    try:
+        print(f"serving {Path(folder) / HANDLER_FILE} on http://{config.host}:{config.port}/", flush=True)
+        uvicorn.run(build_app(worker, config), host=config.host, port=config.port, log_level="warning",
+                    access_log=False)
+    finally:
+        worker.stop(grace=5)
