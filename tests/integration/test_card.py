@@ -15,7 +15,13 @@ from conftest import minilm_folder
 from huggingface_hub import ModelCard
 from PIL import Image
 from proclip_train import cli
-from proclip_train.hub.card import EXAMPLE_IMAGE_FILE, PLOT_FILE, build_model_card
+from proclip_train.hub.card import (
+    EXAMPLE_IMAGE_FILE,
+    PLOT_FILE,
+    build_model_card,
+    languages_phrase,
+    text_tower_languages,
+)
 from proclip_train.hub.push import run_python_without_project
 from proclip_train.hub.results import read_results
 
@@ -82,7 +88,7 @@ def _expected_scores(results_files):
             task = "zero-shot-image-classification"
         else:
             groups = raw["metrics"]  # one object per caption column
-            task = "image-text-retrieval"
+            task = "feature-extraction"
         for config, metrics in groups.items():
             for key, value in metrics.items():
                 if isinstance(value, float | int) and not key.startswith("num_"):
@@ -199,12 +205,70 @@ def test_base_model_keeps_hub_ids_and_card_without_results(tmp_path, tiny_procli
     assert "your-org/hub-towers" in card.text  # the default repo id in the snippets
 
 
+def test_languages_come_from_the_text_towers_own_card(tmp_path, tiny_proclip_dir):
+    """A tower's card that declares languages is believed; a tower without one gets no language claimed."""
+    folder = tmp_path / "declared"
+    shutil.copytree(tiny_proclip_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    tower = Path(config["text_name_or_path"])
+    assert text_tower_languages(folder) == [] and not (tower / "README.md").exists()
+    card, _ = build_model_card(folder, plot=False)
+    assert card.data.get("language") is None and "any language" not in card.text
+    assert "read in the languages named in the text tower's own model card" in card.text
+
+    declared = tmp_path / "tower"
+    shutil.copytree(tower, declared)
+    (declared / "README.md").write_text("---\nlanguage:\n- de\n- fr\n---\n# a tower\n")
+    config["text_name_or_path"] = str(declared)
+    (folder / "config.json").write_text(json.dumps(config))
+    assert text_tower_languages(folder) == ["de", "fr"] and languages_phrase(["de", "fr"]) == "German, French"
+    card, _ = build_model_card(folder, plot=False)
+    assert card.data.language == ["de", "fr"] and "read in German, French" in card.text
+
+
 def test_card_refuses_a_folder_that_is_not_proclip(tiny_clip_dir, tmp_path):
     clip = tmp_path / "clip"
     shutil.copytree(tiny_clip_dir, clip)
     with pytest.raises(ValueError, match="holds a 'clip' model, not a ProCLIP one"):
         build_model_card(clip)
     assert not (clip / "README.md").exists()
+
+
+# The Hub's pipeline tags (huggingface.js packages/tasks/src/pipelines.ts, PIPELINE_DATA): a model-index task type
+# or a pipeline_tag outside them is not a task the Hub knows.
+HUB_PIPELINE_TAGS = frozenset("""
+text-classification token-classification table-question-answering question-answering zero-shot-classification
+translation summarization feature-extraction text-generation fill-mask sentence-similarity text-to-speech
+text-to-audio automatic-speech-recognition audio-to-audio audio-classification audio-text-to-text
+voice-activity-detection depth-estimation image-classification object-detection image-segmentation text-to-image
+image-to-text image-to-image image-to-video unconditional-image-generation video-classification
+reinforcement-learning robotics tabular-classification tabular-regression tabular-to-text table-to-text
+multiple-choice text-ranking text-retrieval time-series-forecasting text-to-video image-text-to-text
+visual-question-answering document-question-answering zero-shot-image-classification graph-ml mask-generation
+zero-shot-object-detection text-to-3d image-to-3d image-feature-extraction video-text-to-text keypoint-detection
+visual-document-retrieval any-to-any video-to-video other
+""".split())
+
+
+def assert_hub_metadata(readme: Path, base_model: list[str], languages: list[str], repo_id: str) -> dict:
+    """The card's front matter as huggingface_hub reads it, held to the rules the Hub applies: known task types,
+    Hub ids for base models and datasets, a widget with an image URL and the model's own labels."""
+    from huggingface_hub import metadata_load
+    from huggingface_hub.repocard_data import model_index_to_eval_results
+    from huggingface_hub.utils import validate_repo_id
+
+    metadata = metadata_load(readme)
+    assert metadata["pipeline_tag"] in HUB_PIPELINE_TAGS
+    _, results = model_index_to_eval_results(metadata["model-index"])
+    assert results and {r.task_type for r in results} <= HUB_PIPELINE_TAGS, {r.task_type for r in results}
+    assert metadata["base_model"] == base_model
+    for repo in [*metadata["base_model"], *metadata.get("datasets", [])]:
+        validate_repo_id(repo)
+    assert metadata["language"] == languages
+    (widget,) = metadata["widget"]
+    assert widget["src"] == f"https://huggingface.co/{repo_id}/resolve/main/{EXAMPLE_IMAGE_FILE}"
+    assert widget["candidate_labels"] and widget["example_title"]
+    return metadata
 
 
 def assert_fit_to_publish(card: ModelCard, machine_paths: list[str]) -> None:
@@ -245,7 +309,11 @@ def test_own_data_card_with_minilm_is_fit_to_publish(tmp_path, tiny_clip_dir, re
     assert "causal" not in text and "decoder LLM" not in text and "The text tower is an LLM" not in text
     assert "### Stage 1: representation inheritance" in text and "| reduction | mean |" in text
     assert "2 prompt templates: `a photo of a {}.`, `a {} thing.`" in text  # the set used, named
-    assert card.data.get("widget") is None  # no repo id given: no widget pointing at a repo that may not exist
+    # No repo id given: the widget shows the example from the placeholder repo the snippets name (push warns).
+    metadata = assert_hub_metadata(stage2 / "README.md", ["sentence-transformers/all-MiniLM-L6-v2"], ["en"],
+                                   "your-org/stage2")
+    assert metadata["widget"][0]["candidate_labels"] == "blue, green, red"  # the classes of its zero-shot data
+    assert "read in English" in text and "any language" not in text
     assert (stage2 / EXAMPLE_IMAGE_FILE).is_file() and "my-pairs" in text and card.data.get("datasets") is None
 
 
@@ -257,5 +325,10 @@ def test_quick_demo_card_is_fit_to_publish(quick_demo):
     labels = card.data.eval_results and {r.dataset_type for r in card.data.eval_results}
     assert labels and card.data.get("datasets") is None  # `synthetic-world` is named in the text, not as a Hub id
     assert "`synthetic-world`" in card.text and "decoder LLM" in card.text
+    metadata = assert_hub_metadata(out / "final" / "README.md", ["HuggingFaceTB/SmolLM2-135M-Instruct"], ["en"],
+                                   "your-org/proclip-demo")
+    classes = json.loads((out / "final" / "eval_zeroshot.json").read_text())["protocol"]["class_names"]
+    assert set(metadata["widget"][0]["candidate_labels"].split(", ")) <= set(classes)  # the model's own labels
+    assert "any language" not in card.text and "read in English" in card.text
     assert "5 prompt templates: `a photo of {}.`" in card.text or "5 prompt templates: `" in card.text
     assert (out / "final" / EXAMPLE_IMAGE_FILE).is_file()

