@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import AutoModel, CLIPModel
 
 from configuration_proclip import ProCLIPConfig
 from modeling_proclip import ProCLIPAdapter, ProCLIPModel
@@ -161,6 +162,18 @@ def test_a_model_built_from_its_config_has_the_documented_init(tester):
     assert model.logit_scale.item() == pytest.approx(tester.config.logit_scale_init)
     q_proj = model.vision_model.encoder.layers[0].self_attn.q_proj
     assert q_proj.weight.std().item() == pytest.approx(clip_attention_std(tester.config), rel=0.25)
+
+
+def test_from_towers_keeps_the_towers_weights_and_initialises_the_adapter(tiny_clip_dir, tiny_llm_dir):
+    torch.manual_seed(3)
+    model = ProCLIPModel.from_towers(vision=tiny_clip_dir, text=tiny_llm_dir, adapter_expansion=2)
+    assert_documented_adapter_init(model.text_adapter)
+    clip = CLIPModel.from_pretrained(tiny_clip_dir)
+    llm = AutoModel.from_pretrained(tiny_llm_dir)
+    for ours, theirs in ((model.vision_model.state_dict(), clip.vision_model.state_dict()),
+                         (model.text_model.state_dict(), llm.state_dict()),
+                         (model.visual_projection.state_dict(), clip.visual_projection.state_dict())):
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in ours)
 
 
 def test_a_folder_without_adapter_weights_gets_the_documented_init_and_a_warning(tester, tmp_path, caplog):
