@@ -507,7 +507,7 @@ class ProCLIPModel(ProCLIPPreTrainedModel):
         """Resize the text tower's token embeddings (its own `resize_token_embeddings`, with its init for new rows)
         and record the new vocabulary size in `config.text_config`, so that the saved folder loads."""
         embeddings = self.text_model.resize_token_embeddings(*args, **kwargs)
-        self.config.text_config.vocab_size = embeddings.num_embeddings
+        self.config.text_config.vocab_size = self.vocab_size = embeddings.num_embeddings  # as PreTrainedModel's does
         return embeddings
 
     # -- lists of captions and images in, embeddings out (jina-clip's `encode_text` / `encode_image`) ------------------

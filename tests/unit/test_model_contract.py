@@ -372,6 +372,7 @@ def test_resized_token_embeddings_work_and_survive_save_load(tester, tmp_path):
     torch.manual_seed(6)
     model.resize_token_embeddings(VOCAB + 5)
     assert model.get_input_embeddings().num_embeddings == VOCAB + 5 == model.config.text_config.vocab_size
+    assert model.vocab_size == VOCAB + 5  # as PreTrainedModel.resize_token_embeddings records it
     inputs = tester.inputs()
     inputs["input_ids"][0, 0] = VOCAB + 4  # a new token
     before = embeddings(model, inputs)
