@@ -6,7 +6,7 @@
    random weights, 224 px): time ratio (aim <= 1.02).
 2. Text encoding throughput of ProCLIP (the real all-MiniLM-L6-v2 as text tower, mean pooling, adapter included) vs
    sentence-transformers' `SentenceTransformer.encode` on the same weights and pooling, same captions, batch 32: through
-   `model.encode_text` (the user's API: longest-first batches, inference mode), through `embed_texts` (what
+   `model.encode_text` (the user's API: longest-first batches, inference mode), through `embed_joint_texts` (what
    `proclip eval` uses), and through the plain loop a user would write (`processor(text=batch)` +
    `get_text_features`, in input order, gradients on) (aim for `encode_text`: >= 1.0).
 Timings interleave the sides and report medians, so machine noise hits all alike; the text ratios are medians of
@@ -26,7 +26,7 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from bench_onnx import interleaved_medians  # noqa: E402
 from conftest import minilm_folder  # noqa: E402
-from proclip_train.evaluation.tasks import embed_texts  # noqa: E402
+from proclip_train.evaluation.tasks import embed_joint_texts  # noqa: E402
 
 from modeling_proclip import ProCLIPModel, ProCLIPProcessor  # noqa: E402
 
@@ -63,7 +63,7 @@ def bench_text(workdir: Path, repeats: int) -> dict:
 
     sides = {
         "encode_text": lambda: ours.encode_text(captions, batch_size=32, processor=processor),
-        "embed_texts": lambda: embed_texts(ours, processor, captions, batch_size=32),
+        "embed_texts": lambda: embed_joint_texts(ours, processor, captions, batch_size=32),
         "plain_loop": plain_loop,
         "sentence_transformers": lambda: st.encode(captions, batch_size=32, show_progress_bar=False),
     }

@@ -10,7 +10,7 @@ exported with `export_onnx(quantize="int8")`.
 1. Parity: max |ONNX Runtime fp32 - PyTorch| of the image embeddings (8 x 224 px) and of the 256 captions' text
    embeddings; the int8 files' worst cosine to PyTorch.
 2. Speed, same thread count on both sides (`torch.set_num_threads` = ONNX Runtime intra-op threads): image
-   embeddings of 8 x 224 px images, and text embeddings of 256 captions through `embed_texts` (the encoder
+   embeddings of 8 x 224 px images, and text embeddings of 256 captions through `embed_joint_texts` (the encoder
    `proclip eval` uses: longest first, batch 32, tokenizer included) with PyTorch eager, ONNX Runtime fp32 and
    int8. The three run interleaved, `--repeats` rounds; medians and the ratios PyTorch time / ONNX Runtime time.
 3. `--demo DIR` (a `proclip demo` output): exports DIR/final (fp32 + int8) and scores zero-shot and retrieval on
@@ -38,7 +38,7 @@ from proclip_train.demo.scores import LANGUAGES  # noqa: E402
 from proclip_train.demo.teacher import ZERO_SHOT_TEMPLATES, class_prompt  # noqa: E402
 from proclip_train.demo.world import read_metadata  # noqa: E402
 from proclip_train.evaluation.tasks import (  # noqa: E402
-    embed_texts,
+    embed_joint_texts,
     evaluate_retrieval,
     evaluate_zeroshot,
 )
@@ -122,7 +122,7 @@ def bench_image(folder: Path, threads: int, repeats: int) -> dict:
 @torch.inference_mode()
 def bench_text(folder: Path, threads: int, repeats: int) -> dict:
     processor = ProCLIPProcessor.from_pretrained(folder)
-    runs = {name: (lambda m=model: embed_texts(m, processor, CAPTIONS, batch_size=TEXT_BATCH))
+    runs = {name: (lambda m=model: embed_joint_texts(m, processor, CAPTIONS, batch_size=TEXT_BATCH))
             for name, model in backends(folder, threads).items()}
     return compare({name: run() for name, run in runs.items()}, interleaved_medians(runs, repeats))
 

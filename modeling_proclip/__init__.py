@@ -23,6 +23,18 @@ from .modeling_proclip import (
     text_tower_kwargs,
     truncate_text_inputs,
 )
+from .embedding_proclip import (
+    Embedded,
+    EmbeddedBatch,
+    embed_images,
+    embed_in_batches,
+    embed_texts,
+    image_embedder,
+    iter_embedded_batches,
+    iter_text_batches,
+    longest_first,
+    text_embedder,
+)
 from .images_proclip import ImagePolicy, UnreadableImage, open_image, to_rgb
 from .pipeline_proclip import ProCLIPZeroShotImageClassificationPipeline, zero_shot_labels
 from .processing_proclip import ProCLIPProcessor, configure_text_tokenizer
@@ -47,6 +59,14 @@ __all__ = [
     "ImagePolicy",
     "UnreadableImage",
     "to_rgb",
+    "Embedded",
+    "EmbeddedBatch",
+    "embed_images",
+    "embed_in_batches",
+    "embed_texts",
+    "iter_embedded_batches",
+    "iter_text_batches",
+    "longest_first",
     "zero_shot_labels",
     "config_from_towers",
     "contrastive_loss",

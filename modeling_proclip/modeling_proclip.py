@@ -1,13 +1,14 @@
 """ProCLIP: a CLIP image tower and an LLM-based text embedder joined by an adapter (arXiv 2510.18795).
 
 Shipped as is inside every exported checkpoint folder (Hub remote code), next to `configuration_proclip.py`,
-`processing_proclip.py`, `images_proclip.py`, `pipeline_proclip.py` and `saving_proclip.py`: it imports only those,
-the standard library, torch and transformers.
+`processing_proclip.py`, `images_proclip.py`, `embedding_proclip.py`, `pipeline_proclip.py` and `saving_proclip.py`:
+it imports only those, the standard library, torch and transformers.
 
 Data flow, text:  input_ids -> text_model (LLM, frozen) -> pooling -> text_adapter -> text embedding (D)
 Data flow, image: pixel_values -> vision_model (CLIP ViT) -> visual_projection -> image embedding (D)
 """
 
+import functools
 import inspect
 import math
 from dataclasses import dataclass
@@ -27,7 +28,6 @@ from transformers import (
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput, can_return_tuple, logging
-from transformers.utils.logging import tqdm
 
 try:  # a flat Hub folder
     from .configuration_proclip import ProCLIPConfig, TextTowerSettings
@@ -36,6 +36,7 @@ except ImportError:  # the installed package
         ProCLIPConfig,
         TextTowerSettings,
     )
+from .embedding_proclip import embed_images, embed_texts, finish_embeddings, image_embedder, text_embedder
 from .images_proclip import ImagePolicy, open_image
 from .processing_proclip import ProCLIPProcessor, configure_text_tokenizer
 from .saving_proclip import CUSTOM_PIPELINES, copy_remote_code, write_sentence_transformers_config
@@ -531,8 +532,8 @@ class ProCLIPModel(ProCLIPPreTrainedModel):
         convert_to_numpy: bool = False,
         processor: ProCLIPProcessor | None = None,
     ):
-        """Embed captions: tokenised at once, then longest first in batches of similar token length, in inference
-        mode, on the model's device.
+        """Embed captions through the embedding service (`embedding_proclip.embed_texts`): tokenised at once, then
+        longest first in batches of similar length, in inference mode, on the model's device.
 
         Args:
             sentences: a caption or a list of captions.
@@ -549,14 +550,8 @@ class ProCLIPModel(ProCLIPPreTrainedModel):
         """
         texts = [sentences] if isinstance(sentences, str) else list(sentences)
         tokenizer = (processor or self.encoding_processor()).tokenizer
-        token_ids = tokenizer(texts, truncation=True)["input_ids"] if texts else []  # one call, in Rust
-
-        def embed(batch: list[list[int]]) -> torch.Tensor:
-            input_ids, attention_mask = right_padded(batch, tokenizer.pad_token_id)
-            return self.get_text_features(input_ids.to(self.device), attention_mask.to(self.device)).pooler_output
-
-        order = sorted(range(len(texts)), key=lambda index: -len(token_ids[index]))  # similar lengths share a batch
-        embeds = self._embed_in_batches(token_ids, order, embed, batch_size, show_progress_bar, "texts")
+        embeds = embed_texts(texts, tokenizer, text_embedder(self), batch_size=batch_size, device=self.device,
+                             progress=show_progress_bar)
         return finish_embeddings(embeds, normalize, truncate_dim, convert_to_numpy, isinstance(sentences, str))
 
     def encode_image(
@@ -570,7 +565,8 @@ class ProCLIPModel(ProCLIPPreTrainedModel):
         processor: ProCLIPProcessor | None = None,
         image_policy: ImagePolicy = ImagePolicy(),
     ):
-        """Embed images in batches, in inference mode, on the model's device and dtype.
+        """Embed images through the embedding service (`embedding_proclip.embed_images`): a batch at a time, in
+        inference mode, on the model's device and dtype.
 
         Args:
             images: one image or a list: PIL images, local paths, http(s) URLs (one request each, no retries),
@@ -583,29 +579,13 @@ class ProCLIPModel(ProCLIPPreTrainedModel):
             or as numpy.
         """
         single = not isinstance(images, (list, tuple))
-        items = [images] if single else list(images)
-        image_processor = (processor or self.encoding_processor()).image_processor
-
-        def embed(batch: list) -> torch.Tensor:
-            pixels = image_processor([open_image(item, image_policy) for item in batch], return_tensors="pt")
-            return self.get_image_features(pixels["pixel_values"].to(self.device, self.dtype)).pooler_output
-
-        embeds = self._embed_in_batches(items, list(range(len(items))), embed, batch_size, show_progress_bar, "images")
+        embeds = embed_images(
+            [images] if single else list(images), (processor or self.encoding_processor()).image_processor,
+            image_embedder(self), batch_size=batch_size,
+            read=functools.partial(open_image, policy=image_policy), device=self.device, dtype=self.dtype,
+            progress=show_progress_bar,
+        ).embeds
         return finish_embeddings(embeds, normalize, truncate_dim, convert_to_numpy, single)
-
-    def _embed_in_batches(self, items: list, order: list[int], embed, batch_size: int, progress: bool, unit: str):
-        """`embed` applied to `items` in batches taken in `order`; float32 `(len(items), D)` rows in the given order."""
-        if not items:
-            raise ValueError(f"Nothing to encode: the list of {unit} is empty.")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive; got {batch_size}")
-        embeds = torch.empty(len(items), self.config.projection_dim, device=self.device)
-        with torch.inference_mode(), tqdm(total=len(items), unit=unit[:-1], disable=not progress) as bar:
-            for start in range(0, len(order), batch_size):
-                indices = order[start : start + batch_size]
-                embeds[torch.tensor(indices, device=self.device)] = embed([items[i] for i in indices]).float()
-                bar.update(len(indices))
-        return embeds
 
     # -- building and saving ---------------------------------------------------------------------------------------
 
@@ -682,29 +662,6 @@ class ProCLIPModel(ProCLIPPreTrainedModel):
         super().save_pretrained(save_directory, *args, **kwargs)
         copy_remote_code(save_directory, extra_sources=[self.config.name_or_path])
         write_sentence_transformers_config(save_directory)
-
-
-def right_padded(token_ids: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token id lists -> `(input_ids, attention_mask)` of shape `(batch_size, longest)`, padded on the right (the
-    embedding follows the mask, so the side does not matter)."""
-    longest = max(len(ids) for ids in token_ids)
-    input_ids = torch.full((len(token_ids), longest), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros(len(token_ids), longest, dtype=torch.long)
-    for row, ids in enumerate(token_ids):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        attention_mask[row, : len(ids)] = 1
-    return input_ids, attention_mask
-
-
-def finish_embeddings(embeds: torch.Tensor, normalize: bool, truncate_dim: int | None, to_numpy: bool, single: bool):
-    """`(N, D)` embeddings as `encode_text` / `encode_image` return them: truncated, normalised, one row unwrapped."""
-    if truncate_dim is not None:
-        embeds = embeds[:, :truncate_dim]
-    if normalize:
-        embeds = F.normalize(embeds, dim=-1)
-    if single:
-        embeds = embeds[0]
-    return embeds.cpu().numpy() if to_numpy else embeds
 
 
 def config_from_towers(

@@ -55,7 +55,7 @@ def write_sentence_transformers_config(save_directory) -> None:
 
 REMOTE_CODE_FILES = (
     "configuration_proclip.py", "modeling_proclip.py", "processing_proclip.py", "images_proclip.py",
-    "pipeline_proclip.py", "saving_proclip.py",
+    "embedding_proclip.py", "pipeline_proclip.py", "saving_proclip.py",
 )
 ENDPOINT_HANDLER_FILE = "handler.py"
 

@@ -227,7 +227,7 @@ def test_auto_model_for_zero_shot_image_classification(idioms):
 def test_save_pretrained_of_a_remote_code_model_carries_its_code(idioms):
     result = measured(idioms, "save_pretrained_then_reload")
     code = {"configuration_proclip.py", "modeling_proclip.py", "processing_proclip.py", "images_proclip.py",
-            "pipeline_proclip.py", "saving_proclip.py"}
+            "embedding_proclip.py", "pipeline_proclip.py", "saving_proclip.py"}
     assert code <= set(result["code_files"])
     assert result["module"].startswith("transformers_modules.") and result["diff"] == 0
 

@@ -29,7 +29,7 @@ REPO_ID = "my-org/proclip-tiny"
 # Written out here rather than imported: what a folder needs to work from the Hub.
 REQUIRED = [
     "config.json", "model.safetensors", "configuration_proclip.py", "modeling_proclip.py", "processing_proclip.py",
-    "images_proclip.py", "pipeline_proclip.py", "saving_proclip.py",
+    "images_proclip.py", "embedding_proclip.py", "pipeline_proclip.py", "saving_proclip.py",
     "handler.py", "processor_config.json", "tokenizer_config.json", "tokenizer.json", "README.md",
 ]  # fmt: skip
 

@@ -15,7 +15,6 @@ import PIL.Image
 import pytest
 import torch
 from conftest import tiny_llm_tokenizer
-from proclip_train.training.captions import longest_first_batches
 from proclip_train.training.collators import ContrastiveCollator, InheritanceCollator
 from proclip_train.training.data import DataSpec, load_image_text_dataset, split_names
 from proclip_train.training.images import CLIPImageTransform
@@ -362,11 +361,3 @@ def test_splits_are_listed_and_a_missing_one_is_named(data_root, tmp_path):
         load_image_text_dataset(folder, split="validation")
     with pytest.raises(ValueError, match="label column 'class' not found"):
         load_image_text_dataset(folder, label_column="class", cache_dir=str(tmp_path / "c"))
-
-
-def test_longest_first_batches_cover_every_index_once_longest_first():
-    texts = ["bb", "a", "dddd", "cc", "eee"]
-    assert longest_first_batches(texts, 2) == [[2, 4], [0, 3], [1]]  # ties ("bb", "cc") keep their order
-    assert longest_first_batches([], 4) == []
-    with pytest.raises(ValueError, match="batch_size must be positive"):
-        longest_first_batches(texts, 0)

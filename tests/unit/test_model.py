@@ -485,7 +485,8 @@ def test_proclip_init_writes_a_loadable_folder(tmp_path, tiny_clip_dir, tiny_llm
     model = ProCLIPModel.from_pretrained(tmp_path)
     assert (model.config.pooling, model.config.adapter_blocks, len(model.text_adapter.blocks)) == ("last_token", 2, 2)
     for name in ("configuration_proclip.py", "modeling_proclip.py", "processing_proclip.py", "images_proclip.py",
-                 "pipeline_proclip.py", "saving_proclip.py", "handler.py", "model.safetensors", "processor_config.json", "tokenizer.json", "modules.json"):
+                 "embedding_proclip.py", "pipeline_proclip.py", "saving_proclip.py", "handler.py", "model.safetensors",
+                 "processor_config.json", "tokenizer.json", "modules.json"):
         assert (tmp_path / name).is_file(), name
 
 

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from transformers import CLIPModel, CLIPProcessor
+
+from modeling_proclip import embed_images, embed_in_batches, image_embedder, open_image
 
 from ..evaluation.metrics import (
     caption_retrieval_accuracy,
@@ -70,7 +71,7 @@ class EvalSet:
         scene_rows = [r for r in rows if r["kind"] == "scene"]
 
         def pixels(chosen):
-            images = [Image.open(r["image_path"]).convert("RGB") for r in chosen]
+            images = [open_image(r["image_path"]) for r in chosen]
             return processor(images=images, return_tensors="pt")["pixel_values"]
 
         captions = {"short": [r["caption_short"] for r in scene_rows],
@@ -94,11 +95,11 @@ class EvalSet:
         return texts + [c for column, captions in self.captions.items() if column != "long" for c in captions]
 
 
-@torch.no_grad()
 def image_features(model, pixel_values: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """(N, D) float32 image embeddings of preprocessed `pixel_values` (N, 3, H, W), through the embedding service."""
     model.eval()
-    return torch.cat([model.get_image_features(pixel_values[i:i + batch_size]).pooler_output.float()
-                      for i in range(0, len(pixel_values), batch_size)])
+    embed = image_embedder(model)
+    return embed_in_batches(pixel_values, lambda batch: embed(torch.stack(batch)), batch_size=batch_size).embeds
 
 
 @torch.no_grad()
@@ -172,14 +173,11 @@ def clip_zeroshot_top1(model_dir: str | Path, world_dir: str | Path, split: str 
     text = model.get_text_features(**prompts).pooler_output
     classes = class_embeddings(text.reshape(len(world.classes), len(ZERO_SHOT_TEMPLATES), -1))
     rows = [row for row in read_metadata(world_dir, split) if row["label"]]
-    images = []
-    for start in range(0, len(rows), batch_size):
-        chunk = [Image.open(row["image_path"]).convert("RGB") for row in rows[start : start + batch_size]]
-        pixel_values = processor(images=chunk, return_tensors="pt")["pixel_values"]
-        images.append(model.get_image_features(pixel_values=pixel_values).pooler_output)
+    images = embed_images([row["image_path"] for row in rows], processor.image_processor, image_embedder(model),
+                          batch_size=batch_size).embeds
     labels = torch.tensor([world.classes.index(row["label"]) for row in rows])
     held_out = torch.tensor([name in world.held_out_classes for name in world.classes])
-    return zeroshot_top1(torch.cat(images), classes, labels, held_out)
+    return zeroshot_top1(images, classes, labels, held_out)
 
 
 def score(model, evalset: EvalSet, cache, table: str = "llm") -> dict:

@@ -14,11 +14,17 @@ from collections.abc import Sequence
 
 import datasets
 import torch
-from tqdm.auto import tqdm
 
-from modeling_proclip import ProCLIPModel, ProCLIPProcessor
+from modeling_proclip import (
+    ProCLIPModel,
+    ProCLIPProcessor,
+    embed_images,
+    embed_texts,
+    image_embedder,
+    text_embedder,
+)
 
-from ..training.captions import iter_row_captions, longest_first_batches
+from ..training.captions import iter_row_captions
 from ..training.data import load_image_text_dataset, split_names
 from ..training.images import decode_image
 from ..training.skips import TOO_FEW_CAPTIONS
@@ -102,8 +108,7 @@ def _usable_captions(cell) -> tuple[list[str], int]:
 # -- embeddings --------------------------------------------------------------------------------------------------
 
 
-@torch.inference_mode()
-def embed_images(
+def embed_image_rows(
     model: ProCLIPModel,
     processor: ProCLIPProcessor,
     dataset: datasets.Dataset,
@@ -112,7 +117,8 @@ def embed_images(
     batch_size: int = 64,
     bf16: bool = False,
 ) -> tuple[torch.Tensor, list[int]]:
-    """Embed the readable images among `rows` of `dataset`.
+    """Embed the readable images among `rows` of `dataset` through the embedding service (`embed_images`), each
+    decoded by training's `decode_image`; an unreadable one skips its row (logged), never the whole run.
 
     Returns:
         `(embeds, kept_rows)`: (N, D) float32 unnormalised embeddings on the model's device, and the dataset
@@ -122,50 +128,26 @@ def embed_images(
     if isinstance(feature, datasets.Image) and feature.decode:  # decode row by row, so one bad file skips one row
         dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
     cells = dataset.select(rows).select_columns([image_column])
-    embeds, kept_rows = [], []
-    with tqdm(total=len(rows), desc="images", unit="img") as progress:
-        for start, batch in zip(range(0, len(rows), batch_size), cells.iter(batch_size=batch_size)):
-            images = []
-            for row, cell in zip(rows[start : start + batch_size], batch[image_column]):
-                try:
-                    images.append(decode_image(cell))
-                except Exception as error:  # any decoder failure makes this one row unusable, never the whole run
-                    logger.warning("Skipping row %d: unreadable image (%s: %s)", row, type(error).__name__, error)
-                    continue
-                kept_rows.append(row)
-            if images:
-                pixel_values = processor(images=images, return_tensors="pt")["pixel_values"].to(model.device)
-                with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
-                    embeds.append(model.get_image_features(pixel_values=pixel_values).pooler_output.float())
-            progress.update(len(batch[image_column]))
-    if not embeds:
-        raise ValueError("no readable image to evaluate")
-    return torch.cat(embeds), kept_rows
+    embedded = embed_images(
+        range(len(rows)), processor.image_processor, image_embedder(model), batch_size=batch_size,
+        read=lambda index: decode_image(cells[index][image_column]), skip_unreadable=True, device=model.device,
+        bf16=bf16, progress=True,
+    )
+    for index, why in embedded.unreadable.items():
+        logger.warning("Skipping row %d: unreadable image (%s)", rows[index], why)
+    return embedded.embeds, [rows[index] for index in embedded.kept]
 
 
-@torch.inference_mode()
-def embed_texts(
-    model: ProCLIPModel,
-    processor: ProCLIPProcessor,
-    texts: list[str],
-    batch_size: int = 64,
-    bf16: bool = False,
-    desc: str = "texts",
+def embed_joint_texts(
+    model: ProCLIPModel, processor: ProCLIPProcessor, texts: list[str], batch_size: int = 64, bf16: bool = False
 ) -> torch.Tensor:
-    """Embed `texts` in `longest_first_batches` (similar lengths share a batch: little padding; memory peaks early).
+    """The model's joint-space text embeddings (`get_text_features`) of `texts` through the embedding service.
 
     Returns:
         (M, D) float32 unnormalised embeddings on the model's device, in the order of `texts`.
     """
-    embeds = torch.empty(len(texts), model.config.projection_dim, device=model.device)
-    with tqdm(total=len(texts), desc=desc, unit="text") as progress:
-        for indices in longest_first_batches(texts, batch_size):
-            batch = processor(text=[texts[index] for index in indices], return_tensors="pt").to(model.device)
-            with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
-                features = model.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            embeds[torch.tensor(indices, device=model.device)] = features.pooler_output.float()
-            progress.update(len(indices))
-    return embeds
+    return embed_texts(texts, processor.tokenizer, text_embedder(model), batch_size=batch_size, device=model.device,
+                       bf16=bf16, progress=True)
 
 
 # -- tasks -------------------------------------------------------------------------------------------------------
@@ -194,7 +176,7 @@ def evaluate_retrieval(
     """
     captions = {column: [_usable_captions(cell) for cell in dataset[column]] for column in caption_columns}
     with_captions = [row for row in range(len(dataset)) if all(captions[column][row][0] for column in caption_columns)]
-    image_embeds, rows = embed_images(model, processor, dataset, image_column, with_captions, batch_size, bf16)
+    image_embeds, rows = embed_image_rows(model, processor, dataset, image_column, with_captions, batch_size, bf16)
 
     protocol = {"similarity": "cosine", "ks": list(RETRIEVAL_KS), "ties": TIE_POLICY, "caption_columns": {}}
     metrics = {}
@@ -202,7 +184,7 @@ def evaluate_retrieval(
         per_image = [captions[column][row][0] for row in rows]
         texts = [caption for image_captions in per_image for caption in image_captions]
         text_image_ids = torch.arange(len(rows)).repeat_interleave(torch.tensor([len(c) for c in per_image]))
-        text_embeds = embed_texts(model, processor, texts, batch_size, bf16, desc=column)
+        text_embeds = embed_joint_texts(model, processor, texts, batch_size, bf16)
         one_to_one = len(texts) == len(rows)
         protocol["caption_columns"][column] = (
             "1:1" if one_to_one else "several captions per image: an image->text hit is any of its captions in the top K"
@@ -266,10 +248,10 @@ def evaluate_zeroshot(
     """
     names, labels = class_names_and_labels(dataset, label_column)
     labelled = [row for row, label in enumerate(labels) if label is not None]
-    image_embeds, rows = embed_images(model, processor, dataset, image_column, labelled, batch_size, bf16)
+    image_embeds, rows = embed_image_rows(model, processor, dataset, image_column, labelled, batch_size, bf16)
 
     prompts = [template.format(name) for name in names for template in templates]
-    prompt_embeds = embed_texts(model, processor, prompts, batch_size, bf16, desc="class prompts")
+    prompt_embeds = embed_joint_texts(model, processor, prompts, batch_size, bf16)
     classes = class_embeddings(prompt_embeds.reshape(len(names), len(templates), -1))
     result = zeroshot_accuracy(
         image_embeds, classes, torch.tensor([labels[row] for row in rows]), ZEROSHOT_KS, chunk_size

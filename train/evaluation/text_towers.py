@@ -23,10 +23,12 @@ from modeling_proclip import (
     ProCLIPModel,
     ProCLIPProcessor,
     configure_text_tokenizer,
+    embed_texts,
     embed_token_ids,
+    text_embedder,
 )
 
-from ..training.captions import longest_first_batches
+from ..training.cache import teacher_text_embeds
 from ..training.stages import load_clip_text_teacher
 
 
@@ -51,21 +53,10 @@ class TextTower:
     settings: dict
     device: torch.device
 
-    @torch.inference_mode()
     def embed(self, texts: Sequence[str], batch_size: int = 64, bf16: bool = False) -> torch.Tensor:
-        """Embed `texts` longest first (little padding per batch); returns (N, D) float32 in the order given."""
-        chunks, positions = [], []
-        for indices in longest_first_batches(texts, batch_size):
-            batch = self.tokenizer(
-                [texts[index] for index in indices], padding=True, truncation=True, return_tensors="pt"
-            ).to(self.device)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
-                chunks.append(self.encode(batch["input_ids"], batch["attention_mask"]).float())
-            positions.extend(indices)
-        if not chunks:
-            raise ValueError("no text to embed")
-        embeds = torch.cat(chunks)
-        return embeds[torch.argsort(torch.tensor(positions, device=embeds.device))]
+        """Embed `texts` through the embedding service (`embed_texts`: longest first, little padding per batch);
+        returns (N, D) float32 in the order given."""
+        return embed_texts(texts, self.tokenizer, self.encode, batch_size=batch_size, device=self.device, bf16=bf16)
 
 
 def load_text_tower(
@@ -101,24 +92,16 @@ def load_text_tower(
     if model_type == "proclip":
         model = ProCLIPModel.from_pretrained(name, dtype=dtype).to(device).eval()
         tokenizer = ProCLIPProcessor.from_pretrained(name).tokenizer
-
-        def encode(input_ids, attention_mask):
-            return model.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
-
         settings = {"embedding": "joint space (get_text_features: pooled LLM -> adapter)", "pooling": model.config.pooling,
                     "bidirectional": model.config.bidirectional, "prompt_template": model.config.prompt_template}
-        return TextTower("proclip", name, tokenizer, encode, settings, device)
+        return TextTower("proclip", name, tokenizer, text_embedder(model), settings, device)
 
     if model_type in ("clip", "clip_text_model"):
         model = load_clip_text_teacher(name, dtype=dtype).to(device)
         tokenizer = AutoTokenizer.from_pretrained(name)
-
-        def encode(input_ids, attention_mask):
-            return model(input_ids=input_ids, attention_mask=attention_mask).text_embeds
-
         settings = {"embedding": "CLIP text encoder + projection (text_embeds)",
                     "max_text_length": tokenizer.model_max_length}
-        return TextTower("clip", name, tokenizer, encode, settings, device)
+        return TextTower("clip", name, tokenizer, teacher_text_embeds(model), settings, device)
 
     # Without a record or preset: the settings `ProCLIPModel.from_towers` would build the tower with.
     text_settings = TextTowerSettings.resolve(name, max_text_length=max_text_length, **overrides)

@@ -205,7 +205,7 @@ def onnx_session(path: str | Path, threads: int | None = None):
 
 class OnnxProCLIP:
     """A folder's ONNX files run by ONNX Runtime, with `ProCLIPModel`'s two embedding methods: a stand-in for the
-    PyTorch model wherever only those are called (`proclip_train.evaluation`'s `embed_images` / `embed_texts`,
+    PyTorch model wherever only those are called (`proclip_train.evaluation`'s `embed_image_rows` / `embed_joint_texts`,
     the benchmarks).
 
     Args:

@@ -156,15 +156,9 @@ class ProCLIPSpace:
             self.gallery_paths = [gallery_dir / row["file_name"] for row in self.gallery]
             self.gallery_embeds = self.gallery_embeddings(cache_dir)
 
-    @torch.inference_mode()
     def image_embeddings(self, paths: list[Path]) -> torch.Tensor:
-        """(N, D) L2-normalised image embeddings."""
-        embeds = []
-        for start in range(0, len(paths), EMBED_BATCH):
-            images = [Image.open(path).convert("RGB") for path in paths[start : start + EMBED_BATCH]]
-            pixel_values = self.processor(images=images)["pixel_values"]
-            embeds.append(self.model.get_image_features(pixel_values=pixel_values).pooler_output.float())
-        return torch.nn.functional.normalize(torch.cat(embeds), dim=-1)
+        """(N, D) L2-normalised image embeddings: the model's `encode_image` (the embedding service)."""
+        return self.model.encode_image([str(path) for path in paths], batch_size=EMBED_BATCH, processor=self.processor)
 
     def gallery_embeddings(self, cache_dir: Path) -> torch.Tensor:
         """The gallery's embeddings: from `cache_dir` when the file of these images holds them for this model (its
@@ -206,9 +200,7 @@ class ProCLIPSpace:
         if not query:
             raise gr.Error("Type a query, e.g. a caption of one of the gallery's images.")
         check_lengths([query], "query")
-        batch = self.processor(text=[query])
-        text = self.model.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        scores = torch.nn.functional.normalize(text.pooler_output.float(), dim=-1)[0] @ self.gallery_embeds.T
+        scores = self.model.encode_text(query, processor=self.processor) @ self.gallery_embeds.T
         top = scores.topk(max(1, min(int(k), len(scores))))
         return [(str(self.gallery_paths[i]), f"{rank}. {self.gallery[i]['file_name']} · {score:.3f}")
                 for rank, (score, i) in enumerate(zip(top.values.tolist(), top.indices.tolist()), start=1)]

@@ -29,13 +29,14 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Sequence
+from itertools import repeat
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from .captions import longest_first_batches
+from modeling_proclip import iter_text_batches, longest_first
+
 from .data import DataSpec
 from .shards import (
     CACHE_FORMAT,
@@ -311,10 +312,6 @@ def default_cache_dir(data: str | os.PathLike) -> Path | None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _autocast(device: torch.device, bf16: bool):
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
-
-
 @torch.no_grad()
 def build_embedding_cache(
     model,
@@ -338,7 +335,7 @@ def build_embedding_cache(
         captions: the captions (repeats are embedded once).
         cache_dir: the cache folder; an existing cache there must have been made by the same model (and teacher).
         teacher, teacher_tokenizer: the stage-1 teacher (`CLIPTextModelWithProjection`), to store its embeddings too.
-        batch_size: captions per forward pass (`longest_first_batches`: similar lengths together, little padding).
+        batch_size: captions per forward pass (the embedding service's `longest_first`: similar lengths together).
         dtype: storage dtype (`float32`, `float16`, `bfloat16`).
         bf16: run the towers under bfloat16 autocast.
         rank, world_size: this process's share of the captions when several processes embed (one shard each).
@@ -374,10 +371,9 @@ def build_embedding_cache(
     # Every process takes every world_size-th caption of the same key-sorted list: disjoint shares, whatever order
     # the captions came in. Its shard holds them longest first, in the batches they are embedded in.
     share = [caption for _, caption in sorted(unique.items())][rank::world_size]
-    batches = [[share[index] for index in indices] for indices in longest_first_batches(share, batch_size)]
-    todo = [(caption_key(caption), caption) for batch in batches for caption in batch]
-    if not todo:
+    if not share:
         return None
+    todo = [(caption_key(share[index]), share[index]) for index in longest_first(share)]
 
     tensors = {
         KEYS_TABLE: ((len(todo), KEY_SIZE), torch.uint8),
@@ -401,36 +397,33 @@ def build_embedding_cache(
     try:
         keys = np.frombuffer(b"".join(key for key, _ in todo), dtype=np.uint8).reshape(-1, KEY_SIZE)
         writer.write_rows(KEYS_TABLE, 0, torch.from_numpy(keys.copy()))
-        with tqdm(total=len(todo), desc="Embedding captions", unit="caption", disable=not progress) as bar:
-            start = 0
-            for texts in batches:
-                rows = _batch_rows(texts, model, tokenizer, teacher, teacher_tokenizer, dtype, bf16)
-                for table, values in rows.items():
-                    writer.write_rows(table, start, values)
-                start += len(texts)
-                bar.update(len(texts))
+        device = next(model.parameters()).device
+        batches = iter_text_batches(share, tokenizer, model.get_llm_embeddings, batch_size, device, bf16, progress)
+        teacher_batches = repeat(None)
+        if teacher is not None:
+            teacher_batches = iter_text_batches(share, teacher_tokenizer, teacher_text_embeds(teacher), batch_size,
+                                                device, bf16)
+        start = 0
+        for batch, teacher_batch in zip(batches, teacher_batches):  # the same captions, batch for batch
+            texts = [share[index] for index in batch.indices]
+            writer.write_rows(LLM_TABLE, start, finite_rows(batch.embeds, dtype, texts, "the text tower"))
+            if teacher_batch is not None:
+                writer.write_rows(TEACHER_TABLE, start, finite_rows(teacher_batch.embeds, dtype, texts, "the teacher"))
+            start += len(texts)
         return writer.publish()
     except BaseException:
         writer.abort()
         raise
 
 
-def _batch_rows(texts, model, tokenizer, teacher, teacher_tokenizer, dtype, bf16) -> dict[str, torch.Tensor]:
-    """The cache rows of one batch of captions: `{llm: (B, H)}`, plus `{teacher: (B, D)}` with a teacher, in the
-    storage `dtype`, checked finite (`finite_rows`)."""
-    device = next(model.parameters()).device
-    encoded = tokenizer(
-        texts, padding=True, truncation=True, max_length=model.config.max_text_length, return_tensors="pt"
-    ).to(device)
-    with _autocast(device, bf16):
-        llm = model.get_llm_embeddings(encoded["input_ids"], encoded["attention_mask"])
-    rows = {LLM_TABLE: finite_rows(llm, dtype, texts, "the text tower")}
-    if teacher is not None:
-        encoded = teacher_tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(device)
-        with _autocast(device, bf16):
-            target = teacher(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"])
-        rows[TEACHER_TABLE] = finite_rows(target.text_embeds, dtype, texts, "the teacher")
-    return rows
+def teacher_text_embeds(teacher):
+    """`(input_ids, attention_mask) -> (B, D)`: the stage-1 teacher's (`CLIPTextModelWithProjection`) text embeddings,
+    as the embedding service calls a text tower."""
+
+    def embed(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return teacher(input_ids=input_ids, attention_mask=attention_mask).text_embeds
+
+    return embed
 
 
 def finite_rows(values: torch.Tensor, dtype: torch.dtype, captions: Sequence[str], tower: str) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""Captions: the usable captions of a row and of a dataset (what the collators draw from and the cache embeds), and
-texts in batches for embedding, longest first (the cache, evaluation and every text tower batch this way).
+"""Captions: the usable captions of a row and of a dataset (what the collators draw from and the cache embeds).
+Texts are embedded in batches by the embedding service (`modeling_proclip.embed_texts`).
 """
 
 from collections.abc import Mapping, Sequence
@@ -31,16 +31,4 @@ def iter_captions(dataset, caption_columns, noise_caption_column=None, batch_siz
         yield from captions
 
 
-def longest_first_batches(texts: Sequence[str], batch_size: int) -> list[list[int]]:
-    """Indices of `texts` in batches of `batch_size`, longest text first (by characters; ties keep their order).
-
-    Texts of similar length share a batch, so little padding is computed, and the largest batch comes first, so an
-    out-of-memory error shows at once. Whoever embeds with these batches puts each result back at its index.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive; got {batch_size}")
-    order = sorted(range(len(texts)), key=lambda index: -len(texts[index]))
-    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
-
-
-__all__ = ["caption_candidates", "iter_captions", "iter_row_captions", "longest_first_batches"]
+__all__ = ["caption_candidates", "iter_captions", "iter_row_captions"]
