@@ -159,13 +159,15 @@ class ProCLIPProcessor(ProcessorMixin):
                 "leave it out."
             )
         if images is not None:
-            listed = isinstance(images, (list, tuple))
-            images = [_with_channels(image) for image in images] if listed else _with_channels(images)
+            images = _with_channels(images)
         return super().__call__(images=images, text=text, **kwargs)
 
 
 def _with_channels(image):
-    """A 2-D array or tensor (a grayscale image, `(H, W)`) as `(H, W, 3)`; anything else as it is."""
+    """A 2-D array or tensor (a grayscale image, `(H, W)`) as `(H, W, 3)`, in (nested) lists too; anything else as
+    it is."""
+    if isinstance(image, (list, tuple)):
+        return [_with_channels(item) for item in image]
     if getattr(image, "ndim", None) != 2:
         return image
     if isinstance(image, torch.Tensor):

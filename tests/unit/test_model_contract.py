@@ -8,12 +8,15 @@ and disk offload. The three towers: a causal Llama (last-token pooling), a bidir
 (the LLM2CLIP setting) and a BERT encoder with CLS pooling.
 """
 
+import inspect
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, CLIPModel
 
@@ -381,3 +384,20 @@ def test_resized_token_embeddings_work_and_survive_save_load(tester, tmp_path):
     assert torch.equal(loaded.get_input_embeddings().weight, model.get_input_embeddings().weight)
     for ours, theirs in zip(embeddings(loaded, inputs), before):
         assert torch.equal(ours, theirs)
+
+
+# -- processor ------------------------------------------------------------------------------------------------------
+
+
+def test_the_processor_takes_images_as_processor_mixin_subclasses_do(processor):
+    """Annotated like `ProcessorMixin.__call__`, so transformers' processor checks send it nested images (one list
+    per caption, possibly empty): they are processed as the flat list, grayscale arrays included."""
+    parameters = inspect.signature(type(processor).__call__).parameters
+    assert {"images", "text"} <= {name for name, p in parameters.items() if p.annotation is not p.empty}
+    images = [Image.new("RGB", (40, 36), (200, 30, 30)), np.full((20, 24), 90, dtype=np.uint8)]
+    flat = processor(images=images, text=["a red circle", "a dog"])
+    nested = processor(images=[[images[0]], [images[1]]], text=["a red circle", "a dog"])
+    assert torch.equal(nested["pixel_values"], flat["pixel_values"])
+    assert torch.equal(nested["input_ids"], flat["input_ids"])
+    partly = processor(images=[[], [images[1]]], text=["a red circle", "a dog"])
+    assert torch.equal(partly["pixel_values"], flat["pixel_values"][1:])
