@@ -3,6 +3,7 @@ data folder is neither read nor fetched, poisoned (non-finite) weights are never
 ends in a sentence (exit 2), not a traceback."""
 
 import logging
+import shutil
 
 import datasets
 import numpy as np
@@ -112,3 +113,21 @@ def test_eval_fetches_no_url_unless_allowed_and_never_offline(tiny_proclip_dir, 
         result, _ = proclip(*command, "--allow-remote-images", env={**env, "HF_DATASETS_OFFLINE": "1"})
         assert_refused(result, "2 rows whose image is a URL", "nothing is fetched offline")
     assert requested == []
+
+
+# -- item 2: a failed export leaves nothing behind ------------------------------------------------------------------
+
+
+def test_an_export_that_fails_its_check_leaves_the_folder_as_it_was(tiny_proclip_dir, tmp_path):
+    """Old code: a failed parity check left its ONNX files in onnx/ (528 MB of NaN ones in the attack), which `proclip
+    push` uploads. The files are written and checked in a hidden folder that replaces onnx/ only on success."""
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_proclip_dir, folder)
+    (folder / "onnx").mkdir()
+    (folder / "onnx" / "vision_model.onnx").write_bytes(b"the previous export")
+    result, _ = proclip("export", "--format", "onnx", "--model", folder, "--atol", "-1")  # no export can pass it
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"Nothing was written: {folder}/onnx is as it was."
+    assert sorted(path.name for path in folder.iterdir()) == sorted([*(p.name for p in tiny_proclip_dir.iterdir()), "onnx"])
+    assert [path.name for path in (folder / "onnx").iterdir()] == ["vision_model.onnx"]
+    assert (folder / "onnx" / "vision_model.onnx").read_bytes() == b"the previous export"

@@ -16,7 +16,7 @@ import datasets
 import pytest
 import torch
 from proclip_train.cli import main
-from proclip_train.training.checkpoints import NonFiniteWeightsError
+from proclip_train.training.finite import NonFiniteWeightsError
 from proclip_train.training.trainer import (
     NonFiniteLossError,
     NoSamplesTrainedError,

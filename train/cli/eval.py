@@ -27,6 +27,7 @@ from modeling_proclip import ProCLIPModel, ProCLIPProcessor
 
 from ..evaluation.metrics import DEFAULT_CHUNK_SIZE
 from ..evaluation.tasks import (
+    EvaluationDataError,
     evaluate_caption_retrieval,
     evaluate_retrieval,
     evaluate_zeroshot,
@@ -35,6 +36,7 @@ from ..evaluation.tasks import (
 from ..evaluation.templates import OPENAI_IMAGENET_TEMPLATES, load_templates
 from ..evaluation.text_towers import load_text_tower
 from ..training.data import DataSpec
+from ..training.finite import NonFiniteError, require_finite_folder
 from ..training.registry import DEFAULT_CAPTION_COLUMN, DEFAULT_IMAGE_COLUMN, DEFAULT_LABEL_COLUMN
 from .errors import UsageError
 from .flags import add_caption_column_argument, add_image_source_arguments
@@ -64,19 +66,26 @@ def run_eval(args: argparse.Namespace) -> dict:
     except (FileNotFoundError, ValueError) as error:  # a wrong path, format, split or column: the user's to fix
         raise UsageError(str(error)) from error
 
+    try:
+        return _write_results(args, _evaluate(args, dataset, caption_columns, device), split, num_rows, device)
+    except (EvaluationDataError, NonFiniteError) as error:  # data with nothing to score, or a poisoned model
+        raise UsageError(str(error)) from error
+
+
+def _evaluate(args: argparse.Namespace, dataset, caption_columns: list[str], device) -> dict:
+    """The task's outcome (`evaluate_*`), after refusing a model folder whose weights are not finite."""
+    if os.path.isdir(args.model):
+        require_finite_folder(args.model)
     common = dict(batch_size=args.batch_size, chunk_size=args.chunk_size, bf16=args.bf16)
     if args.task == "caption-retrieval":  # text only, any text tower
         tower = load_text_tower(args.model, device=device)
-        outcome = evaluate_caption_retrieval(tower, dataset, caption_columns, args.batch_size, args.bf16)
-        return _write_results(args, outcome, split, num_rows, device)
+        return evaluate_caption_retrieval(tower, dataset, caption_columns, args.batch_size, args.bf16)
     processor = ProCLIPProcessor.from_pretrained(args.model)
     model = ProCLIPModel.from_pretrained(args.model).to(device).eval()
     if args.task == "retrieval":
-        outcome = evaluate_retrieval(model, processor, dataset, args.image_column, caption_columns, **common)
-    else:
-        templates = load_templates(args.templates) if args.templates else OPENAI_IMAGENET_TEMPLATES
-        outcome = evaluate_zeroshot(model, processor, dataset, args.image_column, args.label_column, templates, **common)
-    return _write_results(args, outcome, split, num_rows, device)
+        return evaluate_retrieval(model, processor, dataset, args.image_column, caption_columns, **common)
+    templates = load_templates(args.templates) if args.templates else OPENAI_IMAGENET_TEMPLATES
+    return evaluate_zeroshot(model, processor, dataset, args.image_column, args.label_column, templates, **common)
 
 
 def _write_results(args: argparse.Namespace, outcome: dict, split: str, num_rows: int | None, device) -> dict:

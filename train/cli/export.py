@@ -14,6 +14,7 @@ from ..hub.export import (
     ParityError,
     export_onnx,
 )
+from ..training.finite import NonFiniteError
 from .errors import UsageError
 
 
@@ -21,10 +22,10 @@ def run_export(args: argparse.Namespace) -> OnnxExportReport:
     options = OnnxExportOptions(opset=args.opset, quantize=args.quantize, atol=args.atol)
     try:
         report = export_onnx(args.model, options)
-    except ExportError as error:
+    except (ExportError, NonFiniteError) as error:
         raise UsageError(str(error)) from error
     except ParityError as error:
-        print(f"proclip export: {error}", file=sys.stderr)
+        print(f"proclip export: {error}\nNothing was written: {args.model}/onnx is as it was.", file=sys.stderr)
         raise SystemExit(1) from error
     for path in report.files:
         print(f"  {path.stat().st_size / 2**20:9.1f} MiB  {path}")

@@ -38,7 +38,8 @@ from ..training.cache import (
     default_cache_dir,
     shard_paths,
 )
-from ..training.checkpoints import CheckpointMismatchError, NonFiniteWeightsError
+from ..training.checkpoints import CheckpointMismatchError
+from ..training.finite import NonFiniteWeightsError
 from ..training.data import load_image_text_dataset
 from ..training.packaged_towers import resolve_text_tower
 from ..training.stage0 import train_stage0

@@ -18,6 +18,7 @@ import torch
 from modeling_proclip import (
     ProCLIPModel,
     ProCLIPProcessor,
+    UnreadableImage,
     embed_images,
     embed_texts,
     image_embedder,
@@ -26,6 +27,7 @@ from modeling_proclip import (
 
 from ..training.captions import iter_row_captions
 from ..training.data import load_image_text_dataset, split_names
+from ..training.finite import require_finite_embeddings
 from ..training.images import decode_image
 from ..training.skips import TOO_FEW_CAPTIONS
 from .metrics import (
@@ -39,6 +41,11 @@ from .templates import OPENAI_IMAGENET_TEMPLATES
 from .text_towers import TextTower, load_text_tower
 
 logger = logging.getLogger(__name__)
+
+
+class EvaluationDataError(ValueError):
+    """Data that leaves nothing to score (no readable image, no class names); the message says why and what to do."""
+
 
 RETRIEVAL_KS = (1, 5, 10)
 ZEROSHOT_KS = (1, 5)
@@ -128,14 +135,22 @@ def embed_image_rows(
     if isinstance(feature, datasets.Image) and feature.decode:  # decode row by row, so one bad file skips one row
         dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
     cells = dataset.select(rows).select_columns([image_column])
-    embedded = embed_images(
-        range(len(rows)), processor.image_processor, image_embedder(model), batch_size=batch_size,
-        read=lambda index: decode_image(cells[index][image_column]), skip_unreadable=True, device=model.device,
-        bf16=bf16, progress=True,
-    )
+    try:
+        embedded = embed_images(
+            range(len(rows)), processor.image_processor, image_embedder(model), batch_size=batch_size,
+            read=lambda index: decode_image(cells[index][image_column]), skip_unreadable=True, device=model.device,
+            bf16=bf16, progress=True,
+        )
+    except UnreadableImage as error:  # every one of them
+        raise EvaluationDataError(
+            f"None of the {len(rows)} images to evaluate could be read ({error}).\n"
+            "Check the image column and that the files it names exist and are images."
+        ) from error
     for index, why in embedded.unreadable.items():
         logger.warning("Skipping row %d: unreadable image (%s)", rows[index], why)
-    return embedded.embeds, [rows[index] for index in embedded.kept]
+    kept_rows = [rows[index] for index in embedded.kept]
+    require_finite_embeddings(embedded.embeds, "The image embeddings", rows=kept_rows)
+    return embedded.embeds, kept_rows
 
 
 def embed_joint_texts(
@@ -146,8 +161,10 @@ def embed_joint_texts(
     Returns:
         (M, D) float32 unnormalised embeddings on the model's device, in the order of `texts`.
     """
-    return embed_texts(texts, processor.tokenizer, text_embedder(model), batch_size=batch_size, device=model.device,
-                       bf16=bf16, progress=True)
+    embeds = embed_texts(texts, processor.tokenizer, text_embedder(model), batch_size=batch_size, device=model.device,
+                         bf16=bf16, progress=True)
+    require_finite_embeddings(embeds, "The text embeddings")
+    return embeds
 
 
 # -- tasks -------------------------------------------------------------------------------------------------------
@@ -222,8 +239,13 @@ def class_names_and_labels(dataset: datasets.Dataset, label_column: str) -> tupl
         names = sorted({value for value in values if value})
         index = {name: position for position, name in enumerate(names)}
         labels = [index.get(value) for value in values]
+    elif all(value is None for value in dataset[label_column]):
+        raise EvaluationDataError(f"--label-column {label_column!r} is empty: none of its {len(dataset)} rows has a "
+                                  "class name.\nFill it with class names, or name another column with --label-column.")
     else:
-        raise ValueError(f"--label-column {label_column!r} must be a ClassLabel or a column of class names; it is {feature}")
+        kind = getattr(feature, "dtype", feature)
+        raise EvaluationDataError(f"--label-column {label_column!r} holds {kind} values, not class names.\n"
+                                  "Give a column of class names (strings) or a ClassLabel column.")
     return [name.replace("_", " ") for name in names], labels
 
 

@@ -28,6 +28,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_N
 
 from ..evaluation.tasks import class_names_and_labels, load_eval_dataset
 from ..training.cache import read_safetensors_header
+from ..training.finite import require_finite_folder
 from ..training.images import decode_image
 from ..training.registry import STAGE_NUMBERS, packaged_tower_at
 from .results import (
@@ -513,6 +514,7 @@ def build_model_card(
     if model_type != "proclip":
         raise ValueError(f"{folder} holds a {model_type!r} model, not a ProCLIP one: `proclip card` writes cards of "
                          "folders saved by `proclip init` / `proclip train` only.")
+    require_finite_folder(folder)
     template = Path(template) if template else DEFAULT_TEMPLATE
     if not template.is_file():
         raise FileNotFoundError(f"card template {template} not found; pass one with --template")

@@ -36,6 +36,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from configuration_proclip import ProCLIPConfig
 from modeling_proclip import ProCLIPModel, ProCLIPProcessor
 
+from ..training.finite import require_finite_embeddings, require_finite_folder
+from ..training.staged_folder import staged_folder
+
 ONNX_FOLDER = "onnx"
 VISION_FILE = "vision_model.onnx"
 TEXT_FILE = "text_model.onnx"
@@ -114,8 +117,12 @@ class TextEmbeddings(nn.Module):
 
 def onnx_paths(model_dir: str | Path, quantize: str | None = None) -> dict[str, Path]:
     """`{"vision": ..., "text": ...}`: where a folder's ONNX files are (the int8 ones with `quantize="int8"`)."""
+    return tower_files(Path(model_dir) / ONNX_FOLDER, quantize)
+
+
+def tower_files(folder: Path, quantize: str | None = None) -> dict[str, Path]:
+    """`{"vision": ..., "text": ...}`: the ONNX files of the two towers in `folder` (`onnx/`, or where it is staged)."""
     suffix = QUANTIZATIONS[quantize] if quantize else ""
-    folder = Path(model_dir) / ONNX_FOLDER
     return {
         "vision": folder / VISION_FILE.replace(".onnx", f"{suffix}.onnx"),
         "text": folder / TEXT_FILE.replace(".onnx", f"{suffix}.onnx"),
@@ -212,12 +219,14 @@ class OnnxProCLIP:
         model_dir: a ProCLIP folder after `proclip export --format onnx`.
         quantize: run the int8 files (`"int8"`) instead of the fp32 ones.
         threads: ONNX Runtime intra-op threads (None: ONNX Runtime's default, one per core).
+        onnx_dir: where the files are (default: `model_dir/onnx`; the export checks them where it stages them).
     """
 
-    def __init__(self, model_dir: str | Path, quantize: str | None = None, threads: int | None = None):
+    def __init__(self, model_dir: str | Path, quantize: str | None = None, threads: int | None = None,
+                 onnx_dir: str | Path | None = None):
         self.config = ProCLIPConfig.from_pretrained(model_dir)
         self.device = torch.device("cpu")
-        paths = onnx_paths(model_dir, quantize)
+        paths = tower_files(Path(onnx_dir) if onnx_dir else Path(model_dir) / ONNX_FOLDER, quantize)
         self.vision = onnx_session(paths["vision"], threads)
         self.text = onnx_session(paths["text"], threads)
 
@@ -260,10 +269,14 @@ def require_onnx_packages() -> None:
 
 
 def export_onnx(model_dir: str | Path, options: OnnxExportOptions | None = None) -> OnnxExportReport:
-    """Write `<model_dir>/onnx/` ([module docstring]) and check it against PyTorch.
+    """Write `<model_dir>/onnx/` ([module docstring]) and check it against PyTorch. The files are written and checked
+    in a hidden folder beside `onnx/`, which replaces it only when every check passed (`staged_folder`): a failed
+    export leaves the folder as it was.
 
     Raises:
-        ExportError: not a ProCLIP folder, an unknown quantization, or missing ONNX packages.
+        ExportError: not a ProCLIP folder, an unknown quantization, missing ONNX packages, or a folder that cannot be
+            written.
+        NonFiniteError: the weights, or PyTorch's embeddings of the check batch, hold NaN or infinite values.
         ParityError: ONNX Runtime's fp32 embeddings differ from PyTorch's by more than `options.atol`.
     """
     options = options or OnnxExportOptions()
@@ -271,17 +284,30 @@ def export_onnx(model_dir: str | Path, options: OnnxExportOptions | None = None)
     if options.quantize not in (None, *QUANTIZATIONS):
         raise ExportError(f"--quantize {options.quantize!r} is not one of {sorted(QUANTIZATIONS)}")
     require_onnx_packages()
+    require_finite_folder(folder)
 
     model = ProCLIPModel.from_pretrained(folder, dtype=torch.float32).eval()
     processor = ProCLIPProcessor.from_pretrained(folder)
     example = tower_inputs(processor, model.config, EXAMPLE_CAPTIONS)
     inputs = tower_inputs(processor, model.config, CHECK_CAPTIONS, seed=1)
+    with torch.no_grad():
+        reference = {
+            "vision": model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output,
+            "text": model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).pooler_output,
+        }
+    for tower, embeds in reference.items():
+        require_finite_embeddings(embeds, f"{folder}: PyTorch's {tower} embeddings of the export's check batch")
     batch = torch.export.Dim("batch")
     sequence = torch.export.Dim("sequence", max=model.config.max_text_length)
-    paths = onnx_paths(folder)
-    paths["vision"].parent.mkdir(exist_ok=True)
     report = OnnxExportReport()
-    with torch.no_grad():
+    staging = contextlib.ExitStack()
+    try:
+        onnx_dir = staging.enter_context(staged_folder(folder / ONNX_FOLDER))
+    except OSError as error:
+        raise ExportError(f"cannot write into {folder}: {error.strerror or error}; make it writable, or copy the "
+                          "folder somewhere writable and export there") from error
+    with staging, torch.no_grad():
+        paths = tower_files(onnx_dir)
         report.files += _export_graph(
             ImageEmbeddings(model), {"pixel_values": example["pixel_values"]}, {"pixel_values": {0: batch}},
             "image_embeds", paths["vision"], options.opset,
@@ -289,30 +315,23 @@ def export_onnx(model_dir: str | Path, options: OnnxExportOptions | None = None)
         text_axes = {"input_ids": {0: batch, 1: sequence}, "attention_mask": {0: batch, 1: sequence}}
         text = {name: example[name] for name in ("input_ids", "attention_mask")}
         report.files += _export_graph(TextEmbeddings(model), text, text_axes, "text_embeds", paths["text"], options.opset)
-        for quantize in QUANTIZATIONS:  # a variant not asked for now would be stale beside the new fp32 files
-            for tower, target in onnx_paths(folder, quantize).items():
-                if quantize == options.quantize:
-                    report.files += quantize_int8(paths[tower], target)
-                else:
-                    target.unlink(missing_ok=True)
-                    target.with_name(target.name + ".data").unlink(missing_ok=True)
-        reference = {
-            "vision": model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output,
-            "text": model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).pooler_output,
-        }
-    _check_against_pytorch(folder, inputs, reference, options, report)
+        if options.quantize:
+            for tower, target in tower_files(onnx_dir, options.quantize).items():
+                report.files += quantize_int8(paths[tower], target)
+        _check_against_pytorch(folder, onnx_dir, inputs, reference, options, report)
+    report.files = [folder / ONNX_FOLDER / path.name for path in report.files]
     return report
 
 
-def _check_against_pytorch(folder: Path, inputs: dict, reference: dict, options: OnnxExportOptions,
+def _check_against_pytorch(folder: Path, onnx_dir: Path, inputs: dict, reference: dict, options: OnnxExportOptions,
                            report: OnnxExportReport) -> None:
     for quantize in (None, options.quantize) if options.quantize else (None,):
-        runtime = OnnxProCLIP(folder, quantize)
+        runtime = OnnxProCLIP(folder, quantize, onnx_dir=onnx_dir)
         embeds = {
             "vision": runtime.get_image_features(inputs["pixel_values"]).pooler_output,
             "text": runtime.get_text_features(inputs["input_ids"], inputs["attention_mask"]).pooler_output,
         }
-        for tower, path in onnx_paths(folder, quantize).items():
+        for tower, path in tower_files(onnx_dir, quantize).items():
             if quantize:
                 cosine = torch.nn.functional.cosine_similarity(embeds[tower], reference[tower], dim=-1)
                 report.min_cosine[path.name] = cosine.min().item()

@@ -46,6 +46,8 @@ from modeling_proclip.saving_proclip import (
     copy_remote_code,
 )
 
+from ..training.finite import require_finite_folder
+
 REQUIRED_FILES = (
     "config.json", *REMOTE_CODE_FILES, ENDPOINT_HANDLER_FILE, "processor_config.json", "tokenizer_config.json",
     "README.md",
@@ -357,6 +359,7 @@ def check_folder(folder: str | os.PathLike, timeout: float = 600, allow_modified
 
     Raises:
         FolderNotReady: missing files or card problems, all listed (the later checks are not run then).
+        NonFiniteWeightsError: the weights hold NaN or infinite values (`training.finite`).
         ModifiedCodeError: the folder's code differs from the installed package's (`code_differences`), unless
             `allow_modified_code`; nothing of the folder has run then.
         RemoteCodeError: the folder does not load through remote code.
@@ -370,6 +373,7 @@ def check_folder(folder: str | os.PathLike, timeout: float = 600, allow_modified
         problems.append("write the model card first: proclip card --model DIR --results results.json")
     if problems:
         raise FolderNotReady(f"{folder} is not ready to push:\n" + "\n".join(f"  - {p}" for p in problems))
+    require_finite_folder(folder)
     differences = code_differences(folder)
     if differences and not allow_modified_code:
         raise ModifiedCodeError(

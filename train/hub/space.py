@@ -35,6 +35,7 @@ from huggingface_hub import SpaceCard, SpaceCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from ..evaluation.tasks import class_names_and_labels, load_eval_dataset
+from ..training.finite import require_finite_folder
 from ..training.images import decode_image
 from .card import languages_phrase, load_record_data, text_tower_languages
 from .results import evaluations_from_record
@@ -337,9 +338,11 @@ def write_space(model_dir: str | os.PathLike, out: str | os.PathLike, options: S
     Raises:
         SpaceError: the folder is not a ProCLIP checkpoint, `out` is another folder's, a bad repo id, results file
             or --images; `out` is then left as it was (a new one is removed).
+        NonFiniteWeightsError: the weights hold NaN or infinite values (`training.finite`).
     """
     model_dir, out, options = Path(model_dir), Path(out), options or SpaceOptions()
     check_model_folder(model_dir)
+    require_finite_folder(model_dir)
     if options.repo_id:
         try:
             validate_repo_id(options.repo_id)

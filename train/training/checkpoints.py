@@ -11,8 +11,6 @@
    Trainer already saves as adapter weights only) is checkpointed as transformers does.
 2. The data path's random state (`DataRandomness`): the state of the collators' generators that the next batches
    start from, so a resumed run draws the same crops and captions as an uninterrupted one.
-3. Finite weights: `nonfinite_tensor_names` and `NonFiniteWeightsError`; no model or checkpoint with a NaN or an
-   infinity in its weights is written.
 """
 
 from __future__ import annotations
@@ -36,36 +34,8 @@ FROZEN_REFERENCE_FILE = "frozen_reference.json"
 DATA_RANDOM_STATE_FILE = "data_random_state.safetensors"
 
 
-class NonFiniteWeightsError(ValueError):
-    """Weights hold NaN or infinite values: they are not written."""
-
-
 class CheckpointMismatchError(ValueError):
     """A checkpoint that does not fit the model it would be resumed into."""
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Finite weights
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def nonfinite_tensor_names(tensors: Mapping[str, torch.Tensor]) -> list[str]:
-    """Names of the floating-point tensors holding a NaN or an infinity, in the mapping's order."""
-    return [
-        name for name, tensor in tensors.items()
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor.detach()).all())
-    ]
-
-
-def require_finite(tensors: Mapping[str, torch.Tensor], where: str) -> None:
-    """Raise `NonFiniteWeightsError`, naming the tensors, if any of `tensors` holds a NaN or an infinity."""
-    names = nonfinite_tensor_names(tensors)
-    if names:
-        shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
-        raise NonFiniteWeightsError(
-            f"Not saving {where}: {len(names)} of {len(tensors)} tensors hold NaN or infinite values ({shown}). "
-            "Training diverged: lower --learning_rate, check the data, or train with --skip_nonfinite_steps."
-        )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -269,14 +239,11 @@ def load_data_random_state(folder: str | os.PathLike, rank: int, world_size: int
 __all__ = [
     "CheckpointMismatchError",
     "DataRandomness",
-    "NonFiniteWeightsError",
     "check_frozen_reference",
     "frozen_reference",
     "frozen_submodules",
     "is_lean_checkpoint",
     "kept_tensors",
     "load_lean_weights",
-    "nonfinite_tensor_names",
-    "require_finite",
     "save_lean_weights",
 ]

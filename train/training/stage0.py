@@ -38,8 +38,8 @@ from transformers import set_seed as transformers_set_seed
 from configuration_proclip import TEXT_TOWER_SETTINGS_FILE, TextTowerSettings
 
 from .arguments import ProCLIPTrainingArguments
-from .checkpoints import require_finite
 from .data import load_image_text_dataset
+from .finite import require_finite
 from .skips import SkipCounter
 from .trainer import ProCLIPTrainer
 
@@ -136,11 +136,11 @@ def export_text_tower(model, tokenizer, settings: TextTowerSettings, out_dir: st
     weights, the tokenizer, and `proclip_text_tower.json` (the settings `text_tower_preset` gives back).
 
     The peft wrapper is unloaded in place: `model` holds no LoRA layers afterwards. Weights holding a NaN or an
-    infinity are not written (`checkpoints.NonFiniteWeightsError`).
+    infinity are not written (`finite.NonFiniteWeightsError`).
     """
     out_dir = Path(out_dir)
     merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-    require_finite(merged.state_dict(), f"the text tower to {out_dir}")
+    require_finite(merged.state_dict(), f"Not saving the text tower to {out_dir}")
     merged.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     record = {**settings.record(), "trained_by": "proclip stage 0 (LLM2CLIP caption-contrastive fine-tuning)"}

@@ -16,7 +16,7 @@ Training-loop semantics:
   cached embedding, are not finite first); with `skip_nonfinite_steps` the step is skipped instead (its gradients are
   dropped, so the optimizer changes nothing) and counted. Every rank takes the same decision (one all-reduce per
   step). Under fp16 loss scaling, non-finite gradients are the scaler's to skip. No model or checkpoint with
-  non-finite weights is written (`checkpoints.NonFiniteWeightsError`).
+  non-finite weights is written (`finite.NonFiniteWeightsError`).
 - Samples trained: every optimizer step counts the rows it trained on, over all ranks; a step that trained on none
   (every row of every micro-batch dropped) changes no weight either (no weight decay, no optimizer state), a
   checkpoint is not written before the first trained sample, and a run that trained on none ends with
@@ -62,11 +62,11 @@ from .checkpoints import (
     load_data_random_state,
     load_lean_weights,
     read_frozen_reference,
-    require_finite,
     save_data_random_states,
     save_lean_weights,
 )
 from .collators import CACHE_STATS_KEY, RANDOM_STATE_KEY, SOURCES_KEY
+from .finite import require_finite
 from .skips import SKIPPED_KEY, SkipCounter
 from .optimization import MasterWeightAdamW, RestoreFloat32Weights, prepare_optimizer
 from .stages import STAGES, TrainingStage, batch_size_of
@@ -436,10 +436,10 @@ class ProCLIPTrainer(Trainer):
         weights = state_dict if state_dict is not None else self.accelerator.unwrap_model(self.model).state_dict()
         frozen = self._frozen_parts() if self._writing_checkpoint else []
         if not frozen:
-            require_finite(weights, f"the model to {output_dir}")
+            require_finite(weights, f"Not saving the model to {output_dir}")
             return super()._save(output_dir, state_dict=state_dict)
         kept = kept_tensors(weights, frozen)
-        require_finite(kept, f"the checkpoint {output_dir}")  # on every rank, so that every rank stops alike
+        require_finite(kept, f"Not saving the checkpoint {output_dir}")  # on every rank, so that every rank stops alike
         if self.args.should_save:
             save_lean_weights(output_dir, kept, self._current_frozen_reference(frozen))
 
