@@ -10,11 +10,8 @@ import numpy as np
 import pandas as pd
 import PIL.Image
 import pytest
-from proclip_train.training.data import (
-    REMOTE_IMAGE,
-    decode_image,
-    load_image_text_dataset,
-)
+from proclip_train.training.data import REMOTE_IMAGE, load_image_text_dataset
+from proclip_train.training.images import decode_image
 from test_cli_errors import proclip
 
 # -- item 1: image URLs in a table ----------------------------------------------------------------------------------
@@ -71,11 +68,11 @@ def test_offline_nothing_is_fetched_even_when_allowed(url_table, counting_image_
 
 def test_the_space_gallery_copies_no_image_from_outside_the_data(url_table, counting_image_server, tmp_path):
     """`proclip space` publishes the images of the data a results file scored: only those inside its folder."""
-    from proclip_train.hub.space import write_gallery
+    from proclip_train.hub.space import SpaceOptions, gallery_source, write_gallery
 
     record = {"task": "retrieval", "source": "results.json", "metrics": {"caption": {}},
               "data": {"spec": str(url_table), "split": "train", "image_column": "image", "caption_columns": ["caption"]}}
-    rows = write_gallery(record, tmp_path / "space", size=8, caption_columns=None)
+    rows = write_gallery(gallery_source([record], SpaceOptions()), tmp_path / "space", size=8)
     assert [row["captions"]["caption"] for row in rows] == ["inside"]
     assert sorted(p.name for p in (tmp_path / "space" / "gallery").iterdir()) == ["000.png", "metadata.jsonl"]
     assert counting_image_server[1] == []
