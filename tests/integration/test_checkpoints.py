@@ -260,3 +260,65 @@ def test_kill_and_resume_ends_bit_identical_to_an_uninterrupted_run(
     # The interrupted run's samples count too: 5 steps; an epoch's 3 micro-batches of 4 go to steps `accumulate` at a time.
     per_epoch = [min(accumulate, 3 - first) for first in range(0, 3, accumulate)]
     assert resumed.report["samples_trained"] == 4 * sum((per_epoch * 5)[:5])
+
+
+KILL_DURING_CHECKPOINT = """
+import os, signal, sys
+from proclip_train.cli import main
+from proclip_train.training.trainer import ProCLIPTrainer
+
+write_rng_state = ProCLIPTrainer._save_rng_state
+
+
+def killed_at_step(self, output_dir):  # mid-checkpoint: weights and optimizer written, RNG and trainer state not yet
+    if self.state.global_step == int(os.environ["KILL_AT_STEP"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    write_rng_state(self, output_dir)
+
+
+ProCLIPTrainer._save_rng_state = killed_at_step
+main(sys.argv[1:])
+"""
+
+
+def test_a_kill_while_a_checkpoint_is_written_leaves_the_previous_one_to_resume_from(tmp_path, tiny_proclip_dir):
+    """`kill -9` while checkpoint-6 is being written: no `checkpoint-6` appears (it is written under a hidden name and
+    renamed when complete), and `--resume_from_checkpoint` resumes from checkpoint-3, saying so, to the end."""
+    (tmp_path / "captions.jsonl").write_text("\n".join(json.dumps({"caption": c}) for c in captions_split()[0][:32]))
+    out = tmp_path / "out"
+    command = ["train", "--stage", "1", "--model", str(tiny_proclip_dir), "--data", str(tmp_path / "captions.jsonl"),
+               "--out", str(out), "--per_device_train_batch_size", "4", "--save_steps", "3", "--max_steps", "8",
+               *COMMON]  # fmt: skip
+    killed = subprocess.run([sys.executable, "-c", KILL_DURING_CHECKPOINT, *command], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "KILL_AT_STEP": "6", "OMP_NUM_THREADS": "1"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
+    resumed = subprocess.run([sys.executable, "-m", "proclip_train.cli", *command, "--resume_from_checkpoint"],
+                             capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"Resuming from {out / 'checkpoint-3'}" in resumed.stderr
+    report = json.loads((out / "training_report.json").read_text())
+    assert report["global_step"] == 8 and report["samples_trained"] == 8 * 4
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6", "checkpoint-8"]
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # the killed run's partial write is gone
+
+
+def test_resume_skips_an_incomplete_checkpoint_and_names_it(tmp_path, tiny_proclip_dir, capsys):
+    """A `checkpoint-N` without trainer_state.json (written by a Trainer that was killed mid-write, or damaged): the
+    flag alone resumes from the newest complete one and says why it passed the other; named directly, it is refused."""
+    (tmp_path / "captions.jsonl").write_text("\n".join(json.dumps({"caption": c}) for c in captions_split()[0][:32]))
+    out = tmp_path / "out"
+    command = ["train", "--stage", "1", "--model", str(tiny_proclip_dir), "--data", str(tmp_path / "captions.jsonl"),
+               "--out", str(out), "--per_device_train_batch_size", "4", "--save_steps", "1", *COMMON]  # fmt: skip
+    main([*command, "--max_steps", "2"])
+    (out / "checkpoint-2" / "trainer_state.json").unlink()
+    capsys.readouterr()
+    main([*command, "--max_steps", "3", "--resume_from_checkpoint", "--save_strategy", "no"])
+    err = capsys.readouterr().err
+    assert f"Resuming from {out / 'checkpoint-1'}" in err
+    assert "checkpoint-2 is incomplete (no trainer_state.json" in err
+    assert json.loads((out / "training_report.json").read_text())["global_step"] == 3
+    with pytest.raises(SystemExit) as exit:
+        main([*command, "--max_steps", "3", "--resume_from_checkpoint", str(out / "checkpoint-2")])
+    assert exit.value.code == 2
+    assert "checkpoint-2 is incomplete (no trainer_state.json" in capsys.readouterr().err

@@ -26,7 +26,6 @@ import typing
 from pathlib import Path
 
 from transformers import HfArgumentParser, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_proclip import ProCLIPModel, ProCLIPProcessor
 
@@ -38,7 +37,11 @@ from ..training.cache import (
     default_cache_dir,
     shard_paths,
 )
-from ..training.checkpoints import CheckpointMismatchError
+from ..training.checkpoints import (
+    CheckpointMismatchError,
+    incomplete_reason,
+    latest_complete_checkpoint,
+)
 from ..training.finite import NonFiniteWeightsError
 from ..training.data import load_image_text_dataset
 from ..training.packaged_towers import resolve_text_tower
@@ -114,8 +117,8 @@ def parse_train_args(argv: list[str]) -> ProCLIPTrainingArguments:
 
 
 def checkpoint_to_resume(args: ProCLIPTrainingArguments) -> str | None:
-    """The folder `--resume_from_checkpoint` names: a path as given, or for `True` (the flag without a value) the
-    latest `checkpoint-*` folder in `--output_dir`, as transformers' example scripts resolve it."""
+    """The folder `--resume_from_checkpoint` names: a path as given (refused when incomplete), or for `True` (the flag
+    without a value) the newest complete `checkpoint-*` folder in `--output_dir`, saying which and what it passed."""
     value = args.resume_from_checkpoint
     if value is None or str(value).lower() == "false":
         return None
@@ -123,11 +126,16 @@ def checkpoint_to_resume(args: ProCLIPTrainingArguments) -> str | None:
         if not os.path.isdir(value):
             raise UsageError(f"--resume_from_checkpoint {value}: no such folder.",
                              "Name a checkpoint-* folder of an earlier run.")
+        if (reason := incomplete_reason(value)) is not None:
+            raise UsageError(f"--resume_from_checkpoint {value}: {reason}.",
+                             "Name an earlier checkpoint, or give the flag alone to take the newest complete one.")
         return str(value)
-    latest = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+    latest, passed = latest_complete_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else (None, [])
     if latest is None:
-        raise UsageError(f"--resume_from_checkpoint: no checkpoint-* folder in {args.output_dir} to resume from.",
+        found = f"no complete checkpoint-* folder ({'; '.join(passed)})" if passed else "no checkpoint-* folder"
+        raise UsageError(f"--resume_from_checkpoint: {found} in {args.output_dir} to resume from.",
                          "Start without the flag, or name a checkpoint folder.")
+    print(f"Resuming from {latest}" + (f" ({'; '.join(passed)})." if passed else "."), file=sys.stderr)
     return latest
 
 

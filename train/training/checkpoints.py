@@ -11,6 +11,10 @@
    Trainer already saves as adapter weights only) is checkpointed as transformers does.
 2. The data path's random state (`DataRandomness`): the state of the collators' generators that the next batches
    start from, so a resumed run draws the same crops and captions as an uninterrupted one.
+3. Whole checkpoints only. A checkpoint is written under a hidden name (`.checkpoint-N.partial/checkpoint-N`) and
+   renamed to `checkpoint-N` once every rank has written its part, so a run killed mid-write leaves no
+   `checkpoint-N` that looks resumable; resuming takes the newest checkpoint that holds its `trainer_state.json`
+   (written last by transformers), and says which one it passed and why.
 """
 
 from __future__ import annotations
@@ -18,11 +22,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import shutil
 from collections.abc import Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers.trainer import TRAINER_STATE_NAME  # the last file transformers writes into a checkpoint
 
 from .cache import weights_sha256
 from .collators import CollatorRandomState
@@ -32,6 +39,8 @@ logger = logging.getLogger(__name__)
 TRAINED_WEIGHTS_FILE = "trained_weights.safetensors"
 FROZEN_REFERENCE_FILE = "frozen_reference.json"
 DATA_RANDOM_STATE_FILE = "data_random_state.safetensors"
+PARTIAL_SUFFIX = ".partial"
+CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
 class CheckpointMismatchError(ValueError):
@@ -247,3 +256,61 @@ __all__ = [
     "load_lean_weights",
     "save_lean_weights",
 ]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Whole checkpoints only
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def partial_checkpoint_root(run_dir: str | os.PathLike, step: int) -> str:
+    """The hidden folder a checkpoint of `step` is written in (as `<root>/checkpoint-<step>`) before it is published."""
+    return os.path.join(run_dir, f".checkpoint-{step}{PARTIAL_SUFFIX}")
+
+
+def remove_partial_checkpoints(run_dir: str | os.PathLike) -> None:
+    """Delete the hidden, unfinished checkpoint writes of earlier (killed) runs in `run_dir`."""
+    if os.path.isdir(run_dir):
+        for name in os.listdir(run_dir):
+            if name.startswith(".checkpoint-") and name.endswith(PARTIAL_SUFFIX):
+                shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
+
+
+def publish_checkpoint(partial_root: str, run_dir: str | os.PathLike, step: int) -> str:
+    """Move the finished `<partial_root>/checkpoint-<step>` to `<run_dir>/checkpoint-<step>` (one rename; a checkpoint
+    of the same step from an earlier run is replaced) and remove `partial_root`. Returns the published folder."""
+    written = os.path.join(partial_root, f"checkpoint-{step}")
+    published = os.path.join(run_dir, f"checkpoint-{step}")
+    if os.path.isdir(published):
+        shutil.rmtree(published)
+    os.replace(written, published)
+    shutil.rmtree(partial_root, ignore_errors=True)
+    return published
+
+
+def incomplete_reason(folder: str | os.PathLike) -> str | None:
+    """Why `folder` cannot be resumed from (None when it can): a checkpoint is whole once it holds trainer_state.json."""
+    if os.path.isfile(os.path.join(folder, TRAINER_STATE_NAME)):
+        return None
+    return (f"{os.path.basename(os.path.normpath(folder))} is incomplete (no {TRAINER_STATE_NAME}: its run was stopped "
+            "while writing it, or the file was removed)")
+
+
+def latest_complete_checkpoint(run_dir: str | os.PathLike) -> tuple[str | None, list[str]]:
+    """The newest `checkpoint-N` folder of `run_dir` that can be resumed from, and the reasons the newer ones cannot.
+
+    Returns:
+        `(path or None, [reason, ...])`, the reasons newest first.
+    """
+    steps = sorted(
+        (int(match.group(1)), name) for name in os.listdir(run_dir)
+        if (match := CHECKPOINT_NAME.match(name)) and os.path.isdir(os.path.join(run_dir, name))
+    )
+    passed = []
+    for _, name in reversed(steps):
+        folder = os.path.join(run_dir, name)
+        reason = incomplete_reason(folder)
+        if reason is None:
+            return folder, passed
+        passed.append(reason)
+    return None, passed

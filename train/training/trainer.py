@@ -48,6 +48,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import rotate_checkpoints
 from transformers.utils import logging
 
 from .arguments import ProCLIPTrainingArguments
@@ -61,7 +62,10 @@ from .checkpoints import (
     kept_tensors,
     load_data_random_state,
     load_lean_weights,
+    partial_checkpoint_root,
+    publish_checkpoint,
     read_frozen_reference,
+    remove_partial_checkpoints,
     save_data_random_states,
     save_lean_weights,
 )
@@ -244,6 +248,7 @@ class ProCLIPTrainer(Trainer):
         self._step_nonfinite: list[dict] = []
         self._frozen_reference: dict | None = None
         self._writing_checkpoint = False
+        self._partial_root: str | None = None  # where a checkpoint being written goes until it is whole
         self._component_sums: dict[str, torch.Tensor] = {}
         self._component_batches = 0
         self.last_components: dict[str, float] = {}
@@ -450,11 +455,29 @@ class ProCLIPTrainer(Trainer):
                 self.state.global_step, self.skip_counter.summary(),
             )
             return
-        self._writing_checkpoint = True
+        # Written under a hidden name and published by one rename once every rank has written its part: a run killed
+        # mid-write leaves no checkpoint-N that looks resumable (`_get_output_dir` points transformers' writer there).
+        run_dir, step = self._get_output_dir(trial=trial), self.state.global_step
+        if self.args.should_save:
+            remove_partial_checkpoints(run_dir)  # earlier runs' unfinished writes
+        self.accelerator.wait_for_everyone()
+        self._writing_checkpoint, self._partial_root = True, partial_checkpoint_root(run_dir, step)
         try:
             super()._save_checkpoint(model, trial)
         finally:
-            self._writing_checkpoint = False
+            self._writing_checkpoint, partial_root, self._partial_root = False, self._partial_root, None
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            publish_checkpoint(partial_root, run_dir, step)
+            best = self.state.best_model_checkpoint
+            if best is not None and best.startswith(partial_root):
+                self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
+
+    def _get_output_dir(self, trial) -> str:
+        return self._partial_root if self._partial_root is not None else super()._get_output_dir(trial)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         if not is_lean_checkpoint(resume_from_checkpoint):
