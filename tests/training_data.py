@@ -102,8 +102,9 @@ def image_folder(folder, n: int):
 
 def poison_cached_row(cache_dir, caption: str) -> None:
     """Write NaN over the cached LLM embedding of `caption`, in place in its shard, after the cache has checked and
-    stamped the file and keeping its modification time: damage the cache's once-per-file check cannot see (bit rot,
-    another tool), so the NaN reaches the trainer as a cache hit and the trainer's own guard must catch it."""
+    stamped the file, and stamp the damaged file as verified: damage the cache's once-per-file check cannot see (a
+    row spoiled between the check and its use), so the NaN reaches the trainer as a cache hit and the trainer's own
+    guard must catch it."""
     EmbeddingCache(cache_dir)  # the first open checks every shard whole and stamps it
     for path in shard_paths(cache_dir):
         stat = os.stat(path)
@@ -119,5 +120,7 @@ def poison_cached_row(cache_dir, caption: str) -> None:
                 f.seek(data_start + info["data_offsets"][0] + int(rows[0]) * width * 4)
                 f.write(np.full(width, np.nan, np.float32).tobytes())
             os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+            stamp = path.with_name(f".{path.name}.verified")
+            stamp.write_text(json.dumps({**json.loads(stamp.read_text()), "ctime_ns": os.stat(path).st_ctime_ns}))
             return
     raise AssertionError(f"{caption!r} is not in the cache")

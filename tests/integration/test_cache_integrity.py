@@ -239,6 +239,52 @@ def test_a_shard_is_read_whole_once_then_again_only_when_the_file_changes(tmp_pa
     assert full_reads == [path, path]
 
 
+def test_an_in_place_finite_change_with_its_mtime_put_back_is_caught_at_the_next_open(tmp_path, good_shard):
+    """Issue 25.6: one float changed in place by a finite amount, size, inode and mtime restored (what fooled the stamp
+    keyed on them): the ctime moved, so the shard is read whole again and refused for its checksum."""
+    path = tmp_path / good_shard.name
+    shutil.copyfile(good_shard, path)
+    EmbeddingCache(tmp_path)  # verified and stamped
+    header, data_start = read_safetensors_header(path)
+    stat = path.stat()
+    with open(path, "r+b") as f:
+        offset = data_start + header["llm"]["data_offsets"][0]
+        f.seek(offset)
+        value = struct.unpack("<f", f.read(4))[0]
+        f.seek(offset)
+        f.write(struct.pack("<f", value + 0.5))  # finite: no NaN scan would see it
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_ino, path.stat().st_mtime_ns) == (stat.st_size, stat.st_ino,
+                                                                                  stat.st_mtime_ns)
+    with pytest.raises(CorruptShardError, match="does not match its sha256"):
+        EmbeddingCache(tmp_path)
+
+
+def test_the_next_writer_removes_what_killed_writers_left(tmp_path, tiny_proclip_dir):
+    """Issue 25.8: a `proclip embed` killed mid-write leaves its hidden, pre-allocated temporary shard; the next
+    `proclip embed` in the folder removes it (its process is gone) and keeps a live writer's."""
+    data = tmp_path / "captions.jsonl"
+    datasets.Dataset.from_dict({"caption": CAPTIONS}).to_json(data)
+    cache = tmp_path / "cache"
+    killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        host = shards._HOST
+        cache.mkdir()
+        dead_tmp = cache / f".shard-x.safetensors.{host}.{killed.pid}.0123abcd.tmp"
+        live_tmp = cache / f".shard-y.safetensors.{host}.{live.pid}.4567cdef.tmp"
+        other_host = cache / f".shard-z.safetensors.elsewhere.{killed.pid}.89abcdef.tmp"
+        for tmp in (dead_tmp, live_tmp, other_host):
+            tmp.write_bytes(b"\0" * 4096)
+        killed.kill()
+        killed.wait()
+        main(["embed", "--model", str(tiny_proclip_dir), "--data", str(data), "--cache-dir", str(cache), "--no-teacher"])
+        assert leftovers(cache) == sorted([live_tmp.name, other_host.name])
+    finally:
+        live.kill()
+        live.wait()
+
+
 # -- item 2: writers ---------------------------------------------------------------------------------------------------
 
 # Runs `proclip embed` in this process after holding every writer, once it has written its first rows, until all

@@ -50,6 +50,7 @@ from .shards import (
     StaleCacheError,
     open_shard,
     read_safetensors_header,
+    remove_stale_temporaries,
 )
 
 DEFAULT_CACHE_FOLDER = "proclip_embedding_cache"
@@ -359,6 +360,8 @@ def build_embedding_cache(
     unique: dict[bytes, str] = {}
     for caption in captions:
         unique.setdefault(caption_key(caption), caption)
+    if cache_dir.is_dir():
+        remove_stale_temporaries(cache_dir)
     if shard_paths(cache_dir):
         existing = EmbeddingCache(cache_dir)
         existing.validate(llm_identity, t_identity)

@@ -22,8 +22,11 @@ what they hold). What this module guarantees, and how:
   (per inode, size and mtime): the sha256 of its data section is compared with `data_sha256` and every float is
   checked finite; a stamp `.<shard>.verified` then records that this very file was verified, so later opens skip
   the full read (3.4 s per GiB on this project's loaded 2-core machine, 7.6x a plain read: README, Guarantees).
-  Shards are never modified after publication, so a changed file has a new mtime or inode and is verified again; a
+  Shards are never modified after publication, so a changed file has a new inode, size, mtime or ctime and is
+  verified again; the ctime catches in-place writes whose mtime was put back, since no process can set a ctime. A
   folder that cannot be written to is verified at every open.
+- **Killed writers leave nothing for long.** Temporary names carry the host and pid; the next writer in the folder
+  removes those of this host whose process is gone (`remove_stale_temporaries`).
 - **A failed write leaves nothing behind.** The temporary file is removed on any error, even when closing it fails
   too (a full disk can fail the close of a file with unwritten data).
 """
@@ -36,7 +39,9 @@ import itertools
 import json
 import logging
 import os
+import re
 import secrets
+import socket
 import struct
 from pathlib import Path
 
@@ -57,6 +62,8 @@ DATA_SHA256 = "data_sha256"
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
 _READ_CHUNK = 16 * 2**20
 _PLACEHOLDER_SHA256 = "0" * 64
+_HOST = socket.gethostname().replace(".", "-") or "host"
+_TEMPORARY_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<host>[^.]+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
 
 _SAFETENSORS_DTYPES = {
     torch.float32: ("F32", np.float32),
@@ -214,15 +221,44 @@ class ShardWriter:
 
 
 def exclusive_temporary_file(path: Path) -> tuple[int, Path]:
-    """`(read-write descriptor, path)` of a new file beside `path`, named `.<name>.<pid>.<random>.tmp` and created
-    with O_EXCL (no other process can have opened it), with the permissions a plain `open()` gives (umask applies,
-    unlike `tempfile.mkstemp`'s 0600: other users and ranks may read the cache)."""
+    """`(read-write descriptor, path)` of a new file beside `path`, named `.<name>.<host>.<pid>.<random>.tmp` and
+    created with O_EXCL (no other process can have opened it), with the permissions a plain `open()` gives (umask
+    applies, unlike `tempfile.mkstemp`'s 0600: other users and ranks may read the cache)."""
     while True:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        tmp = path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         try:
             return os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), tmp
         except FileExistsError:
             continue
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that writers on this host left in `folder` when they were killed (their process is
+    gone); a live writer's file, and another host's (a shared filesystem: its pids mean nothing here), are kept.
+
+    Returns:
+        The files removed.
+    """
+    removed = []
+    for tmp in Path(folder).glob(".*.tmp"):
+        match = _TEMPORARY_NAME.match(tmp.name)
+        if match is None or match["host"] != _HOST or _process_exists(int(match["pid"])):
+            continue
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    if removed:
+        logger.warning("Removed %d temporary file(s) that killed writers left in %s", len(removed), folder)
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def data_sha256(fd: int, data_start: int, data_size: int) -> str:
@@ -417,12 +453,15 @@ def _stamp_path(path: Path) -> Path:
 
 
 def _file_identity(path: Path) -> dict:
+    """What changes whenever the file's bytes do. The change time (ctime) is in it because no process can set it:
+    writing in place and putting the mtime back with `os.utime` still moves the ctime to now."""
     stat = path.stat()
-    return {"device": stat.st_dev, "inode": stat.st_ino, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return {"device": stat.st_dev, "inode": stat.st_ino, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+            "ctime_ns": stat.st_ctime_ns}
 
 
 def _has_valid_stamp(shard: Shard) -> bool:
-    """Whether this very file (device, inode, size, mtime) was verified before with this checksum."""
+    """Whether this very file (device, inode, size, mtime, ctime) was verified before with this checksum."""
     try:
         stamp = json.loads(_stamp_path(shard.path).read_text())
     except (OSError, ValueError):
@@ -457,4 +496,5 @@ __all__ = [
     "open_shard",
     "publish_file",
     "read_safetensors_header",
+    "remove_stale_temporaries",
 ]
