@@ -22,6 +22,7 @@ from .modeling_proclip import (
     pool_hidden_states,
     text_tower_kwargs,
     truncate_text_inputs,
+    without_unused_heads,
 )
 from .embedding_proclip import (
     Embedded,
@@ -75,4 +76,5 @@ __all__ = [
     "text_tower_kwargs",
     "truncate_text_inputs",
     "bidirectional_attention_mask",
+    "without_unused_heads",
 ]

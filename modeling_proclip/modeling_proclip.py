@@ -710,4 +710,5 @@ __all__ = [
     "pool_hidden_states",
     "truncate_text_inputs",
     "bidirectional_attention_mask",
+    "without_unused_heads",
 ]

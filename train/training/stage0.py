@@ -36,6 +36,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 from transformers import set_seed as transformers_set_seed
 
 from configuration_proclip import TEXT_TOWER_SETTINGS_FILE, TextTowerSettings
+from modeling_proclip import without_unused_heads
 
 from .arguments import ProCLIPTrainingArguments
 from .data import load_image_text_dataset
@@ -81,7 +82,7 @@ def train_stage0(args: ProCLIPTrainingArguments) -> Path:
         base, report["mntp"] = _masked_next_token_phase(args, dataset)
         report["mntp"]["seconds"] = time.perf_counter() - phase_start
     else:
-        base = AutoModel.from_pretrained(args.text)
+        base = without_unused_heads(AutoModel.from_pretrained(args.text))  # no LoRA on a pooler that gets no gradient
 
     phase_start = time.perf_counter()
     trainer = ProCLIPTrainer(
