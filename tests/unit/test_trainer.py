@@ -14,6 +14,7 @@ What is checked:
 
 import json
 import math
+import warnings
 
 import datasets
 import pytest
@@ -258,3 +259,14 @@ def test_proclip_train_command_writes_a_hub_ready_folder(tmp_path, tiny_proclip_
     assert torch.equal(trained.vision_model.post_layernorm.weight, start.vision_model.post_layernorm.weight)
 
 
+
+
+def test_no_pinned_memory_without_an_accelerator(tmp_path):
+    """Pinned memory only helps copies to an accelerator: on a CPU run the Trainer's DataLoader must not ask for it
+    (torch warns "'pin_memory' argument is set as true but no accelerator is found" at every stage-2 run)."""
+    args = ProCLIPTrainingArguments(output_dir=str(tmp_path), stage=2)  # no --use_cpu: as `proclip train` runs
+    assert args.dataloader_pin_memory is torch.accelerator.is_available()
+    assert ProCLIPTrainingArguments(output_dir=str(tmp_path), stage=2, use_cpu=True).dataloader_pin_memory is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        list(torch.utils.data.DataLoader([1, 2], pin_memory=args.dataloader_pin_memory))

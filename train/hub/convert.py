@@ -21,7 +21,7 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoTokenizer,
-    CLIPImageProcessor,
+    CLIPImageProcessorPil,
     CLIPVisionConfig,
 )
 from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
@@ -381,7 +381,7 @@ def convert_checkpoint(
     model.eval()
 
     size = layout.image_size
-    image_processor = CLIPImageProcessor(
+    image_processor = CLIPImageProcessorPil(  # what CLIPImageProcessor is without torchvision; saved as that
         size={"shortest_edge": size},
         crop_size={"height": size, "width": size},
         image_mean=OPENAI_CLIP_MEAN,

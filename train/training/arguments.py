@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from transformers import TrainingArguments
 
 from configuration_proclip import POOLING_MODES
@@ -175,6 +176,8 @@ class ProCLIPTrainingArguments(TrainingArguments):
         problems = self.stage_option_problems()
         if problems:
             raise ValueError("Invalid ProCLIP training options: " + "; ".join(problems))
+        if self.use_cpu or not torch.accelerator.is_available():
+            self.dataloader_pin_memory = False  # it only speeds up copies to an accelerator (torch warns without one)
         super().__post_init__()
 
     def stage_option_problems(self) -> list[str]:
