@@ -87,7 +87,7 @@ class Limits:
     max_images: int = 16
     max_text_chars: int = 10_000
     max_request_chars: int = 20_000
-    max_request_tokens: int = 8_192
+    max_request_tokens: int = 4_096
     max_image_bytes: int = 10 * 2**20
     max_image_side: int = 10_000
     max_aspect_ratio: float = 20.0
