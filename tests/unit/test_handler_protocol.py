@@ -11,7 +11,12 @@ import time
 import pytest
 import torch
 from PIL import Image
-from proclip_train.hub.endpoint_worker import EndpointRequest, answer, query_parameters, read_request
+from proclip_train.hub.endpoint_worker import (
+    EndpointRequest,
+    answer,
+    query_parameters,
+    read_request,
+)
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=ServerConfig.port)
     parser.add_argument("--max-body-mb", type=float, default=ServerConfig.max_body_bytes / 2**20)
     parser.add_argument("--max-pending", type=int, default=ServerConfig.max_pending)
-    parser.add_argument("--timeout", type=float, default=ServerConfig.timeout, help="seconds the handler may spend on one request before it is answered 504 and restarted")
+    parser.add_argument("--timeout", type=float, default=ServerConfig.timeout,
+                        help="seconds the handler may spend on one request; then it is answered 504 and restarted")
     parser.set_defaults(func=run_serve)
     return parser

@@ -48,7 +48,12 @@ from pathlib import Path
 
 from PIL import Image
 
-from .endpoint_worker import HANDLER_FILE, EndpointAnswer, EndpointRequest, EndpointWorker
+from .endpoint_worker import (
+    HANDLER_FILE,
+    EndpointAnswer,
+    EndpointRequest,
+    EndpointWorker,
+)
 
 logger = logging.getLogger(__name__)
 
