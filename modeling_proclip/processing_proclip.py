@@ -10,7 +10,10 @@ ids (prompt wrapping, instruction, EOS, padding side, the length limit) is writt
 `configure_text_tokenizer`, never left to caller code.
 """
 
-from typing import Unpack
+try:
+    from typing import Unpack
+except ImportError:  # Python 3.10, where transformers 4.x still runs
+    from typing_extensions import Unpack
 
 import torch
 from tokenizers import processors

@@ -26,7 +26,8 @@ DEMO_GATE = "proclip_train.cli.demo"  # the one module outside the demo that imp
 MODEL_PACKAGES = ("modeling_proclip", "configuration_proclip")
 # What the Hub remote code may import beside the standard library and each other (tokenizers: transformers' own
 # dependency, present wherever transformers is).
-MODEL_FILE_DEPENDENCIES = {"torch", "transformers", "tokenizers", "PIL", "numpy"}
+# typing_extensions comes with transformers (through huggingface_hub): typing.Unpack on Python 3.10.
+MODEL_FILE_DEPENDENCIES = {"torch", "transformers", "tokenizers", "PIL", "numpy", "typing_extensions"}
 # Genuinely optional: stage 0 (peft), card plots (matplotlib), the GGUF demo LLMs (gguf), the ONNX export (onnx,
 # onnxruntime, onnxscript), the handler's local server (starlette, uvicorn), sentence-transformers.
 OPTIONAL_DEPENDENCIES = {
