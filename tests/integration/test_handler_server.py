@@ -11,7 +11,10 @@ import http.server
 import importlib.util
 import io
 import json
+import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -401,3 +404,14 @@ def test_a_timed_out_request_frees_the_worker(checkpoint):
     status, answer, seconds = answers["queued"]  # waited for the timeout and a restart, not for the slow request
     assert status == 200 and answer[0] == pytest.approx(expected[0], abs=1e-6)
     print(f"timed out after {answers['slow'][2]:.1f} s; the queued request answered after {seconds:.1f} s")
+
+
+def test_a_limit_variable_that_is_not_a_number_stops_proclip_serve_in_two_lines(checkpoint):
+    command = [sys.executable, "-m", "proclip_train.cli", "serve", "--model", str(checkpoint), "--port",
+               str(free_port())]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PROCLIP_MAX_LABELS": "many", "OMP_NUM_THREADS": "1"})
+    errors = [line for line in result.stderr.splitlines() if line.startswith("proclip serve: error:")]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert errors == [f"proclip serve: error: {checkpoint.resolve() / 'handler.py'} failed to load: ValueError: "
+                      "PROCLIP_MAX_LABELS='many' is not a number; unset it or give e.g. 100"]

@@ -125,7 +125,7 @@ def test_bodies_are_read_as_the_container_reads_them():
     body = json.dumps({"inputs": "x", "parameters": {"candidate_labels": ["a"]}}).encode()
     assert read_request(EndpointRequest(body, "Application/JSON; charset=utf-8", labels))["parameters"] == \
         {"candidate_labels": ["a"]}  # the body's parameters win over the query string
-    assert query_parameters((("a", "1"), ("a", "2"))) == {"a": 2}
+    assert query_parameters((("a", "1"), ("a", "2"), ("b", "²"))) == {"a": 2, "b": "²"}
     refusals = [
         (EndpointRequest(b"{}", "text/csv"), "Content-Type text/csv is not supported"),
         (EndpointRequest(b"{}", None), "no Content-Type"),

@@ -74,7 +74,8 @@ def query_parameters(pairs: tuple[tuple[str, str], ...]) -> dict:
     """The query string as the toolkit passes it: the last value of each name, digits as int, true/false as bool."""
     parameters = {}
     for name, value in pairs:
-        parameters[name] = int(value) if value.isdigit() else {"true": True, "false": False}.get(value, value)
+        number = value.isascii() and value.isdigit()  # not "²": str.isdigit takes it, int() does not
+        parameters[name] = int(value) if number else {"true": True, "false": False}.get(value, value)
     return parameters
 
 
