@@ -2,8 +2,14 @@
 data folder is neither read nor fetched, poisoned (non-finite) weights are never scored or published, and a mistake
 ends in a sentence (exit 2), not a traceback."""
 
+import json
 import logging
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import datasets
 import numpy as np
@@ -128,3 +134,29 @@ def test_an_export_that_fails_its_check_leaves_the_folder_as_it_was(tiny_proclip
     assert sorted(path.name for path in folder.iterdir()) == sorted([*(p.name for p in tiny_proclip_dir.iterdir()), "onnx"])
     assert [path.name for path in (folder / "onnx").iterdir()] == ["vision_model.onnx"]
     assert (folder / "onnx" / "vision_model.onnx").read_bytes() == b"the previous export"
+
+
+# -- item 7: a sentence, not a traceback ------------------------------------------------------------------------------
+
+
+def test_ctrl_c_during_training_is_one_line_exit_130_and_removes_the_empty_out(tiny_proclip_dir, tmp_path):
+    """Old code: a 17-frame KeyboardInterrupt traceback, and an empty --out left behind."""
+    (tmp_path / "captions.jsonl").write_text("".join(json.dumps({"caption": f"a red square {i}"}) + "\n"
+                                                     for i in range(64)))
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "proclip_train.cli", "train", "--stage", "1", "--model", str(tiny_proclip_dir),
+               "--data", str(tmp_path / "captions.jsonl"), "--out", str(out), "--max_steps", "100000",
+               "--per_device_train_batch_size", "4", "--save_steps", "100000", "--no-progress"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 240
+    while not out.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(3)  # into the training loop
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == (f"proclip train: interrupted (Ctrl-C); removed {out}, which this run had "
+                                               "created and which held nothing yet.")
+    assert not out.exists()

@@ -14,10 +14,10 @@ from proclip_train.cli import main
 from proclip_train.training.finite import (
     NonFiniteError,
     NonFiniteWeightsError,
-    SavedWeights,
     require_finite_embeddings,
     require_finite_folder,
 )
+from proclip_train.training.saved_weights import SavedWeights
 from proclip_train.training.staged_folder import staged_folder
 from safetensors.torch import load_file, save_file
 

@@ -121,6 +121,8 @@ def require_proclip(value: str | None, flag: str = "--model") -> None:
     """`value` must be a ProCLIP folder (or Hub repo): `model_type` `proclip` in its config."""
     config = None if value is None else model_config(value, flag)
     kind = None if config is None else config.get("model_type")
+    if kind == "proclip":
+        require_saved_weights(Path(value).expanduser(), flag)
     if config is None or kind == "proclip":
         return
     if kind in CLIP_MODEL_TYPES:
@@ -128,6 +130,21 @@ def require_proclip(value: str | None, flag: str = "--model") -> None:
                          f"Build one from it first: proclip init --vision {value} --text minilm --out proclip-init")
     raise UsageError(f"{flag} {value} is a {kind!r} model, not a ProCLIP folder (model_type 'proclip').",
                      "Give a folder written by `proclip init`, `proclip train` or `proclip convert`.")
+
+
+def require_saved_weights(folder: Path, flag: str) -> None:
+    """A local model folder must hold its weights as safetensors (one file, or shards with their index); pickled
+    weights (`pytorch_model.bin`, `.pt`) are never loaded: unpickling can run any code."""
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(path.name for pattern in ("*.bin", "*.pt", "*.pth", "*.ckpt") for path in folder.glob(pattern))
+    if pickled:
+        raise UsageError(f"{flag} {folder} holds its weights as {pickled[0]}, a pickle, which ProCLIP never loads "
+                         "(unpickling a file can run any code in it); it reads model.safetensors only.",
+                         "Where you trust the file, load the model and save it again with save_pretrained (which "
+                         "writes safetensors).")
+    raise UsageError(f"{flag} {folder} has no model.safetensors: the weights are missing beside its config.json.",
+                     "Copy the folder whole, or save the model into it again (save_pretrained).")
 
 
 def require_clip(value: str | None, flag: str) -> None:

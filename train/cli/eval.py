@@ -37,6 +37,7 @@ from ..evaluation.templates import OPENAI_IMAGENET_TEMPLATES, load_templates
 from ..evaluation.text_towers import load_text_tower
 from ..training.data import DataSpec
 from ..training.finite import NonFiniteError, require_finite_folder
+from ..training.saved_weights import WeightsConfigMismatch, require_weights_fit_config
 from ..training.registry import DEFAULT_CAPTION_COLUMN, DEFAULT_IMAGE_COLUMN, DEFAULT_LABEL_COLUMN
 from .errors import UsageError
 from .flags import add_caption_column_argument, add_image_source_arguments
@@ -68,7 +69,7 @@ def run_eval(args: argparse.Namespace) -> dict:
 
     try:
         return _write_results(args, _evaluate(args, dataset, caption_columns, device), split, num_rows, device)
-    except (EvaluationDataError, NonFiniteError) as error:  # data with nothing to score, or a poisoned model
+    except (EvaluationDataError, NonFiniteError, WeightsConfigMismatch) as error:  # nothing to score, a broken model
         raise UsageError(str(error)) from error
 
 
@@ -76,6 +77,8 @@ def _evaluate(args: argparse.Namespace, dataset, caption_columns: list[str], dev
     """The task's outcome (`evaluate_*`), after refusing a model folder whose weights are not finite."""
     if os.path.isdir(args.model):
         require_finite_folder(args.model)
+        if args.task != "caption-retrieval":
+            require_weights_fit_config(args.model)
     common = dict(batch_size=args.batch_size, chunk_size=args.chunk_size, bf16=args.bf16)
     if args.task == "caption-retrieval":  # text only, any text tower
         tower = load_text_tower(args.model, device=device)

@@ -15,6 +15,7 @@ from ..hub.export import (
     export_onnx,
 )
 from ..training.finite import NonFiniteError
+from ..training.saved_weights import WeightsConfigMismatch
 from .errors import UsageError
 
 
@@ -22,7 +23,7 @@ def run_export(args: argparse.Namespace) -> OnnxExportReport:
     options = OnnxExportOptions(opset=args.opset, quantize=args.quantize, atol=args.atol)
     try:
         report = export_onnx(args.model, options)
-    except (ExportError, NonFiniteError) as error:
+    except (ExportError, NonFiniteError, WeightsConfigMismatch) as error:
         raise UsageError(str(error)) from error
     except ParityError as error:
         print(f"proclip export: {error}\nNothing was written: {args.model}/onnx is as it was.", file=sys.stderr)

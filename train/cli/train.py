@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shutil
 import sys
 import typing
 from pathlib import Path
@@ -214,6 +215,7 @@ def run_train(args: ProCLIPTrainingArguments) -> ProCLIPTrainer:
 def train_command(argv: list[str]) -> None:
     args = parse_train_args(argv)
     args = dataclasses.replace(args, resume_from_checkpoint=checkpoint_to_resume(args))
+    out_existed = args.output_dir is not None and os.path.exists(args.output_dir)
     try:
         if args.stage == "caption-contrastive":
             args.text = resolve_text_tower(args.text)  # `smollm2` / `minilm` name the packaged real models
@@ -225,6 +227,24 @@ def train_command(argv: list[str]) -> None:
     except (NonFiniteLossError, NonFiniteWeightsError, NoSamplesTrainedError) as error:  # a failed run, explained
         print(f"proclip train: error: {error}", file=sys.stderr)
         raise SystemExit(1) from error
+    except KeyboardInterrupt:
+        print(f"proclip train: interrupted (Ctrl-C); {_after_interrupt(Path(args.output_dir or '.'), out_existed)}",
+              file=sys.stderr)
+        raise SystemExit(130) from None  # 128 + SIGINT, as a shell reports a process Ctrl-C stopped
+
+
+def _after_interrupt(out: Path, existed: bool) -> str:
+    """Clean up after Ctrl-C and say what is left: an --out this run created that holds no file is removed (so that
+    running the command again starts afresh, as it would); saved checkpoints stay, with how to resume from them."""
+    if not out.is_dir():
+        return "nothing was saved."
+    if not existed and not any(path.is_file() for path in out.rglob("*")):
+        shutil.rmtree(out)
+        return f"removed {out}, which this run had created and which held nothing yet."
+    checkpoint = get_last_checkpoint(str(out))
+    if checkpoint is None:
+        return f"{out} holds no checkpoint of this run; nothing to resume from."
+    return f"{out} keeps {Path(checkpoint).name}: add --resume_from_checkpoint to the command to go on from it."
 
 
 def add_train_parser(subparsers) -> None:

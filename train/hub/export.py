@@ -37,6 +37,7 @@ from configuration_proclip import ProCLIPConfig
 from modeling_proclip import ProCLIPModel, ProCLIPProcessor
 
 from ..training.finite import require_finite_embeddings, require_finite_folder
+from ..training.saved_weights import require_weights_fit_config
 from ..training.staged_folder import staged_folder
 
 ONNX_FOLDER = "onnx"
@@ -277,6 +278,7 @@ def export_onnx(model_dir: str | Path, options: OnnxExportOptions | None = None)
         ExportError: not a ProCLIP folder, an unknown quantization, missing ONNX packages, or a folder that cannot be
             written.
         NonFiniteError: the weights, or PyTorch's embeddings of the check batch, hold NaN or infinite values.
+        WeightsConfigMismatch: the weights do not have the shapes config.json gives.
         ParityError: ONNX Runtime's fp32 embeddings differ from PyTorch's by more than `options.atol`.
     """
     options = options or OnnxExportOptions()
@@ -285,6 +287,7 @@ def export_onnx(model_dir: str | Path, options: OnnxExportOptions | None = None)
         raise ExportError(f"--quantize {options.quantize!r} is not one of {sorted(QUANTIZATIONS)}")
     require_onnx_packages()
     require_finite_folder(folder)
+    require_weights_fit_config(folder)
 
     model = ProCLIPModel.from_pretrained(folder, dtype=torch.float32).eval()
     processor = ProCLIPProcessor.from_pretrained(folder)

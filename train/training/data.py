@@ -17,6 +17,7 @@ texts in batches for embedding), `skips` (why a sample was dropped, and how many
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 import posixpath
@@ -195,6 +196,35 @@ def data_file_problem(path: str, builder: str) -> str | None:
             rows += bool(line.strip())
     if rows <= (builder == "csv"):
         return f"{path} holds no rows{' (only a header)' if rows else ''}: add rows, or leave the file out."
+    return _json_syntax_problem(path) if builder == "json" else None
+
+
+def _json_syntax_problem(path: str) -> str | None:
+    """Where a UTF-8 `.json` / `.jsonl` file is not JSON, in one line naming the file, the 1-based line and column,
+    what is wrong and the fix; `None` when it parses as one JSON document or as one JSON object per line."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        json.loads(text)
+        return None
+    except json.JSONDecodeError as error:
+        if text.lstrip().startswith("["):  # one document (a list of rows) with an error in it
+            return (f"{path}, line {error.lineno}, column {error.colno}: not valid JSON ({error.msg}). Repair the "
+                    "file, or write one JSON object per line (.jsonl).")
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            looks_csv = number == 1 and "," in line and not line.lstrip().startswith(("{", "["))
+            what = "this looks like a CSV header; if the file is CSV, name it .csv" if looks_csv else \
+                "repair or remove the line"
+            return (f"{path}, line {number}, column {error.colno}: not a JSON object ({error.msg}): {what}. Each line "
+                    'of a JSON Lines file is one object, e.g. {"image": "0001.jpg", "caption": "a cat"}.')
+        if not isinstance(row, dict):
+            return (f"{path}, line {number}: a JSON {type(row).__name__}, not an object: each line of a JSON Lines "
+                    'file is one object, e.g. {"image": "0001.jpg", "caption": "a cat"}.')
     return None
 
 
@@ -369,6 +399,12 @@ def load_image_text_dataset(
     requested += [(name, role) for name, role in ((noise_caption_column, "noise caption column"),
                                                   (label_column, "label column")) if name is not None]
     missing = [f"{role} {name!r}" for name, role in requested if name not in available]
+    if spec.kind == "folder" and image_column is not None and image_column not in available and "file_name" in available:
+        raise ValueError(  # `datasets` names an imagefolder's image column only when the images are there
+            f"the images of {spec.source!r} are missing: its metadata names them in file_name, but the folder holds "
+            "no image files. Put the images in the folder, at the paths file_name gives (relative to the metadata "
+            "file)."
+        )
     if missing:
         raise ValueError(
             f"{' and '.join(missing)} not found in {spec.source!r}. Available columns: {', '.join(available)}."

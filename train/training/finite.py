@@ -14,11 +14,12 @@ then the fix.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+
+from .saved_weights import SavedWeights
 
 _SHOWN = 8  # tensor names or rows an error message lists before "and N more"
 
@@ -58,26 +59,6 @@ def require_finite(tensors: Mapping[str, torch.Tensor], what: str, fix: str = SA
         raise NonFiniteWeightsError(f"{what}: {count} tensors hold NaN or infinite values ({shown}).\n{fix}")
 
 
-class SavedWeights(Mapping):
-    """The tensors of a model folder's `*.safetensors` files (one file or shards), each read from disk when asked."""
-
-    def __init__(self, folder: str | Path):
-        self.files = {}
-        for path in sorted(Path(folder).glob("*.safetensors")):
-            with safe_open(path, framework="pt") as handle:
-                self.files.update(dict.fromkeys(handle.keys(), path))
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        with safe_open(self.files[name], framework="pt") as handle:
-            return handle.get_tensor(name)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.files)
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-
 def require_finite_folder(folder: str | Path) -> None:
     """Refuse to use a saved model folder whose weights hold a NaN or an infinity (`NonFiniteWeightsError`)."""
     require_finite(SavedWeights(folder), f"{folder} cannot be used", USING_FIX)
@@ -98,7 +79,6 @@ def require_finite_embeddings(embeds: torch.Tensor, what: str, rows: list | None
 __all__ = [
     "NonFiniteError",
     "NonFiniteWeightsError",
-    "SavedWeights",
     "nonfinite_tensor_names",
     "require_finite",
     "require_finite_embeddings",
