@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import PIL.Image
 import pytest
+from conftest import missing_requirement
 from proclip_train.training.data import REMOTE_IMAGE, load_image_text_dataset
 from proclip_train.training.images import decode_image
 from test_cli_errors import proclip
@@ -160,3 +161,27 @@ def test_ctrl_c_during_training_is_one_line_exit_130_and_removes_the_empty_out(t
     assert stderr.strip().splitlines()[-1] == (f"proclip train: interrupted (Ctrl-C); removed {out}, which this run had "
                                                "created and which held nothing yet.")
     assert not out.exists()
+
+
+READ_ONLY_EXPORT = """
+mount --bind "$MODEL" "$MODEL" && mount -o remount,bind,ro "$MODEL" || exit 99
+exec "$PYTHON" -m proclip_train.cli export --format onnx --model "$MODEL"
+"""
+
+
+def test_an_export_into_a_read_only_folder_is_a_sentence(tiny_proclip_dir, tmp_path):
+    """Old code: a PermissionError traceback. The folder is made read-only by a bind mount in a user namespace (root
+    writes through file modes)."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-Urm", "true"], check=False).returncode != 0:
+        missing_requirement("no unprivileged user namespaces here to mount a read-only folder")
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_proclip_dir, folder)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MODEL": str(folder), "PYTHON": sys.executable}
+    result = subprocess.run(["unshare", "-Urm", "sh", "-c", READ_ONLY_EXPORT], env=env, capture_output=True, text=True,
+                            timeout=300, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"proclip export: error: cannot write into {folder}: Read-only file system; make it writable, or copy the "
+        "folder somewhere writable and export there"
+    )
+    assert sorted(path.name for path in folder.iterdir()) == sorted(path.name for path in tiny_proclip_dir.iterdir())

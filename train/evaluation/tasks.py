@@ -269,6 +269,9 @@ def evaluate_zeroshot(
         `{"data": {rows scored, columns, skipped rows}, "protocol": ..., "metrics": {...}}`.
     """
     names, labels = class_names_and_labels(dataset, label_column)
+    if len(names) == 1:
+        logger.warning("Zero-shot with one class (%r): every image is assigned to it, so top-1 accuracy is 1.0 by "
+                       "construction and measures nothing. Give --label-column two classes or more.", names[0])
     labelled = [row for row, label in enumerate(labels) if label is not None]
     image_embeds, rows = embed_image_rows(model, processor, dataset, image_column, labelled, batch_size, bf16)
 
