@@ -298,12 +298,16 @@ def test_bad_input_gets_a_readable_message_and_the_app_keeps_serving(client, eva
     image = handle_file(eval_data / "red-circle.png")
     fake = tmp_path / "photo.png"
     fake.write_text("not an image, only text")
+    thin = tmp_path / "thin.png"  # 1 kB; CLIP's resize would make it 224 x 67 million pixels (4.1 GB)
+    Image.new("RGB", (1, 300_000), (90, 90, 90)).save(thin, optimize=True)
     cases = [
         ((None, "a, b", ""), "/classify", "Upload an image first"),
         ((image, " , ", ""), "/classify", "Type at least one candidate label"),
         ((image, ", ".join(f"label {i}" for i in range(200)), ""), "/classify", "200 labels is too many"),
         ((image, "a, b", "a photo"), "/classify", "must contain {} exactly once"),
         ((handle_file(fake), "a, b", ""), "/classify", "photo.png is not an image this app can read"),
+        ((handle_file(thin), "a, b", ""), "/classify", "1 x 300000 pixels; the limit is 10000 per side"),
+        ((handle_file(thin), "a circle"), "/rank", "1 x 300000 pixels; the limit is 10000 per side"),
         (("   ", 4), "/search", "Type a query"),
         (("x" * 10_000, 4), "/search", "A query of 10000 characters is too long"),
         ((image, ""), "/rank", "Type at least one caption"),

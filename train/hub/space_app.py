@@ -41,6 +41,10 @@ MAX_LABELS = 100
 MAX_TEXT_CHARS = 2000  # a query, a label or a caption; longer text is truncated to the model's token limit anyway
 MAX_CAPTIONS = 50
 MAX_IMAGE_PIXELS = 40_000_000
+# Both sides and the aspect ratio too, as the Endpoints handler bounds them: CLIP's processor scales the shorter side to
+# 224 pixels, so a 1 x 300000 PNG of a kilobyte took the Space to 4.1 GB.
+MAX_IMAGE_SIDE = 10_000
+MAX_ASPECT_RATIO = 20.0
 EMBED_BATCH = 32
 # Small images (the demo's are 32 px) fill the image boxes instead of sitting in a corner of them.
 CSS = "#classify-image img, #rank-image img { width: 100%; height: 100%; object-fit: contain; }"
@@ -142,7 +146,7 @@ class ProCLIPSpace:
         self.processor = AutoProcessor.from_pretrained(name, trust_remote_code=True)
         # The checkpoint's own image opener (`images_proclip.py`), as its model code is loaded.
         self.image_policy = get_class_from_dynamic_module("images_proclip.ImagePolicy", name)(
-            max_pixels=MAX_IMAGE_PIXELS)
+            max_pixels=MAX_IMAGE_PIXELS, max_side=MAX_IMAGE_SIDE, max_aspect_ratio=MAX_ASPECT_RATIO)
         self.read_image = get_class_from_dynamic_module("images_proclip.open_image", name)
         # As loading through AutoModelForZeroShotImageClassification would: the pipeline then knows the class.
         AutoModelForZeroShotImageClassification.register(type(self.model.config), type(self.model), exist_ok=True)
