@@ -48,11 +48,14 @@ def test_endpoint_handler_scores_a_base64_png(tiny_proclip_dir, model, processor
         import json, sys
         sys.path.insert(0, {str(tiny_proclip_dir)!r})
         from handler import EndpointHandler
-        out = EndpointHandler({str(tiny_proclip_dir)!r})({{"inputs": {payload!r},
-            "parameters": {{"candidate_labels": ["red", "blue", "green"]}}}})
-        print(json.dumps(out))
+        handler = EndpointHandler({str(tiny_proclip_dir)!r})
+        out = handler({{"inputs": {payload!r}, "parameters": {{"candidate_labels": ["red", "blue", "green"]}}}})
+        print(json.dumps([out, handler({{"inputs": ["a red circle", "ein Kreis"]}})]))
         """
     )
+    result, features = result  # zero-shot, and the Inference API's feature extraction
+    expected = model.encode_text(["a red circle", "ein Kreis"], processor=processor)
+    torch.testing.assert_close(torch.tensor(features), expected, atol=1e-5, rtol=1e-4)
     labels = ["red", "blue", "green"]
     with torch.inference_mode():
         batch = processor(images=red_image(), text=[f"This is a photo of {label}." for label in labels])
