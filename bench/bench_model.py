@@ -1,6 +1,6 @@
 """Benchmark the model face against the libraries users compare it with, side by side in one run.
 
-    python bench/bench_model.py [--repeats 20] [--threads N] [--text-only]
+    python bench/bench_model.py [--repeats 20] [--threads N] [--equal-threads 2] [--text-only]
 
 1. `ProCLIPModel.get_image_features` vs `CLIPModel.get_image_features` on the same weights (a ViT-B/32-shaped tower,
    random weights, 224 px): time ratio (aim <= 1.02).
@@ -8,7 +8,9 @@
    sentence-transformers' `SentenceTransformer.encode` on the same weights and pooling, same captions, batch 32: through
    `model.encode_text` (the user's API: longest-first batches, inference mode), through `embed_joint_texts` (what
    `proclip eval` uses), and through the plain loop a user would write (`processor(text=batch)` +
-   `get_text_features`, in input order, gradients on) (aim for `encode_text`: >= 1.0).
+   `get_text_features`, in input order, gradients on) (aim for `encode_text`: >= 1.0). Two cases in one run: captions
+   of varied length at `--threads` threads, and captions of one token length (where sorting gains nothing) at
+   `--equal-threads` threads.
 Timings interleave the sides and report medians, so machine noise hits all alike; the text ratios are medians of
 per-round ratios, the order of the sides reversed every other round.
 """
@@ -49,11 +51,25 @@ def bench_image(workdir: Path, clip: CLIPModel, repeats: int) -> dict:
     return {"proclip_s": times["proclip"], "clip_s": times["clip"], "ratio": times["proclip"] / times["clip"]}
 
 
-def bench_text(workdir: Path, repeats: int) -> dict:
+COLOURS = ("red", "blue", "green", "yellow")
+SHAPES = ("circle", "square", "triangle", "star")
+
+
+def mixed_captions() -> list[str]:
+    """256 captions of varied length (as real ones): sorting by length saves padding."""
+    captions = [f"a photo of {n} red circles next to a small blue square number {n}" for n in range(256)]
+    return [caption + " on a table" * (n % 5) for n, caption in enumerate(captions)]
+
+
+def equal_captions() -> list[str]:
+    """256 captions of one token length (the demo's templates): sorting by length gains nothing."""
+    return [f"a photo of a {COLOURS[n % 4]} {SHAPES[n // 4 % 4]} next to a {COLOURS[n // 16 % 4]} {SHAPES[n // 64]}"
+            for n in range(256)]
+
+
+def bench_text(workdir: Path, captions: list[str], repeats: int) -> dict:
     from sentence_transformers import SentenceTransformer
 
-    captions = [f"a photo of {n} red circles next to a small blue square number {n}" for n in range(256)]
-    captions = [caption + " on a table" * (n % 5) for n, caption in enumerate(captions)]  # lengths vary, as real ones
     st = SentenceTransformer(str(minilm_folder()), device="cpu")
     ours = ProCLIPModel.from_towers(vision=workdir / "clip", text=minilm_folder(), adapter_expansion=1).eval()
     processor = ProCLIPProcessor.from_towers(workdir / "clip", minilm_folder(), ours.config)
@@ -63,7 +79,7 @@ def bench_text(workdir: Path, repeats: int) -> dict:
 
     sides = {
         "encode_text": lambda: ours.encode_text(captions, batch_size=32, processor=processor),
-        "embed_texts": lambda: embed_joint_texts(ours, processor, captions, batch_size=32),
+        "embed_joint_texts": lambda: embed_joint_texts(ours, processor, captions, batch_size=32),
         "plain_loop": plain_loop,
         "sentence_transformers": lambda: st.encode(captions, batch_size=32, show_progress_bar=False),
     }
@@ -101,6 +117,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--text-only", action="store_true", help="time the text side only")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default 0: torch's default)")
+    parser.add_argument("--equal-threads", type=int, default=2,
+                        help="torch threads for the second text case, captions of one length (default 2; 0: skip it)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads or torch.get_num_threads())
     with tempfile.TemporaryDirectory() as tmp:
@@ -109,11 +127,17 @@ def main() -> None:
             image = bench_image(Path(tmp), clip, args.repeats)
             print(f"get_image_features, 8 x 224 px, ViT-B/32 shape: ProCLIP {image['proclip_s'] * 1e3:.1f} ms, "
                   f"CLIPModel {image['clip_s'] * 1e3:.1f} ms, ratio {image['ratio']:.3f} (aim <= 1.02)")
-        text = bench_text(Path(tmp), args.repeats)
-        print(f"MiniLM text tower, 256 captions, batch 32: captions/s (median), and the median per-round ratio of "
-              f"speed to sentence-transformers (aim for encode_text >= 1.0); same embeddings: {text['same_embeddings']}")
-        for name, rate in text["captions_per_s"].items():
-            print(f"  {name:>22}: {rate:7.1f}/s  ({text['ratios'][name]:.3f})")
+        cases = [("varied lengths", mixed_captions(), torch.get_num_threads())]
+        if args.equal_threads:
+            cases.append(("one length", equal_captions(), args.equal_threads))
+        for label, captions, threads in cases:
+            torch.set_num_threads(threads)
+            text = bench_text(Path(tmp), captions, args.repeats)
+            print(f"MiniLM text tower, 256 captions of {label}, batch 32, {threads} thread(s): captions/s (median), and "
+                  f"the median per-round ratio of speed to sentence-transformers (aim for encode_text >= 1.0); "
+                  f"same embeddings: {text['same_embeddings']}")
+            for name, rate in text["captions_per_s"].items():
+                print(f"  {name:>22}: {rate:7.1f}/s  ({text['ratios'][name]:.3f})")
 
 
 if __name__ == "__main__":

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 from pathlib import Path
 
-from ..training.shards import data_sha256
+from huggingface_hub.utils.sha import sha_fileobj
+
 from .report import environment_description
 from .teacher import (
     COMPLETE_MARKER,
@@ -39,7 +39,7 @@ TEACHER_FILES = ("config.json", "model.safetensors", "processor_config.json", "t
 
 def file_sha256(path: Path) -> str:
     with open(path, "rb") as handle:
-        return data_sha256(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
+        return sha_fileobj(handle).hex()
 
 
 def release_record(folder: Path = RELEASED_TEACHER_DIR) -> dict | None:

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import jinja2
 from huggingface_hub import ModelCard, ModelCardData, try_to_load_from_cache
+from safetensors import safe_open
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from ..evaluation.tasks import class_names_and_labels, load_eval_dataset
-from ..training.cache import read_safetensors_header
 from ..training.finite import require_finite_folder
 from ..training.images import decode_image
 from ..training.registry import STAGE_NUMBERS, packaged_tower_at
@@ -162,11 +162,10 @@ def parameter_counts(folder: Path) -> dict[str, int]:
     parts = {"image tower": 0, "text tower": 0, "adapter": 0, "other": 0}
     total = 0
     for name in files:
-        header, _ = read_safetensors_header(folder / name)
-        for key, info in header.items():
-            if key == "__metadata__":
-                continue
-            count = math.prod(info["shape"])
+        with safe_open(folder / name, framework="pt") as weights:  # reads the header only
+            shapes = {key: weights.get_slice(key).get_shape() for key in weights.keys()}
+        for key, shape in shapes.items():
+            count = math.prod(shape)
             total += count
             if key.startswith(("vision_model.", "visual_projection.")):
                 parts["image tower"] += count

@@ -27,6 +27,7 @@ import shutil
 from collections.abc import Mapping
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.trainer import TRAINER_STATE_NAME  # the last file transformers writes into a checkpoint
@@ -224,9 +225,8 @@ def load_data_random_state(folder: str | os.PathLike, rank: int, world_size: int
     path = os.path.join(folder, DATA_RANDOM_STATE_FILE)
     if not os.path.isfile(path):
         return None
-    with open(path, "rb") as f:  # the metadata, without the tensors
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    metadata = header.get("__metadata__", {})
+    with safe_open(path, framework="pt") as f:  # the metadata, without the tensors
+        metadata = f.metadata() or {}
     ranks = json.loads(metadata["ranks"])
     if len(ranks) != world_size or int(metadata["num_workers"]) != num_workers:
         logger.warning(

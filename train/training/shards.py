@@ -47,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from huggingface_hub.utils.sha import sha_fileobj
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +199,7 @@ class ShardWriter:
     def publish(self) -> Path:
         """Checksum the data as it is on disk, write the checksum into the header, flush, and publish the file under
         `path` (see the module docstring). Returns `path`."""
-        self.header["__metadata__"][DATA_SHA256] = data_sha256(self.fd, self.data_start, self.data_size)
+        self.header["__metadata__"][DATA_SHA256] = data_sha256(self.fd, self.data_start)  # sized at creation
         header = self._prefixed_header()
         assert len(header) == self.data_start, "the checksum must not change the header's length"
         self._write_at(0, header)
@@ -261,12 +262,11 @@ def _process_exists(pid: int) -> bool:
     return True
 
 
-def data_sha256(fd: int, data_start: int, data_size: int) -> str:
-    """sha256 of `data_size` bytes of an open file from `data_start`, read in chunks."""
-    digest = hashlib.sha256()
-    for _, chunk in _chunks(fd, data_start, data_size):
-        digest.update(chunk)
-    return digest.hexdigest()
+def data_sha256(fd: int, data_start: int) -> str:
+    """sha256 of an open file from `data_start` to its end (`huggingface_hub`'s chunked file hash)."""
+    with os.fdopen(os.dup(fd), "rb") as f:
+        f.seek(data_start)
+        return sha_fileobj(f).hex()
 
 
 def _chunks(fd: int, start: int, size: int, chunk: int = _READ_CHUNK):
