@@ -9,9 +9,13 @@ import json
 import math
 from dataclasses import dataclass
 
-from transformers import AutoConfig, CLIPVisionConfig, PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec
+from transformers import AutoConfig, CLIPVisionConfig
 from transformers.utils import cached_file
+
+try:  # transformers >= 5
+    from transformers import PreTrainedConfig
+except ImportError:  # transformers 4.51 - 4.57 (what the Inference Endpoints toolkit and optimum install)
+    from transformers import PretrainedConfig as PreTrainedConfig
 
 POOLING_MODES = ("mean", "last_token", "cls")
 
@@ -179,36 +183,51 @@ class ProCLIPConfig(PreTrainedConfig):
     """
 
     model_type = "proclip"
-    sub_configs_defaults = {
-        "vision_config": CLIPVisionConfig,
-        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
-    }
+    sub_configs = {"vision_config": CLIPVisionConfig, "text_config": AutoConfig}
 
-    vision_config: dict | CLIPVisionConfig | None = None
-    text_config: dict | PreTrainedConfig | None = None
-    pooling: str = TextTowerSettings.pooling
-    bidirectional: bool = TextTowerSettings.bidirectional
-    prompt_template: str | None = TextTowerSettings.prompt_template
-    instruction: str | None = TextTowerSettings.instruction
-    instruction_length: int = TextTowerSettings.instruction_length
-    text_suffix_length: int = TextTowerSettings.text_suffix_length
-    max_text_length: int = TextTowerSettings.max_text_length
-    padding_side: str | None = TextTowerSettings.padding_side
-    adapter_blocks: int = 1
-    adapter_expansion: int = 8
-    adapter_normalize_input: bool = True
-    projection_dim: int | None = None
-    logit_scale_init: float = math.log(1 / 0.07)
-    vision_name_or_path: str | None = None
-    text_name_or_path: str | None = None
-    auto_map: dict | None = None
-
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        if self.projection_dim is None:
-            self.projection_dim = self.vision_config.projection_dim
-        if self.auto_map is None:
-            self.auto_map = dict(AUTO_MAP)
+    def __init__(
+        self,
+        vision_config: dict | CLIPVisionConfig | None = None,
+        text_config: dict | PreTrainedConfig | None = None,
+        pooling: str = TextTowerSettings.pooling,
+        bidirectional: bool = TextTowerSettings.bidirectional,
+        prompt_template: str | None = TextTowerSettings.prompt_template,
+        instruction: str | None = TextTowerSettings.instruction,
+        instruction_length: int = TextTowerSettings.instruction_length,
+        text_suffix_length: int = TextTowerSettings.text_suffix_length,
+        max_text_length: int = TextTowerSettings.max_text_length,
+        padding_side: str | None = TextTowerSettings.padding_side,
+        adapter_blocks: int = 1,
+        adapter_expansion: int = 8,
+        adapter_normalize_input: bool = True,
+        projection_dim: int | None = None,
+        logit_scale_init: float = math.log(1 / 0.07),
+        vision_name_or_path: str | None = None,
+        text_name_or_path: str | None = None,
+        auto_map: dict | None = None,
+        **kwargs,
+    ):
+        # A plain `__init__`, as CLIPConfig's in transformers 4: transformers 5 keeps custom `__init__`s of remote
+        # configs as they are, so this one class loads on both.
+        self.vision_config = sub_config(CLIPVisionConfig, vision_config)
+        self.text_config = sub_config(AutoConfig, text_config, default_model_type="llama")
+        self.pooling = pooling
+        self.bidirectional = bidirectional
+        self.prompt_template = prompt_template
+        self.instruction = instruction
+        self.instruction_length = instruction_length
+        self.text_suffix_length = text_suffix_length
+        self.max_text_length = max_text_length
+        self.padding_side = padding_side
+        self.adapter_blocks = adapter_blocks
+        self.adapter_expansion = adapter_expansion
+        self.adapter_normalize_input = adapter_normalize_input
+        self.projection_dim = self.vision_config.projection_dim if projection_dim is None else projection_dim
+        self.logit_scale_init = logit_scale_init
+        self.vision_name_or_path = vision_name_or_path
+        self.text_name_or_path = text_name_or_path
+        self.auto_map = dict(AUTO_MAP) if auto_map is None else auto_map
+        super().__init__(**kwargs)
         self.validate_proclip()
 
     def validate_proclip(self):
@@ -240,6 +259,50 @@ class ProCLIPConfig(PreTrainedConfig):
     def text_hidden_size(self) -> int:
         """H, the size of the LLM embedder's pooled output (the adapter's input)."""
         return self.text_config.hidden_size
+
+
+# transformers 5 reads (and writes) a text config's rotary settings as one `rope_parameters` dict; transformers 4 reads
+# `rope_theta`, `rope_scaling` and, for models with sliding layers (Gemma 3), `rope_local_base_freq`.
+READS_ROPE_PARAMETERS = hasattr(PreTrainedConfig, "convert_rope_params_to_dict")
+
+
+def sub_config(config_class, value, default_model_type: str | None = None) -> PreTrainedConfig:
+    """A sub-config from a config object (kept as is), a dict as config.json holds it, or `None` (the defaults).
+
+    Args:
+        config_class: the config class, or `AutoConfig` to pick it by the dict's `model_type`.
+        default_model_type: the `model_type` of `AutoConfig` sub-configs whose dict names none.
+    """
+    if isinstance(value, PreTrainedConfig):
+        return value
+    value = dict(value or {})
+    if config_class is not AutoConfig:
+        return config_class(**value)
+    model_type = value.pop("model_type", default_model_type)
+    if not READS_ROPE_PARAMETERS:
+        value = legacy_rope_settings(value)
+    return AutoConfig.for_model(model_type, **value)
+
+
+def legacy_rope_settings(text_config: dict) -> dict:
+    """A text config dict written by transformers 5, with its `rope_parameters` also spelt as transformers 4 reads
+    them (`rope_theta`, `rope_scaling`, `rope_local_base_freq`, `partial_rotary_factor`); keys already present win.
+
+    Without this, transformers 4 would run a tower saved with e.g. rope_theta=100000 (SmolLM2) at its class default.
+    """
+    parameters = text_config.get("rope_parameters")
+    if not isinstance(parameters, dict):
+        return text_config
+    by_layer_type = {key: value for key, value in parameters.items() if isinstance(value, dict)}
+    full = by_layer_type.get("full_attention", parameters)
+    legacy = {"rope_theta": full.get("rope_theta")}
+    if "sliding_attention" in by_layer_type:
+        legacy["rope_local_base_freq"] = by_layer_type["sliding_attention"].get("rope_theta")
+    if "partial_rotary_factor" in full:
+        legacy["partial_rotary_factor"] = full["partial_rotary_factor"]
+    if full.get("rope_type", "default") != "default":
+        legacy["rope_scaling"] = {key: value for key, value in full.items() if key != "rope_theta"}
+    return {**{key: value for key, value in legacy.items() if value is not None}, **text_config}
 
 
 def text_tower_preset(text_name_or_path: str) -> dict:

@@ -25,7 +25,10 @@ from transformers import (
     CLIPVisionModelWithProjection,
     PreTrainedModel,
 )
-from transformers import initialization as init
+try:  # transformers >= 5: initialisers that leave weights loaded from a checkpoint alone
+    from transformers import initialization as init
+except ImportError:  # transformers 4: `_init_weights` only ever sees modules whose weights were not loaded
+    from torch.nn import init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput, can_return_tuple, logging
 
@@ -375,7 +378,11 @@ class ProCLIPModel(ProCLIPPreTrainedModel):
 
     def __init__(self, config: ProCLIPConfig, vision_model: nn.Module | None = None, text_model: nn.Module | None = None):
         super().__init__(config)
-        self.vision_model = vision_model or CLIPVisionModel._from_config(config.vision_config)
+        if vision_model is None:
+            vision_model = CLIPVisionModel._from_config(config.vision_config)
+            # transformers 4 wraps the tower's layers in `.vision_model`; 5 holds them directly (the checkpoint's keys)
+            vision_model = getattr(vision_model, "vision_model", vision_model)
+        self.vision_model = vision_model
         self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=False)
         self.text_model = without_unused_heads(text_model or AutoModel.from_config(config.text_config))
         self.text_adapter = ProCLIPAdapter(config)

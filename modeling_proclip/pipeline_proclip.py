@@ -5,7 +5,7 @@ Shipped as is inside every exported checkpoint folder (Hub remote code); saved f
 model=folder_or_repo, trust_remote_code=True)` builds it. It imports only the standard library and transformers.
 """
 
-from transformers import ZeroShotImageClassificationPipeline
+from transformers import AutoProcessor, ZeroShotImageClassificationPipeline
 
 
 class ProCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipeline):
@@ -16,6 +16,13 @@ class ProCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipe
     candidate labels (an `IndexError` inside the tokenizer) and a hypothesis template without exactly one `{}` (every
     label would read the same text); a string of labels is split on commas, as the Hub's inference API does.
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.tokenizer is None or self.image_processor is None:  # transformers 4.51 loads neither for remote code
+            processor = AutoProcessor.from_pretrained(self.model.name_or_path, trust_remote_code=True)
+            self.tokenizer = self.tokenizer or processor.tokenizer
+            self.image_processor = self.image_processor or processor.image_processor
 
     def preprocess(self, image, candidate_labels=None, hypothesis_template="This is a photo of {}.", *args, **kwargs):
         labels = zero_shot_labels(candidate_labels, hypothesis_template)

@@ -10,6 +10,9 @@ ids (prompt wrapping, instruction, EOS, padding side, the length limit) is writt
 `configure_text_tokenizer`, never left to caller code.
 """
 
+import json
+import os
+
 try:
     from typing import Unpack
 except ImportError:  # Python 3.10, where transformers 4.x still runs
@@ -25,6 +28,13 @@ from transformers.tokenization_utils_base import PreTokenizedInput, TextInput
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
+
+# ProcessorMixin calls the tokenizer and the image processor itself in transformers 4.57 and 5 (5 checks the inputs
+# too); 4.51's leaves that to each processor, as its CLIPProcessor does.
+MIXIN_CALLS_COMPONENTS = "__call__" in vars(ProcessorMixin)
+
+# Tokenizer classes transformers 5 names in tokenizer_config.json that transformers 4 lacks, and the name both read.
+PORTABLE_TOKENIZER_CLASSES = {"TokenizersBackend": "PreTrainedTokenizerFast"}
 
 _PREFIX_PIECE = "proclip_prefix"
 _SUFFIX_PIECE = "proclip_suffix"
@@ -102,25 +112,37 @@ def configure_text_tokenizer(tokenizer, config) -> tuple[int, int]:
     return instruction_length, len(suffix)
 
 
+class ProCLIPProcessingKwargs(ProcessingKwargs, total=False):
+    """The defaults of every `ProCLIPProcessor` call, lowest in `_merge_kwargs`' order: captions padded to the longest
+    and truncated to the tokenizer's `model_max_length` (= `max_text_length`; the template's end is kept), PyTorch
+    tensors."""
+
+    _defaults = {
+        "text_kwargs": {"padding": True, "truncation": True, "return_tensors": "pt"},
+        "images_kwargs": {"return_tensors": "pt"},
+    }
+
+
 class ProCLIPProcessor(ProcessorMixin):
     r"""
     Pairs a CLIP image processor with the LLM embedder's tokenizer.
 
     Called like transformers' `CLIPProcessor`: keyword arguments are merged by `ProcessorMixin` (`_merge_kwargs`), so
     the caller's own `padding`, `truncation`, `max_length`, `return_tensors`, `text_kwargs={...}` or
-    `images_kwargs={...}` override the defaults below instead of colliding with them. Pooling, positions and the
-    model's truncation follow the attention mask, so any padding (`True`, `"max_length"`, `pad_to_multiple_of`,
-    either `padding_side`) gives the embedding of the default call.
+    `images_kwargs={...}` override the defaults (`ProCLIPProcessingKwargs`) instead of colliding with them. Pooling,
+    positions and the model's truncation follow the attention mask, so any padding (`True`, `"max_length"`,
+    `pad_to_multiple_of`, either `padding_side`) gives the embedding of the default call.
 
     Args:
         image_processor (`CLIPImageProcessor`): resizes, crops and normalises images (RGB conversion included).
         tokenizer (`PreTrainedTokenizerBase`): the text tower's tokenizer, configured by `configure_text_tokenizer`.
     """
 
-    # Defaults of every call, lowest in `_merge_kwargs`' order: captions padded to the longest and truncated to the
-    # tokenizer's `model_max_length` (= `max_text_length`; the template's end is kept), PyTorch tensors.
-    text_kwargs = {"padding": True, "truncation": True, "return_tensors": "pt"}
-    images_kwargs = {"return_tensors": "pt"}
+    valid_processor_kwargs = ProCLIPProcessingKwargs
+    if hasattr(ProcessorMixin, "attributes"):  # transformers 4 loads the parts by these names; 5 reads `__init__`
+        attributes = ["image_processor", "tokenizer"]
+        image_processor_class = "AutoImageProcessor"
+        tokenizer_class = "AutoTokenizer"
 
     def __init__(self, image_processor=None, tokenizer=None, **kwargs):
         super().__init__(image_processor, tokenizer)
@@ -132,6 +154,30 @@ class ProCLIPProcessor(ProcessorMixin):
         tokenizer = AutoTokenizer.from_pretrained(text, **kwargs)
         configure_text_tokenizer(tokenizer, config)
         return cls(image_processor=image_processor, tokenizer=tokenizer)
+
+    @classmethod
+    def from_args_and_dict(cls, args, processor_dict: dict, **kwargs):
+        """As `ProcessorMixin`'s, without the parts' own settings that transformers 5 keeps in processor_config.json:
+        `args` holds the loaded parts already (transformers 5 drops them too; 4.51 would pass them twice)."""
+        processor_dict = {
+            key: value for key, value in processor_dict.items() if key not in ("image_processor", "tokenizer")
+        }
+        return super().from_args_and_dict(args, processor_dict, **kwargs)
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """Save as `ProcessorMixin` does, in files every supported transformers reads: also the image processor's own
+        `preprocessor_config.json` (transformers 5 keeps it inside `processor_config.json`, where transformers 4 and
+        transformers.js do not look), and the tokenizer's class under a name transformers 4 knows."""
+        saved = super().save_pretrained(save_directory, **kwargs)
+        self.image_processor.save_pretrained(save_directory)
+        tokenizer_config = os.path.join(save_directory, "tokenizer_config.json")
+        with open(tokenizer_config) as f:
+            content = json.load(f)
+        if content.get("tokenizer_class") in PORTABLE_TOKENIZER_CLASSES:
+            content["tokenizer_class"] = PORTABLE_TOKENIZER_CLASSES[content["tokenizer_class"]]
+            with open(tokenizer_config, "w") as f:
+                json.dump(content, f, indent=2, ensure_ascii=False)
+        return saved
 
     def __call__(
         self,
@@ -163,7 +209,17 @@ class ProCLIPProcessor(ProcessorMixin):
             )
         if images is not None:
             images = _with_channels(images)
-        return super().__call__(images=images, text=text, **kwargs)
+        if MIXIN_CALLS_COMPONENTS:
+            return super().__call__(images=images, text=text, **kwargs)
+        merged = self._merge_kwargs(
+            self.valid_processor_kwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
+        )
+        features = {}
+        if text is not None:
+            features.update(self.tokenizer(text, **merged["text_kwargs"]))
+        if images is not None:
+            features.update(self.image_processor(images, **merged["images_kwargs"]))
+        return BatchFeature(features, tensor_type=merged["text_kwargs"].get("return_tensors"))
 
 
 def _with_channels(image):

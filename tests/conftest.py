@@ -149,13 +149,13 @@ def build_tiny_clip(out_dir: Path, projection_dim: int = 16, seed: int = 0) -> P
     return out_dir
 
 
-def build_tiny_llm(out_dir: Path, hidden_size: int = 32, seed: int = 0) -> Path:
+def build_tiny_llm(out_dir: Path, hidden_size: int = 32, seed: int = 0, rope_theta: float = 10000.0) -> Path:
     """A randomly initialised 2-layer Llama decoder with `tiny_llm_tokenizer`."""
     torch.manual_seed(seed)
     tokenizer = tiny_llm_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rope_theta=rope_theta,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     LlamaModel(config).save_pretrained(out_dir)

@@ -152,10 +152,11 @@ def environment_without_credentials(scratch: str | os.PathLike) -> dict[str, str
 
 
 def run_python_without_project(
-    code: str, args: list[str] = (), timeout: float = 600, env: dict | None = None
+    code: str, args: list[str] = (), timeout: float = 600, env: dict | None = None, python: str = sys.executable
 ) -> subprocess.CompletedProcess:
-    """Run `code` in a new Python where `modeling_proclip`, `configuration_proclip` and `proclip_train` cannot be
-    imported: the world of a Hub user loading with `trust_remote_code=True`.
+    """Run `code` in a new Python (this one's interpreter, or `python`, e.g. another environment's) where
+    `modeling_proclip`, `configuration_proclip` and `proclip_train` cannot be imported: the world of a Hub user
+    loading with `trust_remote_code=True`.
 
     Offline (`HF_HUB_OFFLINE=1`), from an empty working directory, with a fresh `HF_MODULES_CACHE`, so remote
     code is copied from the folder for this run and never picked up from an earlier one, and without credentials
@@ -173,7 +174,7 @@ def run_python_without_project(
             **(env or {}),
         }
         return subprocess.run(
-            [sys.executable, "-c", BLOCK_PROJECT + code, *map(str, args)],
+            [str(python), "-c", BLOCK_PROJECT + code, *map(str, args)],
             capture_output=True, text=True, timeout=timeout, env=environment, cwd=scratch,
         )
 
