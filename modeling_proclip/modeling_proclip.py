@@ -359,6 +359,12 @@ class ProCLIPPreTrainedModel(PreTrainedModel):
             init.constant_(module.logit_scale, self.config.logit_scale_init)
 
 
+def takes_keyword(module: nn.Module, name: str) -> bool:
+    """Whether `module.forward` accepts the keyword argument `name`, by name or through `**kwargs`."""
+    parameters = inspect.signature(module.forward).parameters.values()
+    return any(parameter.name == name or parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters)
+
+
 def without_unused_heads(text_model: nn.Module) -> nn.Module:
     """The text tower without a pooler ProCLIP never reads (BERT-style encoders build one unless
     `add_pooling_layer=False`): unused parameters get no gradient, which DDP without `find_unused_parameters` refuses
@@ -452,9 +458,9 @@ class ProCLIPModel(ProCLIPPreTrainedModel):
         Returns:
             `BaseModelOutputWithPooling` whose `pooler_output` (batch_size, projection_dim) is unnormalised.
         """
-        outputs = self.vision_model(
-            pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **kwargs
-        )
+        if takes_keyword(self.vision_model, "return_dict"):  # transformers 4's CLIPVisionTransformer always returns
+            kwargs["return_dict"] = True  # an output object and takes no `return_dict`
+        outputs = self.vision_model(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
         outputs.pooler_output = self.visual_projection(outputs.pooler_output)
         return outputs
 

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from packaging.requirements import Requirement
-from proclip_train.demo.assets import cache_root
+from proclip_train.training.packaged_towers import cache_root
 
 # What the remote code of a folder imports besides torch and transformers (PIL), pinned by nothing else.
 REMOTE_CODE_REQUIREMENTS = ("pillow",)
