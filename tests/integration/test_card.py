@@ -203,6 +203,7 @@ def test_base_model_keeps_hub_ids_and_card_without_results(tmp_path, tiny_procli
     assert plot is None and "has not been scored here" in card.text
     assert "No training record" in card.text
     assert "your-org/hub-towers" in card.text  # the default repo id in the snippets
+    assert "transformers 4.51.3 to 4.57.x and 5.x" in card.text  # the range tests/integration/test_versions.py runs
 
 
 def test_languages_come_from_the_text_towers_own_card(tmp_path, tiny_proclip_dir):
