@@ -328,8 +328,10 @@ def test_quick_demo_card_is_fit_to_publish(quick_demo):
     assert "`synthetic-world`" in card.text and "decoder LLM" in card.text
     metadata = assert_hub_metadata(out / "final" / "README.md", ["HuggingFaceTB/SmolLM2-135M-Instruct"], ["en"],
                                    "your-org/proclip-demo")
+    # The model's own labels: its zero-shot classes ("a red circle" in the prompts, "red circle" in the data).
     classes = json.loads((out / "final" / "eval_zeroshot.json").read_text())["protocol"]["class_names"]
-    assert set(metadata["widget"][0]["candidate_labels"].split(", ")) <= set(classes)  # the model's own labels
+    labels = metadata["widget"][0]["candidate_labels"].split(", ")
+    assert len(labels) == 3 and {f"a {label}" for label in labels} <= set(classes), (labels, classes)
     assert "any language" not in card.text and "read in English" in card.text
     assert "5 prompt templates: `a photo of {}.`" in card.text or "5 prompt templates: `" in card.text
     assert (out / "final" / EXAMPLE_IMAGE_FILE).is_file()

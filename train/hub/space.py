@@ -30,7 +30,9 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
+import datasets
 from huggingface_hub import SpaceCard, SpaceCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -116,9 +118,18 @@ def first_caption(cell) -> str:
     return next((c.strip() for c in captions if isinstance(c, str) and c.strip()), "")
 
 
-def gallery_source(records: list[dict], options: SpaceOptions) -> tuple | None:
-    """`(dataset, image column, caption columns, what it is)` of the gallery: `options.images` when given, else the
-    first retrieval record whose data is on this machine; None when there are no images to search."""
+class GallerySource(NamedTuple):
+    """The data the search gallery is drawn from; `description` names it in messages."""
+
+    dataset: datasets.Dataset
+    image_column: str
+    caption_columns: list[str]
+    description: str
+
+
+def gallery_source(records: list[dict], options: SpaceOptions) -> GallerySource | None:
+    """The data of the gallery: `options.images` when given, else the first retrieval record whose data is on this
+    machine; None when there are no images to search."""
     if options.images is not None:
         if not Path(options.images).exists():
             raise SpaceError(f"--images {options.images} does not exist; give a folder of images (with a "
@@ -128,20 +139,19 @@ def gallery_source(records: list[dict], options: SpaceOptions) -> tuple | None:
         except ValueError as error:
             raise SpaceError(f"--images {options.images}: {error}") from error
         texts = [c for c, f in dataset.features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
-        return dataset, "image", options.caption_columns or texts, f"--images {options.images}"
+        return GallerySource(dataset, "image", options.caption_columns or texts, f"--images {options.images}")
     for record in (r for r in records if r["task"] == "retrieval"):
         image_column = record["data"].get("image_column", "image")
         dataset = load_record_data(record, image_column)
         if dataset is not None:
             columns = options.caption_columns or record["data"].get("caption_columns") or list(record["metrics"])
-            return dataset, image_column, columns, f"the data of {record['source']}"
+            return GallerySource(dataset, image_column, columns, f"the data of {record['source']}")
     return None
 
 
-def write_gallery(source: tuple, out: Path, size: int) -> list[dict]:
-    """Copy up to `size` images of the gallery `source` (`gallery_source`), evenly spread over the rows whose caption
-    columns all hold a caption, into `out/gallery` as PNG, with `metadata.jsonl` (`file_name`, `captions` by
-    column). Returns the metadata rows."""
+def write_gallery(source: GallerySource, out: Path, size: int) -> list[dict]:
+    """Copy up to `size` images of `source`, evenly spread over the rows whose caption columns all hold a caption,
+    into `out/gallery` as PNG, with `metadata.jsonl` (`file_name`, `captions` by column). Returns the metadata rows."""
     dataset, image_column, columns, what = source
     missing = [c for c in [image_column, *columns] if c not in dataset.column_names]
     if missing:
