@@ -24,4 +24,15 @@ if ! command -v chromium >/dev/null 2>&1; then
         echo "setup.sh: chromium is missing; install it (apt-get install chromium) for the Space's browser test" >&2
     fi
 fi
+# Node and npm for the transformers.js tests (tests/test_transformers_js.py), which install @huggingface/transformers
+# from npm into ~/.cache/proclip/npm on first use (sharp, which it reads images with in Node, declares Node >= 20.9).
+# Installed only when missing; CI runs as root.
+if ! command -v npm >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        apt-get update -qq >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
+    else
+        echo "setup.sh: node/npm are missing; install Node >= 20.9 for the transformers.js tests" >&2
+    fi
+fi
 python -c "import gradio, torch, transformers; print(f'torch {torch.__version__}, transformers {transformers.__version__}, gradio {gradio.__version__}')"

@@ -279,3 +279,44 @@ def online(monkeypatch):
             monkeypatch.setattr(module, "HF_HUB_OFFLINE", False)
 
     return lift
+
+
+# -- a browser that only reaches loopback (the Space's and transformers.js's pages) ------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+
+
+@pytest.fixture
+def browser_page(tmp_path):
+    """A Chromium page (Debian's chromium, fresh profile) that only reaches 127.0.0.1; yields `(page, blocked)`,
+    `blocked` being the URLs of any other request the page tried (aborted)."""
+    if not Path(CHROMIUM).is_file():
+        missing_requirement(f"{CHROMIUM} is missing (apt-get install chromium, as scripts/setup.sh does)")
+    sync_playwright = require_module("playwright.sync_api").sync_playwright
+    blocked = []
+
+    def only_loopback(route):
+        if route.request.url.startswith(("http://127.0.0.1:", "data:", "blob:")):
+            route.continue_()
+        else:
+            blocked.append(route.request.url)
+            route.abort()
+
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True,
+            viewport={"width": 1280, "height": 900},
+        )
+        context.route("**/*", only_loopback)
+        context.set_default_timeout(60_000)
+        yield context.new_page(), blocked
+        context.close()
+
+
+def screenshot_dir(tmp_path: Path) -> Path:
+    """Where the browser test saves its screenshots: $PROCLIP_SCREENSHOTS (docs/space.png was made so), else tmp."""
+    folder = Path(os.environ.get("PROCLIP_SCREENSHOTS") or tmp_path / "screenshots")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder

@@ -6,7 +6,6 @@ test fails if the page tried one.
 """
 
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import gradio
 import pytest
 import tomllib
 import torch
-from conftest import missing_requirement, require_module
+from conftest import screenshot_dir
 from huggingface_hub import SpaceCard
 from PIL import Image, ImageDraw
 from proclip_train import cli
@@ -35,9 +34,6 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (40, 60, 220), 
 GERMAN = {"red": "roter", "green": "grüner", "blue": "blauer", "yellow": "gelber", "purple": "lila",
           "orange": "oranger"}
 SHAPES = {"circle": "Kreis", "square": "Würfel"}
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
 
 
 # -- a checkpoint with evaluation results, and its Space ------------------------------------------------------------
@@ -407,40 +403,6 @@ def demo_app(quick_demo, tmp_path_factory):
     url = f"http://127.0.0.1:{port}/"
     with running(app_command(), url, app_env(out / "final", port, scratch), startup_timeout=300, cwd=out / "space"):
         yield url, out
-
-
-@pytest.fixture
-def browser_page(tmp_path):
-    """A Chromium page (Debian's chromium, fresh profile) that only reaches 127.0.0.1; yields `(page, blocked)`,
-    `blocked` being the URLs of any other request the page tried (aborted)."""
-    if not Path(CHROMIUM).is_file():
-        missing_requirement(f"{CHROMIUM} is missing (apt-get install chromium, as scripts/setup.sh does)")
-    sync_playwright = require_module("playwright.sync_api").sync_playwright
-    blocked = []
-
-    def only_loopback(route):
-        if route.request.url.startswith(("http://127.0.0.1:", "data:", "blob:")):
-            route.continue_()
-        else:
-            blocked.append(route.request.url)
-            route.abort()
-
-    with sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True,
-            viewport={"width": 1280, "height": 900},
-        )
-        context.route("**/*", only_loopback)
-        context.set_default_timeout(60_000)
-        yield context.new_page(), blocked
-        context.close()
-
-
-def screenshot_dir(tmp_path: Path) -> Path:
-    """Where the browser test saves its screenshots: $PROCLIP_SCREENSHOTS (docs/space.png was made so), else tmp."""
-    folder = Path(os.environ.get("PROCLIP_SCREENSHOTS") or tmp_path / "screenshots")
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
 
 
 def ranked_first_caption(out: Path, gallery: list[dict]) -> dict:

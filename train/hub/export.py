@@ -159,9 +159,10 @@ def _quiet(logger_name: str):
         logger.setLevel(level)
 
 
-def _export_graph(module: nn.Module, inputs: dict[str, torch.Tensor], dynamic_axes: dict[str, dict[int, object]],
-                  output_name: str, path: Path, opset: int) -> list[Path]:
-    """Export `module(**inputs)` to `path`; returns the files written (`path`, and `path.data` for large weights)."""
+def export_graph(module: nn.Module, inputs: dict[str, torch.Tensor], dynamic_axes: dict[str, dict[int, object]],
+                 output_names: list[str], path: Path, opset: int) -> list[Path]:
+    """Export `module(**inputs)` to `path`, its outputs named `output_names`; returns the files written (`path`, and
+    `path.data` for large weights)."""
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     external = weight_bytes > EXTERNAL_DATA_BYTES
     with _quiet("torch.onnx._internal.exporter._registration"), warnings.catch_warnings():
@@ -169,12 +170,26 @@ def _export_graph(module: nn.Module, inputs: dict[str, torch.Tensor], dynamic_ax
         warnings.simplefilter("ignore", FutureWarning)
         warnings.filterwarnings("ignore", message=".*axis name.*will not be used")
         program = torch.onnx.export(
-            module.eval(), (), kwargs=inputs, input_names=list(inputs), output_names=[output_name],
+            module.eval(), (), kwargs=inputs, input_names=list(inputs), output_names=output_names,
             opset_version=opset, dynamic_shapes=dynamic_axes, dynamo=True, external_data=external, verbose=False,
         )
     program.save(str(path), external_data=external)
     data = path.with_name(path.name + ".data")
     return [path, data] if external and data.exists() else [path]
+
+
+def export_towers(model: ProCLIPModel, example: dict[str, torch.Tensor], paths: dict[str, Path],
+                  opset: int) -> list[Path]:
+    """The two tower graphs ([module docstring]) traced on `example` (`tower_inputs`), written to `paths["vision"]` and
+    `paths["text"]`; returns the files written."""
+    batch = torch.export.Dim("batch")
+    sequence = torch.export.Dim("sequence", max=model.config.max_text_length)
+    vision = {"pixel_values": example["pixel_values"]}
+    files = export_graph(ImageEmbeddings(model), vision, {"pixel_values": {0: batch}}, ["image_embeds"],
+                         paths["vision"], opset)
+    text_axes = {"input_ids": {0: batch, 1: sequence}, "attention_mask": {0: batch, 1: sequence}}
+    text = {name: example[name] for name in ("input_ids", "attention_mask")}
+    return files + export_graph(TextEmbeddings(model), text, text_axes, ["text_embeds"], paths["text"], opset)
 
 
 def quantize_int8(source: Path, target: Path) -> list[Path]:
@@ -300,8 +315,6 @@ def export_onnx(model_dir: str | Path, options: OnnxExportOptions | None = None)
         }
     for tower, embeds in reference.items():
         require_finite_embeddings(embeds, f"{folder}: PyTorch's {tower} embeddings of the export's check batch")
-    batch = torch.export.Dim("batch")
-    sequence = torch.export.Dim("sequence", max=model.config.max_text_length)
     report = OnnxExportReport()
     staging = contextlib.ExitStack()
     try:
@@ -311,13 +324,7 @@ def export_onnx(model_dir: str | Path, options: OnnxExportOptions | None = None)
                           "folder somewhere writable and export there") from error
     with staging, torch.no_grad():
         paths = tower_files(onnx_dir)
-        report.files += _export_graph(
-            ImageEmbeddings(model), {"pixel_values": example["pixel_values"]}, {"pixel_values": {0: batch}},
-            "image_embeds", paths["vision"], options.opset,
-        )
-        text_axes = {"input_ids": {0: batch, 1: sequence}, "attention_mask": {0: batch, 1: sequence}}
-        text = {name: example[name] for name in ("input_ids", "attention_mask")}
-        report.files += _export_graph(TextEmbeddings(model), text, text_axes, "text_embeds", paths["text"], options.opset)
+        report.files += export_towers(model, example, paths, options.opset)
         if options.quantize:
             for tower, target in tower_files(onnx_dir, options.quantize).items():
                 report.files += quantize_int8(paths[tower], target)
