@@ -40,6 +40,7 @@ from torch import nn
 from modeling_proclip import ProCLIPModel, ProCLIPProcessor
 
 from ..training.finite import require_finite_folder
+from ..training.saved_weights import require_weights_fit_config
 from .export import (
     CHECK_CAPTIONS,
     EXAMPLE_CAPTIONS,
@@ -257,6 +258,7 @@ def export_transformers_js(model_dir: str | Path, out: str | Path,
     Raises:
         ExportError: not a ProCLIP folder, an unusable --out, an unknown dtype, or missing ONNX packages.
         NonFiniteError: the checkpoint holds NaN or infinite weights.
+        WeightsConfigMismatch: the weights do not have the shapes config.json gives.
         ParityError: ONNX Runtime's fp32 outputs differ from PyTorch's by more than `options.atol`.
     """
     options = options or TransformersJsOptions()
@@ -266,6 +268,7 @@ def export_transformers_js(model_dir: str | Path, out: str | Path,
         raise ExportError(f"--dtype {', '.join(unknown)} is not one of {', '.join(DTYPE_SUFFIXES)}")
     require_onnx_packages()
     require_finite_folder(folder)
+    require_weights_fit_config(folder)
     prepare_out(out, folder)
 
     model = ProCLIPModel.from_pretrained(folder, dtype=torch.float32).eval()
