@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+from transformers.utils.logging import disable_progress_bar
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from bench_onnx import interleaved_medians  # noqa: E402
@@ -120,6 +121,7 @@ def main() -> None:
     parser.add_argument("--equal-threads", type=int, default=2,
                         help="torch threads for the second text case, captions of one length (default 2; 0: skip it)")
     args = parser.parse_args()
+    disable_progress_bar()  # embed_joint_texts shows one, as `proclip eval` does
     torch.set_num_threads(args.threads or torch.get_num_threads())
     with tempfile.TemporaryDirectory() as tmp:
         clip = write_clip(Path(tmp))

@@ -177,8 +177,9 @@ def pool_hidden_states(
     mask = attention_mask.bool()
     rows = torch.arange(hidden_states.shape[0], device=hidden_states.device)
     if pooling == "mean":
-        rank = mask.cumsum(-1) - 1
-        weights = (mask & (rank >= skip_leading)).to(hidden_states.dtype).unsqueeze(-1)
+        if skip_leading:  # (without an instruction: the mask itself, three ops fewer per batch)
+            mask = mask & (mask.cumsum(-1) > skip_leading)
+        weights = mask.to(hidden_states.dtype).unsqueeze(-1)
         return (hidden_states * weights).sum(1) / weights.sum(1).clamp(min=1)
     if pooling == "last_token":
         last = mask.shape[-1] - 1 - mask.flip(-1).int().argmax(-1)
