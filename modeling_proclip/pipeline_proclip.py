@@ -6,6 +6,9 @@ model=folder_or_repo, trust_remote_code=True)` builds it. It imports only the st
 """
 
 from transformers import AutoProcessor, ZeroShotImageClassificationPipeline
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 
 class ProCLIPZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipeline):
@@ -42,6 +45,11 @@ def zero_shot_labels(candidate_labels, hypothesis_template: str) -> list[str]:
         raise ValueError(
             f"hypothesis_template {hypothesis_template!r} must hold exactly one '{{}}', where each label goes, "
             "e.g. 'This is a photo of {}.'"
+        )
+    if len(candidate_labels) == 1:
+        logger.warning(
+            f"One candidate label ({candidate_labels[0]!r}): its score is 1.0 for any image (a softmax over one label); "
+            "pass two or more labels to compare them."
         )
     return list(candidate_labels)
 

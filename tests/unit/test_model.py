@@ -399,6 +399,18 @@ def test_the_pipeline_refuses_no_labels_and_templates_without_one_placeholder(ti
     assert as_string == as_list
 
 
+def test_the_pipeline_warns_that_one_label_always_scores_one(tiny_proclip_dir, caplog):
+    classifier = pipeline("zero-shot-image-classification", model=str(tiny_proclip_dir), trust_remote_code=True)
+    with caplog.at_level(logging.WARNING):
+        (only,) = classifier(red_image(), candidate_labels=["red circle"])
+    assert only["score"] == pytest.approx(1.0)
+    assert "One candidate label ('red circle'): its score is 1.0 for any image" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        classifier(red_image(), candidate_labels=["red circle", "blue square"])
+    assert "One candidate label" not in caplog.text
+
+
 def test_encode_text_and_image_batch_in_any_order_and_size(model, processor, tmp_path):
     captions = CAPTIONS + ["", "a very long caption " * 20]
     with torch.inference_mode():
