@@ -1,4 +1,5 @@
-"""Load-test a checkpoint's Inference Endpoints handler served as Endpoints serve it (`proclip_train.hub.serve`).
+"""Load-test a checkpoint's Inference Endpoints handler served as Endpoints serve it
+(`proclip_train.hub.serving.serve`).
 
     python bench/bench_handler_server.py [--model DIR] [--clients 8] [--requests 50] [--threads N] [--out FILE]
 
@@ -24,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import build_tiny_clip, build_tiny_llm  # noqa: E402
-from proclip_train.hub.serve import (  # noqa: E402
+from proclip_train.hub.serving.serve import (  # noqa: E402
     LoadReport,
     run_clients,
     serving,

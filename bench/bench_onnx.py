@@ -42,7 +42,7 @@ from proclip_train.evaluation.tasks import (  # noqa: E402
     evaluate_retrieval,
     evaluate_zeroshot,
 )
-from proclip_train.hub.export import (  # noqa: E402
+from proclip_train.hub.export.onnx import (  # noqa: E402
     OnnxExportOptions,
     OnnxProCLIP,
     export_onnx,

@@ -4,7 +4,7 @@ import json
 import sys
 import textwrap
 
-from proclip_train.hub.push import output_tail, run_python_without_project
+from proclip_train.hub.publish.push import output_tail, run_python_without_project
 
 
 def run_without_project(code: str, timeout: int = 300, args=(), python=sys.executable):

@@ -75,7 +75,7 @@ def test_offline_nothing_is_fetched_even_when_allowed(url_table, counting_image_
 
 def test_the_space_gallery_copies_no_image_from_outside_the_data(url_table, counting_image_server, tmp_path):
     """`proclip space` publishes the images of the data a results file scored: only those inside its folder."""
-    from proclip_train.hub.space import SpaceOptions, gallery_source, write_gallery
+    from proclip_train.hub.space.space import SpaceOptions, gallery_source, write_gallery
 
     record = {"task": "retrieval", "source": "results.json", "metrics": {"caption": {}},
               "data": {"spec": str(url_table), "split": "train", "image_column": "image", "caption_columns": ["caption"]}}

@@ -15,15 +15,15 @@ from conftest import minilm_folder
 from huggingface_hub import ModelCard
 from PIL import Image
 from proclip_train import cli
-from proclip_train.hub.card import (
+from proclip_train.hub.publish.card import (
     EXAMPLE_IMAGE_FILE,
     PLOT_FILE,
     build_model_card,
     languages_phrase,
     text_tower_languages,
 )
-from proclip_train.hub.push import run_python_without_project
-from proclip_train.hub.results import read_results
+from proclip_train.hub.publish.push import run_python_without_project
+from proclip_train.hub.publish.results import read_results
 
 REPO_ID = "my-org/proclip-tiny"
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}

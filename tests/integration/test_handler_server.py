@@ -1,4 +1,4 @@
-"""The Inference Endpoints handler served as Endpoints serve it (`proclip_train.hub.serve`: the checkpoint's own
+"""The Inference Endpoints handler served as Endpoints serve it (`proclip_train.hub.serving.serve`: the checkpoint's own
 handler.py behind `POST /`) on 127.0.0.1: huggingface_hub's `InferenceClient`, raw image bodies with the labels in the
 query string, the embedding forms, malformed and over-bound payloads (4xx in milliseconds), a timed-out request that
 frees the worker, and a load of 8 concurrent clients. Every request goes to a loopback port of a server this module
@@ -24,7 +24,7 @@ import urllib.request
 import pytest
 import torch
 from PIL import Image
-from proclip_train.hub.serve import (
+from proclip_train.hub.serving.serve import (
     ServerConfig,
     free_port,
     png_base64,

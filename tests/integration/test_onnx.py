@@ -18,15 +18,15 @@ require_module("onnxruntime")
 require_module("onnxscript")
 
 from proclip_train.cli import main  # noqa: E402
-from proclip_train.hub.card import build_model_card  # noqa: E402
-from proclip_train.hub.export import (  # noqa: E402
+from proclip_train.hub.publish.card import build_model_card  # noqa: E402
+from proclip_train.hub.export.onnx import (  # noqa: E402
     OnnxExportOptions,
     OnnxProCLIP,
     export_onnx,
     onnx_paths,
     onnx_session,
 )
-from proclip_train.hub.push import files_to_upload  # noqa: E402
+from proclip_train.hub.publish.push import files_to_upload  # noqa: E402
 
 from modeling_proclip import ProCLIPModel, ProCLIPProcessor  # noqa: E402
 

@@ -13,8 +13,8 @@ import torch
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 from PIL import Image
 from proclip_train import cli
-from proclip_train.hub.card import write_model_card
-from proclip_train.hub.push import (
+from proclip_train.hub.publish.card import write_model_card
+from proclip_train.hub.publish.push import (
     FolderNotReady,
     RemoteCodeError,
     check_remote_code_loads,
@@ -58,7 +58,7 @@ def test_isolated_python_cannot_import_the_project():
     result = run_python_without_project("import transformers\nimport configuration_proclip")
     assert result.returncode != 0
     assert "No module named 'configuration_proclip' (blocked" in result.stderr
-    for module in ("modeling_proclip", "proclip_train.hub.card"):
+    for module in ("modeling_proclip", "proclip_train.hub.publish.card"):
         assert run_python_without_project(f"import {module}").returncode != 0
 
 

@@ -18,9 +18,9 @@ from conftest import screenshot_dir
 from huggingface_hub import SpaceCard
 from PIL import Image, ImageDraw
 from proclip_train import cli
-from proclip_train.hub.push import BLOCK_PROJECT
-from proclip_train.hub.serve import free_port, running
-from proclip_train.hub.space import (
+from proclip_train.hub.publish.push import BLOCK_PROJECT
+from proclip_train.hub.serving.serve import free_port, running
+from proclip_train.hub.space.space import (
     GRADIO_VERSION,
     SPACE_APP,
     SpaceOptions,

@@ -29,7 +29,7 @@ require_module("onnxruntime")
 require_module("onnxscript")
 
 from proclip_train.cli import main  # noqa: E402
-from proclip_train.hub.transformers_js import (  # noqa: E402
+from proclip_train.hub.export.transformers_js import (  # noqa: E402
     TRANSFORMERS_JS_VERSION,
     TransformersJsReport,
     default_dtype,

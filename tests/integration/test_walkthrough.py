@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from conftest import require_package
 from PIL import Image
-from proclip_train.hub.init import UNTRAINED_ADAPTER_FILE
+from proclip_train.hub.build.init import UNTRAINED_ADAPTER_FILE
 from proclip_train.training.registry import MINILM
 
 README = Path(__file__).resolve().parents[2] / "README.md"

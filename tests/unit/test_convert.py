@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from proclip_train.cli import main as cli_main
-from proclip_train.hub.convert import (
+from proclip_train.hub.build.convert import (
     UnsupportedCheckpointError,
     convert_checkpoint,
     infer_layout,

@@ -1,6 +1,7 @@
 """The Inference Endpoints handler in this process, imported from the checkpoint as Endpoints import it: the Inference
 API's request shapes, each request bound refused before its work starts, and the reading of request bodies as the
-Endpoints container reads them (`proclip_train.hub.endpoint_worker`). The served handler: test_handler_server.py."""
+Endpoints container reads them (`proclip_train.hub.serving.endpoint_worker`). The served handler:
+test_handler_server.py."""
 
 import base64
 import importlib.util
@@ -11,7 +12,7 @@ import time
 import pytest
 import torch
 from PIL import Image
-from proclip_train.hub.endpoint_worker import (
+from proclip_train.hub.serving.endpoint_worker import (
     EndpointRequest,
     answer,
     query_parameters,

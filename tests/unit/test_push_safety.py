@@ -8,8 +8,8 @@ import textwrap
 
 import pytest
 from proclip_train import cli
-from proclip_train.hub.card import write_model_card
-from proclip_train.hub.push import code_differences, environment_without_credentials
+from proclip_train.hub.publish.card import write_model_card
+from proclip_train.hub.publish.push import code_differences, environment_without_credentials
 
 REPO_ID = "my-org/proclip-tiny"
 SECRETS = {

@@ -1,12 +1,12 @@
 """`proclip card`: write a saved ProCLIP folder's README.md, a Hub model card with its results (the command
-line of `hub/card.py`, whose docstring is the `--help` description).
+line of `hub/publish/card.py`, whose docstring is the `--help` description).
 """
 
 import argparse
 from pathlib import Path
 
-from ..hub import card as hub_card
-from ..hub.card import (
+from ..hub.publish import card as hub_card
+from ..hub.publish.card import (
     DEFAULT_LICENSE,
     DEFAULT_TAGS,
     DEFAULT_TEMPLATE,

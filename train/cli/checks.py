@@ -33,7 +33,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
-from ..hub.serve import HANDLER_FILE
+from ..hub.serving.serve import HANDLER_FILE
 from ..training.registry import (
     DEFAULT_CAPTION_COLUMN,
     DEFAULT_IMAGE_COLUMN,

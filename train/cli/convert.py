@@ -1,5 +1,5 @@
 """`proclip convert`: upstream ProCLIP / LLM2CLIP checkpoints into this package's format (the command line of
-`hub/convert.py`).
+`hub/build/convert.py`).
 """
 
 import argparse
@@ -8,7 +8,7 @@ import torch
 
 from configuration_proclip import POOLING_MODES
 
-from ..hub.convert import UnsupportedCheckpointError, convert_checkpoint
+from ..hub.build.convert import UnsupportedCheckpointError, convert_checkpoint
 from .errors import UsageError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

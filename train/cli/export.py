@@ -1,11 +1,12 @@
-"""`proclip export`: a saved ProCLIP folder's towers as ONNX files (`--format onnx`, see `proclip_train.hub.export`),
-or a folder for transformers.js (`--format transformers.js`, see `proclip_train.hub.transformers_js`)."""
+"""`proclip export`: a saved ProCLIP folder's towers as ONNX files (`--format onnx`, see
+`proclip_train.hub.export.onnx`), or a folder for transformers.js (`--format transformers.js`, see
+`proclip_train.hub.export.transformers_js`)."""
 
 import argparse
 import sys
 
-from ..hub import export as hub_export
-from ..hub.export import (
+from ..hub.export import onnx as hub_export
+from ..hub.export.onnx import (
     DEFAULT_OPSET,
     INT8_WARN_COSINE,
     QUANTIZATIONS,
@@ -15,7 +16,7 @@ from ..hub.export import (
     ParityError,
     export_onnx,
 )
-from ..hub.transformers_js import (
+from ..hub.export.transformers_js import (
     DEFAULT_DTYPES,
     DTYPE_SUFFIXES,
     TransformersJsOptions,

@@ -3,7 +3,7 @@
 import argparse
 from pathlib import Path
 
-from ..hub.init import build_checkpoint
+from ..hub.build.init import build_checkpoint
 from ..training.packaged_towers import resolve_text_tower
 from ..training.registry import teacher_in
 from .errors import UsageError

@@ -1,5 +1,5 @@
 """`proclip push`: check a saved ProCLIP folder and upload it with its model card to the Hugging Face Hub (the
-command line of `hub/push.py`, whose docstring is the `--help` description).
+command line of `hub/publish/push.py`, whose docstring is the `--help` description).
 """
 
 import argparse
@@ -8,8 +8,8 @@ from pathlib import Path
 
 from huggingface_hub.errors import HfHubHTTPError
 
-from ..hub import push as hub_push
-from ..hub.push import (
+from ..hub.publish import push as hub_push
+from ..hub.publish.push import (
     FolderNotReady,
     code_differences,
     human_size,

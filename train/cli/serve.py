@@ -1,10 +1,11 @@
-"""`proclip serve`: a checkpoint's `handler.py` served as Inference Endpoints serve it (see `proclip_train.hub.serve`)."""
+"""`proclip serve`: a checkpoint's `handler.py` served as Inference Endpoints serve it (see
+`proclip_train.hub.serving.serve`)."""
 
 import argparse
 
-from ..hub import serve as hub_serve
-from ..hub.endpoint_worker import HandlerLoadError
-from ..hub.serve import ServerConfig, serve_folder
+from ..hub.serving import serve as hub_serve
+from ..hub.serving.endpoint_worker import HandlerLoadError
+from ..hub.serving.serve import ServerConfig, serve_folder
 from .errors import UsageError
 
 

@@ -1,10 +1,10 @@
-"""`proclip space`: write a Gradio Space for a saved ProCLIP folder (see `proclip_train.hub.space`)."""
+"""`proclip space`: write a Gradio Space for a saved ProCLIP folder (see `proclip_train.hub.space.space`)."""
 
 import argparse
 from pathlib import Path
 
-from ..hub import space as hub_space
-from ..hub.space import GALLERY_DIR, SpaceOptions, run_instructions, write_space
+from ..hub.space import space as hub_space
+from ..hub.space.space import GALLERY_DIR, SpaceOptions, run_instructions, write_space
 from .errors import UsageError
 from .flags import add_caption_column_argument
 

@@ -30,7 +30,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from modeling_proclip import ProCLIPModel, ProCLIPProcessor
 
-from ..hub.init import has_untrained_adapter
+from ..hub.build.init import has_untrained_adapter
 from ..training.arguments import ProCLIPTrainingArguments
 from ..training.cache import (
     DEFAULT_CACHE_FOLDER,

@@ -54,10 +54,10 @@ from transformers import AutoTokenizer
 from modeling_proclip import ProCLIPModel, ProCLIPProcessor
 
 from ..evaluation.tasks import evaluate_retrieval, evaluate_zeroshot
-from ..hub.card import write_model_card
-from ..hub.init import build_checkpoint
-from ..hub.push import check_remote_code_loads, human_size
-from ..hub.space import SpaceOptions, run_instructions, write_space
+from ..hub.publish.card import write_model_card
+from ..hub.build.init import build_checkpoint
+from ..hub.publish.push import check_remote_code_loads, human_size
+from ..hub.space.space import SpaceOptions, run_instructions, write_space
 from ..training.arguments import ProCLIPTrainingArguments
 from ..training.cache import EmbeddingCache, build_embedding_cache
 from ..training.packaged_towers import resolve_text_tower

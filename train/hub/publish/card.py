@@ -27,10 +27,10 @@ from huggingface_hub import ModelCard, ModelCardData, try_to_load_from_cache
 from safetensors import safe_open
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
-from ..evaluation.tasks import class_names_and_labels, load_eval_dataset
-from ..training.finite import require_finite_folder
-from ..training.images import decode_image
-from ..training.registry import STAGE_NUMBERS, packaged_tower_at
+from ...evaluation.tasks import class_names_and_labels, load_eval_dataset
+from ...training.finite import require_finite_folder
+from ...training.images import decode_image
+from ...training.registry import STAGE_NUMBERS, packaged_tower_at
 from .results import (
     TASKS,
     Evaluation,

@@ -36,11 +36,11 @@ import datasets
 from huggingface_hub import SpaceCard, SpaceCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from ..evaluation.tasks import class_names_and_labels, load_eval_dataset
-from ..training.finite import require_finite_folder
-from ..training.images import decode_image
-from .card import languages_phrase, load_record_data, text_tower_languages
-from .results import evaluations_from_record
+from ...evaluation.tasks import class_names_and_labels, load_eval_dataset
+from ...training.finite import require_finite_folder
+from ...training.images import decode_image
+from ..publish.card import languages_phrase, load_record_data, text_tower_languages
+from ..publish.results import evaluations_from_record
 
 SPACE_APP = Path(__file__).with_name("space_app.py")
 CONFIG_FILE = "space_config.json"

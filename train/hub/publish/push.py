@@ -46,7 +46,7 @@ from modeling_proclip.saving_proclip import (
     copy_remote_code,
 )
 
-from ..training.finite import require_finite_folder
+from ...training.finite import require_finite_folder
 
 REQUIRED_FILES = (
     "config.json", *REMOTE_CODE_FILES, ENDPOINT_HANDLER_FILE, "processor_config.json", "tokenizer_config.json",

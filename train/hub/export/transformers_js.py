@@ -39,9 +39,9 @@ from torch import nn
 
 from modeling_proclip import ProCLIPModel, ProCLIPProcessor
 
-from ..training.finite import require_finite_folder
-from ..training.saved_weights import require_weights_fit_config
-from .export import (
+from ...training.finite import require_finite_folder
+from ...training.saved_weights import require_weights_fit_config
+from .onnx import (
     CHECK_CAPTIONS,
     EXAMPLE_CAPTIONS,
     ONNX_FOLDER,

@@ -3,8 +3,8 @@ deploying it, and to load-test it.
 
     proclip serve --model DIR [--host 127.0.0.1] [--port 8080]
 
-A worker process (`proclip_train.hub.endpoint_worker`) imports `DIR/handler.py` (the file that ships in the checkpoint,
-not this project's copy), builds `EndpointHandler(DIR)` once and answers, as the Endpoints container does,
+A worker process (`proclip_train.hub.serving.endpoint_worker`) imports `DIR/handler.py` (the file that ships in the
+checkpoint, not this project's copy), builds `EndpointHandler(DIR)` once and answers, as the Endpoints container does,
     POST / (or /predict)   a JSON body, or an image body (`Content-Type: image/png` ..., labels in the query string)
                            -> 200 with the handler's answer as JSON
     GET  /health (or /)    200 {"status": "ok"}

@@ -36,9 +36,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from configuration_proclip import ProCLIPConfig
 from modeling_proclip import ProCLIPModel, ProCLIPProcessor
 
-from ..training.finite import require_finite_embeddings, require_finite_folder
-from ..training.saved_weights import require_weights_fit_config
-from ..training.staged_folder import staged_folder
+from ...training.finite import require_finite_embeddings, require_finite_folder
+from ...training.saved_weights import require_weights_fit_config
+from ...training.staged_folder import staged_folder
 
 ONNX_FOLDER = "onnx"
 VISION_FILE = "vision_model.onnx"
