@@ -241,7 +241,7 @@ def _after_interrupt(out: Path, existed: bool) -> str:
     if not existed and not any(path.is_file() for path in out.rglob("*")):
         shutil.rmtree(out)
         return f"removed {out}, which this run had created and which held nothing yet."
-    checkpoint = get_last_checkpoint(str(out))
+    checkpoint, _ = latest_complete_checkpoint(out)
     if checkpoint is None:
         return f"{out} holds no checkpoint of this run; nothing to resume from."
     return f"{out} keeps {Path(checkpoint).name}: add --resume_from_checkpoint to the command to go on from it."
