@@ -270,3 +270,20 @@ def test_no_pinned_memory_without_an_accelerator(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         list(torch.utils.data.DataLoader([1, 2], pin_memory=args.dataloader_pin_memory))
+
+
+def test_after_ctrl_c_proclip_train_names_the_checkpoint_to_resume_from(tmp_path):
+    """What `proclip train` says after Ctrl-C when --out holds checkpoints: the newest complete one (an incomplete
+    newer one, without trainer_state.json, is passed over), and how to resume; an --out it created empty is removed."""
+    from proclip_train.cli.train import _after_interrupt
+
+    out = tmp_path / "out"
+    for step, state in ((2, True), (4, False)):
+        (out / f"checkpoint-{step}").mkdir(parents=True)
+        (out / f"checkpoint-{step}" / ("trainer_state.json" if state else "optimizer.pt")).write_text("{}")
+    assert _after_interrupt(out, existed=True) == (
+        f"{out} keeps checkpoint-2: add --resume_from_checkpoint to the command to go on from it."
+    )
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert _after_interrupt(empty, existed=False).startswith(f"removed {empty}") and not empty.exists()
