@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from conftest import missing_requirement
 from packaging.requirements import Requirement
 from proclip_train.training.packaged_towers import cache_root
 
@@ -108,3 +109,12 @@ def venv_python(requirements: tuple[str, ...], timeout: float = 900) -> Path:
     ))
     # The interpreter finds its environment from where it lies, so the folder can move (bin/'s scripts cannot: unused).
     return _publish(scratch, final) / "bin" / "python"
+
+
+def venv_python_or_skip(requirements: tuple[str, ...]) -> Path:
+    """`venv_python(requirements)`; an environment that cannot be built (no package index) skips the calling test
+    locally and fails it under `CI=true`."""
+    try:
+        return venv_python(requirements)
+    except RuntimeError as error:
+        missing_requirement(str(error))

@@ -21,12 +21,15 @@ from proclip_train.cli import main  # noqa: E402
 from proclip_train.hub.publish.card import build_model_card  # noqa: E402
 from proclip_train.hub.export.onnx import (  # noqa: E402
     OnnxExportOptions,
+    TEXT_OUTPUTS,
     OnnxProCLIP,
     export_onnx,
     onnx_paths,
     onnx_session,
 )
 from proclip_train.hub.publish.push import files_to_upload  # noqa: E402
+from isolation import run_without_project  # noqa: E402
+from venvs import REMOTE_CODE_REQUIREMENTS, venv_python_or_skip  # noqa: E402
 
 from modeling_proclip import ProCLIPModel, ProCLIPProcessor  # noqa: E402
 
@@ -67,7 +70,7 @@ def test_graphs_take_the_processor_keys_with_dynamic_batch_and_sequence(exported
     assert [i.name for i in vision.get_inputs()] == ["pixel_values"]
     assert [i.name for i in text.get_inputs()] == ["input_ids", "attention_mask"]
     assert [o.name for o in vision.get_outputs()] == ["image_embeds"]
-    assert [o.name for o in text.get_outputs()] == ["text_embeds"]
+    assert [o.name for o in text.get_outputs()] == list(TEXT_OUTPUTS)
     assert isinstance(vision.get_inputs()[0].shape[0], str) and vision.get_inputs()[0].shape[1:] == [3, 32, 32]
     assert all(isinstance(dim, str) for i in text.get_inputs() for dim in i.shape)
     assert sorted(path.name for path in report.files) == sorted(
@@ -208,3 +211,33 @@ def test_cli_user_errors_exit_2_with_one_line(problem, tmp_path, tiny_llm_dir, t
         lines = [line for line in result.stderr.splitlines() if line.startswith("proclip export:")]
         assert len(lines) == 1 and str(model) in lines[0]
     assert not (model / "onnx").exists()
+
+
+# optimum's ONNX Runtime classes, in their own environment: optimum-onnx installs transformers 4.57.
+OPTIMUM_REQUIREMENTS = ("optimum-onnx[onnxruntime]", *REMOTE_CODE_REQUIREMENTS)
+OPTIMUM_FEATURE_EXTRACTION = """
+    import json, sys
+    import transformers
+    from optimum.onnxruntime import ORTModelForFeatureExtraction
+    from transformers import AutoTokenizer
+
+    folder, captions = sys.argv[1], json.loads(sys.argv[2])
+    model = ORTModelForFeatureExtraction.from_pretrained(
+        folder, subfolder="onnx", file_name="text_model.onnx", trust_remote_code=True
+    )
+    batch = AutoTokenizer.from_pretrained(folder)(captions, padding=True, return_tensors="pt")
+    embeds = model(**batch).last_hidden_state[:, 0]
+    print(json.dumps({"transformers": transformers.__version__, "embeds": embeds.tolist()}))
+"""
+
+
+@torch.inference_mode()
+def test_optimum_feature_extraction_gives_the_text_embeddings(exported):
+    folder, _ = exported
+    python = venv_python_or_skip(OPTIMUM_REQUIREMENTS)
+    answer = run_without_project(OPTIMUM_FEATURE_EXTRACTION, timeout=600, args=[folder, json.dumps(CAPTIONS)],
+                                 python=python)
+    model, processor, _ = pytorch_and_onnx(folder)
+    expected = model.get_text_features(**processor(text=CAPTIONS)).pooler_output
+    assert answer["transformers"].startswith("4.")  # optimum's own transformers, not this Python's 5.x
+    assert (torch.tensor(answer["embeds"]) - expected).abs().max().item() <= 1e-4

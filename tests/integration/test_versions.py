@@ -13,23 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_llm, missing_requirement
+from conftest import build_tiny_llm
 from isolation import run_without_project
 from PIL import Image
-from venvs import REMOTE_CODE_REQUIREMENTS, venv_python
+from venvs import REMOTE_CODE_REQUIREMENTS, venv_python_or_skip
 
 # The versions the deploying tools run: the Endpoints toolkit's pin and the newest 4.57 (what optimum installs).
 TRANSFORMERS_VERSIONS = ("4.51.3", "4.57.6")
 TOLERANCE = 1e-5
 OUTPUTS_SCRIPT = Path(__file__).with_name("remote_code_outputs.py")
-
-
-def environment(requirements: tuple[str, ...]) -> Path:
-    """An isolated environment's Python; one that cannot be built (no package index) skips, and fails under CI."""
-    try:
-        return venv_python(requirements)
-    except RuntimeError as error:
-        missing_requirement(str(error))
 
 
 def remote_code_outputs(python, image: Path, folders: list[Path]) -> dict:
@@ -85,7 +77,7 @@ def assert_same_ranking(answer: list[dict], expected: list[dict], what: str) -> 
 
 @pytest.mark.parametrize("version", TRANSFORMERS_VERSIONS)
 def test_remote_code_answers_as_on_transformers_5(version, folders, image, reference):
-    python = environment((f"transformers=={version}", *REMOTE_CODE_REQUIREMENTS))
+    python = venv_python_or_skip((f"transformers=={version}", *REMOTE_CODE_REQUIREMENTS))
     answer = remote_code_outputs(python, image, folders)
     assert answer["transformers"] == version and answer["torch"] == torch.__version__
     assert reference["transformers"].startswith("5.")

@@ -1,10 +1,11 @@
 """`proclip export --format onnx`: a saved ProCLIP folder's two towers as ONNX files, for ONNX Runtime.
 
     <folder>/onnx/vision_model.onnx   pixel_values (batch, 3, S, S)             -> image_embeds (batch, D)
-    <folder>/onnx/text_model.onnx     input_ids, attention_mask (batch, sequence) -> text_embeds (batch, D)
+    <folder>/onnx/text_model.onnx     input_ids, attention_mask (batch, sequence) -> text_embeds (batch, D),
+                                      last_hidden_state (batch, 1, D) (the same, for optimum)
     <folder>/onnx/*_int8.onnx         the same with int8 weights (`--quantize int8`, ONNX Runtime dynamic quantization)
 
-Input names are the processor's keys; the first (only) output is the unnormalised embedding, exactly
+Input names are the processor's keys; the first output is the unnormalised embedding, exactly
 `get_image_features(...).pooler_output` / `get_text_features(...).pooler_output`: the text graph holds the LLM, the
 checkpoint's own pooling (bidirectional mask, instruction tokens left out of the mean, padding-side independent
 positions) and the adapter. Batch and sequence are dynamic axes; the sequence may not exceed `max_text_length`
@@ -105,6 +106,10 @@ class ImageEmbeddings(nn.Module):
         return self.model.get_image_features(pixel_values=pixel_values).pooler_output
 
 
+# The text graph's outputs: the embedding, and the same as a one-token sequence under the name optimum reads.
+TEXT_OUTPUTS = ("text_embeds", "last_hidden_state")
+
+
 class TextEmbeddings(nn.Module):
     """input_ids, attention_mask (batch, sequence) -> (batch, D) unnormalised text embeddings, as `get_text_features`."""
 
@@ -112,8 +117,11 @@ class TextEmbeddings(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(text_embeds (batch, D), last_hidden_state (batch, 1, D))`: the second output is the same embedding as a
+        one-token sequence, under the name optimum's `ORTModelForFeatureExtraction` reads (its only output)."""
+        embeds = self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+        return embeds, embeds[:, None, :]
 
 
 def onnx_paths(model_dir: str | Path, quantize: str | None = None) -> dict[str, Path]:
@@ -189,7 +197,7 @@ def export_towers(model: ProCLIPModel, example: dict[str, torch.Tensor], paths: 
                          paths["vision"], opset)
     text_axes = {"input_ids": {0: batch, 1: sequence}, "attention_mask": {0: batch, 1: sequence}}
     text = {name: example[name] for name in ("input_ids", "attention_mask")}
-    return files + export_graph(TextEmbeddings(model), text, text_axes, ["text_embeds"], paths["text"], opset)
+    return files + export_graph(TextEmbeddings(model), text, text_axes, list(TEXT_OUTPUTS), paths["text"], opset)
 
 
 def quantize_int8(source: Path, target: Path) -> list[Path]:
@@ -254,7 +262,7 @@ class OnnxProCLIP:
     def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_) -> BaseModelOutputWithPooling:
         """input_ids, attention_mask (batch, sequence) -> `pooler_output` (batch, D), unnormalised."""
         feeds = {"input_ids": input_ids.cpu().long().numpy(), "attention_mask": attention_mask.cpu().long().numpy()}
-        (embeds,) = self.text.run(None, feeds)
+        (embeds,) = self.text.run(["text_embeds"], feeds)
         return BaseModelOutputWithPooling(pooler_output=torch.from_numpy(embeds))
 
 
