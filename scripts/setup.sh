@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Installs ProCLIP with everything its tests and demo need, on a fresh machine with Python >= 3.10.
+# `--tests` also builds the outside environments the integration tests run checkpoints in (virtual environments with
+# transformers 4.51.3 / 4.57.6 and optimum, transformers.js from npm: tests/venvs.py), so the suite does not.
 # torch first and pinned: on the project's CPU machines 2.13.0 is a CPU wheel already on disk; elsewhere pip fetches it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,3 +38,6 @@ if ! command -v npm >/dev/null 2>&1; then
     fi
 fi
 python -c "import gradio, torch, transformers; print(f'torch {torch.__version__}, transformers {transformers.__version__}, gradio {gradio.__version__}')"
+if [ "${1:-}" = "--tests" ]; then
+    python tests/venvs.py
+fi

@@ -1,5 +1,8 @@
-"""Isolated virtual environments with other transformers versions (and optimum), for the integration tests of the
-remote code a checkpoint folder carries.
+"""The outside environments the integration tests run a checkpoint in: isolated virtual environments with other
+transformers versions (and optimum), for the remote code a checkpoint folder carries, and transformers.js from npm.
+
+`bash scripts/setup.sh --tests` (what CI runs) builds them all before the suite, through `python tests/venvs.py`;
+a test that finds one missing builds it on first use.
 
 Each environment is built on first use and kept under `$PROCLIP_CACHE/venvs` (default `~/.cache/proclip/venvs`),
 one folder per requirement set, so later runs start at once. It holds its own transformers, tokenizers,
@@ -26,6 +29,12 @@ from proclip_train.training.packaged_towers import cache_root
 
 # What the remote code of a folder imports besides torch and transformers (PIL), pinned by nothing else.
 REMOTE_CODE_REQUIREMENTS = ("pillow",)
+# The versions the deploying tools run: the Endpoints toolkit's pin and the newest 4.57 (what optimum installs).
+TRANSFORMERS_VERSIONS = ("4.51.3", "4.57.6")
+# optimum's ONNX Runtime classes, in their own environment: optimum-onnx installs transformers 4.57.
+OPTIMUM_REQUIREMENTS = ("optimum-onnx[onnxruntime]", *REMOTE_CODE_REQUIREMENTS)
+ENVIRONMENTS = (*((f"transformers=={version}", *REMOTE_CODE_REQUIREMENTS) for version in TRANSFORMERS_VERSIONS),
+                OPTIMUM_REQUIREMENTS)
 MARKER_FILE = "proclip-venv.json"
 
 
@@ -118,3 +127,44 @@ def venv_python_or_skip(requirements: tuple[str, ...]) -> Path:
         return venv_python(requirements)
     except RuntimeError as error:
         missing_requirement(str(error))
+
+
+def transformers_js_modules(version: str) -> Path:
+    """The node_modules folder of `@huggingface/transformers` `version`, installed from npm into $PROCLIP_NPM_CACHE
+    (default ~/.cache/proclip/npm)/transformers-js-<version> once. `--ignore-scripts`: onnxruntime-node's postinstall
+    would download binaries that its package already ships for CPUs. Raises `RuntimeError` when npm fails."""
+    cache = Path(os.environ.get("PROCLIP_NPM_CACHE") or Path.home() / ".cache" / "proclip" / "npm")
+    prefix = cache / f"transformers-js-{version}"
+    package = prefix / "node_modules" / "@huggingface" / "transformers" / "package.json"
+    if not package.is_file():
+        prefix.mkdir(parents=True, exist_ok=True)
+        result = subprocess.run(
+            ["npm", "install", "--ignore-scripts", "--no-audit", "--no-fund", "--prefix", str(prefix),
+             f"@huggingface/transformers@{version}"],
+            capture_output=True, text=True, timeout=600,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"npm could not install @huggingface/transformers@{version}:\n{result.stderr[-3000:]}")
+    if json.loads(package.read_text())["version"] != version:
+        raise RuntimeError(f"{prefix} holds another @huggingface/transformers than {version}; delete it")
+    return prefix / "node_modules"
+
+
+def prepare() -> None:
+    """Build every environment the integration tests use (what `scripts/setup.sh --tests` runs before the suite)."""
+    from proclip_train.hub.export.transformers_js import TRANSFORMERS_JS_VERSION
+
+    for requirements in ENVIRONMENTS:
+        start = time.perf_counter()
+        python = venv_python(requirements)
+        print(f"{' '.join(requirements)}: {python} ({time.perf_counter() - start:.0f} s)")
+    if shutil.which("npm") is None:
+        print("npm is missing: the transformers.js tests will be skipped (failed under CI=true)", file=sys.stderr)
+        return
+    start = time.perf_counter()
+    modules = transformers_js_modules(TRANSFORMERS_JS_VERSION)
+    print(f"@huggingface/transformers@{TRANSFORMERS_JS_VERSION}: {modules} ({time.perf_counter() - start:.0f} s)")
+
+
+if __name__ == "__main__":
+    prepare()

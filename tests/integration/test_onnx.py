@@ -17,19 +17,19 @@ from PIL import Image
 require_module("onnxruntime")
 require_module("onnxscript")
 
+from isolation import run_without_project  # noqa: E402
 from proclip_train.cli import main  # noqa: E402
-from proclip_train.hub.publish.card import build_model_card  # noqa: E402
 from proclip_train.hub.export.onnx import (  # noqa: E402
-    OnnxExportOptions,
     TEXT_OUTPUTS,
+    OnnxExportOptions,
     OnnxProCLIP,
     export_onnx,
     onnx_paths,
     onnx_session,
 )
+from proclip_train.hub.publish.card import build_model_card  # noqa: E402
 from proclip_train.hub.publish.push import files_to_upload  # noqa: E402
-from isolation import run_without_project  # noqa: E402
-from venvs import REMOTE_CODE_REQUIREMENTS, venv_python_or_skip  # noqa: E402
+from venvs import OPTIMUM_REQUIREMENTS, venv_python_or_skip  # noqa: E402
 
 from modeling_proclip import ProCLIPModel, ProCLIPProcessor  # noqa: E402
 
@@ -213,8 +213,6 @@ def test_cli_user_errors_exit_2_with_one_line(problem, tmp_path, tiny_llm_dir, t
     assert not (model / "onnx").exists()
 
 
-# optimum's ONNX Runtime classes, in their own environment: optimum-onnx installs transformers 4.57.
-OPTIMUM_REQUIREMENTS = ("optimum-onnx[onnxruntime]", *REMOTE_CODE_REQUIREMENTS)
 OPTIMUM_FEATURE_EXTRACTION = """
     import json, sys
     import transformers

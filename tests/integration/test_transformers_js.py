@@ -12,7 +12,6 @@ import functools
 import hashlib
 import io
 import json
-import os
 import shutil
 import subprocess
 import threading
@@ -24,6 +23,7 @@ import pytest
 import torch
 from conftest import missing_requirement, require_module, screenshot_dir
 from PIL import Image, ImageDraw
+from venvs import transformers_js_modules
 
 require_module("onnxruntime")
 require_module("onnxscript")
@@ -51,24 +51,13 @@ TEXTS = ["a red circle", "two small blue squares beside a large green triangle, 
 
 @pytest.fixture(scope="session")
 def node_modules() -> Path:
-    """`@huggingface/transformers` (TRANSFORMERS_JS_VERSION) installed from npm into $PROCLIP_NPM_CACHE (default
-    ~/.cache/proclip/npm)/transformers-js-<version> once; its node_modules folder. `--ignore-scripts`:
-    onnxruntime-node's postinstall would download binaries that its package already ships for CPUs."""
+    """transformers.js (TRANSFORMERS_JS_VERSION) from npm, installed once (`venvs.transformers_js_modules`)."""
     if shutil.which("node") is None or shutil.which("npm") is None:
         missing_requirement("node and npm are missing (apt-get install nodejs npm, as scripts/setup.sh does)")
-    cache = Path(os.environ.get("PROCLIP_NPM_CACHE") or Path.home() / ".cache" / "proclip" / "npm")
-    prefix = cache / f"transformers-js-{TRANSFORMERS_JS_VERSION}"
-    package = prefix / "node_modules" / "@huggingface" / "transformers" / "package.json"
-    if not package.is_file():
-        prefix.mkdir(parents=True, exist_ok=True)
-        result = subprocess.run(
-            ["npm", "install", "--ignore-scripts", "--no-audit", "--no-fund", "--prefix", str(prefix),
-             f"@huggingface/transformers@{TRANSFORMERS_JS_VERSION}"],
-            capture_output=True, text=True, timeout=600,
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads(package.read_text())["version"] == TRANSFORMERS_JS_VERSION
-    return prefix / "node_modules"
+    try:
+        return transformers_js_modules(TRANSFORMERS_JS_VERSION)
+    except RuntimeError as error:
+        missing_requirement(str(error))
 
 
 def file_digests(folder: Path) -> dict[str, str]:

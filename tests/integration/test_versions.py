@@ -16,10 +16,8 @@ import torch
 from conftest import build_tiny_llm
 from isolation import run_without_project
 from PIL import Image
-from venvs import REMOTE_CODE_REQUIREMENTS, venv_python_or_skip
+from venvs import REMOTE_CODE_REQUIREMENTS, TRANSFORMERS_VERSIONS, venv_python_or_skip
 
-# The versions the deploying tools run: the Endpoints toolkit's pin and the newest 4.57 (what optimum installs).
-TRANSFORMERS_VERSIONS = ("4.51.3", "4.57.6")
 TOLERANCE = 1e-5
 OUTPUTS_SCRIPT = Path(__file__).with_name("remote_code_outputs.py")
 
