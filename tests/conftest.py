@@ -18,6 +18,8 @@ from pathlib import Path
 # Before transformers is imported: it reads these once.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2`: one worker per core, each (and its subprocesses) one thread
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -58,6 +60,17 @@ LLM_BOS, LLM_EOS = "<|begin_of_text|>", "<|end_of_text|>"
 def red_image(mode: str = "RGB", size: tuple[int, int] = (40, 36)) -> Image.Image:
     """A flat red image (40 x 36 px by default) in `mode` (RGB, RGBA with alpha 128, or L)."""
     return Image.new(mode, size, {"RGB": (200, 30, 30), "RGBA": (200, 30, 30, 128), "L": 90}[mode])
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under `pytest -n N --dist loadgroup` (what CI runs), keep each file on one worker, so that a module's fixtures
+    are built once, and every test of the session's quick demo on one worker, so that the demo is trained once."""
+    if not (config.pluginmanager.hasplugin("xdist") and config.getoption("dist", "no") == "loadgroup"):
+        return
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            group = "quick_demo" if "quick_demo" in item.fixturenames else item.nodeid.split("::")[0]
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 def missing_requirement(message: str) -> None:
