@@ -174,6 +174,14 @@ def test_cli_refuses_what_it_cannot_write(checkpoint, exported, tmp_path, capsys
         assert exit_info.value.code == 2, (extra, stderr)
         assert "Traceback" not in stderr
         assert [line for line in stderr.splitlines() if line.startswith("proclip export")], stderr
+        if not extra:
+            assert "--format transformers.js writes a new folder: name it with --out" in stderr
+    with pytest.raises(SystemExit) as exit_info:  # --out with the ONNX export, which writes into the checkpoint
+        main(["export", "--format", "onnx", "--model", str(checkpoint), "--out", str(tmp_path / "web")])
+    assert exit_info.value.code == 2
+    assert "--out is for --format transformers.js; --format onnx writes into the checkpoint's onnx/ folder" in (
+        capsys.readouterr().err
+    )
     assert (foreign / "notes.txt").read_text() == "mine" and not (foreign / "onnx").exists()
     assert (out / "onnx" / "model.onnx").is_file()  # a refused --dtype leaves the earlier export alone
 

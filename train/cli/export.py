@@ -29,9 +29,12 @@ from .errors import UsageError
 
 
 def run_export(args: argparse.Namespace) -> OnnxExportReport | TransformersJsReport:
-    if (args.format == "transformers.js") != (args.out is not None):
-        raise UsageError("--out names the transformers.js folder: give it with --format transformers.js only",
-                         "e.g. proclip export --format transformers.js --model my-proclip --out my-proclip-web")
+    if args.format == "transformers.js" and args.out is None:
+        raise UsageError("--format transformers.js writes a new folder: name it with --out (the checkpoint is left as "
+                         "it is)", "e.g. proclip export --format transformers.js --model my-proclip --out my-proclip-web")
+    if args.format != "transformers.js" and args.out is not None:
+        raise UsageError(f"--out is for --format transformers.js; --format {args.format} writes into the checkpoint's "
+                         "onnx/ folder", f"Drop --out: proclip export --format {args.format} --model DIR")
     if args.format == "transformers.js" and args.quantize:
         raise UsageError("--quantize is for --format onnx; with --format transformers.js choose files with --dtype",
                          f"e.g. --dtype {','.join(DTYPE_SUFFIXES)}")
