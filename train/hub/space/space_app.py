@@ -62,24 +62,25 @@ def split_labels(text: str | None) -> list[str]:
     text = text or ""
     for separator in LABEL_SEPARATORS[1:]:
         text = text.replace(separator, LABEL_SEPARATORS[0])
-    labels = list(dict.fromkeys(label.strip() for label in text.split(LABEL_SEPARATORS[0]) if label.strip()))
-    if not labels:
-        raise gr.Error("Type at least one candidate label, e.g. “cat, dog, Katze”.")
-    if len(labels) > MAX_LABELS:
-        raise gr.Error(f"{len(labels)} labels is too many: at most {MAX_LABELS}.")
-    check_lengths(labels, "label")
-    return labels
+    return distinct_entries(text.split(LABEL_SEPARATORS[0]), "label", MAX_LABELS,
+                            "Type at least one candidate label, e.g. “cat, dog, Katze”.")
 
 
 def split_captions(text: str | None) -> list[str]:
     """One caption per line, stripped, blanks and repeats dropped."""
-    captions = list(dict.fromkeys(line.strip() for line in (text or "").splitlines() if line.strip()))
-    if not captions:
-        raise gr.Error("Type at least one caption, one per line.")
-    if len(captions) > MAX_CAPTIONS:
-        raise gr.Error(f"{len(captions)} captions is too many: at most {MAX_CAPTIONS}.")
-    check_lengths(captions, "caption")
-    return captions
+    return distinct_entries((text or "").splitlines(), "caption", MAX_CAPTIONS,
+                            "Type at least one caption, one per line.")
+
+
+def distinct_entries(pieces: list[str], what: str, limit: int, when_empty: str) -> list[str]:
+    """`pieces` stripped, blanks and repeats dropped, in order; at least one, at most `limit`, none too long."""
+    entries = list(dict.fromkeys(piece.strip() for piece in pieces if piece.strip()))
+    if not entries:
+        raise gr.Error(when_empty)
+    if len(entries) > limit:
+        raise gr.Error(f"{len(entries)} {what}s is too many: at most {limit}.")
+    check_lengths(entries, what)
+    return entries
 
 
 def check_lengths(texts: list[str], what: str) -> None:
