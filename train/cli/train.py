@@ -26,6 +26,7 @@ import sys
 import typing
 from pathlib import Path
 
+import torch.distributed as dist
 from transformers import HfArgumentParser, TrainingArguments
 
 from modeling_proclip import ProCLIPModel, ProCLIPProcessor
@@ -43,8 +44,8 @@ from ..training.checkpoints import (
     incomplete_reason,
     latest_complete_checkpoint,
 )
-from ..training.finite import NonFiniteWeightsError
 from ..training.data import load_image_text_dataset
+from ..training.finite import NonFiniteWeightsError
 from ..training.packaged_towers import resolve_text_tower
 from ..training.stage0 import train_stage0
 from ..training.trainer import NonFiniteLossError, NoSamplesTrainedError, ProCLIPTrainer
@@ -231,6 +232,11 @@ def train_command(argv: list[str]) -> None:
         print(f"proclip train: interrupted (Ctrl-C); {_after_interrupt(Path(args.output_dir or '.'), out_existed)}",
               file=sys.stderr)
         raise SystemExit(130) from None  # 128 + SIGINT, as a shell reports a process Ctrl-C stopped
+    finally:
+        # Under torchrun: left to the interpreter's exit, gloo's threads can be killed mid-flight (SIGABRT,
+        # "terminate called without an active exception") and a finished rank then fails the whole run.
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _after_interrupt(out: Path, existed: bool) -> str:
