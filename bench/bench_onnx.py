@@ -35,7 +35,7 @@ import datasets  # noqa: E402
 import torch  # noqa: E402
 from proclip_train.training.packaged_towers import packaged_tower_dir  # noqa: E402
 from proclip_train.demo.scores import LANGUAGES  # noqa: E402
-from proclip_train.demo.teacher import ZERO_SHOT_TEMPLATES, class_prompt  # noqa: E402
+from proclip_train.demo.languages import ZERO_SHOT_TEMPLATES, class_prompt  # noqa: E402
 from proclip_train.demo.world import read_metadata  # noqa: E402
 from proclip_train.evaluation.tasks import (  # noqa: E402
     embed_joint_texts,

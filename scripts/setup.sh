@@ -37,6 +37,17 @@ if ! command -v npm >/dev/null 2>&1; then
         echo "setup.sh: node/npm are missing; install Node >= 20.9 for the transformers.js tests" >&2
     fi
 fi
+# Fashion-MNIST's photos for `proclip demo --world fashion` and its tests (tests/integration/test_fashion.py): Debian
+# packages them (IDX files under /usr/share/datasets/fashion-mnist). Installed only when missing; CI runs as root.
+if [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ] && [ -z "${PROCLIP_FASHION_MNIST:-}" ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        apt-get update -qq >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
+    else
+        echo "setup.sh: Fashion-MNIST is missing; install Debian's dataset-fashion-mnist, or set PROCLIP_FASHION_MNIST" \
+             "to a folder with its four IDX files (github.com/zalandoresearch/fashion-mnist), for --world fashion" >&2
+    fi
+fi
 python -c "import gradio, torch, transformers; print(f'torch {torch.__version__}, transformers {transformers.__version__}, gradio {gradio.__version__}')"
 if [ "${1:-}" = "--tests" ]; then
     python tests/venvs.py

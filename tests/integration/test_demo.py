@@ -13,7 +13,7 @@ import torch
 import transformers
 from proclip_train.cli import build_parser
 from proclip_train.cli.errors import UsageError
-from proclip_train.demo.languages import noun_phrase
+from proclip_train.demo.languages import ZERO_SHOT_TEMPLATES, noun_phrase
 from proclip_train.demo.parallel import LOG_FILE, default_jobs
 from proclip_train.demo.report import (
     FIGURE_FILE,
@@ -25,12 +25,7 @@ from proclip_train.demo.report import (
     results_markdown,
 )
 from proclip_train.demo.run import Demo, DemoConfig, Stage0DemoConfig, Stage2Setting
-from proclip_train.demo.scores import (
-    LANGUAGES,
-    translated_zero_shot_prompts,
-    zero_shot_prompts,
-)
-from proclip_train.demo.teacher import ZERO_SHOT_TEMPLATES
+from proclip_train.demo.scores import LANGUAGES, zero_shot_prompts
 from proclip_train.demo.world import WorldConfig, read_metadata
 from proclip_train.evaluation.tasks import text_tower_caption_retrieval_accuracy
 
@@ -51,13 +46,14 @@ def test_cli_wires_demo():
 def test_translated_prompts_are_the_templates_realised_by_the_lexicon():
     """Every translated prompt is one of the English templates' frames around the lexicon's noun phrase of its class
     (German: dative after "von", nominative alone), and the lexicon's English realisation is the English prompt."""
-    classes = WorldConfig().classes
-    assert translated_zero_shot_prompts(classes, "en") == zero_shot_prompts(classes)
+    world = WorldConfig()
+    classes = world.classes
+    assert world.translated_prompts("en") == zero_shot_prompts(world)
     frames = {"de": ("ein Foto von ", "ein Bild von ", "eine Abbildung von ", "eine Zeichnung von ", ""),
               "fr": ("une photo d'", "une illustration d'", "une image d'", "un dessin d'", ""),
               "es": ("una foto de ", "una ilustración de ", "una imagen de ", "un dibujo de ", "")}
     for lang in LANGUAGES:
-        prompts = translated_zero_shot_prompts(classes, lang)
+        prompts = world.translated_prompts(lang)
         assert len(prompts) == len(classes) * len(ZERO_SHOT_TEMPLATES) == len(set(prompts))
         for c, name in enumerate(classes):
             colour, shape = name.split(" ")
@@ -66,8 +62,8 @@ def test_translated_prompts_are_the_templates_realised_by_the_lexicon():
                 phrase = noun_phrase(lang, colour, shape, case=case)
                 expected = frame + (phrase if frame else phrase[:1].lower() + phrase[1:]) + "."
                 assert prompts[c * len(ZERO_SHOT_TEMPLATES) + t] == expected
-    assert translated_zero_shot_prompts(["red circle"], "de")[0] == "ein Foto von einem roten Kreis."
-    assert translated_zero_shot_prompts(["green star"], "fr")[4] == "une étoile verte."
+    assert world.translated_prompts("de")[0] == "ein Foto von einem roten Kreis."
+    assert world.translated_prompts("fr")[5 * classes.index("green star") + 4] == "une étoile verte."
 
 
 def test_sweep_settings_parse_and_keep_their_folder_names():

@@ -18,12 +18,12 @@ from proclip_train.demo.world import (
     SPLITS,
     WorldConfig,
     generate_scenes,
-    load_world_config,
     load_world_split,
     read_metadata,
     render_scene,
     write_world,
 )
+from proclip_train.demo.worlds import load_world_config
 
 
 def small_config(**overrides):

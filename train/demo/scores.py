@@ -1,8 +1,9 @@
 """What every demo model is scored on: a split's images and texts (`EvalSet`), embedded once, and `score`.
 
-Zero-shot classification uses the single-object images (seen and held-out classes apart), with English class prompts
-and with the same prompts translated (German, French, Spanish: the world's lexicon realises them); retrieval uses the
-general scenes 1:1 with their short, long and translated captions. Text embeddings come from the embedding cache (the LLM's
+Zero-shot classification uses the single-object images (seen and held-out classes apart), with English class prompts,
+with the same prompts translated (German, French, Spanish: the world's lexicon realises them) and, where the world has
+them (Fashion-MNIST), with synonyms of the class names; retrieval uses the general scenes 1:1 with their short, long and
+translated captions (the Fashion-MNIST world has none). Text embeddings come from the embedding cache (the LLM's
 pooled states through the model's adapter, or the teacher CLIP's own text embeddings). `clip_zeroshot_top1` scores a
 CLIP folder (the teacher) straight from its own towers. Every accuracy is `evaluation.metrics`' (pessimistic ties).
 """
@@ -24,25 +25,16 @@ from ..evaluation.metrics import (
     retrieval_ranks,
     zeroshot_accuracy,
 )
-from .languages import realise_short_caption
-from .teacher import ZERO_SHOT_TEMPLATE_FRAMES, ZERO_SHOT_TEMPLATES, class_prompt
-from .world import load_world_config, read_metadata
+from .languages import ZERO_SHOT_TEMPLATES
+from .world import read_metadata
+from .worlds import load_world_config
 
 LANGUAGES = ("de", "fr", "es")
 
 
-def zero_shot_prompts(classes: list[str], templates=ZERO_SHOT_TEMPLATES) -> list[str]:
-    """Class-major list of C x T prompts ("a photo of a red circle.")."""
-    return [template.format(class_prompt(name)) for name in classes for template in templates]
-
-
-def translated_zero_shot_prompts(classes: list[str], lang: str) -> list[str]:
-    """`zero_shot_prompts` in `lang`: each template's frame ("a photo of ...", `ZERO_SHOT_TEMPLATE_FRAMES`) realised by
-    the world's lexicon around the class's noun phrase, lower-case first like the English templates ("ein Foto von
-    einem roten Kreis."), class-major, C x T."""
-    prompts = [realise_short_caption({"kind": "single", "object": (*name.split(" ", 1), None), "frame": frame}, lang)
-               for name in classes for frame in ZERO_SHOT_TEMPLATE_FRAMES]
-    return [prompt[:1].lower() + prompt[1:] for prompt in prompts]
+def zero_shot_prompts(world) -> list[str]:
+    """Class-major list of C x T prompts of a world's classes ("a photo of a red circle.")."""
+    return [template.format(world.class_phrase(name)) for name in world.classes for template in ZERO_SHOT_TEMPLATES]
 
 
 @dataclass
@@ -50,18 +42,21 @@ class EvalSet:
     """A split's images (as pixel tensors) and texts, loaded once and scored against every variant.
 
     Zero-shot uses the single-object images (`kind == "class"`); retrieval uses the general scenes 1:1, each with
-    its short, translated and (for the first `n_long` scenes) long caption.
+    its short, translated and (for the first `n_long` scenes) long caption. `synonym_prompts` (C x S x T, or None)
+    asks for each class by S other names; `attributes` are the halves of a class name scored apart.
     """
 
     classes: list[str]
     held_out_classes: list[str]
     class_pixels: torch.Tensor
     class_labels: torch.Tensor
-    scene_pixels: torch.Tensor
+    scene_pixels: torch.Tensor | None
     scene_held_out: torch.Tensor
     captions: dict[str, list[str]]  # column -> one caption per scene (long: the first n_long scenes)
     prompts: list[str]
     translated_prompts: dict[str, list[str]]  # language -> the prompts in that language
+    synonym_prompts: list[str] | None = None
+    attributes: tuple[str, ...] = ()
 
     @classmethod
     def load(cls, world_dir: Path, split: str, processor, n_long: int) -> "EvalSet":
@@ -71,6 +66,8 @@ class EvalSet:
         scene_rows = [r for r in rows if r["kind"] == "scene"]
 
         def pixels(chosen):
+            if not chosen:  # no general scenes (Fashion-MNIST): nothing to retrieve
+                return None
             images = [open_image(r["image_path"]) for r in chosen]
             return processor(images=images, return_tensors="pt")["pixel_values"]
 
@@ -85,13 +82,16 @@ class EvalSet:
             scene_pixels=pixels(scene_rows),
             scene_held_out=torch.tensor([bool(r["held_out"]) for r in scene_rows]),
             captions=captions,
-            prompts=zero_shot_prompts(world.classes),
-            translated_prompts={lang: translated_zero_shot_prompts(world.classes, lang) for lang in LANGUAGES},
+            prompts=zero_shot_prompts(world),
+            translated_prompts={lang: world.translated_prompts(lang) for lang in LANGUAGES},
+            synonym_prompts=world.synonym_prompts(),
+            attributes=world.attributes,
         )
 
     def short_texts(self) -> list[str]:
         """Every text but the long captions: prompts (English and translated), short and translated captions."""
         texts = self.prompts + [p for prompts in self.translated_prompts.values() for p in prompts]
+        texts += self.synonym_prompts or []
         return texts + [c for column, captions in self.captions.items() if column != "long" for c in captions]
 
 
@@ -132,13 +132,13 @@ def short_to_long_retrieval(short: torch.Tensor, long: torch.Tensor) -> dict:
 
 
 def attribute_accuracy(image_embeds: torch.Tensor, class_embeds: torch.Tensor, labels: torch.Tensor,
-                       classes: list[str]) -> dict:
+                       classes: list[str], attributes=("colour", "shape")) -> dict:
     """How often the top-1 class (cosine argmax) has the right colour, and the right shape: which half of a class
     name ("red circle") a text tower reads. (N, D), (C, D), (N,) -> fractions."""
     predicted = (F.normalize(image_embeds, dim=-1) @ F.normalize(class_embeds, dim=-1).T).argmax(-1)
     parts = [name.split(" ", 1) for name in classes]
     return {f"{attribute}_correct": sum(parts[p][i] == parts[t][i] for p, t in zip(predicted.tolist(), labels.tolist()))
-            / len(labels) for i, attribute in enumerate(("colour", "shape"))}
+            / len(labels) for i, attribute in enumerate(attributes)}
 
 
 def zeroshot_top1(
@@ -169,7 +169,7 @@ def clip_zeroshot_top1(model_dir: str | Path, world_dir: str | Path, split: str 
     world = load_world_config(world_dir)
     model = CLIPModel.from_pretrained(model_dir).eval()
     processor = CLIPProcessor.from_pretrained(model_dir)
-    prompts = processor(text=zero_shot_prompts(world.classes), padding="max_length", truncation=True, return_tensors="pt")
+    prompts = processor(text=zero_shot_prompts(world), padding="max_length", truncation=True, return_tensors="pt")
     text = model.get_text_features(**prompts).pooler_output
     classes = class_embeddings(text.reshape(len(world.classes), len(ZERO_SHOT_TEMPLATES), -1))
     rows = [row for row in read_metadata(world_dir, split) if row["label"]]
@@ -189,15 +189,20 @@ def score(model, evalset: EvalSet, cache, table: str = "llm") -> dict:
     image = image_features(model, evalset.class_pixels)
 
     def zeroshot(prompts: list[str]) -> dict:
+        """Each class's vector: the normalised mean of its prompts' (the templates, or synonyms x templates)."""
         texts = cached_text_features(model, cache, prompts, table)
-        classes = class_embeddings(texts.reshape(len(evalset.classes), len(ZERO_SHOT_TEMPLATES), -1))
+        classes = class_embeddings(texts.reshape(len(evalset.classes), -1, texts.shape[-1]))
         return {**zeroshot_top1(image, classes, evalset.class_labels, held),
-                **attribute_accuracy(image, classes, evalset.class_labels, evalset.classes)}
+                **attribute_accuracy(image, classes, evalset.class_labels, evalset.classes, evalset.attributes)}
 
     result = {"zeroshot": zeroshot(evalset.prompts),
               "zeroshot_translated": {lang: zeroshot(p) for lang, p in evalset.translated_prompts.items()}}
-    scenes = image_features(model, evalset.scene_pixels)
+    if evalset.synonym_prompts:
+        result["zeroshot_synonyms"] = zeroshot(evalset.synonym_prompts)
     result["retrieval"], features = {}, {}
+    if evalset.scene_pixels is None:
+        return result
+    scenes = image_features(model, evalset.scene_pixels)
     for column, texts in evalset.captions.items():
         n = len(texts)
         if n == 0:

@@ -36,28 +36,15 @@ from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from ..training.bpe import train_tokenizer
 from ..training.losses import ContrastiveLoss
-from .languages import english_article
 from .world import COMPLETE_MARKER as WORLD_COMPLETE_MARKER
-from .world import load_world_config, read_metadata, world_is_complete
+from .world import read_metadata, world_is_complete
+from .worlds import load_world_config
 
 # Bump when training changes in a way that should invalidate cached teachers.
 TEACHER_FORMAT_VERSION = 3  # 2: deterministic BPE merges (`training.bpe.learn_bpe_merges`); 3: the loss is `ContrastiveLoss`
 
 COMPLETE_MARKER = ".teacher-complete"
 INFO_FILE = "teacher_info.json"
-
-# ``{}`` receives the class name with its article ("a red circle", "an orange star").
-ZERO_SHOT_TEMPLATES = (
-    "a photo of {}.",
-    "a picture of {}.",
-    "an image of {}.",
-    "a drawing of {}.",
-    "{}.",
-)
-# The frame of each template as the world's lexicon names it (`languages.FRAMES`; None: the bare noun phrase), so the
-# templates can be realised in every language of the lexicon (`scores.translated_zero_shot_prompts`).
-ZERO_SHOT_TEMPLATE_FRAMES = ("photo", "picture", "image", "drawing", None)
-
 
 @dataclass
 class TeacherConfig:
@@ -114,6 +101,19 @@ class TeacherConfig:
                       text_hidden_size=64, text_layers=2, text_heads=2, text_intermediate_size=256,
                       patch_size=8, projection_dim=32, vocab_size=512, steps=400, batch_size=128, warmup_steps=30,
                       shift=2)
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def fashion(cls, quick: bool = False, **overrides) -> "TeacherConfig":
+        """The teacher of the Fashion-MNIST world: 7 x 7 patches of its 28 x 28 photos (16 tokens, as the synthetic
+        world's 64 px / 16), a vocabulary for its few hundred caption words, float32 (bfloat16 autocast is emulated,
+        ten times slower, on CPUs without native bfloat16, such as the AMD EPYC this recipe was sized on); `quick`:
+        `quick()`'s small towers."""
+        values = dict(patch_size=7, vocab_size=512, steps=1200, batch_size=128, shift=2, bf16=False)
+        if quick:
+            values.update(steps=150)
+            return cls.quick(**{**values, **overrides})
         values.update(overrides)
         return cls(**values)
 
@@ -311,10 +311,3 @@ def train_teacher(world_dir: str | Path, out_dir: str | Path, config: TeacherCon
     partial.rename(out)
     return out
 
-
-# ----------------------------------------------------------------------------------------- prompts
-
-
-def class_prompt(class_name: str) -> str:
-    """A class name with its article, for ``ZERO_SHOT_TEMPLATES``: "red circle" -> "a red circle"."""
-    return f"{english_article(class_name)} {class_name}"
