@@ -164,6 +164,7 @@ def test_table_has_every_row_and_column(demo):
     for header in ("ZS top-1 seen", "ZS top-1 held-out", "short I→T", "long T→I", "de T→I", "es T→I",
                    "ZS translated (de/fr/es mean)", "de ZS", "fr ZS", "es ZS", "es colour right", "es shape right"):
         assert header in markdown
+    assert "synonyms" not in markdown and "Other words" not in markdown  # the shapes world has no synonyms
     for row in results["runs"]["proclip"]:
         for lang in LANGUAGES:
             translated = row["test"]["zeroshot_translated"][lang]

@@ -3,6 +3,7 @@ dataset-fashion-mnist, which setup.sh installs): the world's splits and captions
 and translations for every row, the report, the figure, the Hub-ready folder and its Space; and the one-line error
 where the photos are missing."""
 
+import copy
 import json
 import os
 import re
@@ -14,7 +15,7 @@ import pytest
 from conftest import SMOLLM2, missing_requirement, require_package
 from proclip_train.cli import main
 from proclip_train.demo.fashion import IDX_FILES, SOURCE_VARIABLE, load_lexicon, source_folder
-from proclip_train.demo.report import STAGE1_RUNS, STAGE2_RUNS
+from proclip_train.demo.report import STAGE1_RUNS, STAGE2_RUNS, combine_results, combined_markdown
 from proclip_train.demo.scores import LANGUAGES
 from proclip_train.demo.world import read_metadata
 from proclip_train.demo.worlds import load_world_config
@@ -74,6 +75,25 @@ def test_report_and_figure_show_the_words_and_leave_out_retrieval(fashion_demo):
     assert (out / "comparison.png").stat().st_size > 10_000
     rows = {row["row"]: row for row in results["table"]}
     assert rows["teacher"]["zs_synonyms"]["n"] == 1 and rows["proclip"]["long_t2i"]["n"] == 0
+
+
+def test_combine_compares_synonyms_translations_and_held_out_classes_per_pair(fashion_demo):
+    _, results = fashion_demo
+    other = copy.deepcopy(results)
+    other["config"]["teacher"]["seed"] = 1
+    for record in other["runs"]["proclip"]:
+        record["test"]["zeroshot_synonyms"]["top1"] = 1.0  # the second teacher's ProCLIP: every synonym right
+    combined = combine_results([results, other])
+    differences = {(d["a"], d["b"], d["column"]): d for d in combined["differences"]}
+    assert {("teacher", "proclip", "zs_synonyms"), ("teacher", "proclip", "zs_translated"),
+            ("teacher", "proclip", "zs_all"), ("proclip", "direct", "zs_held")} <= set(differences)
+    assert not any(column in ("short_t2i", "long_t2i") for _, _, column in differences)
+    synonyms = differences["teacher", "proclip", "zs_synonyms"]
+    teacher = results["teacher"]["test"]["zeroshot_synonyms"]["top1"]
+    assert synonyms["n"] == 2 and synonyms["min"] == pytest.approx(teacher - 1.0)
+    markdown = combined_markdown(combined)
+    assert "ZS synonyms" in markdown and "synonyms held-out" in markdown and "nan" not in markdown
+    assert combined["world"] == "fashion"
 
 
 def test_final_folder_card_and_space_name_fashion_mnist(fashion_demo):

@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass, field
 
 from .fashion import FashionWorldConfig
+from .precision import native_bf16
 from .teacher import TeacherConfig
 from .world import WorldConfig
 
@@ -24,7 +25,7 @@ class StageConfig:
     lr: float
     warmup_ratio: float = 0.05
     weight_decay: float = 0.05
-    bf16: bool = True
+    bf16: bool = field(default_factory=native_bf16)  # autocast where the CPU computes bfloat16 natively
 
 
 @dataclass
@@ -82,7 +83,7 @@ class Stage0DemoConfig:
         steps, batch_size, lr: the contrastive phase (caption pairs per step = `batch_size`).
         lora_r: LoRA rank (alpha = 2 r).
         max_text_length: tokens per caption (the long captions are about 140 SmolLM2 tokens).
-        bf16: bfloat16 autocast.
+        bf16: bfloat16 autocast (default: where the CPU computes it natively, `precision.native_bf16`).
         bidirectional: LLM2Vec's bidirectional attention (False: the LLM's own causal mask, an ablation).
         pairs: `"matched"` (each scene's short and long caption) or `"shuffled"` (each short caption with another
             scene's long caption: pairs that carry no meaning, an ablation that keeps everything else).
@@ -93,7 +94,7 @@ class Stage0DemoConfig:
     lr: float = 1e-3
     lora_r: int = 16
     max_text_length: int = 192
-    bf16: bool = True
+    bf16: bool = field(default_factory=native_bf16)
     bidirectional: bool = True
     pairs: str = "matched"
 
@@ -122,7 +123,8 @@ class DemoConfig:
         seeds: seeds per variant (mean +- sd over them).
         adapter_blocks, adapter_expansion: the adapter (ProCLIP's is 1 block, r = 8; r = 4 keeps it CPU-sized).
         max_text_length: the LLM's token limit (long captions are about 140 SmolLM2 tokens).
-        embed_bf16: bfloat16 autocast while filling the embedding cache (stored as float32).
+        embed_bf16: bfloat16 autocast while filling the embedding cache (stored as float32; default: where the CPU
+            computes bfloat16 natively).
         n_long_train: align-train rows whose long caption joins their short one in stage 2 (the rest: short only);
             long captions are the slow ones to embed.
         n_long_test: test scenes scored for long-caption retrieval (a smaller gallery than the short captions').
@@ -145,7 +147,7 @@ class DemoConfig:
     adapter_blocks: int = 1
     adapter_expansion: int = 4
     max_text_length: int = 256
-    embed_bf16: bool = True
+    embed_bf16: bool = field(default_factory=native_bf16)
     n_long_train: int = 200
     n_long_test: int = 200
     stage1: StageConfig = field(default_factory=lambda: StageConfig(steps=400, batch_size=256, lr=1e-3))

@@ -150,7 +150,9 @@ def _stats(values: list[float]) -> dict:
             "n": len(values), "values": values}
 
 
-ALL_COLUMNS = COLUMNS + MULTILINGUAL_COLUMNS + HELD_COLUMNS + WORDS_COLUMNS
+# Compared across teachers and seeds (`combine_results`), not a column of a single demo's tables.
+ZS_ALL_COLUMN = ("zs_all", "ZS top-1 (all classes)", lambda r: r["zeroshot"]["top1"])
+ALL_COLUMNS = COLUMNS + MULTILINGUAL_COLUMNS + HELD_COLUMNS + WORDS_COLUMNS + (ZS_ALL_COLUMN,)
 
 
 def comparison_rows(teacher: dict | list[dict], runs: dict, teacher_seconds: float | None = None,
@@ -365,7 +367,7 @@ def plot_comparison(rows: list[dict], path: str | Path, title: str) -> Path:
 # (row A, row B): A - B per teacher and seed, on the headline columns.
 DIFFERENCES = (("proclip", "direct"), ("proclip", "proclip-nodistill"), ("proclip", "proclip-nostruct"),
                ("proclip", "stage1"), ("teacher", "proclip"), ("stage0-proclip", "proclip"))
-DIFFERENCE_COLUMNS = ("zs_seen", "zs_held", "short_t2i", "long_t2i", "zs_translated", "zs_synonyms")
+DIFFERENCE_COLUMNS = ("zs_all", "zs_seen", "zs_held", "short_t2i", "long_t2i", "zs_translated", "zs_synonyms")
 
 
 def seed_records(result: dict, row: str) -> list[dict | None]:

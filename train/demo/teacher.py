@@ -37,6 +37,7 @@ from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from ..training.bpe import train_tokenizer
 from ..training.losses import ContrastiveLoss
 from .world import COMPLETE_MARKER as WORLD_COMPLETE_MARKER
+from .precision import native_bf16
 from .world import read_metadata, world_is_complete
 from .worlds import load_world_config
 
@@ -60,7 +61,8 @@ class TeacherConfig:
             and the logit scale.
         logit_scale_init: initial ``log`` temperature (CLIP: ``ln(1/0.07)``), clamped to ``[0, ln 100]``.
         bf16: run forward and backward under bfloat16 autocast on CPU (measured 2-3x faster per step than
-            fp32 at these sizes; the loss, the weights and the optimiser stay in fp32).
+            fp32 at these sizes on a CPU with native bfloat16; the loss, the weights and the optimiser stay in fp32).
+            True in the default recipe, the released teacher's; `quick()` follows `precision.native_bf16`.
         shift: random translation of training images by up to this many pixels (0: off).
         seed: initialisation and batch order.
     """
@@ -100,7 +102,7 @@ class TeacherConfig:
         values = dict(vision_hidden_size=64, vision_layers=2, vision_heads=2, vision_intermediate_size=256,
                       text_hidden_size=64, text_layers=2, text_heads=2, text_intermediate_size=256,
                       patch_size=8, projection_dim=32, vocab_size=512, steps=400, batch_size=128, warmup_steps=30,
-                      shift=2)
+                      shift=2, bf16=native_bf16())
         values.update(overrides)
         return cls(**values)
 
