@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 from conftest import SMOLLM2, missing_requirement, require_package
-from proclip_train.cli import main
+from proclip_train.cli import build_parser, main
+from proclip_train.cli.demo import run_demo
+from proclip_train.cli.errors import UsageError
 from proclip_train.demo.fashion import IDX_FILES, SOURCE_VARIABLE, load_lexicon, source_folder
 from proclip_train.demo.report import STAGE1_RUNS, STAGE2_RUNS, combine_results, combined_markdown
 from proclip_train.demo.scores import LANGUAGES
@@ -100,13 +102,18 @@ def test_final_folder_card_and_space_name_fashion_mnist(fashion_demo):
     out, _ = fashion_demo
     final = out / "final"
     record = json.loads((final / "eval_zeroshot.json").read_text())
-    assert record["data"]["spec"] == "fashion_mnist" and record["data"]["num_rows"] == 500
+    assert record["data"]["spec"] == "zalando-datasets/fashion_mnist" and record["data"]["num_rows"] == 500
     assert not (final / "eval_retrieval.json").exists()
-    assert "fashion_mnist" in (final / "README.md").read_text()
+    assert "zalando-datasets/fashion_mnist" in (final / "README.md").read_text()
     space = json.loads((out / "space" / "space_config.json").read_text())
     assert space["gallery"] and space["classify_examples"]
     gallery = [json.loads(line) for line in (out / "space" / space["gallery"] / "metadata.jsonl").read_text().splitlines()]
     assert gallery and all(set(row["captions"]) == {"caption_short"} for row in gallery)
+
+
+def test_stage0_is_refused_in_a_world_without_long_captions():
+    with pytest.raises(UsageError, match="--stage0 --world fashion"):
+        run_demo(build_parser().parse_args(["demo", "--world", "fashion", "--quick", "--stage0"]))
 
 
 def test_missing_photos_end_in_two_lines_and_exit_2(tmp_path):

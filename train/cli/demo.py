@@ -37,6 +37,10 @@ def demo_config(args: argparse.Namespace) -> DemoConfig:
                  "adapter_blocks", "adapter_expansion", "sweep_seeds"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
+    if args.stage0 and args.world == "fashion":
+        raise UsageError("--stage0 --world fashion: stage 0 pairs each scene's short and long caption, and the "
+                         "Fashion-MNIST world's photos have one short caption each.",
+                         "Run --stage0 on the shapes world (the default).")
     if args.stage0:
         stage0 = Stage0DemoConfig.quick() if args.quick else Stage0DemoConfig()
         changes = {"steps": args.stage0_steps, "pairs": args.stage0_pairs,

@@ -225,7 +225,7 @@ class FashionWorldConfig:
     world_name = "fashion"  # world.json's "world", what `world.load_world_config` dispatches on
     image_size = 28
     attributes = ()  # class names are not colour x shape: no per-attribute zero-shot scores
-    dataset_name = "fashion_mnist"
+    dataset_name = "zalando-datasets/fashion_mnist"  # its Hub id, what a model card names
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))

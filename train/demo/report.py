@@ -411,7 +411,9 @@ def combine_results(results: list[dict]) -> dict:
         "config": results[0]["config"],
         "teacher": teachers,
         "table": comparison_rows(teachers, runs),
-        "per_teacher": [{"teacher_seed": r["config"]["teacher"]["seed"], "table": r["table"]} for r in results],
+        # recomputed from the runs, not read from each demo's table: a demo reported by an older version lacks columns
+        "per_teacher": [{"teacher_seed": r["config"]["teacher"]["seed"], "table": comparison_rows(r["teacher"], r["runs"])}
+                        for r in results],
         "differences": differences,
     }
 
