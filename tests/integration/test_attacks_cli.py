@@ -5,10 +5,12 @@ ends in a sentence (exit 2), not a traceback."""
 import json
 import logging
 import os
+import queue
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import datasets
@@ -149,13 +151,24 @@ def test_ctrl_c_during_training_is_one_line_exit_130_and_removes_the_empty_out(t
                "--data", str(tmp_path / "captions.jsonl"), "--out", str(out), "--max_steps", "100000",
                "--per_device_train_batch_size", "4", "--save_steps", "100000", "--no-progress"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.monotonic() + 240
-    while not out.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    time.sleep(3)  # into the training loop
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
+    stderr_file = tmp_path / "stderr.txt"
+    with open(stderr_file, "w") as stderr_sink:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr_sink, text=True, env=env)
+    try:
+        # Ctrl-C once the training loop runs (its first loss line), not after a fixed sleep: on a loaded 2-core
+        # machine a Ctrl-C sent by the old timing was lost and the run went on, unnoticed, for the rest of the suite.
+        lines = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
+        deadline = time.monotonic() + 300
+        while "'loss'" not in lines.get(timeout=max(1.0, deadline - time.monotonic())):
+            pass
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=120)
+    finally:
+        if process.poll() is None:  # never leave a 100 000-step run behind on the suite's cores
+            process.kill()
+            process.wait()
+    stderr = stderr_file.read_text()
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr, stderr
     assert stderr.strip().splitlines()[-1] == (f"proclip train: interrupted (Ctrl-C); removed {out}, which this run had "

@@ -249,6 +249,11 @@ def sweep_markdown(results: dict) -> list[str]:
     return lines
 
 
+def words_table(rows: list[dict]) -> list[str]:
+    """`WORDS_COLUMNS`' table where the world's classes have synonyms (none for the shapes world)."""
+    return table_markdown(rows, WORDS_COLUMNS) if any(row["zs_synonyms"]["n"] for row in rows) else []
+
+
 def section(text: str, table: list[str]) -> list[str]:
     """A paragraph and its table, or nothing when the table is empty (a world without those scores)."""
     return ["", text, "", *table] if table else []
@@ -272,7 +277,7 @@ def results_markdown(results: dict) -> str:
         *table_markdown(results["table"], COLUMNS, time_column=True),
         *section(f"Other words for the classes (chance {100 * chance:.1f} % on {round(1 / chance)} classes): zero-shot "
                  "with synonyms and with the translated names, on the classes stage 2's image-text data showed "
-                 "(seen) and held out of it:", table_markdown(results["table"], WORDS_COLUMNS)),
+                 "(seen) and held out of it:", words_table(results["table"])),
         *section("Zero-shot with the class names translated, per language:" if fashion else
                  f"Multilingual: zero-shot with the class prompts translated (chance {100 * chance:.1f} % on "
                  f"{round(1 / chance)} classes), how often its top-1 class has the right colour / shape (English for "
@@ -433,7 +438,7 @@ def combined_markdown(combined: dict) -> str:
              f"{environment_line(combined['environment'])}.", "",
              *table_markdown(combined["table"], COLUMNS), "",
              *table_markdown(combined["table"], MULTILINGUAL_COLUMNS), "",
-             *table_markdown(combined["table"], WORDS_COLUMNS), "",
+             *words_table(combined["table"]), "",
              f"Per teacher (mean over seeds), {' / '.join(headers[key] for key in keys)}:", "",
              "| Model | " + " | ".join(f"teacher seed {d['teacher_seed']}" for d in combined["demos"]) + " |",
              "|---" * (len(combined["demos"]) + 1) + "|"]
