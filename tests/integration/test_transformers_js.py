@@ -12,6 +12,7 @@ import functools
 import hashlib
 import io
 import json
+import re
 import shutil
 import subprocess
 import threading
@@ -30,6 +31,7 @@ require_module("onnxscript")
 
 from proclip_train.cli import main  # noqa: E402
 from proclip_train.hub.export.transformers_js import (  # noqa: E402
+    INT8_WARN_COSINE,
     TRANSFORMERS_JS_VERSION,
     TransformersJsReport,
     default_dtype,
@@ -145,8 +147,12 @@ def test_export_writes_a_separate_clip_folder_and_leaves_the_checkpoint_alone(ex
     assert "logits_per_image: max |ONNX Runtime - PyTorch|" in printed and "model_quantized.onnx: min cosine" in printed
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "clip" and config["proclip"]["prompt_template"] == PROMPT_TEMPLATE
-    # this checkpoint's q8 stays within cosine 0.99 of PyTorch, so it is what browsers and Node load by default
-    assert config["transformers.js_config"] == {"dtype": "q8"} and "loads q8 when no dtype is given" in printed
+    # q8 is what browsers and Node load by default where it stays within INT8_WARN_COSINE of PyTorch. That depends on
+    # the CPU's int8 kernels: this checkpoint measured above 0.99 with VNNI (Intel), 0.9872 on an AVX2-only AMD EPYC.
+    cosine = float(re.search(r"model_quantized\.onnx: min cosine to PyTorch = ([0-9.]+)", printed).group(1))
+    expected = "q8" if cosine >= INT8_WARN_COSINE else "fp32"
+    assert config["transformers.js_config"] == {"dtype": expected}
+    assert ("loads q8 when no dtype is given" in printed) == (expected == "q8")
     # and a tower that int8 hurts (the quick demo's SmolLM2: cosine 0.78) gets fp32
     assert default_dtype(TransformersJsReport(min_cosine={"model_quantized.onnx": 0.78})) == "fp32"
     assert json.loads((out / "preprocessor_config.json").read_text())["image_processor_type"] == "CLIPImageProcessor"
@@ -215,9 +221,11 @@ def test_node_pipeline_tokenizer_processor_and_towers_equal_pytorch(exported, ch
     assert (torch.tensor(got["image_embeds"]) - image).abs().max() <= 1e-4
 
 
-def test_node_quantized_and_resized_keep_the_ranking(exported, checkpoint, images, node_modules, tmp_path):
+def test_node_default_dtype_and_resized_keep_the_ranking(exported, checkpoint, images, node_modules, tmp_path):
     out = exported[0]
-    quantized = run_node(node_modules, tmp_path / "q8", node_request(out, images["at_size"], "q8"))
+    # the dtype the export makes the default (q8 where int8 kept cosine INT8_WARN_COSINE on this CPU, else fp32)
+    default = json.loads((out / "config.json").read_text())["transformers.js_config"]["dtype"]
+    quantized = run_node(node_modules, tmp_path / default, node_request(out, images["at_size"], default))
     assert_same_scores(quantized["scores"], pytorch_scores(checkpoint, images["at_size"]), atol=0.02)
     # sharp's bicubic is not PIL's: the pixels of a resized image differ a little, the ranking does not
     resized = run_node(node_modules, tmp_path / "resized", node_request(out, images["to_resize"], "fp32"))
