@@ -116,6 +116,22 @@ def test_int8_variants_are_smaller_and_close_to_pytorch(exported):
     assert min(report.min_cosine.values()) > 0.99
 
 
+def test_int8_weights_use_seven_bits_so_avx2_cannot_saturate(exported):
+    """The check above passes on a VNNI CPU with full-range weights too; what makes the file safe on AVX2-only CPUs
+    (int16 sums of two uint8 x int8 products: 2 x 255 x 64 = 32640 fits, 2 x 255 x 127 does not) is weights within
+    +-64, the largest near that bound."""
+    import onnx
+    from onnx import numpy_helper
+
+    folder, _ = exported
+    for path in onnx_paths(folder, "int8").values():
+        weights = [numpy_helper.to_array(init) for init in onnx.load(str(path)).graph.initializer
+                   if init.data_type == onnx.TensorProto.INT8 and len(init.dims) == 2]  # not the zero points
+        assert weights, path.name
+        for weight in weights:
+            assert 60 <= abs(weight.astype(int)).max() <= 64
+
+
 # A Python that can import neither torch nor transformers (nor this project): only onnxruntime, numpy, tokenizers, PIL.
 BLOCK_TORCH = textwrap.dedent(
     """
