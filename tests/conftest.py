@@ -62,10 +62,13 @@ def red_image(mode: str = "RGB", size: tuple[int, int] = (40, 36)) -> Image.Imag
     return Image.new(mode, size, {"RGB": (200, 30, 30), "RGBA": (200, 30, 30, 128), "L": 90}[mode])
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Under `pytest -n N --dist loadgroup` (what CI runs), keep each file on one worker, so that a module's fixtures
     are built once, and every test of the session's quick demo on one worker, so that the demo is trained once."""
-    if not (config.pluginmanager.hasplugin("xdist") and config.getoption("dist", "no") == "loadgroup"):
+    # The workers collect, and there xdist reads the marks in its own hook of this name (hence `tryfirst`), with
+    # `dist` reset to "no" and `loadgroup` set instead. Without both, every file's fixtures were built on both workers.
+    if not (config.getoption("loadgroup", False) or config.getoption("dist", "no") == "loadgroup"):
         return
     for item in items:
         if item.get_closest_marker("xdist_group") is None:

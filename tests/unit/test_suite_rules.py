@@ -33,3 +33,11 @@ def test_the_unit_tier_stays_in_process():
         for number, line in enumerate(path.read_text().splitlines(), 1) if OUT_OF_PROCESS.search(line)
     ]
     assert offenders == [], "move these tests to tests/integration: " + ", ".join(offenders)
+
+
+def test_each_file_stays_on_one_worker(request):
+    """Under `-n N --dist loadgroup` (the default `addopts`) xdist suffixes every node id with its group, conftest's file
+    (or the quick demo's group): a module's fixtures, and the demo, are then built on one worker only. Without workers
+    there is nothing to group and the node id is plain."""
+    grouped = bool(request.config.getoption("loadgroup", False))
+    assert request.node.nodeid.endswith("@tests/unit/test_suite_rules.py") == grouped, request.node.nodeid
