@@ -325,8 +325,8 @@ def test_quick_demo_card_is_fit_to_publish(quick_demo):
     assert_fit_to_publish(card, [str(out.parent), str(Path.home())])
     labels = card.data.eval_results and {r.dataset_type for r in card.data.eval_results}
     assert labels and card.data.get("datasets") is None  # `synthetic-world` is named in the text, not as a Hub id
-    assert "`synthetic-world`" in card.text and "decoder LLM" in card.text
-    metadata = assert_hub_metadata(out / "final" / "README.md", ["HuggingFaceTB/SmolLM2-135M-Instruct"], ["en"],
+    assert "`synthetic-world`" in card.text and "bert encoder" in card.text and "decoder LLM" not in card.text
+    metadata = assert_hub_metadata(out / "final" / "README.md", ["sentence-transformers/all-MiniLM-L6-v2"], ["en"],
                                    "your-org/proclip-demo")
     # The model's own labels: its zero-shot classes ("a red circle" in the prompts, "red circle" in the data).
     classes = json.loads((out / "final" / "eval_zeroshot.json").read_text())["protocol"]["class_names"]

@@ -1,4 +1,4 @@
-"""`proclip demo --quick` end to end: world, teacher, SmolLM2, both stages, every variant, the Hub-ready folder, the
+"""`proclip demo --quick` end to end (on MiniLM: conftest's `quick_demo`): world, teacher, text tower, both stages, every variant, the Hub-ready folder, the
 environment and the figure; the translated zero-shot prompts; a text-anchor sweep setting; the comparison over
 teachers (`--combine`)."""
 
@@ -11,7 +11,9 @@ import time
 import pytest
 import torch
 import transformers
-from proclip_train.cli import build_parser
+from conftest import SMOLLM2, quick_demo_command, quick_demo_config, require_package
+from huggingface_hub import ModelCard
+from proclip_train.cli import build_parser, main
 from proclip_train.cli.errors import UsageError
 from proclip_train.demo.languages import ZERO_SHOT_TEMPLATES, noun_phrase
 from proclip_train.demo.parallel import LOG_FILE, default_jobs
@@ -157,6 +159,22 @@ def test_proclip_zero_shot_is_above_chance(demo):
     assert online == pytest.approx(cached, abs=0.05)
 
 
+@pytest.mark.slow
+def test_the_readme_quick_demo_runs_on_smollm2(tmp_path):
+    """`proclip demo --quick` as README gives it, on SmolLM2-135M (about 5 min on 2 AVX2 cores): the card names the
+    decoder LLM, and ProCLIP's zero-shot through the final folder is above chance and agrees with the cached scores."""
+    require_package(SMOLLM2.package, SMOLLM2.distribution)
+    out = tmp_path / "quick"
+    main(["demo", "--quick", "--out", str(out), "--no-progress"])
+    results = json.loads((out / "results.json").read_text())
+    card = ModelCard.load(out / "final" / "README.md")
+    assert "decoder LLM" in card.text and card.data.base_model == ["HuggingFaceTB/SmolLM2-135M-Instruct"]
+    chance = results["teacher"]["test"]["zeroshot"]["chance"]
+    online = json.loads((out / "final" / "eval_zeroshot.json").read_text())["metrics"]["top1_accuracy"]
+    assert online > chance
+    assert online == pytest.approx(results["runs"]["proclip"][0]["test"]["zeroshot"]["top1"], abs=0.05)
+
+
 def test_table_has_every_row_and_column(demo):
     _, results = demo
     assert [r["row"] for r in results["table"]] == ["teacher", "stage1", *STAGE2_RUNS]
@@ -176,7 +194,7 @@ def test_table_has_every_row_and_column(demo):
 def test_rerun_skips_finished_steps(demo):
     out, results = demo
     started = time.perf_counter()
-    again = Demo(out, DemoConfig.quick(), progress=False, command="proclip demo --quick").run()
+    again = Demo(out, quick_demo_config(), progress=False, command=quick_demo_command()).run()
     assert time.perf_counter() - started < 120
     assert again["table"] == results["table"]
 
@@ -186,7 +204,7 @@ def test_another_config_in_the_same_folder_is_refused(demo):
 
     out, _ = demo
     with pytest.raises(FileExistsError):
-        Demo(out, DemoConfig.quick(distill_weight=0.5), progress=False).run()
+        Demo(out, quick_demo_config(distill_weight=0.5), progress=False).run()
     with pytest.raises(UsageError, match="holds a demo of another configuration; pick another --out"):  # 2 lines
         run_demo(build_parser().parse_args(["demo", "--quick", "--out", str(out), "--lambda", "0.5"]))
 
@@ -194,7 +212,7 @@ def test_another_config_in_the_same_folder_is_refused(demo):
 def test_a_text_anchor_setting_joins_the_sweep_of_the_finished_demo(demo):
     out, results = demo
     setting = Stage2Setting(10.0, lr=1e-3, text_anchor_weight=10.0)
-    again = Demo(out, DemoConfig.quick(sweep=[setting]), progress=False, command="proclip demo --quick").run()
+    again = Demo(out, quick_demo_config(sweep=[setting]), progress=False, command=quick_demo_command()).run()
     assert again["runs"]["proclip"] == results["runs"]["proclip"]  # reused
     record = again["sweep"][0]
     assert record["text_anchor_weight"] == 10.0 and record["lr"] == 1e-3 and record["starts_from"] == "stage1"
@@ -213,8 +231,8 @@ def test_chosen_rows_and_a_sweep_over_two_seeds_extend_a_copy_of_the_demo(demo, 
     shutil.copy(source / "demo_config.json", out)
     (out / "init").symlink_to(source / "init")  # read only (the final folder's step is done: not copied)
     setting = Stage2Setting(10.0, lr=1e-3)
-    config = DemoConfig.quick(seeds=2, runs=["proclip"], sweep=[setting], sweep_seeds=2)
-    results = Demo(out, config, progress=False, command="proclip demo --quick").run()
+    config = quick_demo_config(seeds=2, runs=["proclip"], sweep=[setting], sweep_seeds=2)
+    results = Demo(out, config, progress=False, command=quick_demo_command()).run()
     assert sorted(path.name for path in (out / "runs" / "seed1").iterdir()) == sorted(["stage1", "proclip", setting.name])
     assert [r["row"] for r in results["table"]] == ["teacher", "stage1", "proclip"]
     assert results["runs"]["proclip"][0] == demo[1]["runs"]["proclip"][0]  # seed 0 reused
@@ -238,7 +256,7 @@ def test_runs_trained_in_two_worker_processes_are_the_same_bytes(demo, tmp_path)
     retrained = ("stage1", "direct", "proclip")
     for name in retrained:
         shutil.rmtree(out / "runs" / "seed0" / name)
-    results = Demo(out, DemoConfig.quick(), progress=False, command="proclip demo --quick", jobs=2).run()
+    results = Demo(out, quick_demo_config(), progress=False, command=quick_demo_command(), jobs=2).run()
     for name in retrained:
         folder, before = out / "runs" / "seed0" / name, source / "runs" / "seed0" / name
         assert (folder / "weights.safetensors").read_bytes() == (before / "weights.safetensors").read_bytes(), name
@@ -286,14 +304,14 @@ def test_combine_pools_teachers_and_seeds_and_marks_robust_differences(demo, tmp
         combine_results([results, mismatched])
 
 
-# --- `--stage0`: LLM2CLIP's stage 0 on SmolLM2, then ProCLIP on the tuned LLM, added to the finished demo -----------
+# --- `--stage0`: LLM2CLIP's stage 0 on the text tower, then ProCLIP on the tuned tower, added to the finished demo --
 
 
 @pytest.fixture(scope="module")
 def demo_with_stage0(demo):
     out, _ = demo
-    config = DemoConfig.quick(stage0=Stage0DemoConfig.quick())
-    results = Demo(out, config, progress=False, command="proclip demo --quick --stage0").run()
+    config = quick_demo_config(stage0=Stage0DemoConfig.quick())
+    results = Demo(out, config, progress=False, command=quick_demo_command("--stage0")).run()
     return out, results
 
 
@@ -330,13 +348,13 @@ def test_stage0_rows_join_the_finished_demo(demo, demo_with_stage0):
 
 
 def test_text_tower_caption_retrieval_matches_the_llm_itself(demo_with_stage0):
-    """The demo's CRA of the raw LLM comes from its embedding cache (bf16 autocast); `text_tower_caption_retrieval_accuracy`
-    runs SmolLM2 itself in float32 on the same test captions: each scene's short caption among the long ones."""
+    """The demo's CRA of the raw text tower comes from its embedding cache; `text_tower_caption_retrieval_accuracy` runs
+    the tower itself in float32 on the same test captions: each scene's short caption among the long ones."""
     out, results = demo_with_stage0
     towers = results["text_tower_caption_retrieval"]
     assert set(towers) == {"teacher", "llm", "stage0"}
     n = towers["llm"]["num_images"]
-    assert n == DemoConfig.quick().n_long_test
+    assert n == quick_demo_config().n_long_test
     scenes = [r for r in read_metadata(out / "world", "test") if r["kind"] == "scene"][:n]
     direct = text_tower_caption_retrieval_accuracy(results["steps"]["init"]["text"], [r["caption_short"] for r in scenes],
                                            [r["caption_long"] for r in scenes], max_text_length=256)

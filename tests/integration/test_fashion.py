@@ -13,11 +13,17 @@ from pathlib import Path
 
 import pytest
 from conftest import SMOLLM2, missing_requirement, require_package
+from huggingface_hub import ModelCard
 from proclip_train.cli import build_parser, main
 from proclip_train.cli.demo import run_demo
 from proclip_train.cli.errors import UsageError
 from proclip_train.demo.fashion import IDX_FILES, SOURCE_VARIABLE, load_lexicon, source_folder
-from proclip_train.demo.report import STAGE1_RUNS, STAGE2_RUNS, combine_results, combined_markdown
+from proclip_train.demo.report import (
+    STAGE1_RUNS,
+    STAGE2_RUNS,
+    combine_results,
+    combined_markdown,
+)
 from proclip_train.demo.scores import LANGUAGES
 from proclip_train.demo.world import read_metadata
 from proclip_train.demo.worlds import load_world_config
@@ -104,7 +110,9 @@ def test_final_folder_card_and_space_name_fashion_mnist(fashion_demo):
     record = json.loads((final / "eval_zeroshot.json").read_text())
     assert record["data"]["spec"] == "zalando-datasets/fashion_mnist" and record["data"]["num_rows"] == 500
     assert not (final / "eval_retrieval.json").exists()
-    assert "zalando-datasets/fashion_mnist" in (final / "README.md").read_text()
+    card = ModelCard.load(final / "README.md")
+    assert "zalando-datasets/fashion_mnist" in card.text and "decoder LLM" in card.text  # SmolLM2, the default tower
+    assert card.data.base_model == ["HuggingFaceTB/SmolLM2-135M-Instruct"]
     space = json.loads((out / "space" / "space_config.json").read_text())
     assert space["gallery"] and space["classify_examples"]
     gallery = [json.loads(line) for line in (out / "space" / space["gallery"] / "metadata.jsonl").read_text().splitlines()]
