@@ -41,7 +41,8 @@ def test_converted_gemma3_is_a_plain_float32_text_model(gemma3_folder):
 
 
 def test_converted_weights_are_the_gguf_blocks_dequantised(gemma3_folder):
-    """Against the `gguf` package's own dequantiser, on tensors stored without permutation or norm offsets."""
+    """Against the `gguf` package's own dequantiser, on tensors stored without permutation or norm offsets: the
+    embedding's first 4096 rows (Q8_0; all 262144 rows took 15 s to dequantise and compare) and a whole Q6_K matrix."""
     gguf = require_module("gguf")
     from gguf.quants import dequantize
 
@@ -53,8 +54,8 @@ def test_converted_weights_are_the_gguf_blocks_dequantised(gemma3_folder):
             for gguf_name, hf_name in [("token_embd.weight", "embed_tokens.weight"),
                                        ("blk.0.ffn_down.weight", "layers.0.mlp.down_proj.weight")]:
                 tensor = tensors[gguf_name]
-                expected = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).copy())
-                weight = saved.get_tensor(hf_name)
+                expected = torch.from_numpy(dequantize(tensor.data[:4096], tensor.tensor_type).copy())
+                weight = saved.get_slice(hf_name)[:4096]
                 torch.testing.assert_close(weight, expected.reshape(weight.shape), msg=hf_name)
 
 
