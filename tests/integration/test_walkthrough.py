@@ -7,6 +7,7 @@ walk-through takes seconds.
 """
 
 import json
+import logging
 import os
 import re
 import shlex
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 from conftest import require_package
 from PIL import Image
+from proclip_train.cli import main
 from proclip_train.hub.build.init import UNTRAINED_ADAPTER_FILE
 from proclip_train.training.registry import MINILM
 
@@ -98,37 +100,41 @@ def test_the_walkthrough_runs_as_written(walked):
         assert "requires torchvision" not in result.stderr and "pin_memory" not in result.stderr
 
 
-def test_stage2_from_an_untrained_adapter_is_called_direct_alignment(walked, tmp_path):
+def train_in_process(words: list[str], capsys, caplog) -> str:
+    """`proclip train WORDS` in this process (the walk-through above runs the command line as a user does; these
+    follow-ups ask only what training says, without paying for a new interpreter each): its stderr and warnings."""
+    capsys.readouterr()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        main(["train", *words, *FAST_TRAINING, "--disable-tqdm", "true"])
+    return capsys.readouterr().err + caplog.text
+
+
+def test_stage2_from_an_untrained_adapter_is_called_direct_alignment(walked, tmp_path, capsys, caplog):
     root, _ = walked
-    command = [sys.executable, "-m", "proclip_train.cli", "train", "--stage", "2", "--model", str(root / "my-init"),
-               "--data", str(root / "my_pairs"), *FAST_TRAINING, "--no-progress"]
-    warned = subprocess.run([*command, "--out", str(tmp_path / "direct")], capture_output=True, text=True, timeout=600)
-    assert warned.returncode == 0, warned.stderr[-3000:]
-    assert "never had stage 1, so this stage 2 is direct alignment" in warned.stderr
-    assert "--from-scratch-adapter" in warned.stderr
-    meant = subprocess.run([*command, "--out", str(tmp_path / "meant"), "--from-scratch-adapter"],
-                           capture_output=True, text=True, timeout=600)
-    assert meant.returncode == 0, meant.stderr[-3000:]
-    assert "direct alignment" not in meant.stderr
+    words = ["--stage", "2", "--model", str(root / "my-init"), "--data", str(root / "my_pairs")]
+    warned = train_in_process([*words, "--out", str(tmp_path / "direct")], capsys, caplog)
+    assert "never had stage 1, so this stage 2 is direct alignment" in warned
+    assert "--from-scratch-adapter" in warned
+    assert (tmp_path / "direct" / "model.safetensors").is_file()
+    meant = train_in_process([*words, "--out", str(tmp_path / "meant"), "--from-scratch-adapter"], capsys, caplog)
+    assert "direct alignment" not in meant
+    assert (tmp_path / "meant" / "model.safetensors").is_file()
 
 
-def test_a_cache_built_for_other_data_is_pointed_out(walked, tmp_path):
+def test_a_cache_built_for_other_data_is_pointed_out(walked, tmp_path, capsys, caplog):
     """`embed` ran on my_pairs/; stage 1 on a captions file beside it finds no cache where it looks: the note says
     where it looked and names the one next door. A cache of other captions: the first batch's misses are warned."""
     root, _ = walked
     captions = root / "captions.jsonl"
     captions.write_text("".join(json.dumps({"caption": f"a new caption {i}"}) + "\n" for i in range(16)))
-    command = [sys.executable, "-m", "proclip_train.cli", "train", "--stage", "1", "--model", str(root / "my-init"),
-               "--data", str(captions), *FAST_TRAINING, "--no-progress"]
-    uncached = subprocess.run([*command, "--out", str(tmp_path / "uncached")], capture_output=True, text=True,
-                              timeout=600)
-    assert uncached.returncode == 0, uncached.stderr[-3000:]
-    assert f"no embedding cache in {root / 'proclip_embedding_cache'}" in uncached.stderr
-    assert f"A cache exists in {root / 'my_pairs' / 'proclip_embedding_cache'}" in uncached.stderr
+    words = ["--stage", "1", "--model", str(root / "my-init"), "--data", str(captions)]
+    uncached = train_in_process([*words, "--out", str(tmp_path / "uncached")], capsys, caplog)
+    assert f"no embedding cache in {root / 'proclip_embedding_cache'}" in uncached
+    assert f"A cache exists in {root / 'my_pairs' / 'proclip_embedding_cache'}" in uncached
 
-    missed = subprocess.run([*command, "--out", str(tmp_path / "missed"), "--cache-dir",
-                             str(root / "my_pairs" / "proclip_embedding_cache")], capture_output=True, text=True,
-                            timeout=600)  # fmt: skip
-    assert missed.returncode == 0, missed.stderr[-3000:]
-    assert "holds 0 of the first 8 captions" in missed.stderr
-    assert "the others go through the frozen text tower" in missed.stderr
+    missed = train_in_process([*words, "--out", str(tmp_path / "missed"), "--cache-dir",
+                               str(root / "my_pairs" / "proclip_embedding_cache")], capsys, caplog)
+    assert "holds 0 of the first 8 captions" in missed
+    assert "the others go through the frozen text tower" in missed
+    assert json.loads((tmp_path / "missed" / "training_report.json").read_text())["global_step"] == 3
