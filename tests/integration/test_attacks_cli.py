@@ -164,12 +164,15 @@ def test_ctrl_c_during_training_is_one_line_exit_130_and_removes_the_empty_out(t
             pass
         process.send_signal(signal.SIGINT)
         process.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        pass  # asserted below, with what the run printed after the Ctrl-C (seen once in a loaded suite run)
     finally:
         if process.poll() is None:  # never leave a 100 000-step run behind on the suite's cores
             process.kill()
             process.wait()
     stderr = stderr_file.read_text()
-    assert process.returncode == 130, stderr
+    after = [lines.get_nowait() for _ in range(lines.qsize())][-3:]
+    assert process.returncode == 130, f"exit {process.returncode}; stderr: {stderr}; last stdout lines: {after}"
     assert "Traceback" not in stderr, stderr
     assert stderr.strip().splitlines()[-1] == (f"proclip train: interrupted (Ctrl-C); removed {out}, which this run had "
                                                "created and which held nothing yet.")
