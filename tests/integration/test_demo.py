@@ -1,12 +1,14 @@
-"""`proclip demo --quick` end to end (on MiniLM: conftest's `quick_demo`): world, teacher, text tower, both stages, every variant, the Hub-ready folder, the
-environment and the figure; the translated zero-shot prompts; a text-anchor sweep setting; the comparison over
-teachers (`--combine`)."""
+"""`proclip demo --quick` end to end (on MiniLM: conftest's `quick_demo`): world, teacher, text tower, both stages,
+every variant, the Hub-ready folder, the environment and the figure; the translated zero-shot prompts; a text-anchor
+sweep setting; the comparison over teachers (`--combine`)."""
 
 import copy
 import json
+import os
 import shutil
 import statistics
 import time
+from unittest import mock
 
 import pytest
 import torch
@@ -165,7 +167,8 @@ def test_the_readme_quick_demo_runs_on_smollm2(tmp_path):
     decoder LLM, and ProCLIP's zero-shot through the final folder is above chance and agrees with the cached scores."""
     require_package(SMOLLM2.package, SMOLLM2.distribution)
     out = tmp_path / "quick"
-    main(["demo", "--quick", "--out", str(out), "--no-progress"])
+    with mock.patch.dict(os.environ):  # --no-progress quiets the process's progress bars through its environment
+        main(["demo", "--quick", "--out", str(out), "--no-progress"])
     results = json.loads((out / "results.json").read_text())
     card = ModelCard.load(out / "final" / "README.md")
     assert "decoder LLM" in card.text and card.data.base_model == ["HuggingFaceTB/SmolLM2-135M-Instruct"]
