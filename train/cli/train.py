@@ -223,6 +223,10 @@ def train_command(argv: list[str]) -> None:
             train_stage0(args)
         else:
             run_train(args)
+        if dist.is_available() and dist.is_initialized():
+            # Leave together: rank 0 still writes the folder when the others are done, and a rank that tore its
+            # process group down meanwhile was once aborted (SIGABRT) in a loaded two-rank FSDP run here.
+            dist.barrier()
     except CheckpointMismatchError as error:  # the wrong --model or stage for this checkpoint: the user's to fix
         raise UsageError(str(error)) from error
     except (NonFiniteLossError, NonFiniteWeightsError, NoSamplesTrainedError) as error:  # a failed run, explained
