@@ -65,7 +65,9 @@ def red_image(mode: str = "RGB", size: tuple[int, int] = (40, 36)) -> Image.Imag
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Under `pytest -n N --dist loadgroup` (what CI runs), keep each file on one worker, so that a module's fixtures
-    are built once, and every test of the session's quick demo on one worker, so that the demo is trained once."""
+    are built once, and every test of the session's quick demo on one worker, so that the demo is trained once; and
+    hand the workers the integration files first: xdist gives out groups in collection order, and the unit files'
+    seconds-long groups then fill the end, where a minute-long group left one worker idle."""
     # The workers collect, and there xdist reads the marks in its own hook of this name (hence `tryfirst`), with
     # `dist` reset to "no" and `loadgroup` set instead. Without both, every file's fixtures were built on both workers.
     if not (config.getoption("loadgroup", False) or config.getoption("dist", "no") == "loadgroup"):
@@ -74,6 +76,7 @@ def pytest_collection_modifyitems(config, items):
         if item.get_closest_marker("xdist_group") is None:
             group = "quick_demo" if "quick_demo" in item.fixturenames else item.nodeid.split("::")[0]
             item.add_marker(pytest.mark.xdist_group(group))
+    items.sort(key=lambda item: item.nodeid.startswith("tests/unit/"))  # stable: the order within each tier stays
 
 
 def missing_requirement(message: str) -> None:

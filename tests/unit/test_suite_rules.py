@@ -41,3 +41,6 @@ def test_each_file_stays_on_one_worker(request):
     there is nothing to group and the node id is plain."""
     grouped = bool(request.config.getoption("loadgroup", False))
     assert request.node.nodeid.endswith("@tests/unit/test_suite_rules.py") == grouped, request.node.nodeid
+    if grouped:  # the integration files are given out first, the unit files fill the end
+        tiers = [item.nodeid.startswith("tests/unit/") for item in request.session.items]
+        assert tiers == sorted(tiers), "a unit test is collected before an integration test"
