@@ -10,7 +10,6 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from unittest import mock
 
 import pytest
 from conftest import SMOLLM2, missing_requirement, require_package
@@ -39,8 +38,7 @@ def fashion_demo(tmp_path_factory):
         missing_requirement(f"Fashion-MNIST is not in {source_folder()} (apt-get install dataset-fashion-mnist)")
     require_package(SMOLLM2.package, SMOLLM2.distribution)
     out = tmp_path_factory.mktemp("fashion") / "quick"
-    with mock.patch.dict(os.environ):  # --no-progress quiets the process's progress bars through its environment
-        main(["demo", "--world", "fashion", "--quick", "--out", str(out), "--no-progress", "--jobs", "1"])
+    main(["demo", "--world", "fashion", "--quick", "--out", str(out), "--no-progress", "--jobs", "1"])
     return out, json.loads((out / "results.json").read_text())
 
 

@@ -3,6 +3,7 @@ process, exits 2 with what is wrong and the fix, and no traceback; zero-shot wit
 
 import json
 import logging
+import os
 import shutil
 
 import numpy as np
@@ -117,3 +118,13 @@ def test_zeroshot_with_one_class_warns(tmp_path, caplog, tiny_proclip_dir):
     assert outcome["metrics"]["top1_accuracy"] == 1.0
     assert "Zero-shot with one class ('cat'): every image is assigned to it, so top-1 accuracy is 1.0 by " \
            "construction" in caplog.text
+
+
+def test_no_progress_leaves_the_callers_environment_as_it_was(tmp_path, capsys, monkeypatch):
+    """`--no-progress` quiets bars through the environment while the command runs; `main` called in a process that
+    goes on (this one) must not leave them quiet, nor lose a value the caller had set."""
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "0")
+    code, lines = run(capsys, "eval", "--model", tmp_path / "missing", "--data", tmp_path, "--no-progress")
+    assert code == 2 and "no such folder" in lines[0], lines
+    assert "TQDM_DISABLE" not in os.environ and os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "0"

@@ -14,6 +14,7 @@ no traceback; `--debug` anywhere on the line shows the traceback instead (`error
 the line silences every progress bar: ours, transformers' weight loading, datasets' and the Hub's.
 """
 
+import contextlib
 import importlib
 import os
 import sys
@@ -36,19 +37,37 @@ def main(argv: list[str] | None = None) -> None:
     words = list(sys.argv[1:] if argv is None else argv)
     debug = DEBUG_FLAG in words
     words = [word for word in words if word != DEBUG_FLAG]
-    if {NO_PROGRESS_FLAG, "--no_progress"} & set(words):
-        words = _without_progress_bars(words)
-    with reported(words[0] if words and not words[0].startswith("-") else None, debug):
-        _checks().check_command_line(words)
-        args = build_parser().parse_args(words)
-        args.func(args)
+    quiet = bool({NO_PROGRESS_FLAG, "--no_progress"} & set(words))
+    with _environment(QUIET_PROGRESS_ENVIRONMENT if quiet else {}):
+        if quiet:
+            words = _without_progress_bars(words)
+        with reported(words[0] if words and not words[0].startswith("-") else None, debug):
+            _checks().check_command_line(words)
+            args = build_parser().parse_args(words)
+            args.func(args)
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]):
+    """`values` in `os.environ` while the command runs (tqdm, the Hub and the processes the command starts read them
+    there), and the variables as they were afterwards: `main` called in a process that goes on (a test, a notebook)
+    leaves its environment as it found it."""
+    previous = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _without_progress_bars(words: list[str]) -> list[str]:
-    """Silence every progress bar of this process and of those it starts (before tqdm is imported: it reads its
-    environment once); returns the line for the verb:
+    """The line for the verb under `--no-progress` (which sets the environment that silences every progress bar of
+    this process and of those it starts, before tqdm is imported: it reads it once):
     `proclip demo` keeps the flag (it passes it on), `proclip train` gets `--disable_tqdm true`, others drop it."""
-    os.environ.update(QUIET_PROGRESS_ENVIRONMENT)
     verb = words[0] if words else None
     if verb == "demo":
         return words

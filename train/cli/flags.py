@@ -35,7 +35,7 @@ class FlagParser(argparse.ArgumentParser):
 
 
 def progress_bars_enabled() -> bool:
-    """False under `--no-progress` (which sets tqdm's TQDM_DISABLE for the whole process, `cli.main`)."""
+    """False under `--no-progress` (which sets tqdm's TQDM_DISABLE while the command runs, `cli.main`)."""
     return os.environ.get("TQDM_DISABLE") != "1"
 
 
