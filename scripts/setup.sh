@@ -51,8 +51,11 @@ fi
 python -c "import gradio, torch, transformers; print(f'torch {torch.__version__}, transformers {transformers.__version__}, gradio {gradio.__version__}')"
 # The packaged GGUF towers, dequantised once into $PROCLIP_CACHE (a float32 Hugging Face folder each): SmolLM2, the
 # demo's text tower (about half a minute), and for the tests Gemma 3 too (a minute, 1 GB). Later runs reuse them.
-python -c "from proclip_train.training.packaged_towers import packaged_tower_dir; print(packaged_tower_dir('smollm2'))"
+convert_tower() {
+    python -c "from proclip_train.training.packaged_towers import packaged_tower_dir; print(packaged_tower_dir('$1'))"
+}
+convert_tower smollm2
 if [ "${1:-}" = "--tests" ]; then
-    python -c "from proclip_train.training.packaged_towers import packaged_tower_dir; print(packaged_tower_dir('gemma3'))"
+    convert_tower gemma3
     python tests/venvs.py
 fi

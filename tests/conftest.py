@@ -67,7 +67,7 @@ def pytest_collection_modifyitems(config, items):
     """Under `pytest -n N --dist loadgroup` (what CI runs), keep each file on one worker, so that a module's fixtures
     are built once, and every test of the session's quick demo on one worker, so that the demo is trained once; and
     hand the workers the integration files first: xdist gives out groups in collection order, and the unit files'
-    seconds-long groups then fill the end, where a minute-long group left one worker idle."""
+    seconds-long groups then fill the end, where a minute-long group could leave one worker idle."""
     # The workers collect, and there xdist reads the marks in its own hook of this name (hence `tryfirst`), with
     # `dist` reset to "no" and `loadgroup` set instead. Without both, every file's fixtures were built on both workers.
     if not (config.getoption("loadgroup", False) or config.getoption("dist", "no") == "loadgroup"):
